@@ -1,0 +1,18 @@
+"""Entry point: compose the Hydra config and run one job (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from saeravel.config import register_configs
+from saeravel.pipeline import main_guarded
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    main_guarded(cfg)
+
+
+if __name__ == "__main__":
+    main()

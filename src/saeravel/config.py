@@ -1,0 +1,254 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML option in ``conf/<group>/`` starts its defaults list with one of these schemas
+(``schema_<kind>``), so a misspelt key in a YAML file or on the command line fails when the
+config is composed, not an hour into a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelConfig:
+    """Common fields of every model option."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    n_layers: int = MISSING
+    d_model: int = MISSING
+    default_layer: int = MISSING
+    dtype: str = "float32"
+    device: str = II("device")
+    batch_size: int = 16
+
+
+@dataclass
+class TransformerLensModelConfig(ModelConfig):
+    """A pretrained model loaded through transformer_lens (needs the hub or a local HF cache)."""
+
+    _target_: str = "saeravel.models.TransformerLensModel"
+    hf_name: str = MISSING
+    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddedModelConfig(ModelConfig):
+    """The small city-facts transformer the project trains itself (offline default)."""
+
+    _target_: str = "saeravel.tiny_lm.EmbeddedModel"
+    n_cities: int = 400
+    attributes: list[str] = field(
+        default_factory=lambda: ["Country", "Continent", "Language", "Timezone"]
+    )
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_ctx: int = 96
+    local_layers: int = 2
+    train_steps: int = 600
+    train_batch: int = 64
+    facts_per_sequence: int = 6
+    lr: float = 3e-3
+    world_seed: int = 0
+    train_seed: int = 0
+    min_fact_accuracy: float = 0.95
+    cache_dir: str = II("paths.cache_dir")
+
+
+# ----------------------------------------------------------------------------- SAEs
+
+
+@dataclass
+class SAEConfig:
+    """Common fields of every SAE option. ``layer`` = residual stream after block ``layer``."""
+
+    _target_: str = MISSING
+    family: str = MISSING
+    layer: int = II("layer")
+
+
+@dataclass
+class SaeLensSAEConfig(SAEConfig):
+    """A pretrained sae_lens SAE: a catalogue (``sae_ids`` by layer) or regexes."""
+
+    _target_: str = "saeravel.saes.loaders.SaeLensSource"
+    release: str = MISSING
+    sae_ids: dict[int, str] = field(default_factory=dict)
+    sae_id: str | None = None
+
+
+@dataclass
+class ApolloSAEConfig(SAEConfig):
+    """Apollo Research e2e SAEs, read from their public wandb runs."""
+
+    _target_: str = "saeravel.saes.loaders.ApolloWandbSource"
+    project: str = "sparsify/gpt2"
+    run_ids: dict[int, str] = field(default_factory=dict)
+    hooks: dict[int, str] = field(default_factory=dict)
+    cache_dir: str = II("paths.cache_dir")
+
+
+@dataclass
+class LocalSAEConfig(SAEConfig):
+    """An SAE on disk: a saved sae_lens directory or an OpenAI ``sparse_autoencoder`` state dict."""
+
+    _target_: str = "saeravel.saes.loaders.LocalSource"
+    path: str = MISSING
+    format: str = "auto"
+    hook_name: str | None = None
+
+
+@dataclass
+class CustomSAEConfig(SAEConfig):
+    """Any object with ``encode``/``decode``, built by ``target`` with ``kwargs``."""
+
+    _target_: str = "saeravel.saes.loaders.CustomSource"
+    target: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    hook_name: str = MISSING
+    d_in: int = MISSING
+
+
+@dataclass
+class TrainedSAEConfig(SAEConfig):
+    """An SAE the pipeline trains on the chosen model and layer, cached on disk."""
+
+    _target_: str = "saeravel.saes.train.TrainedSource"
+    architecture: str = "topk"
+    k: int = 16
+    expansion: int = 8
+    l1_coefficient: float = 5.0
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    positions: str = "all"
+    entity_weight: float = 0.5
+    seed: int = 0
+    cache_dir: str = II("paths.cache_dir")
+
+
+@dataclass
+class NoSAEConfig(SAEConfig):
+    """No SAE: for evals or methods that do not use one (DAS, neuron masks)."""
+
+    _target_: str = "saeravel.saes.loaders.NoSource"
+    family: str = "none"
+
+
+# ----------------------------------------------------------------------------- evals
+
+
+@dataclass
+class EvalConfig:
+    """Common fields of every eval."""
+
+    name: str = MISSING
+    version: str = MISSING
+
+
+@dataclass
+class MaskConfig:
+    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
+
+    schedule: str = "linear"
+    t_start: float = 10.0
+    t_end: float = 0.1
+    l1: float = 0.0
+    eval: str = "hard"
+    init: float = 0.0
+
+
+@dataclass
+class DASConfig:
+    """DAS rotation: ``mode=mask`` (learned mask over rotated dims) or ``mode=fixed`` (first k)."""
+
+    mode: str = "mask"
+    k: int = 16
+
+
+@dataclass
+class RavelEvalConfig(EvalConfig):
+    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
+
+    name: str = "ravel"
+    version: str = "1.0"
+    protocol: str = "saeravel"
+    method: str = "all"
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    data_source: str = "auto"
+    data_dir: str | None = None
+    match: str = "first_word"
+    match_tokens: int = 3
+    split_by: str = "entity"
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    max_entities: int | None = 200
+    max_pairs_per_split: int = 2000
+    drop_same_label_pairs: bool = True
+    add_error: bool = False
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    das: DASConfig = field(default_factory=DASConfig)
+    fast: bool = True
+    save_artifacts: bool = True
+
+
+# ----------------------------------------------------------------------------- top level
+
+
+@dataclass
+class PathsConfig:
+    """Where things are written. Nothing writes anywhere else."""
+
+    cache_dir: str = MISSING
+    output_dir: str = MISSING
+    results_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    """The composed job: model + SAE + eval at one layer."""
+
+    model: Any = MISSING
+    sae: Any = MISSING
+    eval: Any = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    layer: int = II("model.default_layer")
+    seed: int = 0
+    device: str = "auto"
+    force: bool = False
+    log_level: str = "INFO"
+
+
+_REGISTERED = False
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="schema_config", node=Config)
+    cs.store(group="model", name="schema_transformer_lens", node=TransformerLensModelConfig)
+    cs.store(group="model", name="schema_embedded", node=EmbeddedModelConfig)
+    cs.store(group="sae", name="schema_sae_lens", node=SaeLensSAEConfig)
+    cs.store(group="sae", name="schema_apollo", node=ApolloSAEConfig)
+    cs.store(group="sae", name="schema_local", node=LocalSAEConfig)
+    cs.store(group="sae", name="schema_custom", node=CustomSAEConfig)
+    cs.store(group="sae", name="schema_trained", node=TrainedSAEConfig)
+    cs.store(group="sae", name="schema_none", node=NoSAEConfig)
+    from saeravel.evals import discover
+
+    for spec in discover().values():
+        cs.store(group="eval", name=f"schema_{spec.name}", node=spec.schema)
+    _REGISTERED = True

@@ -1,0 +1,64 @@
+"""The eval registry: every module in this package registers itself with :func:`register`.
+
+An eval is ``src/saeravel/evals/<name>.py`` (a typed config dataclass and a ``run``
+function) plus ``conf/eval/<name>.yaml``. Modules are discovered, not listed, so adding an
+eval touches no shared file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from saeravel.errors import choose
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """A registered eval.
+
+    ``run(cfg, ctx) -> EvalOutput`` does the work; ``needs_sae(cfg)`` says whether the job
+    must load an SAE; ``schema`` is the dataclass of its config group.
+    """
+
+    name: str
+    run: Callable[..., Any]
+    schema: type
+    needs_sae: Callable[[Any], bool]
+    summarize: Callable[[dict], str] | None = None
+
+
+_REGISTRY: dict[str, EvalSpec] = {}
+
+
+def register(
+    name: str,
+    schema: type,
+    needs_sae: Callable[[Any], bool] = lambda cfg: True,
+    summarize: Callable[[dict], str] | None = None,
+) -> Callable:
+    """Decorator registering ``run`` as eval ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        _REGISTRY[name] = EvalSpec(name, fn, schema, needs_sae, summarize)
+        return fn
+
+    return deco
+
+
+def discover() -> dict[str, EvalSpec]:
+    """Import every eval module once and return the registry."""
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+    return _REGISTRY
+
+
+def get_eval(name: str) -> EvalSpec:
+    """The eval called ``name``, or a one-line error listing the valid ones."""
+    reg = discover()
+    choose("eval", name, sorted(reg))
+    return reg[name]

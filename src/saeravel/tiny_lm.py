@@ -1,0 +1,377 @@
+"""The embedded default model: a small transformer_lens model trained here on city facts.
+
+Why its first blocks are token-local: in a plain small transformer trained on these facts,
+later positions copy the city's identity through attention already in block 0 and look the
+facts up there, so swapping the residual at the city token changes nothing (measured 0% of
+answers moved after every block in an earlier trial). Real LMs enrich the entity at its own
+position first; we impose that by restricting the attention of blocks ``0..local_layers-1``
+to the diagonal (a permanent hook on ``hook_attn_scores``). The residual after block
+``local_layers-1`` at the city token then carries the city's facts, which
+:func:`full_swap_cause` measures per layer. The restriction is part of the model's saved
+config and is re-applied on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saeravel.errors import UserError
+from saeravel.models import LoadedModel, resolve_device
+from saeravel.world import CityWorld, build_city_world
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ["<pad>", "<bos>", "<unk>"]
+MODEL_FORMAT_VERSION = 3
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(vocab_words: list[str]) -> Any:
+    """A word-level fast tokenizer (split on whitespace only) with offsets, BOS and padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(vocab_words) - set(SPECIALS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<bos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="right",
+        add_bos_token=True,  # transformer_lens then uses it as is (no hub round-trip)
+        name_or_path="saeravel-tiny-city-lm",
+    )
+
+
+def world_vocabulary(world: CityWorld) -> list[str]:
+    words: set[str] = set(world.entities)
+    for attrs in world.entities.values():
+        for v in attrs.values():
+            words.update(v.split())
+    for temps in world.templates.values():
+        for t in temps:
+            words.update(t.replace("%s", " ").split())
+    words.add(".")
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def add_local_attention(model: Any, local_layers: int) -> None:
+    """Make blocks ``0..local_layers-1`` attend only to their own position (permanent hooks)."""
+
+    def diagonal_only(scores: torch.Tensor, hook: Any) -> torch.Tensor:
+        q, k = scores.shape[-2], scores.shape[-1]
+        qi = torch.arange(q, device=scores.device)[:, None] + (k - q)
+        ki = torch.arange(k, device=scores.device)[None, :]
+        return scores.masked_fill(qi != ki, float("-inf"))
+
+    for layer in range(local_layers):
+        model.add_hook(f"blocks.{layer}.attn.hook_attn_scores", diagonal_only, is_permanent=True)
+
+
+def build_model(arch: dict[str, Any], tokenizer: Any, device: str = "cpu") -> Any:
+    """An untrained HookedTransformer with the embedded architecture."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=arch["n_layers"],
+        d_model=arch["d_model"],
+        n_heads=arch["n_heads"],
+        d_head=arch["d_model"] // arch["n_heads"],
+        d_mlp=arch["d_mlp"],
+        d_vocab=len(tokenizer),
+        n_ctx=arch["n_ctx"],
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        default_prepend_bos=True,
+        seed=arch.get("seed", 0),
+        device=device,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+    add_local_attention(model, arch["local_layers"])
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def fact_sentence(world: CityWorld, city: str, attribute: str, template: str) -> str:
+    return (template % city) + " " + world.entities[city][attribute] + " ."
+
+
+def sample_sequence(
+    world: CityWorld, attributes: list[str], n_facts: int, rng: random.Random
+) -> str:
+    cities = list(world.entities)
+    parts = []
+    for _ in range(rng.randint(1, n_facts)):
+        attr = rng.choice(attributes)
+        parts.append(fact_sentence(world, rng.choice(cities), attr, rng.choice(world.templates[attr])))
+    return " ".join(parts)
+
+
+def encode_batch(tokenizer: Any, texts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + tokens, right-padded; returns (tokens, attention mask)."""
+    ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    toks = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    for i, row in enumerate(ids):
+        toks[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    return toks.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def fact_accuracy(model: Any, world: CityWorld, attributes: list[str], device: str) -> float:
+    """Next-token accuracy on the first token of every fact (every city, template, attribute)."""
+    prompts, targets = [], []
+    for city in world.entities:
+        for attr in attributes:
+            for t in world.templates[attr]:
+                prompts.append(t % city)
+                targets.append(model.tokenizer.convert_tokens_to_ids(world.entities[city][attr].split()[0]))
+    correct = 0
+    for i in range(0, len(prompts), 256):
+        toks, mask = encode_batch(model.tokenizer, prompts[i : i + 256], device)
+        logits = model(toks)
+        last = mask.sum(1) - 1
+        pred = logits[torch.arange(len(toks)), last].argmax(-1).cpu()
+        correct += (pred == torch.tensor(targets[i : i + 256])).sum().item()
+    return correct / len(prompts)
+
+
+@torch.no_grad()
+def full_swap_cause(
+    model: Any, world: CityWorld, attribute: str, layer: int, n_pairs: int = 200, seed: int = 0
+) -> float:
+    """Fraction of answers that move to the source city's value when the whole residual after
+    block ``layer`` at the city token is swapped in from the source (same template)."""
+    rng = random.Random(seed)
+    cities = list(world.entities)
+    pairs = []
+    while len(pairs) < n_pairs:
+        b, s = rng.sample(cities, 2)
+        if world.entities[b][attribute] != world.entities[s][attribute]:
+            pairs.append((b, s, rng.choice(world.templates[attribute])))
+    device = next(model.parameters()).device
+    hook = f"blocks.{layer}.hook_resid_post"
+    moved = 0
+    for i in range(0, n_pairs, 100):
+        chunk = pairs[i : i + 100]
+        base = [t % b for b, _, t in chunk]
+        src = [t % s for _, s, t in chunk]
+        bt, bm = encode_batch(model.tokenizer, base, str(device))
+        st, _ = encode_batch(model.tokenizer, src, str(device))
+        pos = torch.tensor([1 + t.split().index("%s") for _, _, t in chunk], device=device)
+        _, cache = model.run_with_cache(st, names_filter=hook)
+        src_vec = cache[hook][torch.arange(len(chunk)), pos]
+
+        def swap(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+            resid = resid.clone()
+            resid[torch.arange(len(chunk)), pos] = src_vec
+            return resid
+
+        logits = model.run_with_hooks(bt, fwd_hooks=[(hook, swap)])
+        pred = logits[torch.arange(len(chunk)), bm.sum(1) - 1].argmax(-1).tolist()
+        for (_, s, _), p in zip(chunk, pred, strict=True):
+            want = model.tokenizer.convert_tokens_to_ids(world.entities[s][attribute].split()[0])
+            moved += int(p == want)
+    return moved / n_pairs
+
+
+def train_model(
+    model: Any,
+    world: CityWorld,
+    attributes: list[str],
+    steps: int,
+    batch: int,
+    n_facts: int,
+    lr: float,
+    seed: int,
+    device: str,
+) -> list[float]:
+    """AdamW with warm-up and cosine decay on chains of 1..``n_facts`` fact sentences (the
+    longest as long as a 5-shot prompt); returns the loss curve."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="training tiny-city-lm", leave=False):
+        texts = [sample_sequence(world, attributes, n_facts, rng) for _ in range(batch)]
+        toks, mask = encode_batch(model.tokenizer, texts, device)
+        logits = model(toks)
+        logp = torch.log_softmax(logits[:, :-1], -1)
+        tgt = toks[:, 1:]
+        nll = -logp.gather(-1, tgt[..., None])[..., 0]
+        m = mask[:, 1:].float()
+        loss = (nll * m).sum() / m.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------- source
+
+
+class EmbeddedModel:
+    """Model source for ``model=tiny-city-lm``: loads from the cache or trains (~2 min)."""
+
+    def __init__(
+        self,
+        name: str,
+        n_layers: int,
+        d_model: int,
+        default_layer: int,
+        n_heads: int,
+        d_mlp: int,
+        n_ctx: int,
+        local_layers: int,
+        n_cities: int,
+        attributes: list[str],
+        train_steps: int,
+        train_batch: int,
+        facts_per_sequence: int,
+        lr: float,
+        world_seed: int,
+        train_seed: int,
+        min_fact_accuracy: float,
+        cache_dir: str,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        self.name = name
+        self.arch = {
+            "n_layers": n_layers,
+            "d_model": d_model,
+            "n_heads": n_heads,
+            "d_mlp": d_mlp,
+            "n_ctx": n_ctx,
+            "local_layers": local_layers,
+            "seed": train_seed,
+        }
+        self.train_cfg = {
+            "n_cities": n_cities,
+            "attributes": list(attributes),
+            "steps": train_steps,
+            "batch": train_batch,
+            "n_facts": facts_per_sequence,
+            "lr": lr,
+            "world_seed": world_seed,
+            "train_seed": train_seed,
+        }
+        self.default_layer = default_layer
+        self.min_fact_accuracy = min_fact_accuracy
+        self.cache_dir = Path(cache_dir)
+        self.device = resolve_device(device)
+
+    def key(self) -> str:
+        blob = json.dumps(
+            {"v": MODEL_FORMAT_VERSION, "arch": self.arch, "train": self.train_cfg}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def folder(self) -> Path:
+        return self.cache_dir / "models" / f"{self.name}-{self.key()}"
+
+    def load(self, sae_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+        """Load the cached model, training it first if it is not cached."""
+        if sae_kwargs:
+            raise UserError(
+                f"model {self.name} is trained here with no weight processing; an SAE asking for "
+                f"{sae_kwargs} was trained on another model"
+            )
+        folder = self.folder()
+        if not (folder / "model.pt").exists():
+            self._train_and_save(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        world = CityWorld.from_json(json.loads((folder / "world.json").read_text()))
+        tokenizer = build_tokenizer(meta["vocab"])
+        model = build_model(meta["arch"], tokenizer, self.device)
+        model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device))
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        info = {
+            "embedded": True,
+            "cache_folder_key": self.key(),
+            "fact_accuracy": meta["fact_accuracy"],
+            "full_swap_cause": meta["full_swap_cause"],
+            "local_layers": meta["arch"]["local_layers"],
+        }
+        return LoadedModel(model=model, name=self.name, processing={}, world=world, info=info)
+
+    def _train_and_save(self, folder: Path) -> None:
+        from saeravel.results import atomic_write_json
+
+        t = self.train_cfg
+        world = build_city_world(n_cities=t["n_cities"], seed=t["world_seed"])
+        vocab = world_vocabulary(world)
+        tokenizer = build_tokenizer(vocab)
+        model = build_model(self.arch, tokenizer, self.device)
+        log.info(
+            "training %s (%d layers, d_model %d, %d cities, %d steps); cached in %s",
+            self.name, self.arch["n_layers"], self.arch["d_model"], len(world.entities),
+            t["steps"], folder,
+        )  # fmt: skip
+        losses = train_model(
+            model, world, t["attributes"], t["steps"], t["batch"], t["n_facts"], t["lr"],
+            t["train_seed"], self.device,
+        )  # fmt: skip
+        acc = fact_accuracy(model, world, t["attributes"], self.device)
+        if acc < self.min_fact_accuracy:
+            raise RuntimeError(
+                f"{self.name} reached only {acc:.3f} fact accuracy (< {self.min_fact_accuracy}); "
+                "raise model.train_steps"
+            )
+        swap = {
+            attr: [full_swap_cause(model, world, attr, layer) for layer in range(self.arch["n_layers"])]
+            for attr in ("Country", "Continent")
+            if attr in t["attributes"]
+        }
+        log.info("fact accuracy %.4f; full-swap cause per layer %s", acc, swap)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "model.pt.tmp"
+        torch.save(model.state_dict(), tmp)
+        atomic_write_json(folder / "world.json", world.to_json())
+        atomic_write_json(
+            folder / "meta.json",
+            {
+                "arch": self.arch,
+                "train": t,
+                "vocab": vocab,
+                "fact_accuracy": acc,
+                "full_swap_cause": swap,
+                "final_loss": sum(losses[-20:]) / min(20, len(losses)),
+            },
+        )
+        tmp.replace(folder / "model.pt")
