@@ -131,6 +131,8 @@ class TrainedSAEConfig(SAEConfig):
     positions: str = "all"
     entity_weight: float = 0.5
     seed: int = 0
+    n_sequences: int = 3000
+    dataset: str = "Skylion007/openwebtext"
     cache_dir: str = II("paths.cache_dir")
 
 

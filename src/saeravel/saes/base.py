@@ -54,8 +54,9 @@ class SAE(nn.Module):
 
     Shapes: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in]. ``activation`` is ``relu``,
     ``topk`` (top ``k`` pre-activations, then ReLU) or ``jumprelu`` (``threshold``).
-    ``normalize="layer_norm"`` standardises each input vector (mean 0, unbiased std 1,
-    eps 1e-5) before encoding and undoes it after decoding. ``apply_b_dec_to_input``
+    ``normalize="layer_norm"`` standardises each input vector, ``(x - mu) / (std + 1e-5)``
+    with the unbiased std, before encoding and undoes it after decoding with ``* std + mu``
+    (no eps: OpenAI's ``sparse_autoencoder`` and sae_lens both do this). ``apply_b_dec_to_input``
     subtracts ``b_dec`` before the encoder (OpenAI, sae_lens standard), Apollo's does not.
     """
 
@@ -119,14 +120,18 @@ class SAE(nn.Module):
 
     # -- normalisation, explicit so that two inputs can be mixed ---------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Return the SAE-space input and the (mean, std) needed to map back."""
+        """Return the SAE-space input and the (mean, std) needed to map back.
+
+        The eps guards the division only; :meth:`denormalize` multiplies by the bare std,
+        as OpenAI's ``sparse_autoencoder`` and sae_lens do.
+        """
         if self.normalize_mode == "none":
             zero = x.new_zeros(x.shape[:-1] + (1,))
             return x, (zero, zero + 1.0)
         mu = x.mean(dim=-1, keepdim=True)
         centred = x - mu
         std = centred.std(dim=-1, keepdim=True)
-        return centred / (std + LN_EPS), (mu, std + LN_EPS)
+        return centred / (std + LN_EPS), (mu, std)
 
     @staticmethod
     def denormalize(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

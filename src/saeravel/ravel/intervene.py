@@ -1,0 +1,270 @@
+"""Interventions (mask over SAE latents, mask over neurons, DAS) and the fast forward.
+
+Every method maps the base's and the source's residual vectors at the entity's last token
+(after block ``layer``) to the vector patched into the base run.
+
+Fast forward (:class:`SuffixRunner`): the model is frozen, so everything before the entity
+is the same at every step. Per prompt template, the keys and values of the tokens before
+the entity are computed once for every block after ``layer`` (they are identical for every
+entity sharing the template); per base prompt, the residual after ``layer`` of the entity
+and the tokens after it is computed once. A training step then runs only those few suffix
+positions through the blocks after ``layer`` (attending to the frozen prefix keys/values)
+and unembeds only the last position. :func:`naive_logits` is the reference it must equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from saeravel.ravel.prompts import Prompt, pad
+
+# ----------------------------------------------------------------------------- methods
+
+
+def temperature(step: int, total: int, t_start: float, t_end: float, schedule: str) -> float:
+    """Annealed mask temperature: ``linear`` (the paper) or ``log`` (geometric, SAEBench)."""
+    frac = min(1.0, step / max(1, total - 1))
+    if schedule == "linear":
+        return t_start + (t_end - t_start) * frac
+    if schedule == "log":
+        return math.exp(math.log(t_start) + (math.log(t_end) - math.log(t_start)) * frac)
+    raise ValueError(f"unknown temperature schedule {schedule!r}; valid: linear, log")
+
+
+class LearnedMask(nn.Module):
+    """``sigmoid(param / T)`` while training; at test time binarised (``param > 0``, i.e.
+    sigmoid > 0.5) unless ``soft`` (the paper kept the soft mask at test time)."""
+
+    def __init__(self, size: int, init: float = 0.0) -> None:
+        super().__init__()
+        self.param = nn.Parameter(torch.full((size,), float(init)))
+        self.temperature = 1.0
+        self.hard = False
+
+    def forward(self) -> torch.Tensor:
+        if self.hard:
+            return (self.param > 0).to(self.param.dtype)
+        return torch.sigmoid(self.param / self.temperature)
+
+    def kept(self) -> int:
+        return int((self.param > 0).sum())
+
+
+class Intervention(nn.Module):
+    """Base class: ``forward(base, source) -> patched`` on [batch, d_model] vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: LearnedMask | None = None
+
+    def penalty(self) -> torch.Tensor:
+        return torch.zeros(())
+
+
+class NeuronMask(Intervention):
+    """Swap the masked residual dimensions from the source."""
+
+    def __init__(self, d_model: int, init: float = 0.0) -> None:
+        super().__init__()
+        self.mask = LearnedMask(d_model, init)
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        m = self.mask()
+        return b + m * (s - b)
+
+    def penalty(self) -> torch.Tensor:
+        return self.mask().mean()
+
+
+class SAEMask(Intervention):
+    """Mix base and source SAE latents with a learned mask and decode. Each input is
+    normalised with its own statistics; the result is mapped back with the base's.
+    ``add_error`` adds the base's reconstruction error back."""
+
+    def __init__(self, sae: Any, init: float = 0.0, add_error: bool = False) -> None:
+        super().__init__()
+        self.sae = sae
+        self.mask = LearnedMask(sae.d_sae, init)
+        self.add_error = add_error
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        zb, stats = self.sae.normalize(b)
+        zs, _ = self.sae.normalize(s)
+        fb, fs = self.sae.encode_normalized(zb), self.sae.encode_normalized(zs)
+        m = self.mask()
+        out = self.sae.denormalize(self.sae.decode_normalized(fb + m * (fs - fb)), stats)
+        if self.add_error:
+            out = out + (b - self.sae.reconstruct(b))
+        return out
+
+    def penalty(self) -> torch.Tensor:
+        return self.mask().mean()
+
+
+class DAS(Intervention):
+    """Distributed alignment search: an orthogonal rotation R; the source's rotated
+    coordinates replace the base's on a learned mask (``mode=mask``, the paper's variant) or
+    on the first ``k`` (``mode=fixed``, RAVEL's)."""
+
+    def __init__(self, d_model: int, mode: str = "mask", k: int = 16, init: float = 0.0) -> None:
+        super().__init__()
+        lin = nn.Linear(d_model, d_model, bias=False)
+        self.rot = nn.utils.parametrizations.orthogonal(lin)
+        self.mode = mode
+        if mode == "mask":
+            self.mask = LearnedMask(d_model, init)
+        elif mode == "fixed":
+            if not 0 < k <= d_model:
+                raise ValueError(f"das.k={k} must be in 1..{d_model}")
+            self.register_buffer("fixed", (torch.arange(d_model) < k).float())
+        else:
+            raise ValueError(f"unknown das.mode {mode!r}; valid: mask, fixed")
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        R = self.rot.weight  # orthogonal [d, d]
+        rb, rs = b @ R, s @ R
+        m = self.mask() if self.mask is not None else self.fixed
+        return (rb + m * (rs - rb)) @ R.T
+
+    def penalty(self) -> torch.Tensor:
+        return self.mask().mean() if self.mask is not None else torch.zeros(())
+
+
+class FixedIntervention(Intervention):
+    """Parameter-free references: ``none`` (base), ``swap`` (source), ``sae_recon`` (the
+    base's SAE reconstruction: the cost of dropping the SAE error), ``sae_swap`` (all source
+    latents decoded with the base's normalisation)."""
+
+    def __init__(self, kind: str, sae: Any = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.sae = sae
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return b
+        if self.kind == "swap":
+            return s
+        zb, stats = self.sae.normalize(b)
+        if self.kind == "sae_recon":
+            return self.sae.denormalize(self.sae.decode_normalized(self.sae.encode_normalized(zb)), stats)
+        zs, _ = self.sae.normalize(s)
+        return self.sae.denormalize(self.sae.decode_normalized(self.sae.encode_normalized(zs)), stats)
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+
+def hook_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+@torch.no_grad()
+def resid_at(model: Any, prompts: list[Prompt], layer: int, batch_size: int = 64) -> list[torch.Tensor]:
+    """Per prompt, the residual after block ``layer`` at every position (unpadded)."""
+    out: list[torch.Tensor] = []
+    dev = model.cfg.device
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        toks, _ = pad(chunk, model.tokenizer.pad_token_id or 0, dev)
+        _, cache = model.run_with_cache(toks, names_filter=hook_name(layer), stop_at_layer=layer + 1)
+        r = cache[hook_name(layer)]
+        out.extend(r[j, : len(p.tokens)].clone() for j, p in enumerate(chunk))
+    return out
+
+
+def naive_logits(
+    model: Any, bases: list[Prompt], vectors: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """Reference: the full model on the base prompts with ``vectors`` patched in at each
+    entity's last token; logits at each prompt's last token [batch, vocab]."""
+    toks, last = pad(bases, model.tokenizer.pad_token_id or 0, model.cfg.device)
+    pos = torch.tensor([p.entity_pos for p in bases], device=toks.device)
+    rows = torch.arange(len(bases), device=toks.device)
+
+    def patch(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        resid = resid.clone()
+        resid[rows, pos] = vectors.to(resid.dtype)
+        return resid
+
+    logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name(layer), patch)])
+    return logits[rows, last]
+
+
+class SuffixRunner:
+    """Caches the frozen parts of the base runs and recomputes only what an intervention
+    changes (see module docstring)."""
+
+    def __init__(self, model: Any, layer: int, batch_size: int = 64) -> None:
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        self._entry_cls = TransformerLensKeyValueCacheEntry
+        self.model = model
+        self.layer = layer
+        self.batch_size = batch_size
+        self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.suffix: dict[int, torch.Tensor] = {}  # id(prompt) -> resid after layer, from entity_start
+
+    @torch.no_grad()
+    def prepare(self, prompts: list[Prompt]) -> None:
+        """Cache prefix keys/values per template and suffix residuals per prompt."""
+        model, L = self.model, self.layer
+        later = range(L + 1, model.cfg.n_layers)
+        names = [f"blocks.{i}.attn.hook_{kv}" for i in later for kv in ("k", "v")]
+        for prefix in {p.prefix for p in prompts} - set(self.prefix_kv):
+            if not prefix or not names:
+                self.prefix_kv[prefix] = []
+                continue
+            toks = torch.tensor([prefix], device=model.cfg.device)
+            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
+            self.prefix_kv[prefix] = [
+                (cache[f"blocks.{i}.attn.hook_k"], cache[f"blocks.{i}.attn.hook_v"]) for i in later
+            ]
+        todo = [p for p in prompts if id(p) not in self.suffix]
+        for p, r in zip(todo, resid_at(model, todo, L, self.batch_size), strict=True):
+            self.suffix[id(p)] = r[p.entity_start :]
+
+    def logits(self, bases: list[Prompt], vectors: torch.Tensor) -> torch.Tensor:
+        """Logits at each base's last token with ``vectors`` patched in; all ``bases`` must
+        share one prefix (group batches with :func:`batches_by_prefix`)."""
+        model = self.model
+        prefix = bases[0].prefix
+        if any(p.prefix != prefix for p in bases):
+            raise ValueError("SuffixRunner.logits needs bases that share a prefix")
+        n = len(bases)
+        width = max(len(p.tokens) - p.entity_start for p in bases)
+        resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=vectors.dtype)
+        for i, p in enumerate(bases):
+            s = self.suffix[id(p)]
+            resid[i, : len(s)] = s
+        rows = torch.arange(n, device=vectors.device)
+        ent = torch.tensor([p.entity_pos - p.entity_start for p in bases], device=vectors.device)
+        resid = resid.index_put((rows, ent), vectors)
+        kv = self.prefix_kv[prefix]
+        for j, block in enumerate(model.blocks[self.layer + 1 :]):
+            entry = None
+            if kv:
+                k, v = kv[j]
+                entry = self._entry_cls(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), frozen=True)
+            resid = block(resid, past_kv_cache_entry=entry)
+        last = torch.tensor([len(p.tokens) - 1 - p.entity_start for p in bases], device=vectors.device)
+        return model.unembed(model.ln_final(resid[rows, last][:, None]))[:, 0]
+
+
+def batches_by_prefix(items: list[Any], key: Any, batch_size: int, rng: Any) -> list[list[Any]]:
+    """Shuffle ``items`` into batches whose members share ``key(item)``; batch order shuffled."""
+    groups: dict[Any, list[Any]] = defaultdict(list)
+    for it in items:
+        groups[key(it)].append(it)
+    batches = []
+    for g in groups.values():
+        g = list(g)
+        rng.shuffle(g)
+        batches.extend(g[i : i + batch_size] for i in range(0, len(g), batch_size))
+    rng.shuffle(batches)
+    return batches

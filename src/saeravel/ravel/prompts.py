@@ -1,0 +1,185 @@
+"""Prompts with located entities, knowledge filtering, and base/source pairs.
+
+Correctness notes (each differs from at least one reference implementation):
+- The intervention site is the *last token of the entity*, found from the tokenizer's
+  character offsets per prompt, so multi-token entities and prompts of different lengths
+  are handled; prompts are right-padded, so padding never shifts a position.
+- Pairs whose base and source labels are equal are dropped (they cannot show a transfer
+  and inflate both scores).
+- The default split is by entity: no test city ever trains the mask. ``split_by=pair``
+  reproduces the paper's leaky split and is labelled as such in the results.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from saeravel.errors import UserError
+from saeravel.world import CityWorld, few_shot_prompt
+
+# The saeravel protocol's prompts on real models (Chaudhary & Geiger 2024, 5-shot).
+PAPER_FEW_SHOT = {
+    "Country": (
+        "Toronto is a city in the country of Canada. Beijing is a city in the country of China. "
+        "Miami is a city in the country of United States. Santiago is a city in the country of "
+        "Chile. London is a city in the country of England. %s is a city in the country of"
+    ),
+    "Continent": (
+        "Toronto is a city in the continent of North America. Beijing is a city in the continent "
+        "of Asia. Miami is a city in the continent of North America. Santiago is a city in the "
+        "continent of South America. London is a city in the continent of Europe. %s is a city "
+        "in the continent of"
+    ),
+}
+
+
+@dataclass
+class Prompt:
+    """A template filled with an entity, tokenised, with the entity's token span located."""
+
+    template: str
+    entity: str
+    attribute: str
+    tokens: list[int]
+    entity_start: int
+    entity_pos: int
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Tokens before the entity (shared by every entity in this template)."""
+        return tuple(self.tokens[: self.entity_start])
+
+
+@dataclass
+class Pair:
+    """Base and source prompts; the model should answer ``target`` after the intervention."""
+
+    base: Prompt
+    source: Prompt
+    intervened: str
+    kind: str  # "cause" or "isolation"
+    target: str
+    target_token: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def label_prefix(prompt_text: str) -> str:
+    """Labels follow the prompt after a space, unless it ends in whitespace or a quote."""
+    return "" if prompt_text[-1:].isspace() or prompt_text.endswith('"') else " "
+
+
+def tokenize_prompt(tokenizer: Any, template: str, entity: str, attribute: str, bos: int | None) -> Prompt:
+    """Tokenise ``template % entity`` and locate the entity's first and last tokens."""
+    if template.count("%s") != 1:
+        raise UserError(f"template {template!r} must contain exactly one %s")
+    text = template.replace("%s", entity)
+    start_char = template.index("%s")
+    end_char = start_char + len(entity)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    inside = [i for i, (s, e) in enumerate(offsets) if s < end_char and e > start_char]
+    if not inside:
+        raise ValueError(f"entity {entity!r} has no token in {text!r}")
+    shift = 0 if bos is None else 1
+    tokens = ([bos] if bos is not None else []) + list(ids)
+    return Prompt(template, entity, attribute, tokens, inside[0] + shift, inside[-1] + shift)
+
+
+def bos_id(model: Any) -> int | None:
+    return model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
+
+
+def pad(prompts: list[Prompt], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token tensor and the index of each prompt's last token."""
+    width = max(len(p.tokens) for p in prompts)
+    toks = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        toks[i, : len(p.tokens)] = torch.tensor(p.tokens)
+    last = torch.tensor([len(p.tokens) - 1 for p in prompts])
+    return toks.to(device), last.to(device)
+
+
+def matches(generated: str, label: str, rule: str) -> bool:
+    """``first_word``: the first generated word equals the label's first word (the paper:
+    " North" matches "North America"); ``prefix``: the generation and the label agree on
+    their common length (RAVEL: the label is a prefix of the generation, or the generation of
+    the label when the label is longer than the tokens generated)."""
+    gen, lab = generated.strip(), label.strip()
+    if not gen or not lab:
+        return False
+    if rule == "first_word":
+        return gen.split()[0] == lab.split()[0]
+    if rule == "prefix":
+        return gen.startswith(lab) or lab.startswith(gen)
+    raise UserError(f"unknown match rule {rule!r}; valid: first_word, prefix")
+
+
+def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str]:
+    """One 5-shot template per attribute: the world's own, or the paper's on real RAVEL data."""
+    out = {}
+    for a in attributes:
+        if world.few_shot_cities:
+            out[a] = few_shot_prompt(world, a)
+        elif a in PAPER_FEW_SHOT:
+            out[a] = PAPER_FEW_SHOT[a]
+        else:
+            raise UserError(f"protocol saeravel has no 5-shot prompt for {a!r}; valid: Country, Continent")
+    return out
+
+
+def split_entities(
+    entities: list[str], world: CityWorld, fractions: list[float], seed: int
+) -> dict[str, str]:
+    """Entity -> train/val/test: the data's own split when it covers them, else random."""
+    if world.entity_split and all(e in world.entity_split for e in entities):
+        return {e: world.entity_split[e] for e in entities}
+    rng = random.Random(seed)
+    order = sorted(entities)
+    rng.shuffle(order)
+    n_tr = int(fractions[0] * len(order))
+    n_va = int(fractions[1] * len(order))
+    split = {e: "train" for e in order[:n_tr]}
+    split.update({e: "val" for e in order[n_tr : n_tr + n_va]})
+    split.update({e: "test" for e in order[n_tr + n_va :]})
+    return split
+
+
+def make_pairs(
+    bases: list[Prompt],
+    sources_by_entity: dict[str, list[Prompt]],
+    world: CityWorld,
+    intervened: str,
+    tokenizer: Any,
+    max_pairs: int,
+    rng: random.Random,
+    drop_same: bool,
+    allowed_sources: list[str],
+) -> list[Pair]:
+    """Cause pairs (base queries ``intervened``: target = source's value) and isolation pairs
+    (base queries another attribute: target = base's value), sources from ``allowed_sources``."""
+    pairs: list[Pair] = []
+    if not bases or not allowed_sources:
+        return pairs
+    attempts = 0
+    while len(pairs) < max_pairs and attempts < 20 * max_pairs:
+        attempts += 1
+        b = rng.choice(bases)
+        s_ent = rng.choice(allowed_sources)
+        if s_ent == b.entity or not sources_by_entity.get(s_ent):
+            continue
+        src = rng.choice(sources_by_entity[s_ent])
+        q = b.attribute
+        same = world.entities[b.entity][q] == world.entities[s_ent][q]
+        if drop_same and same:
+            continue
+        kind = "cause" if q == intervened else "isolation"
+        owner = s_ent if kind == "cause" else b.entity
+        target = world.entities[owner][q]
+        text = b.template.replace("%s", b.entity)
+        first = tokenizer(label_prefix(text) + target, add_special_tokens=False)["input_ids"][0]
+        pairs.append(Pair(b, src, intervened, kind, target, first, {"same_label": same}))
+    return pairs

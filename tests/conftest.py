@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny models (2 layers, d_model 64) and a tiny city world."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from saeravel.config import register_configs
+
+register_configs()
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    from saeravel.world import build_city_world
+
+    return build_city_world(n_cities=40, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_world):
+    """An untrained 2-layer, d_model 64 model over the tiny world's vocabulary."""
+    from saeravel.models import LoadedModel
+    from saeravel.tiny_lm import build_model, build_tokenizer, world_vocabulary
+
+    tok = build_tokenizer(world_vocabulary(tiny_world))
+    arch = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
+    torch.manual_seed(0)
+    model = build_model(arch, tok)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model=model, name="tiny-test", world=tiny_world, info={"cache_folder_key": "test"})
