@@ -121,7 +121,7 @@ def sample_sequence(
 ) -> str:
     cities = list(world.entities)
     parts = []
-    for _ in range(rng.randint(1, n_facts)):
+    for _ in range(n_facts):
         attr = rng.choice(attributes)
         parts.append(fact_sentence(world, rng.choice(cities), attr, rng.choice(world.templates[attr])))
     return " ".join(parts)
@@ -184,9 +184,9 @@ def full_swap_cause(
         _, cache = model.run_with_cache(st, names_filter=hook)
         src_vec = cache[hook][torch.arange(len(chunk)), pos]
 
-        def swap(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        def swap(resid: torch.Tensor, hook: Any, pos=pos, src_vec=src_vec) -> torch.Tensor:
             resid = resid.clone()
-            resid[torch.arange(len(chunk)), pos] = src_vec
+            resid[torch.arange(len(src_vec)), pos] = src_vec
             return resid
 
         logits = model.run_with_hooks(bt, fwd_hooks=[(hook, swap)])

@@ -125,7 +125,10 @@ def train_sae(
         loss = (x - x_hat).pow(2).sum(-1).mean() / scale
         if architecture == "relu":
             frac = min(1.0, (step + 1) / (0.05 * steps))  # L1 warm-up
-            loss = loss + frac * l1_coefficient * (f * params["W_dec"].norm(dim=1)).sum(-1).mean() / d_in
+            loss = (
+                loss
+                + frac * l1_coefficient * (f * params["W_dec"].norm(dim=1)).sum(-1).mean() / d_in
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,9 +191,17 @@ class TrainedSource:
         return {}
 
     def _folder(self, model: LoadedModel) -> Path:
-        model_key = model.info.get("cache_folder_key") or json.dumps(model.processing, sort_keys=True)
+        model_key = model.info.get("cache_folder_key") or json.dumps(
+            model.processing, sort_keys=True
+        )
         blob = json.dumps(
-            {"v": FORMAT_VERSION, "model": model.name, "mk": model_key, "layer": self.layer, **self.hparams},
+            {
+                "v": FORMAT_VERSION,
+                "model": model.name,
+                "mk": model_key,
+                "layer": self.layer,
+                **self.hparams,
+            },
             sort_keys=True,
         )
         key = hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -204,7 +215,9 @@ class TrainedSource:
             self._train(model, folder)
         meta = json.loads((folder / "meta.json").read_text())
         w = torch.load(folder / "sae.pt", map_location="cpu")
-        ident = SAEIdentity(family=self.family, path=str(folder), extra={"trained": meta["metrics"]})
+        ident = SAEIdentity(
+            family=self.family, path=str(folder), extra={"trained": meta["metrics"]}
+        )
         sae = SAE(
             w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"],
             activation=self.hparams["architecture"], k=self.hparams["k"],
@@ -221,7 +234,13 @@ class TrainedSource:
             acts = hf_activations(model, self.layer, h["n_sequences"] * 64, h["dataset"])
             ent = None
         d_sae = h["expansion"] * acts.shape[1]
-        log.info("training a %s SAE (d_sae %d) on %d activations at layer %d", h["architecture"], d_sae, len(acts), self.layer)
+        log.info(
+            "training a %s SAE (d_sae %d) on %d activations at layer %d",
+            h["architecture"],
+            d_sae,
+            len(acts),
+            self.layer,
+        )
         w = train_sae(
             acts, ent, d_sae=d_sae, architecture=h["architecture"], k=h["k"],
             l1_coefficient=h["l1_coefficient"], steps=h["steps"], batch_size=h["batch_size"],
@@ -236,7 +255,9 @@ class TrainedSource:
             alive = float((sae.encode(acts[:20000]) > 0).any(0).float().mean())
         metrics = {
             "explained_variance": explained_variance(sae, acts),
-            "explained_variance_entity": explained_variance(sae, ent) if ent is not None and len(ent) else None,
+            "explained_variance_entity": explained_variance(sae, ent)
+            if ent is not None and len(ent)
+            else None,
             "l0": l0,
             "frac_alive": alive,
             "n_train_activations": len(acts),

@@ -1,0 +1,706 @@
+"""``eval=core``: SAEBench's core metrics (reconstruction, sparsity, downstream loss).
+
+Text comes from a Hugging Face dataset (packed into ``context_size`` rows that start with
+BOS, documents separated by BOS) or, for the embedded model, from fact sequences of the
+city world. Every metric averages over *counted* tokens only: tokens that are not BOS,
+EOS, pad or sep. The SAE (and the zero-ablation baseline) replace the activation only at
+counted positions; special positions keep their own activation.
+
+Definitions (sums over counted tokens; ``x`` the activation at the hook, ``f`` the
+latents, ``x_hat = sae.reconstruct(x)``):
+
+* ``ce_loss_*``: mean next-token cross-entropy over positions ``i`` with tokens ``i`` and
+  ``i+1`` both counted (clean, SAE spliced in, hook zero-ablated);
+  ``ce_loss_score = (CE_abl - CE_sae) / (CE_abl - CE_clean)``.
+* ``kl_div_*``: mean over counted positions of ``KL(p_clean || p_patched)``;
+  ``kl_div_score = (KL_abl - KL_sae) / KL_abl``.
+* ``explained_variance = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)`` over all counted
+  tokens; ``explained_variance_legacy`` = per-token ``1 - ||x - x_hat||^2 / ||x - mean_b||^2``
+  (``mean_b`` the mean of the token's batch), averaged (SAEBench's original definition).
+* ``mse = E||x - x_hat||^2`` (sum over dimensions, mean over tokens); ``cossim`` = mean
+  per-token cosine (0 when a vector is zero).
+* ``l0 = E #{f != 0}``, ``l1 = E sum |f|``; ``l2_ratio = E ||x_hat|| / ||x||``;
+  ``relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>``.
+* feature density = fraction of counted tokens on which a latent is nonzero.
+
+A ratio with a zero denominator is NaN, and NaN is reported as NaN.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saeravel.config import EvalConfig
+from saeravel.errors import UserError, choose
+from saeravel.evals import register
+from saeravel.pipeline import EvalContext, EvalOutput
+from saeravel.saes.base import SAE
+
+log = logging.getLogger(__name__)
+
+TEXT_SOURCES = ("auto", "hf", "embedded")
+SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")
+L2_NORM_FLOOR = 1e-4  # |x| below this counts as 1 in l2_ratio (as sae_lens does)
+_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
+
+
+@dataclass
+class CoreEvalConfig(EvalConfig):
+    """SAEBench's core eval (see the module docstring for the metric definitions)."""
+
+    name: str = "core"
+    version: str = "1.0"
+    text_source: str = "auto"
+    dataset: str = "Skylion007/openwebtext"
+    dataset_config: str | None = None
+    data_files: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = True
+    shuffle_buffer: int = 1
+    context_size: int = 128
+    batch_size_prompts: int = 16
+    n_eval_reconstruction_batches: int = 10
+    n_eval_sparsity_variance_batches: int = 10
+    prepend_bos: bool = True
+    exclude_special_tokens: bool = True
+    facts_per_sequence: int = 6
+    compute_featurewise_weight_based_metrics: bool = True
+    feature_details: bool = True
+    seed: int = 42
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The structural special-token ids of ``tokenizer`` (BOS, EOS, pad, sep)."""
+    if tokenizer is None:
+        return []
+    ids = {getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS}
+    return sorted(i for i in ids if i is not None)
+
+
+def counted_mask(tokens: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
+    """Boolean mask [batch, pos]: True where the token is not special."""
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    for tok in special_ids:
+        mask &= tokens != tok
+    return mask
+
+
+def embedded_texts(world: Any, n: int, facts_per_sequence: int, seed: int) -> list[str]:
+    """``n`` fact sequences of the city world (1..``facts_per_sequence`` facts each)."""
+    from saeravel.tiny_lm import sample_sequence
+
+    rng = random.Random(seed)
+    attributes = list(world.templates)
+    return [sample_sequence(world, attributes, facts_per_sequence, rng) for _ in range(n)]
+
+
+def embedded_token_batches(
+    tokenizer: Any,
+    world: Any,
+    *,
+    n_batches: int,
+    batch_size: int,
+    width: int,
+    facts_per_sequence: int,
+    seed: int,
+) -> Iterator[torch.Tensor]:
+    """Batches of BOS + fact-sequence tokens, right-padded, cut to ``width`` positions."""
+    from saeravel.tiny_lm import encode_batch
+
+    texts = embedded_texts(world, n_batches * batch_size, facts_per_sequence, seed)
+    for i in range(n_batches):
+        toks, _ = encode_batch(tokenizer, texts[i * batch_size : (i + 1) * batch_size], "cpu")
+        yield toks[:, :width]
+
+
+def _dataset_error(dataset: str, split: str, exc: BaseException) -> UserError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return UserError(
+        f"dataset {dataset!r} (split {split!r}) could not be loaded ({type(exc).__name__}: "
+        f"{first}); if it is not in the local Hugging Face datasets cache and the hub cannot be "
+        "reached: on a machine with a network run this eval once with eval.streaming=false "
+        "(downloads the split into ~/.cache/huggingface/datasets), then set "
+        "HF_DATASETS_OFFLINE=1; or save some rows as JSON lines and use eval.dataset=json "
+        "eval.data_files=/path/to/text.jsonl; or use eval.text_source=embedded with "
+        "model=tiny-city-lm"
+    )
+
+
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ConnectionError)
+
+
+def dataset_texts(
+    dataset: str,
+    *,
+    dataset_config: str | None = None,
+    data_files: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    streaming: bool = True,
+    shuffle_buffer: int = 1,
+    seed: int = 42,
+) -> Iterator[str]:
+    """Texts of a Hugging Face dataset, optionally shuffled; a one-line error when it cannot
+    be loaded (offline, not cached, missing file, unknown name)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            dataset, dataset_config, data_files=data_files, split=split, streaming=streaming
+        )
+        if shuffle_buffer > 0:
+            ds = (
+                ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+                if streaming
+                else ds.shuffle(seed=seed)
+            )
+        rows = iter(ds)
+        first = next(rows)
+    except StopIteration:
+        raise UserError(f"dataset {dataset!r} (split {split!r}) is empty") from None
+    except _LOAD_ERRORS as exc:
+        raise _dataset_error(dataset, split, exc) from exc
+    if text_column not in first:
+        raise UserError(
+            f"dataset {dataset!r} has no column {text_column!r}; valid: {', '.join(first)} "
+            "(set eval.text_column)"
+        )
+    yield first[text_column]
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except _LOAD_ERRORS as exc:
+            raise _dataset_error(dataset, split, exc) from exc
+        yield row[text_column]
+
+
+def pack_token_batches(
+    texts: Iterable[str],
+    tokenizer: Any,
+    *,
+    context_size: int,
+    batch_size: int,
+    prepend_bos: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Concatenate tokenised texts (separated by BOS, else EOS) and cut them into rows of
+    ``context_size`` tokens, each starting with BOS when ``prepend_bos``."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if prepend_bos and bos is not None else []
+    sep = bos if bos is not None else eos
+    body = context_size - len(head)
+    if body < 1:
+        raise UserError(f"context_size={context_size} leaves no room for text")
+    buf: list[int] = []
+    batch: list[list[int]] = []
+    for text in texts:
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            buf.append(sep)
+        start = 0
+        while len(buf) - start >= body:
+            batch.append(head + buf[start : start + body])
+            start += body
+            if len(batch) == batch_size:
+                yield torch.tensor(batch, dtype=torch.long)
+                batch = []
+        buf = buf[start:]
+
+
+# ----------------------------------------------------------------------------- SAE helpers
+
+
+def _sae_dtype(sae: SAE, fallback: torch.dtype) -> torch.dtype:
+    param = next(iter(sae.parameters()), None)
+    return param.dtype if param is not None else fallback
+
+
+def latents_and_reconstruction(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sae.encode(x), sae.reconstruct(x))`` with one encoder pass; ``x_hat`` is in model
+    space (layer-norm SAEs are de-normalised with ``x``'s own statistics)."""
+    xs = x.to(_sae_dtype(sae, x.dtype))
+    xn, stats = sae.normalize(xs)
+    f = sae.encode_normalized(xn)
+    x_hat = sae.denormalize(sae.decode_normalized(f), stats)
+    return f, x_hat
+
+
+def splice(act: torch.Tensor, replacement: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``replacement`` at counted positions (``mask`` True), ``act`` elsewhere."""
+    return torch.where(mask[..., None], replacement.to(act.dtype), act)
+
+
+def sae_splice_hook(
+    sae: SAE, mask: torch.Tensor, captured: dict[str, torch.Tensor] | None = None
+) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """Hook replacing the activation by its reconstruction at counted positions; stores
+    ``x``, ``f`` and ``x_hat`` in ``captured``."""
+
+    def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        f, x_hat = latents_and_reconstruction(sae, act)
+        if captured is not None:
+            captured.update(x=act, f=f, x_hat=x_hat)
+        return splice(act, x_hat, mask)
+
+    return hook_fn
+
+
+def ablation_hook(mask: torch.Tensor) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """Hook zeroing the activation at counted positions."""
+
+    def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return splice(act, torch.zeros_like(act), mask)
+
+    return hook_fn
+
+
+def _safe_div(num: float, den: float) -> float:
+    return num / den if den != 0 else math.nan
+
+
+# ----------------------------------------------------------------------------- accumulators
+
+
+@dataclass
+class DownstreamStats:
+    """Running sums of per-token CE and KL over counted positions."""
+
+    n_kl: int = 0
+    n_ce: int = 0
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("ce_clean", "ce_sae", "ce_abl", "kl_sae", "kl_abl"), 0.0
+        )
+    )
+
+    @staticmethod
+    def token_ce(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-position next-token loss [batch, pos-1]."""
+        return -logprobs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+
+    @staticmethod
+    def token_kl(clean_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        """Per-position ``KL(clean || patched)`` [batch, pos]."""
+        p = clean_lp.exp()
+        return torch.where(p > 0, p * (clean_lp - lp), torch.zeros_like(p)).sum(-1)
+
+    def add_clean(self, tokens: torch.Tensor, mask: torch.Tensor, clean_lp: torch.Tensor) -> None:
+        ce_mask = mask[:, :-1] & mask[:, 1:]
+        self.n_kl += int(mask.sum())
+        self.n_ce += int(ce_mask.sum())
+        self.sums["ce_clean"] += self.token_ce(clean_lp, tokens)[ce_mask].double().sum().item()
+
+    def add_patched(
+        self,
+        kind: str,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        clean_lp: torch.Tensor,
+        lp: torch.Tensor,
+    ) -> None:
+        ce_mask = mask[:, :-1] & mask[:, 1:]
+        self.sums[f"ce_{kind}"] += self.token_ce(lp, tokens)[ce_mask].double().sum().item()
+        self.sums[f"kl_{kind}"] += self.token_kl(clean_lp, lp)[mask].double().sum().item()
+
+    def metrics(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(model_behavior_preservation, model_performance_preservation)."""
+        ce = {k: _safe_div(self.sums[f"ce_{k}"], self.n_ce) for k in ("clean", "sae", "abl")}
+        kl = {k: _safe_div(self.sums[f"kl_{k}"], self.n_kl) for k in ("sae", "abl")}
+        behaviour = {
+            "kl_div_score": _safe_div(kl["abl"] - kl["sae"], kl["abl"]),
+            "kl_div_with_ablation": kl["abl"],
+            "kl_div_with_sae": kl["sae"],
+        }
+        performance = {
+            "ce_loss_score": _safe_div(ce["abl"] - ce["sae"], ce["abl"] - ce["clean"]),
+            "ce_loss_with_ablation": ce["abl"],
+            "ce_loss_with_sae": ce["sae"],
+            "ce_loss_without_sae": ce["clean"],
+        }
+        return behaviour, performance
+
+
+class SparsityVarianceStats:
+    """Running sums for reconstruction, shrinkage, sparsity and feature density."""
+
+    KEYS = (
+        "l0", "l1", "l2_in", "l2_out", "l2_ratio", "xhat_sq", "x_dot_xhat", "x_sq",
+        "resid_sq", "ev_legacy", "cossim",
+    )  # fmt: skip
+
+    def __init__(self, d_in: int, d_sae: int) -> None:
+        self.n_tokens = 0
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.fire_count = torch.zeros(d_sae, dtype=torch.float64)
+        self.prompt_count = torch.zeros(d_sae, dtype=torch.float64)
+
+    def add(
+        self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Add one batch: ``x``, ``x_hat`` [batch, pos, d_in], ``f`` [batch, pos, d_sae]."""
+        fired = (f != 0) & mask[..., None]
+        self.prompt_count += fired.any(dim=1).sum(0).double().cpu()
+        xs = x[mask].double()
+        xh = x_hat[mask].double()
+        fs = f[mask]
+        n = xs.shape[0]
+        if n == 0:
+            return
+        self.n_tokens += n
+        active = fs != 0
+        self.fire_count += active.sum(0).double().cpu()
+        resid = (xs - xh).pow(2).sum(-1)
+        norm_in, norm_out = xs.norm(dim=-1), xh.norm(dim=-1)
+        centred = (xs - xs.mean(0)).pow(2).sum(-1)
+        per_token = {
+            "l0": active.sum(-1).double(),
+            "l1": fs.abs().sum(-1).double(),
+            "l2_in": norm_in,
+            "l2_out": norm_out,
+            "l2_ratio": norm_out / torch.where(norm_in < L2_NORM_FLOOR, 1.0, norm_in),
+            "xhat_sq": norm_out.pow(2),
+            "x_dot_xhat": (xs * xh).sum(-1),
+            "x_sq": norm_in.pow(2),
+            "resid_sq": resid,
+            "ev_legacy": 1 - resid / centred,
+            "cossim": torch.nn.functional.cosine_similarity(xs, xh, dim=-1, eps=1e-8),
+        }
+        for key, vals in per_token.items():
+            self.sums[key] += vals.sum().item()
+        self.sum_x += xs.sum(0).cpu()
+
+    def feature_density(self) -> torch.Tensor:
+        """Per latent: fraction of counted tokens on which it is nonzero."""
+        if self.n_tokens == 0:
+            return torch.full_like(self.fire_count, math.nan)
+        return self.fire_count / self.n_tokens
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """reconstruction_quality, shrinkage, sparsity and misc_metrics groups."""
+        n = self.n_tokens
+        mean = {k: _safe_div(v, n) for k, v in self.sums.items()}
+        if n:
+            variance = mean["x_sq"] - (self.sum_x / n).pow(2).sum().item()
+        else:
+            variance = math.nan
+        ev = 1 - mean["resid_sq"] / variance if variance > 0 else math.nan
+        return {
+            "reconstruction_quality": {
+                "explained_variance": ev,
+                "explained_variance_legacy": mean["ev_legacy"],
+                "mse": mean["resid_sq"],
+                "cossim": mean["cossim"],
+            },
+            "shrinkage": {
+                "l2_norm_in": mean["l2_in"],
+                "l2_norm_out": mean["l2_out"],
+                "l2_ratio": mean["l2_ratio"],
+                "relative_reconstruction_bias": _safe_div(mean["xhat_sq"], mean["x_dot_xhat"]),
+            },
+            "sparsity": {"l0": mean["l0"], "l1": mean["l1"]},
+            "misc_metrics": density_metrics(self.feature_density()),
+        }
+
+
+def density_metrics(density: torch.Tensor) -> dict[str, float]:
+    """Summary of per-latent feature densities (SAEBench's misc_metrics, plus frac_dead)."""
+    if density.numel() == 0 or bool(density.isnan().any()):
+        keys = ("frac_alive", "frac_dead", "freq_over_1_percent", "freq_over_10_percent")
+        keys += ("normalized_freq_over_1_percent", "normalized_freq_over_10_percent")
+        return dict.fromkeys(keys, math.nan)
+    total = density.sum().item()
+    return {
+        "frac_alive": (density > 0).double().mean().item(),
+        "frac_dead": (density == 0).double().mean().item(),
+        "freq_over_1_percent": (density > 0.01).double().mean().item(),
+        "freq_over_10_percent": (density > 0.1).double().mean().item(),
+        "normalized_freq_over_1_percent": _safe_div(density[density > 0.01].sum().item(), total),
+        "normalized_freq_over_10_percent": _safe_div(density[density > 0.1].sum().item(), total),
+    }
+
+
+def _max_cosine_to_others(vectors: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per row of ``vectors`` [n, d]: the largest cosine similarity with any other row."""
+    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    out = torch.empty(unit.shape[0], dtype=torch.float64)
+    if unit.shape[0] < 2:
+        return out.fill_(math.nan)
+    for start in range(0, unit.shape[0], chunk):
+        sims = unit[start : start + chunk] @ unit.T
+        rows = torch.arange(sims.shape[0], device=sims.device)
+        sims[rows, rows + start] = -math.inf
+        out[start : start + chunk] = sims.max(dim=1).values.double().cpu()
+    return out
+
+
+def weight_metrics(sae: SAE) -> dict[str, torch.Tensor]:
+    """Per-latent weight statistics (empty for SAEs without explicit weights)."""
+    if not all(hasattr(sae, name) for name in ("W_enc", "W_dec", "b_enc")):
+        return {}
+    enc = sae.W_enc.detach().T  # [d_sae, d_in]
+    dec = sae.W_dec.detach()  # [d_sae, d_in]
+    cos = torch.nn.functional.cosine_similarity(enc.double(), dec.double(), dim=-1)
+    return {
+        "encoder_bias": sae.b_enc.detach().double().cpu(),
+        "encoder_norm": enc.double().norm(dim=-1).cpu(),
+        "encoder_decoder_cosine_sim": cos.cpu(),
+        "max_encoder_cosine_sim": _max_cosine_to_others(enc),
+        "max_decoder_cosine_sim": _max_cosine_to_others(dec),
+    }
+
+
+# ----------------------------------------------------------------------------- the eval
+
+
+@dataclass
+class CoreResult:
+    """Metric groups plus per-latent arrays of one core evaluation."""
+
+    metrics: dict[str, dict[str, Any]]
+    feature_density: torch.Tensor
+    consistent_activation_heuristic: torch.Tensor
+    weights: dict[str, torch.Tensor]
+    n_ce_terms: int
+    n_batches: tuple[int, int]
+
+    def feature_details(self) -> list[dict[str, float]]:
+        """One record per latent (SAEBench's eval_result_details layout)."""
+        cols = {
+            "feature_density": self.feature_density,
+            "consistent_activation_heuristic": self.consistent_activation_heuristic,
+            **self.weights,
+        }
+        lists = {k: v.tolist() for k, v in cols.items()}
+        return [
+            {"index": i, **{k: vals[i] for k, vals in lists.items()}}
+            for i in range(len(self.feature_density))
+        ]
+
+
+def _stop_layer(hook_name: str) -> int | None:
+    m = _BLOCK_RE.match(hook_name)
+    return int(m.group(1)) + 1 if m else None
+
+
+@torch.no_grad()
+def compute_core_metrics(
+    model: Any,
+    sae: SAE,
+    hook_name: str,
+    batches: Iterable[torch.Tensor],
+    *,
+    n_reconstruction_batches: int,
+    n_sparsity_variance_batches: int,
+    special_ids: Sequence[int] = (),
+    compute_weight_metrics: bool = True,
+    progress: bool = False,
+) -> CoreResult:
+    """Core metrics of ``sae`` spliced into ``model`` at ``hook_name`` on token ``batches``.
+
+    Batch ``i`` feeds the CE/KL metrics if ``i < n_reconstruction_batches`` and the
+    reconstruction/sparsity metrics if ``i < n_sparsity_variance_batches``.
+    """
+    total = max(n_reconstruction_batches, n_sparsity_variance_batches)
+    device = model.cfg.device
+    down = DownstreamStats()
+    sv = SparsityVarianceStats(sae.d_in, sae.d_sae)
+    done = [0, 0]
+    bar = tqdm(total=total, desc="core eval", unit="batch", disable=not progress, leave=False)
+    with bar:
+        for i, tokens in enumerate(batches):
+            if i >= total:
+                break
+            tokens = tokens.to(device)
+            mask = counted_mask(tokens, special_ids)
+            captured: dict[str, torch.Tensor] = {}
+            if i < n_reconstruction_batches:
+                clean_lp = torch.log_softmax(model(tokens).float(), dim=-1)
+                down.add_clean(tokens, mask, clean_lp)
+                hooks = (
+                    ("sae", sae_splice_hook(sae, mask, captured)),
+                    ("abl", ablation_hook(mask)),
+                )
+                for kind, fn in hooks:
+                    logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, fn)])
+                    lp = torch.log_softmax(logits.float(), dim=-1)
+                    del logits
+                    down.add_patched(kind, tokens, mask, clean_lp, lp)
+                    del lp
+                del clean_lp
+                done[0] += 1
+            if i < n_sparsity_variance_batches:
+                if not captured:
+                    _, cache = model.run_with_cache(
+                        tokens, names_filter=[hook_name], stop_at_layer=_stop_layer(hook_name)
+                    )
+                    x = cache[hook_name]
+                    f, x_hat = latents_and_reconstruction(sae, x)
+                    captured.update(x=x, f=f, x_hat=x_hat)
+                sv.add(captured["x"], captured["f"], captured["x_hat"], mask)
+                done[1] += 1
+            bar.update(1)
+    if done[0] < n_reconstruction_batches or done[1] < n_sparsity_variance_batches:
+        log.warning(
+            "text ran out: used %d reconstruction and %d sparsity/variance batches "
+            "(asked for %d and %d)",
+            done[0], done[1], n_reconstruction_batches, n_sparsity_variance_batches,
+        )  # fmt: skip
+
+    metrics: dict[str, dict[str, Any]] = {}
+    if done[0]:
+        behaviour, performance = down.metrics()
+        metrics["model_behavior_preservation"] = behaviour
+        metrics["model_performance_preservation"] = performance
+    sv_metrics = sv.metrics() if done[1] else {}
+    for group in ("reconstruction_quality", "shrinkage", "sparsity"):
+        if group in sv_metrics:
+            metrics[group] = sv_metrics[group]
+    metrics["token_stats"] = {
+        "total_tokens_eval_reconstruction": down.n_kl,
+        "total_tokens_eval_sparsity_variance": sv.n_tokens,
+    }
+    weights = weight_metrics(sae) if compute_weight_metrics else {}
+    misc = dict(sv_metrics.get("misc_metrics", {}))
+    for key in ("encoder", "decoder"):
+        if f"max_{key}_cosine_sim" in weights:
+            misc[f"average_max_{key}_cosine_sim"] = weights[f"max_{key}_cosine_sim"].mean().item()
+    if misc:
+        metrics["misc_metrics"] = misc
+    return CoreResult(
+        metrics=metrics,
+        feature_density=sv.feature_density(),
+        consistent_activation_heuristic=sv.fire_count / sv.prompt_count,
+        weights=weights,
+        n_ce_terms=down.n_ce,
+        n_batches=(done[0], done[1]),
+    )
+
+
+def resolve_text_source(text_source: str, model: Any) -> str:
+    """``auto`` -> ``embedded`` for the embedded model (it has a world), else ``hf``."""
+    choose("eval.text_source", text_source, TEXT_SOURCES)
+    if text_source == "auto":
+        return "embedded" if getattr(model, "world", None) is not None else "hf"
+    if text_source == "embedded" and getattr(model, "world", None) is None:
+        raise UserError(
+            f"eval.text_source=embedded needs the embedded model (model=tiny-city-lm); "
+            f"{model.name} has no city world: use eval.text_source=hf"
+        )
+    return text_source
+
+
+def token_batches(cfg: Any, ctx: EvalContext, n_batches: int) -> Iterator[torch.Tensor]:
+    """The eval's token batches for ``ctx.model`` (embedded city text or a HF dataset)."""
+    lm = ctx.model
+    tokenizer = lm.tokenizer
+    if tokenizer is None:
+        raise UserError(f"model {lm.name} has no tokenizer; eval=core needs one to make text")
+    n_ctx = lm.model.cfg.n_ctx
+    if resolve_text_source(cfg.text_source, lm) == "embedded":
+        return embedded_token_batches(
+            tokenizer,
+            lm.world,
+            n_batches=n_batches,
+            batch_size=cfg.batch_size_prompts,
+            width=min(cfg.context_size, n_ctx),
+            facts_per_sequence=cfg.facts_per_sequence,
+            seed=cfg.seed,
+        )
+    if cfg.context_size > n_ctx:
+        raise UserError(f"eval.context_size={cfg.context_size} exceeds {lm.name}'s n_ctx={n_ctx}")
+    texts = dataset_texts(
+        cfg.dataset,
+        dataset_config=cfg.dataset_config,
+        data_files=cfg.data_files,
+        split=cfg.split,
+        text_column=cfg.text_column,
+        streaming=cfg.streaming,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+    )
+    return pack_token_batches(
+        texts,
+        tokenizer,
+        context_size=cfg.context_size,
+        batch_size=cfg.batch_size_prompts,
+        prepend_bos=cfg.prepend_bos,
+    )
+
+
+def summarize(metrics: dict) -> str:
+    """One line of the headline numbers."""
+
+    def get(group: str, key: str) -> float:
+        return metrics.get(group, {}).get(key, math.nan)
+
+    return (
+        f"core: L0 {get('sparsity', 'l0'):.2f}, "
+        f"CE score {get('model_performance_preservation', 'ce_loss_score'):.4f}, "
+        f"KL score {get('model_behavior_preservation', 'kl_div_score'):.4f}, "
+        f"explained variance {get('reconstruction_quality', 'explained_variance'):.4f}, "
+        f"MSE {get('reconstruction_quality', 'mse'):.4g}, "
+        f"alive {get('misc_metrics', 'frac_alive'):.3f}"
+    )
+
+
+@register("core", schema=CoreEvalConfig, needs_sae=lambda cfg: True, summarize=summarize)
+def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
+    """Run the core eval on the job's model, SAE and layer."""
+    if ctx.sae is None:
+        raise UserError("eval=core needs an SAE; choose one with sae=... (not sae=none)")
+    n_rec, n_sp = cfg.n_eval_reconstruction_batches, cfg.n_eval_sparsity_variance_batches
+    if n_rec < 0 or n_sp < 0 or max(n_rec, n_sp) == 0:
+        raise UserError(
+            "eval.n_eval_reconstruction_batches and eval.n_eval_sparsity_variance_batches must "
+            f"be >= 0 and not both 0 (got {n_rec} and {n_sp})"
+        )
+    if cfg.batch_size_prompts < 1 or cfg.context_size < 2:
+        raise UserError("eval.batch_size_prompts must be >= 1 and eval.context_size >= 2")
+    source = resolve_text_source(cfg.text_source, ctx.model)
+    special = special_token_ids(ctx.model.tokenizer) if cfg.exclude_special_tokens else []
+    log.info(
+        "core eval on %s text: %d reconstruction + %d sparsity/variance batches of %d; "
+        "special tokens %s excluded",
+        source, n_rec, n_sp, cfg.batch_size_prompts, special or "not",
+    )  # fmt: skip
+    result = compute_core_metrics(
+        ctx.model.model,
+        ctx.sae,
+        ctx.hook_name,
+        token_batches(cfg, ctx, max(n_rec, n_sp)),
+        n_reconstruction_batches=n_rec,
+        n_sparsity_variance_batches=n_sp,
+        special_ids=special,
+        compute_weight_metrics=cfg.compute_featurewise_weight_based_metrics,
+        progress=True,
+    )
+    unstructured = {
+        "text_source": source,
+        "special_token_ids": special,
+        "n_ce_terms": result.n_ce_terms,
+        "n_batches_reconstruction": result.n_batches[0],
+        "n_batches_sparsity_variance": result.n_batches[1],
+        "hook_name": ctx.hook_name,
+    }
+    details = result.feature_details() if cfg.feature_details else None
+    return EvalOutput(
+        metrics=result.metrics,
+        details=details,
+        unstructured=unstructured,
+        summary=[summarize(result.metrics)],
+    )

@@ -1,0 +1,215 @@
+"""Tests of ``eval=sparse_probing`` on a tiny city world and a 2-layer, d_model-64 model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saeravel.errors import UserError
+from saeravel.evals.sparse_probing import (
+    SparseProbingEvalConfig,
+    balanced_one_vs_rest,
+    fit_probe,
+    load_hf_task_texts,
+    probe,
+    run,
+    top_k_by_mean_difference,
+)
+from saeravel.models import LoadedModel
+from saeravel.pipeline import EvalContext
+from saeravel.saes.base import SAE, SAEIdentity
+
+ROOT = Path(__file__).resolve().parents[1]
+D = 64
+HOOK0 = "blocks.0.hook_resid_post"
+
+
+def make_sae(d_sae: int = 2 * D) -> SAE:
+    """[I, -I] encoder, [I; -I] decoder: latents relu(x), relu(-x) (exact reconstruction)."""
+    eye = torch.eye(D)
+    W_enc = torch.cat([eye, -eye], 1)[:, :d_sae]
+    W_dec = torch.cat([eye, -eye], 0)[:d_sae]
+    return SAE(
+        W_enc, torch.zeros(d_sae), W_dec, torch.zeros(D), hook_name=HOOK0, identity=SAEIdentity("t")
+    )
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_top_k_by_mean_difference_hand_made():
+    x = np.array([[1.0, 0, 0, 5], [1.0, 0, 1, 5], [0.0, 0, 0, 0], [0.0, 0, 1, 0]])
+    y = np.array([1, 1, 0, 0])
+    # |mean diff| per column: 1, 0, 0, 5.
+    assert top_k_by_mean_difference(x, y, 2).tolist() == [3, 0]
+    assert top_k_by_mean_difference(x, y, 3).tolist() == [3, 0, 1]  # tie -> lower index
+
+
+def test_balanced_one_vs_rest():
+    labels = np.array(["a"] * 3 + ["b"] * 10 + ["c"] * 5)
+    idx, y = balanced_one_vs_rest(labels, "a", np.random.default_rng(0))
+    assert y.sum() == 3 and len(y) == 6
+    assert (labels[idx][y == 1] == "a").all() and (labels[idx][y == 0] != "a").all()
+    assert len(set(idx.tolist())) == 6
+    idx, y = balanced_one_vs_rest(labels, "b", np.random.default_rng(0))
+    assert y.sum() == 8 and len(y) == 16  # only 8 negatives exist: positives subsampled
+
+
+def test_hyperparameters_come_from_validation_never_test():
+    """The chosen C maximises validation accuracy; swapping the test split for noise
+    changes the reported test accuracy but not the chosen C."""
+    rng = np.random.default_rng(0)
+    n, d = 60, 20
+    w = rng.normal(size=d)
+
+    def split(noise: float) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(size=(n, d))
+        return x, ((x @ w + noise * rng.normal(size=n)) > 0).astype(int)
+
+    train, val, test = split(3.0), split(0.0), split(0.0)
+    grid = [1e-3, 1e-1, 10.0]
+    _, c, val_acc = fit_probe(train, val, grid)
+    accs = {
+        g: float((fit_probe(train, val, [g])[0].predict(val[0]) == val[1]).mean()) for g in grid
+    }
+    assert c == max(grid, key=lambda g: (accs[g], -grid.index(g)))
+    assert val_acc == accs[c]
+
+    cfg = SparseProbingEvalConfig(c_grid=grid)
+    feats = {"train": train[0], "val": val[0], "test": test[0]}
+    ys = {"train": train[1], "val": val[1], "test": test[1]}
+    idx = {s: np.arange(n) for s in ys}
+    r1 = probe(feats, ys, idx, None, cfg)
+    feats["test"] = rng.normal(size=(n, d))
+    ys["test"] = rng.integers(0, 2, n)
+    r2 = probe(feats, ys, idx, None, cfg)
+    assert r1.C == r2.C == c and r1.val_accuracy == r2.val_accuracy
+    assert r1.test_accuracy != r2.test_accuracy
+
+
+# ----------------------------------------------------------------------------- embedded
+
+
+@pytest.fixture(scope="module")
+def city():
+    """A tiny untrained model whose city-token embeddings carry the continent (a random
+    direction per continent, scale 3), so continent is linearly decodable at block 0."""
+    from saeravel.tiny_lm import build_model, build_tokenizer, world_vocabulary
+    from saeravel.world import build_city_world
+
+    world = build_city_world(n_cities=120)
+    tok = build_tokenizer(world_vocabulary(world))
+    arch = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
+    model = build_model(arch, tok)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    conts = sorted({a["Continent"] for a in world.entities.values()})
+    direction = {
+        c: 3 * torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0) for c in conts
+    }
+    with torch.no_grad():
+        for city, attrs in world.entities.items():
+            model.W_E[tok.convert_tokens_to_ids(city)] += direction[attrs["Continent"]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model=model, name="tiny-test", world=world)
+
+
+def ctx_for(lm, sae, tmp_path) -> EvalContext:
+    return EvalContext(lm, sae, 0, HOOK0, "cpu", 0, tmp_path, tmp_path)
+
+
+def test_embedded_end_to_end(city, tmp_path):
+    cfg = SparseProbingEvalConfig(k_values=[1, 5], c_grid=[0.01, 1.0], min_train_entities=3)
+    out = run(cfg, ctx_for(city, make_sae(), tmp_path))
+    assert set(out.metrics) == {"llm", "sae"}
+    keys = {"llm_test_accuracy", "llm_top_1_test_accuracy", "llm_top_5_test_accuracy"}
+    assert set(out.metrics["llm"]) == keys
+    assert set(out.metrics["sae"]) == {k.replace("llm", "sae") for k in keys}
+    continent = next(d for d in out.details if d["dataset_name"] == "Continent")
+    # Continent is planted in the embedding: held-out cities are classified well.
+    assert continent["llm_test_accuracy"] > 0.85
+    assert continent["sae_test_accuracy"] > 0.85
+    assert continent["llm_top_5_test_accuracy"] > 0.75
+    for group in out.metrics.values():
+        assert all(0.0 <= v <= 1.0 for v in group.values())
+    un = out.unstructured
+    assert len(un["classes"]["Continent"]) == 5
+    # Every held-out city of a class lands in test: rows = cities x templates.
+    n_templates = sum(len(t) for t in city.world.templates.values())
+    n_test = sum(1 for s in city.world.entity_split.values() if s == "test")
+    assert un["n_rows"]["Continent"]["test"] == n_test * n_templates
+    per_class = un["per_class"]["Continent"]["llm_test_accuracy"]
+    assert all(r["C"] in (0.01, 1.0) for r in per_class.values())
+    assert out.summary[0].startswith("sparse_probing: residual ")
+
+
+def test_k_larger_than_d_sae_is_a_one_line_error(city, tmp_path):
+    cfg = SparseProbingEvalConfig(k_values=[1, 20])
+    with pytest.raises(UserError, match="k=20.*d_sae=16") as err:
+        run(cfg, ctx_for(city, make_sae(d_sae=16), tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_source_and_dataset_are_user_errors(city, tmp_path):
+    with pytest.raises(UserError, match="did you mean 'embedded'"):
+        run(SparseProbingEvalConfig(data_source="embeded"), ctx_for(city, make_sae(), tmp_path))
+    cfg = SparseProbingEvalConfig(data_source="hf", dataset_names=["fancyzhx/ag_newz"])
+    with pytest.raises(UserError, match="unknown probing dataset"):
+        run(cfg, ctx_for(city, make_sae(), tmp_path))
+    with pytest.raises(UserError, match="unknown attribute"):
+        run(SparseProbingEvalConfig(attributes=["Colour"]), ctx_for(city, make_sae(), tmp_path))
+
+
+# ----------------------------------------------------------------------------- hf
+
+
+def test_hf_dataset_offline_is_a_one_line_error():
+    code = (
+        "from saeravel.evals.sparse_probing import load_hf_task_texts\n"
+        "from saeravel.errors import UserError\n"
+        "for name in ('fancyzhx/ag_news', 'Helsinki-NLP/europarl'):\n"
+        "    try:\n"
+        "        load_hf_task_texts(name, 8, 4, 4, 0)\n"
+        "    except UserError as e:\n"
+        "        print('USERERROR', e)\n"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith("USERERROR")]
+    assert len(lines) == 2, out.stdout + out.stderr
+    assert "'fancyzhx/ag_news'" in lines[0] and "'Helsinki-NLP/europarl'" in lines[1]
+    assert all("HF_DATASETS_OFFLINE=1" in x for x in lines)
+
+
+def test_unknown_hf_dataset_lists_valid_ones():
+    with pytest.raises(UserError, match="LabHC/bias_in_bios_class_set1"):
+        load_hf_task_texts("LabHC/bias_in_bios", 8, 4, 4, 0)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_yaml_matches_schema_and_is_commented():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saeravel.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["eval=sparse_probing"])
+    assert OmegaConf.to_container(cfg.eval) == asdict(SparseProbingEvalConfig())
+    lines = (ROOT / "conf/eval/sparse_probing.yaml").read_text().splitlines()
+    keys = [ln for ln in lines if ln and not ln.startswith(("#", " ", "defaults"))]
+    assert len(keys) == len(asdict(SparseProbingEvalConfig()))
+    assert all("#" in ln for ln in keys)
