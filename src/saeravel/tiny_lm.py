@@ -219,6 +219,7 @@ def train_model(
         lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     losses = []
+    city_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(world.entities)), device=device)
     model.train()
     for _ in tqdm(range(steps), desc="training tiny-city-lm", leave=False):
         texts = [sample_sequence(world, attributes, n_facts, rng) for _ in range(batch)]
@@ -227,7 +228,8 @@ def train_model(
         logp = torch.log_softmax(logits[:, :-1], -1)
         tgt = toks[:, 1:]
         nll = -logp.gather(-1, tgt[..., None])[..., 0]
-        m = mask[:, 1:].float()
+        # Cities are drawn at random, so predicting them is pure noise: leave them out.
+        m = (mask[:, 1:] & ~torch.isin(tgt, city_ids)).float()
         loss = (nll * m).sum() / m.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -160,6 +160,11 @@ class FixedIntervention(Intervention):
 # ----------------------------------------------------------------------------- forward passes
 
 
+def _pad_id(model: Any) -> int:
+    tok = getattr(model, "tokenizer", None)
+    return (tok.pad_token_id or 0) if tok is not None else 0
+
+
 def hook_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
@@ -171,7 +176,7 @@ def resid_at(model: Any, prompts: list[Prompt], layer: int, batch_size: int = 64
     dev = model.cfg.device
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        toks, _ = pad(chunk, model.tokenizer.pad_token_id or 0, dev)
+        toks, _ = pad(chunk, _pad_id(model), dev)
         _, cache = model.run_with_cache(toks, names_filter=hook_name(layer), stop_at_layer=layer + 1)
         r = cache[hook_name(layer)]
         out.extend(r[j, : len(p.tokens)].clone() for j, p in enumerate(chunk))
@@ -183,7 +188,7 @@ def naive_logits(
 ) -> torch.Tensor:
     """Reference: the full model on the base prompts with ``vectors`` patched in at each
     entity's last token; logits at each prompt's last token [batch, vocab]."""
-    toks, last = pad(bases, model.tokenizer.pad_token_id or 0, model.cfg.device)
+    toks, last = pad(bases, _pad_id(model), model.cfg.device)
     pos = torch.tensor([p.entity_pos for p in bases], device=toks.device)
     rows = torch.arange(len(bases), device=toks.device)
 

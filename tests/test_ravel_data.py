@@ -1,0 +1,112 @@
+"""RAVEL data loading (real files), prompts, matching rules and pairs."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from saeravel.errors import UserError
+from saeravel.ravel.data import CITY_FILES, load_ravel_city
+from saeravel.ravel.prompts import (
+    PAPER_FEW_SHOT,
+    label_prefix,
+    make_pairs,
+    matches,
+    split_entities,
+    tokenize_prompt,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "ravel"
+needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/ravel not present")
+
+
+@needs_shared
+def test_real_ravel_files_load_with_expected_counts():
+    w = load_ravel_city(SHARED)
+    assert len(w.entities) == 3552
+    counts = {a: len(t) for a, t in w.templates.items()}
+    assert counts == {"Country": 46, "Continent": 43, "Latitude": 42, "Longitude": 25,
+                      "Language": 44, "Timezone": 73}  # fmt: skip
+    splits = [w.entity_split[e] for e in w.entities]
+    assert (splits.count("train"), splits.count("val"), splits.count("test")) == (1787, 818, 947)
+    assert all(t.count("%s") == 1 for ts in w.templates.values() for t in ts)
+    assert set(w.template_split.values()) == {"train", "val", "test"}
+    assert w.entities["Aalborg"]["Country"] == "Denmark"
+
+
+def test_missing_file_is_a_one_line_error(tmp_path):
+    if SHARED.exists():
+        for f in list(CITY_FILES.values())[:-1]:
+            shutil.copy(SHARED / f, tmp_path / f)
+    with pytest.raises(UserError, match="wikipedia_city_entity_prompts.json"):
+        load_ravel_city(tmp_path)
+
+
+@needs_shared
+def test_gpt2_style_bpe_offsets_locate_multi_token_entities():
+    """A byte-level BPE tokenizer (trained here on RAVEL's own text, as GPT-2's is byte-level
+    BPE) splits long city names into several tokens; the entity span must cover them all."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    w = load_ravel_city(SHARED)
+    bpe = ByteLevelBPETokenizer()
+    corpus = [t for ts in w.templates.values() for t in ts] + list(w.entities)[:300]
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    for city in ["Rio de Janeiro", "Aalborg", "San Francisco"]:
+        p = tokenize_prompt(tok, PAPER_FEW_SHOT["Country"], city, "Country", bos=0)
+        span = tok.decode(p.tokens[p.entity_start : p.entity_pos + 1])
+        assert span.strip() == city
+        after = tok.decode(p.tokens[p.entity_pos + 1 :])
+        assert after.startswith(" is a city")
+        assert p.entity_pos - p.entity_start >= 1  # several tokens
+
+
+def test_matching_rules():
+    assert matches(" North", "North America", "first_word")
+    assert not matches(" South", "North America", "first_word")
+    assert matches(" North America .", "North America", "prefix")
+    assert matches(" North", "North America", "prefix")  # generation shorter than label
+    assert not matches(" Northern", "North America", "first_word")
+    with pytest.raises(UserError, match="valid: first_word, prefix"):
+        matches("a", "a", "exact")
+
+
+def test_label_prefix():
+    assert label_prefix("in the country of") == " "
+    assert label_prefix('"country": "') == ""
+    assert label_prefix("a latitude of ") == ""
+
+
+def test_entity_split_is_disjoint_and_seeded(tiny_world):
+    ents = [f"c{i}" for i in range(50)]
+    from saeravel.world import CityWorld
+
+    w = CityWorld(entities={e: {} for e in ents})
+    a = split_entities(ents, w, [0.6, 0.1, 0.3], seed=1)
+    b = split_entities(ents, w, [0.6, 0.1, 0.3], seed=1)
+    assert a == b
+    assert sorted(a.values()).count("train") == 30 and sorted(a.values()).count("test") == 15
+
+
+def test_pairs_drop_equal_labels_and_target_the_right_entity(tiny_model):
+    w, tok = tiny_model.world, tiny_model.tokenizer
+    ents = list(w.entities)[:20]
+    base = [tokenize_prompt(tok, t, e, a, tok.bos_token_id) for e in ents
+            for a, t in [("Country", "%s lies in the country of"), ("Continent", "%s lies on the continent of")]]  # fmt: skip
+    by_ent = {e: [p for p in base if p.entity == e] for e in ents}
+    pairs = make_pairs(base, by_ent, w, "Country", tok, 200, random.Random(0), True, ents)
+    assert pairs
+    for q in pairs:
+        attr = q.base.attribute
+        assert w.entities[q.base.entity][attr] != w.entities[q.source.entity][attr]
+        owner = q.source.entity if q.kind == "cause" else q.base.entity
+        assert q.target == w.entities[owner][attr]
+        assert (q.kind == "cause") == (attr == "Country")
+        assert q.target_token == tok.convert_tokens_to_ids(q.target.split()[0])
+    kept = make_pairs(base, by_ent, w, "Country", tok, 200, random.Random(0), False, ents)
+    assert any(q.meta["same_label"] for q in kept)

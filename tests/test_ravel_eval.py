@@ -1,0 +1,93 @@
+"""The RAVEL eval end to end on a small trained city model, through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from saeravel.errors import UserError
+from saeravel.pipeline import run
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A 3-layer, d_model 64 model over 40 cities that learns Country and Continent in ~200 steps.
+SMALL = [
+    "model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.d_mlp=256",
+    "model.local_layers=2", "model.n_cities=40", "model.attributes=[Country,Continent]",
+    "model.train_steps=250", "model.train_batch=32", "model.lr=3e-3", "model.default_layer=1",
+    "sae.steps=300", "sae.expansion=4", "sae.k=8", "sae.n_sequences=300",
+    "eval.epochs=3", "eval.max_pairs_per_split=80", "eval.max_entities=null",
+]  # fmt: skip
+
+
+def _cfg(tmp: Path, cache: Path, extra: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=SMALL
+            + [f"paths.cache_dir={cache}", f"paths.output_dir={tmp / 'out'}",
+               f"paths.results_dir={tmp / 'results'}"]  # fmt: skip
+            + extra,
+        )
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.slow
+def test_invariants_and_result_record(tmp_path, cache):
+    rec = run(_cfg(tmp_path, cache, ["eval.method=all"]))
+    m = rec["eval_result_metrics"]
+    info = rec["saeravel"]["model_info"]
+    assert info["fact_accuracy"] >= 0.9, info
+    for attr in ("Country", "Continent"):
+        none = m["baselines"]["none"][attr]
+        # No intervention: the source's (different) label is never produced; the model's own
+        # answers are all correct on the known, filtered facts.
+        assert none["cause"] == 0.0
+        assert none["isolation"] == 1.0
+        assert m["baselines"]["swap"][attr]["cause"] >= 0.9  # facts live at the city token
+        for method in ("sae", "neurons", "das"):
+            r = m["ravel"][method][attr]
+            assert 0.0 <= r["cause"] <= 1.0 and 0.0 <= r["isolation"] <= 1.0
+            assert r["disentangle"] == pytest.approx((r["cause"] + r["isolation"]) / 2)
+            assert 0 <= r["mask_kept"] <= r["mask_size"]
+    # DAS can always at least do what the full swap does for cause or keep isolation.
+    assert max(m["ravel"]["das"]["Country"]["disentangle"], 0.5) >= 0.5
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "result.json").read_text())
+    for key in ("eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
+                "eval_result_details", "sae_lens_id", "sae_lens_release_id", "sae_lens_version", "sae_cfg_dict"):  # fmt: skip
+        assert key in on_disk
+    assert on_disk["saeravel"]["layer"] == 1
+    assert on_disk["saeravel"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert (out / "ravel_das_Country.pt").exists()
+    assert on_disk["eval_result_details"]["data"]["split_by"] == "entity"
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers_and_resume(tmp_path, cache):
+    a = run(_cfg(tmp_path / "a", cache, ["eval.method=neurons"]))
+    b = run(_cfg(tmp_path / "b", cache, ["eval.method=neurons"]))
+    assert a["eval_result_metrics"] == b["eval_result_metrics"]
+    # Same results_dir: the second job is skipped and returns the stored record.
+    again = run(_cfg(tmp_path / "a", cache, ["eval.method=neurons"]))
+    assert again["eval_id"] == a["eval_id"]
+    forced = run(_cfg(tmp_path / "a", cache, ["eval.method=neurons", "force=true"]))
+    assert forced["eval_id"] != a["eval_id"]
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_one_line_errors(tmp_path, cache):
+    with pytest.raises(UserError, match="eval.attributes has \\['Elevation'\\]"):
+        run(_cfg(tmp_path, cache, ["eval.method=neurons", "eval.attributes=[Country,Elevation]"]))
+    with pytest.raises(UserError, match="unknown eval.protocol 'raval'.*did you mean 'ravel'"):
+        run(_cfg(tmp_path, cache, ["eval.method=neurons", "eval.protocol=raval"]))
+    with pytest.raises(UserError, match="layer=7 is out of range"):
+        run(_cfg(tmp_path, cache, ["eval.method=neurons", "layer=7"]))
+    assert not (tmp_path / "out" / "result.json").exists()
