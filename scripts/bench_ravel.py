@@ -105,7 +105,13 @@ def one(mode: str, layer: int, steps: int, ctx: int, tail: int, batch: int, smal
         step()
     dt = time.perf_counter() - t
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "layer": layer, "steps_per_s": steps / dt, "setup_s": setup, "peak_rss_mb": rss_mb}
+    return {
+        "mode": mode,
+        "layer": layer,
+        "steps_per_s": steps / dt,
+        "setup_s": setup,
+        "peak_rss_mb": rss_mb,
+    }
 
 
 def main() -> None:
@@ -133,7 +139,10 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
     base = {r["layer"]: r["steps_per_s"] for r in rows if r["mode"] == "naive"}
-    lines = ["| layer | mode | steps/s | speed-up vs naive | setup s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| layer | mode | steps/s | speed-up vs naive | setup s | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['layer']} | {r['mode']} | {r['steps_per_s']:.2f} | {r['steps_per_s'] / base[r['layer']]:.1f}x "

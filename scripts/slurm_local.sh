@@ -53,7 +53,7 @@ pid_alive() {
 
 # stop_daemon NAME: TERM the pid in <run>/NAME.pid, wait up to 20 s, then KILL.
 stop_daemon() {
-  local name=$1 pid i
+  local name=$1 pid
   if ! pid_alive "$name"; then
     rm -f "$RUN/$name.pid"
     return 0
@@ -61,7 +61,7 @@ stop_daemon() {
   pid=$(tr -dc '0-9' <"$RUN/$name.pid")
   say "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.2
   done
@@ -74,13 +74,26 @@ stop_daemon() {
 
 # wait_for WHAT SECONDS COMMAND...: poll COMMAND every 0.2 s until it succeeds.
 wait_for() {
-  local what=$1 secs=$2 i
+  local what=$1 secs=$2
   shift 2
-  for i in $(seq 1 $((secs * 5))); do
+  for _ in $(seq 1 $((secs * 5))); do
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.2
   done
   die "$what did not come up in ${secs}s (logs in $LOG)"
+}
+
+queue_empty() { [[ -z $(squeue -h -o %i 2>/dev/null) ]]; }
+
+# wait_quietly SECONDS COMMAND...: like wait_for, but giving up is not an error.
+wait_quietly() {
+  local secs=$1
+  shift
+  for _ in $(seq 1 $((secs * 5))); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  return 0
 }
 
 # ------------------------------------------------------------------ install
@@ -145,6 +158,7 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$MUNGE/munge.socket
 MinJobAge=300
 KillWait=5
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
@@ -176,8 +190,9 @@ link_etc() {
     say "$ETC_LINK exists and is not ours; use: export SLURM_CONF=$ETC/slurm.conf"
     return 0
   fi
-  mkdir -p "$(dirname "$ETC_LINK")" && ln -s "$ETC/slurm.conf" "$ETC_LINK" \
-    || say "could not link $ETC_LINK; use: export SLURM_CONF=$ETC/slurm.conf"
+  if ! { mkdir -p "$(dirname "$ETC_LINK")" && ln -s "$ETC/slurm.conf" "$ETC_LINK"; }; then
+    say "could not link $ETC_LINK; use: export SLURM_CONF=$ETC/slurm.conf"
+  fi
 }
 
 unlink_etc() {
@@ -194,7 +209,7 @@ start_munge() {
     dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
   fi
   chown -R munge:munge "$MUNGE"
-  chmod 700 "$MUNGE"
+  chmod 755 "$MUNGE"   # clients of any user reach the socket; the key itself stays 0400
   chmod 400 "$MUNGE/munge.key"
   rm -f "$MUNGE/munge.socket" "$MUNGE/munge.socket.lock"
   touch "$RUN/munged.pid" "$LOG/munged.log"
@@ -229,13 +244,12 @@ start_mariadb() {
     echo $! >"$RUN/mariadb.pid"
     wait_for mariadb 60 mysql_root -e "SELECT 1"
   fi
-  mysql_root <<EOF
-CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
-CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
-GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
-GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
-EOF
+  mysql_root -e "
+    CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+    CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+    CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
 }
 
 start_slurmdbd() {
@@ -292,7 +306,15 @@ cmd_stop() {
   # Reverse order; each by its own pid file, so nothing this script did not start is touched.
   export SLURM_CONF=$ETC/slurm.conf
   if pid_alive slurmctld; then
-    scancel --state=PENDING --full >/dev/null 2>&1 || true
+    # Jobs first: their processes (slurmstepd and below) would outlive slurmd.
+    local jobs
+    jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ') || true
+    if [[ -n ${jobs// /} ]]; then
+      say "cancelling jobs $jobs"
+      # shellcheck disable=SC2086
+      scancel $jobs 2>/dev/null || true
+      wait_quietly 20 queue_empty
+    fi
   fi
   stop_daemon slurmd
   stop_daemon slurmctld

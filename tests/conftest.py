@@ -34,10 +34,19 @@ def tiny_model(tiny_world):
     from saeravel.tiny_lm import build_model, build_tokenizer, world_vocabulary
 
     tok = build_tokenizer(world_vocabulary(tiny_world))
-    arch = {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
+    arch = {
+        "n_layers": 2,
+        "d_model": 64,
+        "n_heads": 4,
+        "d_mlp": 128,
+        "n_ctx": 96,
+        "local_layers": 1,
+    }
     torch.manual_seed(0)
     model = build_model(arch, tok)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model=model, name="tiny-test", world=tiny_world, info={"cache_folder_key": "test"})
+    return LoadedModel(
+        model=model, name="tiny-test", world=tiny_world, info={"cache_folder_key": "test"}
+    )

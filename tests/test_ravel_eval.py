@@ -28,8 +28,11 @@ def _cfg(tmp: Path, cache: Path, extra: list[str]):
         return compose(
             config_name="config",
             overrides=SMALL
-            + [f"paths.cache_dir={cache}", f"paths.output_dir={tmp / 'out'}",
-               f"paths.results_dir={tmp / 'results'}"]  # fmt: skip
+            + [
+                f"paths.cache_dir={cache}",
+                f"paths.output_dir={tmp / 'out'}",
+                f"paths.results_dir={tmp / 'results'}",
+            ]  # fmt: skip
             + extra,
         )
 

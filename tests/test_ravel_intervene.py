@@ -24,7 +24,9 @@ from saeravel.saes.base import SAE, SAEIdentity
 def _prompts(tiny_model, templates):
     m = tiny_model.model
     ents = list(tiny_model.world.entities)[:12]
-    return [tokenize_prompt(m.tokenizer, t, e, "Country", bos_id(m)) for t in templates for e in ents]
+    return [
+        tokenize_prompt(m.tokenizer, t, e, "Country", bos_id(m)) for t in templates for e in ents
+    ]
 
 
 @pytest.mark.parametrize("layer", [0, 1])

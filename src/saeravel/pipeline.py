@@ -69,7 +69,7 @@ def _check_writable(folder: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output folder {folder} is not writable ({exc.strerror})") from exc
+        raise UserError(f"output folder {folder} is not writable ({exc.strerror})") from None
 
 
 def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
@@ -98,14 +98,18 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     store = Path(cfg.paths.results_dir) / cfg.eval.name / f"{jid}.json"
     if not cfg.force and (done := load_complete(store)) is not None:
         log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
+        atomic_write_json(out_dir / "result.json", done)  # this sweep's folder is complete too
         return done
     _check_writable(out_dir)
+    _check_writable(store.parent)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     spec = get_eval(cfg.eval.name)
     n_layers = cfg.model.n_layers
     if not 0 <= cfg.layer < n_layers:
-        raise UserError(f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}")
+        raise UserError(
+            f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}"
+        )
 
     sae_source = instantiate(cfg.sae) if spec.needs_sae(cfg.eval) else None
     sae_kwargs = sae_source.required_model_kwargs() if sae_source is not None else {}
@@ -161,10 +165,20 @@ def main_guarded(cfg: DictConfig) -> dict[str, Any] | None:
         return run(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if _is_multirun():  # one bad job must not stop the others of a sweep
+            log.error("job failed: %s", exc)
+            return None
         sys.exit(2)
     except Exception:
         log.exception("job failed (output folder %s)", cfg.paths.get("output_dir", "?"))
         raise
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

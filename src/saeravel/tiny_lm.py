@@ -123,13 +123,20 @@ def sample_sequence(
     parts = []
     for _ in range(n_facts):
         attr = rng.choice(attributes)
-        parts.append(fact_sentence(world, rng.choice(cities), attr, rng.choice(world.templates[attr])))
+        parts.append(
+            fact_sentence(world, rng.choice(cities), attr, rng.choice(world.templates[attr]))
+        )
     return " ".join(parts)
 
 
-def encode_batch(tokenizer: Any, texts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(
+    tokenizer: Any, texts: list[str], device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BOS + tokens, right-padded; returns (tokens, attention mask)."""
-    ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [
+        [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in texts
+    ]
     width = max(map(len, ids))
     toks = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.bool)
@@ -147,7 +154,9 @@ def fact_accuracy(model: Any, world: CityWorld, attributes: list[str], device: s
         for attr in attributes:
             for t in world.templates[attr]:
                 prompts.append(t % city)
-                targets.append(model.tokenizer.convert_tokens_to_ids(world.entities[city][attr].split()[0]))
+                targets.append(
+                    model.tokenizer.convert_tokens_to_ids(world.entities[city][attr].split()[0])
+                )
     correct = 0
     for i in range(0, len(prompts), 256):
         toks, mask = encode_batch(model.tokenizer, prompts[i : i + 256], device)
@@ -219,7 +228,9 @@ def train_model(
         lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
     losses = []
-    city_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(world.entities)), device=device)
+    city_ids = torch.tensor(
+        model.tokenizer.convert_tokens_to_ids(list(world.entities)), device=device
+    )
     model.train()
     for _ in tqdm(range(steps), desc="training tiny-city-lm", leave=False):
         texts = [sample_sequence(world, attributes, n_facts, rng) for _ in range(batch)]
@@ -356,7 +367,9 @@ class EmbeddedModel:
                 "raise model.train_steps"
             )
         swap = {
-            attr: [full_swap_cause(model, world, attr, layer) for layer in range(self.arch["n_layers"])]
+            attr: [
+                full_swap_cause(model, world, attr, layer) for layer in range(self.arch["n_layers"])
+            ]
             for attr in ("Country", "Continent")
             if attr in t["attributes"]
         }

@@ -68,7 +68,10 @@ TEMPLATES = {
 
 # The 5-shot prompt of the saeravel protocol (Chaudhary & Geiger 2024) uses one sentence
 # per example city; %s marks the queried city.
-FEW_SHOT_TEMPLATE = {"Country": "%s is a city in the country of", "Continent": "%s is a city in the continent of"}
+FEW_SHOT_TEMPLATE = {
+    "Country": "%s is a city in the country of",
+    "Continent": "%s is a city in the continent of",
+}
 
 
 @dataclass

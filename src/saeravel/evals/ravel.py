@@ -73,14 +73,18 @@ def validate(cfg: Any) -> None:
     choose("eval.data_source", cfg.data_source, ("auto", "embedded", "ravel"))
     choose("eval.optimizer", cfg.optimizer, ("adam", "adamw", "sgd"))
     if len(cfg.attributes) < 2:
-        raise UserError("eval.attributes needs at least two attributes (one intervened, one isolated)")
+        raise UserError(
+            "eval.attributes needs at least two attributes (one intervened, one isolated)"
+        )
 
 
 def load_world(cfg: Any, ctx: Any) -> CityWorld:
     """The embedded world, or RAVEL's city files (``data_dir``, else downloaded)."""
     if cfg.data_source == "embedded" or (cfg.data_source == "auto" and ctx.model.world is not None):
         if ctx.model.world is None:
-            raise UserError(f"model {ctx.model.name} has no embedded world; use eval.data_source=ravel")
+            raise UserError(
+                f"model {ctx.model.name} has no embedded world; use eval.data_source=ravel"
+            )
         return ctx.model.world
     folder = cfg.data_dir or download_ravel(ctx.cache_dir)
     return load_ravel_city(folder)
@@ -100,7 +104,10 @@ def generate(
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         vec = vectors[i : i + batch_size] if vectors is not None else None
-        cur = [Prompt(p.template, p.entity, p.attribute, list(p.tokens), p.entity_start, p.entity_pos) for p in chunk]
+        cur = [
+            Prompt(p.template, p.entity, p.attribute, list(p.tokens), p.entity_start, p.entity_pos)
+            for p in chunk
+        ]
         new: list[list[int]] = [[] for _ in chunk]
         for _ in range(n_tokens):
             if vec is None:
@@ -120,9 +127,7 @@ def label_for(world: CityWorld, p: Prompt) -> str:
     return world.entities[p.entity][p.attribute]
 
 
-def known_filter(
-    cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]
-) -> list[bool]:
+def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) -> list[bool]:
     """Whether the model answers each prompt correctly (greedy, ``cfg.match``), cached per
     model, data and templates."""
     model = ctx.model
@@ -153,13 +158,17 @@ def known_filter(
 # ----------------------------------------------------------------------------- data assembly
 
 
-def build_pairs(cfg: Any, ctx: Any, world: CityWorld) -> tuple[dict[str, dict[str, list[Pair]]], dict[str, Any]]:
+def build_pairs(
+    cfg: Any, ctx: Any, world: CityWorld
+) -> tuple[dict[str, dict[str, list[Pair]]], dict[str, Any]]:
     """Pairs per attribute intervened and split (train/test), plus data statistics."""
     model = ctx.model.model
     attrs = list(cfg.attributes)
     missing = [a for a in attrs if a not in world.templates]
     if missing:
-        raise UserError(f"eval.attributes has {missing} not in the data; valid: {', '.join(sorted(world.templates))}")
+        raise UserError(
+            f"eval.attributes has {missing} not in the data; valid: {', '.join(sorted(world.templates))}"
+        )
     rng = random.Random(ctx.seed)
     bos = bos_id(model)
     entities = sorted(e for e in world.entities if e not in set(world.few_shot_cities))
@@ -170,7 +179,10 @@ def build_pairs(cfg: Any, ctx: Any, world: CityWorld) -> tuple[dict[str, dict[st
     else:
         templates = {a: list(world.templates[a]) for a in attrs}
     prompts = [
-        tokenize_prompt(model.tokenizer, t, e, a, bos) for e in entities for a in attrs for t in templates[a]
+        tokenize_prompt(model.tokenizer, t, e, a, bos)
+        for e in entities
+        for a in attrs
+        for t in templates[a]
     ]
     known = known_filter(cfg, ctx, world, prompts)
     kept = [p for p, k in zip(prompts, known, strict=True) if k]
@@ -215,7 +227,9 @@ def build_pairs(cfg: Any, ctx: Any, world: CityWorld) -> tuple[dict[str, dict[st
                 ps = []
                 for kind_bases in (cause_b, iso_b):
                     for tmpl_attr in {p.attribute for p in kind_bases}:
-                        same = {e: [q for q in qs if q.attribute == tmpl_attr] for e, qs in srcs.items()}
+                        same = {
+                            e: [q for q in qs if q.attribute == tmpl_attr] for e, qs in srcs.items()
+                        }
                         ps += make_pairs(
                             [p for p in kind_bases if p.attribute == tmpl_attr], same, world, a,
                             model.tokenizer, cfg.max_pairs_per_split // max(1, len({p.attribute for p in kind_bases})),
@@ -231,7 +245,11 @@ def build_pairs(cfg: Any, ctx: Any, world: CityWorld) -> tuple[dict[str, dict[st
         for a in attrs:
             pool = pairs[a]["train"]
             rng.shuffle(pool)
-            n_tr = int(len(pool) * cfg.split_fractions[0] / (cfg.split_fractions[0] + cfg.split_fractions[2]))
+            n_tr = int(
+                len(pool)
+                * cfg.split_fractions[0]
+                / (cfg.split_fractions[0] + cfg.split_fractions[2])
+            )
             pairs[a] = {"train": pool[:n_tr], "test": pool[n_tr:]}
     stats = {
         "n_prompts": len(prompts),
@@ -248,7 +266,9 @@ def build_pairs(cfg: Any, ctx: Any, world: CityWorld) -> tuple[dict[str, dict[st
         for s in ("train", "test"):
             for k in ("cause", "isolation"):
                 if stats["pairs"][a][s][k] == 0:
-                    raise UserError(f"no {s} {k} pairs for attribute {a}: too few known entities ({len(kept_entities)})")
+                    raise UserError(
+                        f"no {s} {k} pairs for attribute {a}: too few known entities ({len(kept_entities)})"
+                    )
     return pairs, stats
 
 
@@ -262,7 +282,9 @@ def make_method(name: str, cfg: Any, ctx: Any) -> Intervention:
     if name == "das":
         return DAS(d, cfg.das.mode, cfg.das.k, cfg.mask.init)
     if ctx.sae is None:
-        raise UserError("eval.method=sae needs an SAE; choose sae=<family> (sae=none has no latents)")
+        raise UserError(
+            "eval.method=sae needs an SAE; choose sae=<family> (sae=none has no latents)"
+        )
     return SAEMask(ctx.sae, cfg.mask.init, cfg.add_error)
 
 
@@ -272,7 +294,8 @@ class VectorBank:
     def __init__(self, model: Any, layer: int, prompts: list[Prompt], batch_size: int) -> None:
         uniq = list({id(p): p for p in prompts}.values())
         self.vec = {
-            id(p): r[p.entity_pos] for p, r in zip(uniq, resid_at(model, uniq, layer, batch_size), strict=True)
+            id(p): r[p.entity_pos]
+            for p, r in zip(uniq, resid_at(model, uniq, layer, batch_size), strict=True)
         }
 
     def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
@@ -287,10 +310,14 @@ def train_method(
     params = [p for p in method.parameters() if p.requires_grad]
     if not params:
         return []
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg.optimizer]
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[
+        cfg.optimizer
+    ]
     opt = opt_cls(params, lr=cfg.lr)
     rng = random.Random(ctx.seed)
-    steps_per_epoch = len(batches_by_prefix(pairs, lambda q: q.base.prefix, cfg.batch_size, random.Random(0)))
+    steps_per_epoch = len(
+        batches_by_prefix(pairs, lambda q: q.base.prefix, cfg.batch_size, random.Random(0))
+    )
     total = cfg.epochs * steps_per_epoch
     step, curve = 0, []
     model = ctx.model.model
@@ -299,12 +326,18 @@ def train_method(
         epoch_loss = 0.0
         for batch in batches_by_prefix(pairs, lambda q: q.base.prefix, cfg.batch_size, rng):
             if method.mask is not None:
-                method.mask.temperature = temperature(step, total, cfg.mask.t_start, cfg.mask.t_end, cfg.mask.schedule)
+                method.mask.temperature = temperature(
+                    step, total, cfg.mask.t_start, cfg.mask.t_end, cfg.mask.schedule
+                )
             b = bank([q.base for q in batch])
             s = bank([q.source for q in batch])
             v = method(b, s)
             bases = [q.base for q in batch]
-            logits = runner.logits(bases, v) if runner is not None else naive_logits(model, bases, v, ctx.layer)
+            logits = (
+                runner.logits(bases, v)
+                if runner is not None
+                else naive_logits(model, bases, v, ctx.layer)
+            )
             target = torch.tensor([q.target_token for q in batch], device=logits.device)
             loss = F.cross_entropy(logits.float(), target)
             if cfg.mask.l1 > 0:
@@ -321,7 +354,9 @@ def train_method(
 
 
 @torch.no_grad()
-def score(method: Intervention, pairs: list[Pair], bank: VectorBank, cfg: Any, ctx: Any, world: CityWorld) -> dict[str, Any]:
+def score(
+    method: Intervention, pairs: list[Pair], bank: VectorBank, cfg: Any, ctx: Any, world: CityWorld
+) -> dict[str, Any]:
     """Cause, isolation and disentangle on ``pairs`` under both matching rules, plus
     first-token accuracy and per-template accuracy."""
     if method.mask is not None:
@@ -379,7 +414,9 @@ def run(cfg: Any, ctx: Any) -> Any:
 
     metrics: dict[str, Any] = {"ravel": {}, "baselines": {}}
     details: dict[str, Any] = {"data": stats, "training_curves": {}, "per_template": {}}
-    summary = [f"RAVEL ({cfg.protocol} protocol, {stats['split_note']}), layer {ctx.layer}, match={cfg.match}"]
+    summary = [
+        f"RAVEL ({cfg.protocol} protocol, {stats['split_note']}), layer {ctx.layer}, match={cfg.match}"
+    ]
     baselines = ["none", "swap"] + (["sae_recon", "sae_swap"] if ctx.sae is not None else [])
     for attr in cfg.attributes:
         test = pairs[attr]["test"]
@@ -391,7 +428,9 @@ def run(cfg: Any, ctx: Any) -> Any:
         for name in _methods(cfg):
             torch.manual_seed(ctx.seed)
             method = make_method(name, cfg, ctx).to(ctx.device)
-            curve = train_method(method, pairs[attr]["train"], bank, runner, cfg, ctx, f"{name}/{attr}")
+            curve = train_method(
+                method, pairs[attr]["train"], bank, runner, cfg, ctx, f"{name}/{attr}"
+            )
             r = score(method, test, bank, cfg, ctx, world)
             details["per_template"][f"{name}/{attr}"] = r.pop("per_template")
             details["training_curves"][f"{name}/{attr}"] = curve

@@ -130,12 +130,12 @@ EUROPARL_PAIRS = {"en": "en-fr", "fr": "fr-it", "de": "de-en", "es": "es-fr", "n
 HF_TASK_NAMES = (*HF_TASKS, "Helsinki-NLP/europarl")
 
 
-def _hf_error(name: str, exc: BaseException) -> UserError:
+def _hf_error(name: str, exc: BaseException, eval_name: str = "sparse_probing") -> UserError:
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     return UserError(
         f"probing dataset {name!r} could not be loaded ({type(exc).__name__}: {first}); if it "
         "is not in the local Hugging Face datasets cache and the hub cannot be reached: on a machine "
-        "with a network run eval=sparse_probing once to cache it, then set HF_DATASETS_OFFLINE=1; "
+        f"with a network run eval={eval_name} once to cache it, then set HF_DATASETS_OFFLINE=1; "
         "or use the embedded tasks (eval.data_source=embedded with model=tiny-city-lm)"
     )
 
@@ -165,10 +165,10 @@ def _take_per_class(
 
 
 def load_hf_task_texts(
-    name: str, n_train: int, n_val: int, n_test: int, seed: int
+    name: str, n_train: int, n_val: int, n_test: int, seed: int, eval_name: str = "sparse_probing"
 ) -> dict[str, dict[str, list[str]]]:
     """``{split: {class: texts}}`` of one SAEBench probing dataset (val is carved from the
-    training split, disjoint from train)."""
+    training split, disjoint from train); ``eval_name`` only words the offline error."""
     import datasets
 
     choose("probing dataset", name, HF_TASK_NAMES)
@@ -180,7 +180,7 @@ def load_hf_task_texts(
         train_rows = datasets.load_dataset(spec.path, split="train").shuffle(seed=seed)
         test_rows = datasets.load_dataset(spec.path, split=spec.test_split).shuffle(seed=seed)
     except (OSError, ValueError, ConnectionError) as exc:
-        raise _hf_error(name, exc) from exc
+        raise _hf_error(name, exc, eval_name) from exc
     train = _take_per_class(train_rows, spec, per["train"])
     used = {c: {i for i, _ in v} for c, v in train.items()}
     val = _take_per_class(train_rows, spec, per["val"], skip=used)
@@ -301,9 +301,19 @@ def embedded_tasks(
 
 @torch.no_grad()
 def pooled_text_features(
-    model: Any, sae: SAE, hook_name: str, texts: Sequence[str], context_length: int, batch_size: int
+    model: Any,
+    sae: SAE,
+    hook_name: str,
+    texts: Sequence[str],
+    context_length: int,
+    batch_size: int,
+    model_space: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over non-special tokens of the residual and of the per-token SAE latents."""
+    """Mean over non-special tokens of the residual and of the per-token SAE latents.
+
+    ``model_space=True`` multiplies each token's latents by its layer-norm std before pooling
+    (a no-op for SAEs without input normalisation), so that ``latents @ W_dec`` is the pooled
+    model-space contribution of the latents."""
     tok = model.tokenizer
     special = _special_ids(tok)
     resid, lat = [], []
@@ -326,7 +336,10 @@ def pooled_text_features(
         w = mask[..., None].float()
         n = w.sum(1).clamp_min(1.0)
         resid.append(((x.float() * w).sum(1) / n).cpu())
-        lat.append(((sae.encode(x).float() * w).sum(1) / n).cpu())
+        f = sae.encode(x).float()
+        if model_space:
+            f = f * sae.normalize(x)[1][1].float()
+        lat.append(((f * w).sum(1) / n).cpu())
     return torch.cat(resid).numpy(), torch.cat(lat).numpy()
 
 
@@ -365,10 +378,15 @@ def balanced_one_vs_rest(
     return idx[order], y[order]
 
 
-def top_k_by_mean_difference(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+def top_k_by_mean_difference(
+    x: np.ndarray, y: np.ndarray, k: int, signed: bool = False
+) -> np.ndarray:
     """Indices of the ``k`` columns with the largest ``|mean(x | y=1) - mean(x | y=0)|``
-    (ties broken by lower index)."""
-    diff = np.abs(x[y == 1].mean(0) - x[y == 0].mean(0))
+    (``signed=True``: the largest ``mean(x | y=1) - mean(x | y=0)``, i.e. the columns most
+    positively associated with class 1; ties broken by lower index)."""
+    diff = x[y == 1].mean(0) - x[y == 0].mean(0)
+    if not signed:
+        diff = np.abs(diff)
     return np.argsort(-diff, kind="stable")[:k]
 
 
@@ -408,6 +426,19 @@ def fit_probe(
             best = (model, float(c), acc)
     assert best is not None
     return best
+
+
+def linear_probe_weights(model: Any) -> tuple[np.ndarray, float]:
+    """``(w, b)`` of a binary probe from :func:`fit_probe` in the space of its raw input:
+    ``decision_function(x) == x @ w + b`` (a standardising scaler is folded in)."""
+    clf = model[-1] if hasattr(model, "steps") else model
+    w = np.asarray(clf.coef_[0], dtype=np.float64)
+    b = float(clf.intercept_[0])
+    if hasattr(model, "steps"):
+        scaler = model[0]
+        w = w / scaler.scale_
+        b = b - float(np.dot(w, scaler.mean_))
+    return w, b
 
 
 def probe(

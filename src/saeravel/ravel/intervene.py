@@ -152,9 +152,13 @@ class FixedIntervention(Intervention):
             return s
         zb, stats = self.sae.normalize(b)
         if self.kind == "sae_recon":
-            return self.sae.denormalize(self.sae.decode_normalized(self.sae.encode_normalized(zb)), stats)
+            return self.sae.denormalize(
+                self.sae.decode_normalized(self.sae.encode_normalized(zb)), stats
+            )
         zs, _ = self.sae.normalize(s)
-        return self.sae.denormalize(self.sae.decode_normalized(self.sae.encode_normalized(zs)), stats)
+        return self.sae.denormalize(
+            self.sae.decode_normalized(self.sae.encode_normalized(zs)), stats
+        )
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -170,14 +174,18 @@ def hook_name(layer: int) -> str:
 
 
 @torch.no_grad()
-def resid_at(model: Any, prompts: list[Prompt], layer: int, batch_size: int = 64) -> list[torch.Tensor]:
+def resid_at(
+    model: Any, prompts: list[Prompt], layer: int, batch_size: int = 64
+) -> list[torch.Tensor]:
     """Per prompt, the residual after block ``layer`` at every position (unpadded)."""
     out: list[torch.Tensor] = []
     dev = model.cfg.device
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         toks, _ = pad(chunk, _pad_id(model), dev)
-        _, cache = model.run_with_cache(toks, names_filter=hook_name(layer), stop_at_layer=layer + 1)
+        _, cache = model.run_with_cache(
+            toks, names_filter=hook_name(layer), stop_at_layer=layer + 1
+        )
         r = cache[hook_name(layer)]
         out.extend(r[j, : len(p.tokens)].clone() for j, p in enumerate(chunk))
     return out
@@ -213,7 +221,9 @@ class SuffixRunner:
         self.layer = layer
         self.batch_size = batch_size
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.suffix: dict[int, torch.Tensor] = {}  # id(prompt) -> resid after layer, from entity_start
+        self.suffix: dict[
+            int, torch.Tensor
+        ] = {}  # id(prompt) -> resid after layer, from entity_start
 
     @torch.no_grad()
     def prepare(self, prompts: list[Prompt]) -> None:
@@ -255,9 +265,13 @@ class SuffixRunner:
             entry = None
             if kv:
                 k, v = kv[j]
-                entry = self._entry_cls(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), frozen=True)
+                entry = self._entry_cls(
+                    k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), frozen=True
+                )
             resid = block(resid, past_kv_cache_entry=entry)
-        last = torch.tensor([len(p.tokens) - 1 - p.entity_start for p in bases], device=vectors.device)
+        last = torch.tensor(
+            [len(p.tokens) - 1 - p.entity_start for p in bases], device=vectors.device
+        )
         return model.unembed(model.ln_final(resid[rows, last][:, None]))[:, 0]
 
 

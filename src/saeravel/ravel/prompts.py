@@ -72,7 +72,9 @@ def label_prefix(prompt_text: str) -> str:
     return "" if prompt_text[-1:].isspace() or prompt_text.endswith('"') else " "
 
 
-def tokenize_prompt(tokenizer: Any, template: str, entity: str, attribute: str, bos: int | None) -> Prompt:
+def tokenize_prompt(
+    tokenizer: Any, template: str, entity: str, attribute: str, bos: int | None
+) -> Prompt:
     """Tokenise ``template % entity`` and locate the entity's first and last tokens."""
     if template.count("%s") != 1:
         raise UserError(f"template {template!r} must contain exactly one %s")
@@ -127,7 +129,9 @@ def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str
         elif a in PAPER_FEW_SHOT:
             out[a] = PAPER_FEW_SHOT[a]
         else:
-            raise UserError(f"protocol saeravel has no 5-shot prompt for {a!r}; valid: Country, Continent")
+            raise UserError(
+                f"protocol saeravel has no 5-shot prompt for {a!r}; valid: Country, Continent"
+            )
     return out
 
 

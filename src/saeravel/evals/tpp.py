@@ -1,0 +1,255 @@
+"""``eval=tpp``: SAEBench's targeted probe perturbation.
+
+For every class ``i`` of a task, a balanced one-vs-rest logistic regression probe ``P_i`` is
+trained on the activations ``x`` at the SAE's hook (train split; ``C`` chosen on the val
+split; :func:`saeravel.evals.sparse_probing.fit_probe`). Its latents are ranked by
+``effect_j = (mean_{y=1} a_j - mean_{y=0} a_j) * (w_i . W_dec[j])`` on its training rows
+(``a`` = latents times the input's layer-norm std, ``w_i`` the probe's raw-space weight;
+see :mod:`saeravel.evals.scr`). For each ``N`` in ``n_values`` (capped at ``d_sae``, listed
+in ``eval_result_unstructured.n_values_capped``) the top ``N`` latents of class ``i`` are
+zero-ablated keeping the SAE error, ``x' = x - a[:, S_i] @ W_dec[S_i]``, and every probe is
+re-scored on its own balanced test set:
+
+* ``intended_i = acc(P_i, x) - acc(P_i, x')`` (the targeted probe's accuracy drop);
+* ``unintended_i = mean_{j != i} (acc(P_j, x) - acc(P_j, x'))``.
+
+Metrics (group ``tpp_metrics``, SAEBench's names), averaged over the classes of a task, then
+over tasks: ``tpp_threshold_N_intended_diff_only``, ``tpp_threshold_N_unintended_diff_only``
+and ``tpp_threshold_N_total_metric = intended - unintended`` (higher is better: ablating a
+class's latents hurts its own probe and no other).
+
+Data: the embedded model uses the city-token activation in every template, classes the
+most frequent values of ``attribute`` (default ``Continent``) with the world's entity split
+(:func:`saeravel.evals.sparse_probing.embedded_tasks`); real models use SAEBench's datasets
+(bias in bios class set 1, Amazon reviews categories), mean-pooled over non-special tokens.
+
+Differences from SAEBench: scikit-learn probes with a validation-selected ``C`` (SAEBench:
+torch probes with an L1 penalty and early stopping); ``N`` capped at ``d_sae``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from saeravel.config import EvalConfig
+from saeravel.errors import UserError, choose
+from saeravel.evals import register
+from saeravel.evals.scr import (
+    ablate,
+    accuracy,
+    check_probe_cfg,
+    effective_n_values,
+    hook_of,
+    latent_effects,
+    model_space_latents,
+    nanmean,
+    require_decoder,
+    resolve_source,
+)
+from saeravel.evals.sparse_probing import (
+    HF_TASKS,
+    SPLITS,
+    balanced_one_vs_rest,
+    embedded_tasks,
+    fit_probe,
+    linear_probe_weights,
+    load_hf_task_texts,
+    pooled_text_features,
+)
+from saeravel.pipeline import EvalContext, EvalOutput
+
+log = logging.getLogger(__name__)
+
+TPP_DATASETS = ("LabHC/bias_in_bios_class_set1", "canrager/amazon_reviews_mcauley_1and5")
+
+
+@dataclass
+class TppEvalConfig(EvalConfig):
+    """SAEBench's TPP (see the module docstring)."""
+
+    name: str = "tpp"
+    version: str = "1.0"
+    data_source: str = "auto"
+    attribute: str = "Continent"
+    max_classes: int = 5
+    min_train_entities: int = 5
+    dataset_names: list[str] = field(default_factory=lambda: list(TPP_DATASETS))
+    train_set_size: int = 4000
+    val_set_size: int = 1000
+    test_set_size: int = 1000
+    context_length: int = 128
+    n_values: list[int] = field(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500])
+    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
+    standardize: bool = False
+    max_iter: int = 1000
+    batch_size: int = 32
+    seed: int = 42
+
+
+@dataclass
+class TppTask:
+    """Per split: activations, model-space latents and class labels of one task."""
+
+    name: str
+    classes: list[str]
+    x: dict[str, np.ndarray]
+    a: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+
+def tpp_task(
+    task: TppTask,
+    w_dec: np.ndarray,
+    n_eff: Sequence[tuple[int, int]],
+    cfg: Any,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Probe accuracies before and after each class's ablations, and the TPP differences."""
+    probes, idx_test, y_test, order, clean = {}, {}, {}, {}, {}
+    for cls in task.classes:
+        idx, y = {}, {}
+        for split in SPLITS:
+            idx[split], y[split] = balanced_one_vs_rest(task.labels[split], cls, rng)
+        if min(len(y[s]) for s in SPLITS) == 0:
+            raise UserError(f"class {cls!r} of task {task.name} has no rows in some split")
+        model, _, _ = fit_probe(
+            (task.x["train"][idx["train"]], y["train"]),
+            (task.x["val"][idx["val"]], y["val"]),
+            cfg.c_grid,
+            standardize=cfg.standardize,
+            max_iter=cfg.max_iter,
+        )
+        w, _ = linear_probe_weights(model)
+        effects = latent_effects(task.a["train"][idx["train"]], y["train"], w, w_dec)
+        order[cls] = np.argsort(-effects, kind="stable")
+        probes[cls], idx_test[cls], y_test[cls] = model, idx["test"], y["test"]
+        clean[cls] = accuracy(model, task.x["test"][idx["test"]], y["test"])
+    xt, at = task.x["test"], task.a["test"]
+    ablated: dict[str, dict[str, dict[str, float]]] = {}
+    per_n: dict[str, dict[str, float]] = {}
+    for n, n_abl in n_eff:
+        intended, unintended = [], []
+        for i in task.classes:
+            x_abl = ablate(xt, at, w_dec, order[i][:n_abl])
+            acc = {j: accuracy(probes[j], x_abl[idx_test[j]], y_test[j]) for j in task.classes}
+            ablated.setdefault(str(n), {})[i] = acc
+            intended.append(clean[i] - acc[i])
+            others = [clean[j] - acc[j] for j in task.classes if j != i]
+            unintended.append(float(np.mean(others)) if others else math.nan)
+        per_n[str(n)] = {"intended": nanmean(intended), "unintended": nanmean(unintended)}
+    return {
+        "dataset_name": task.name,
+        "classes": task.classes,
+        "clean_accuracy": clean,
+        "ablated_accuracy": ablated,
+        "top_latents": {c: order[c][:10].tolist() for c in task.classes},
+        **{
+            key: value
+            for n, d in per_n.items()
+            for key, value in (
+                (f"tpp_threshold_{n}_total_metric", d["intended"] - d["unintended"]),
+                (f"tpp_threshold_{n}_intended_diff_only", d["intended"]),
+                (f"tpp_threshold_{n}_unintended_diff_only", d["unintended"]),
+            )
+        },
+    }
+
+
+def metric_keys(n_values: Sequence[int]) -> list[str]:
+    """SAEBench's key order: per N, total, intended, unintended."""
+    return [
+        f"tpp_threshold_{n}_{kind}"
+        for n in n_values
+        for kind in ("total_metric", "intended_diff_only", "unintended_diff_only")
+    ]
+
+
+def summarize(metrics: dict) -> str:
+    """One line of the headline numbers."""
+    m = metrics.get("tpp_metrics", {})
+    shown = [
+        f"N={n} {m[f'tpp_threshold_{n}_total_metric']:.3f}"
+        for n in ("2", "10", "50")
+        if f"tpp_threshold_{n}_total_metric" in m
+    ]
+    return "tpp: total metric " + (", ".join(shown) or "n/a")
+
+
+def _embedded_task(ctx: EvalContext, hook: str, cfg: Any) -> TppTask:
+    assert ctx.sae is not None
+    tasks = embedded_tasks(
+        ctx.model.model, ctx.sae, hook, ctx.model.world, [cfg.attribute], cfg.max_classes,
+        cfg.min_train_entities, cfg.batch_size,
+    )  # fmt: skip
+    if not tasks or len(tasks[0].classes) < 2:
+        raise UserError(
+            f"eval=tpp needs >= 2 {cfg.attribute} values with >= {cfg.min_train_entities} "
+            "training cities (and a val and a test city); lower eval.min_train_entities"
+        )
+    t = tasks[0]
+    a = {s: model_space_latents(ctx.sae, t.resid[s], t.latents[s]) for s in SPLITS}
+    return TppTask(f"embedded:{cfg.attribute}", t.classes, t.resid, a, t.labels)
+
+
+def _hf_task(ctx: EvalContext, hook: str, name: str, cfg: Any) -> TppTask:
+    data = load_hf_task_texts(
+        name, cfg.train_set_size, cfg.val_set_size, cfg.test_set_size, cfg.seed, eval_name="tpp"
+    )
+    classes = [c for c in data["train"] if all(data[s].get(c) for s in SPLITS)][: cfg.max_classes]
+    x, a, labels = {}, {}, {}
+    for split in SPLITS:
+        texts = [t for c in classes for t in data[split][c]]
+        labels[split] = np.array([c for c in classes for _ in data[split][c]])
+        x[split], a[split] = pooled_text_features(
+            ctx.model.model, ctx.sae, hook, texts, cfg.context_length, cfg.batch_size,
+            model_space=True,
+        )  # fmt: skip
+    if len(classes) < 2:
+        raise UserError(f"dataset {name!r} has fewer than 2 classes with data in every split")
+    return TppTask(name, classes, x, a, labels)
+
+
+@register("tpp", schema=TppEvalConfig, summarize=summarize)
+def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
+    """Run TPP on the job's model, SAE and layer."""
+    w_dec = require_decoder(ctx.sae, "tpp")
+    assert ctx.sae is not None
+    source = resolve_source(cfg.data_source, ctx.model)
+    n_eff, capped = effective_n_values(cfg.n_values, ctx.sae.d_sae)
+    check_probe_cfg(cfg)
+    if cfg.max_classes < 2:
+        raise UserError("eval.max_classes must be >= 2 (TPP compares a class with the others)")
+    hook = hook_of(ctx)
+    if source == "embedded":
+        tasks = [_embedded_task(ctx, hook, cfg)]
+    else:
+        for name in cfg.dataset_names:
+            choose("TPP dataset", name, sorted(HF_TASKS))
+        tasks = [
+            _hf_task(ctx, hook, name, cfg)
+            for name in tqdm(cfg.dataset_names, desc="TPP datasets", leave=False)
+        ]
+    rng = np.random.default_rng(cfg.seed)
+    details = [
+        tpp_task(t, w_dec, n_eff, cfg, rng) for t in tqdm(tasks, desc="TPP tasks", leave=False)
+    ]
+    keys = metric_keys(cfg.n_values)
+    metrics = {"tpp_metrics": {k: nanmean([d[k] for d in details]) for k in keys}}
+    unstructured = {
+        "data_source": source,
+        "hook_name": hook,
+        "classes": {t.name: t.classes for t in tasks},
+        "n_rows": {t.name: {s: len(t.labels[s]) for s in SPLITS} for t in tasks},
+        "n_values_capped": capped,
+    }
+    summary = [summarize(metrics)]
+    if capped:
+        summary.append(f"tpp: n_values {sorted(map(int, capped))} capped at d_sae={ctx.sae.d_sae}")
+    return EvalOutput(metrics, details, unstructured, summary=summary)

@@ -1,0 +1,78 @@
+"""The command line: one-line errors, exit code 2, no result file; and the default job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", SAERAVEL_CACHE=str(tmp_path / "cache"),
+             SAERAVEL_RESULTS=str(tmp_path / "results"))  # fmt: skip
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'out'}", *args],
+        cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return errors[0]
+
+
+def test_layer_out_of_range(tmp_path):
+    msg = _one_line_error(_run(["layer=9"], tmp_path))
+    assert "layer=9 is out of range for tiny-city-lm: 0..3" in msg
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_offline_hub_model_fails_fast_and_clearly(tmp_path):
+    msg = _one_line_error(_run(["model=gpt2-small", "eval.method=neurons"], tmp_path))
+    assert "'gpt2-small'" in msg and "not in the local Hugging Face cache" in msg
+
+
+def test_unwritable_results_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a folder under a regular file cannot exist, even for root
+    proc = _run([], tmp_path, env={"SAERAVEL_RESULTS": str(blocker / "results")})
+    msg = _one_line_error(proc)
+    assert "is not writable" in msg and str(blocker) in msg
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_unknown_group_option_lists_valid_choices(tmp_path):
+    proc = _run(["sae=opneai_v5_32k"], tmp_path)
+    assert proc.returncode != 0
+    assert "openai_v5_32k" in proc.stderr  # Hydra lists the available options
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_default_job_end_to_end(tmp_path):
+    """`python run.py` with no arguments: embedded model + trained SAE + RAVEL, all methods."""
+    cache = Path(os.environ.get("SAERAVEL_CACHE", tmp_path / "cache"))
+    proc = _run([], tmp_path, env={"SAERAVEL_CACHE": str(cache)}, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "out" / "result.json").read_text())
+    info = rec["saeravel"]["model_info"]
+    assert info["fact_accuracy"] >= 0.95
+    layer = rec["saeravel"]["layer"]
+    assert info["full_swap_cause"]["Country"][layer] >= 0.9
+    assert info["full_swap_cause"]["Continent"][layer] >= 0.9
+    m = rec["eval_result_metrics"]
+    for attr in ("Country", "Continent"):
+        assert m["baselines"]["none"][attr]["cause"] == 0.0
+        assert m["baselines"]["swap"][attr]["cause"] >= 0.9
+        assert set(m["ravel"]) >= {"sae", "neurons", "das"}
+    assert "disentangle" in proc.stdout + proc.stderr  # the summary table is printed

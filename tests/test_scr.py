@@ -1,0 +1,258 @@
+"""Tests of ``eval=scr`` on hand-made arrays and a planted city world (2 layers, d_model 64)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saeravel.errors import UserError
+from saeravel.evals.scr import (
+    ScrEvalConfig,
+    ablate,
+    choose_embedded_pairs,
+    effective_n_values,
+    latent_effects,
+    model_space_latents,
+    run,
+    scr_score,
+)
+from saeravel.models import LoadedModel
+from saeravel.pipeline import EvalContext
+from saeravel.saes.base import SAE, SAEIdentity
+
+ROOT = Path(__file__).resolve().parents[1]
+D = 64
+HOOK0 = "blocks.0.hook_resid_post"
+ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
+ATTRS = {"Timezone": "Tz", "Latitude": "0", "Longitude": "0"}
+
+
+def identity_sae(normalize: str = "none") -> SAE:
+    """Latents relu(x), relu(-x) (of the normalised input for layer-norm SAEs); exact."""
+    eye = torch.eye(D)
+    return SAE(
+        torch.cat([eye, -eye], 1), torch.zeros(2 * D), torch.cat([eye, -eye], 0), torch.zeros(D),
+        hook_name=HOOK0, identity=SAEIdentity("t"), normalize=normalize,
+    )  # fmt: skip
+
+
+def ctx_for(lm: LoadedModel, sae: SAE | None, tmp_path: Path) -> EvalContext:
+    return EvalContext(lm, sae, 0, HOOK0, "cpu", 0, tmp_path, tmp_path)
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_ablation_is_the_reconstruction_difference_for_layer_norm_saes():
+    """x - a[:, S] W_dec[S] == x + recon(f with f_S = 0) - recon(f), for a layer-norm SAE
+    with random weights (a = latents times the input's std)."""
+    g = torch.Generator().manual_seed(0)
+    d, m = 8, 20
+    sae = SAE(
+        torch.randn(d, m, generator=g), torch.randn(m, generator=g) * 0.1,
+        torch.randn(m, d, generator=g), torch.randn(d, generator=g), hook_name=HOOK0,
+        identity=SAEIdentity("t"), normalize="layer_norm",
+    )  # fmt: skip
+    x = torch.randn(5, d, generator=g) * 3 + 1
+    f = sae.encode(x)
+    a = model_space_latents(sae, x.numpy(), f.numpy())
+    S = np.array([0, 3, 7, 11])
+    f_abl = f.clone()
+    f_abl[:, S] = 0
+    xn, stats = sae.normalize(x)
+    want = x + sae.denormalize(sae.decode(f_abl), stats) - sae.reconstruct(x)
+    got = ablate(x.numpy().astype(np.float64), a, sae.W_dec.numpy().astype(np.float64), S)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    assert np.abs(a - f.numpy()).max() > 0.1  # the std matters here
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_probe_weights_are_in_the_raw_activation_space(standardize):
+    from saeravel.evals.sparse_probing import fit_probe, linear_probe_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, -2, 0, 1]
+    y = (x[:, 0] + 0.1 * x[:, 1] > 0.5).astype(int)
+    model, _, _ = fit_probe((x, y), (x, y), [1.0], standardize=standardize)
+    w, b = linear_probe_weights(model)
+    np.testing.assert_allclose(x @ w + b, model.decision_function(x), rtol=1e-6, atol=1e-8)
+
+
+def test_latent_effects_by_hand():
+    a = np.array([[2.0, 0, 1], [4.0, 0, 1], [0.0, 3, 1], [0.0, 1, 1]])
+    y = np.array([1, 1, 0, 0])
+    w_dec = np.array([[1.0, 0], [0.0, 1], [1.0, 1]])
+    w = np.array([0.5, -1.0])
+    # mean differences 3, -2, 0; W_dec @ w = 0.5, -1, -0.5 -> effects 1.5, 2, 0.
+    np.testing.assert_allclose(latent_effects(a, y, w, w_dec), [1.5, 2.0, 0.0])
+    assert scr_score(0.9, 0.6, 0.8) == pytest.approx(1.5)
+    assert math.isnan(scr_score(0.9, 0.7, 0.7))
+
+
+def test_n_values_are_capped_at_d_sae_and_checked():
+    pairs, capped = effective_n_values([2, 10, 500], 16)
+    assert pairs == [(2, 2), (10, 10), (500, 16)] and capped == {"500": 16}
+    with pytest.raises(UserError, match="every N must be >= 1"):
+        effective_n_values([0, 2], 16)
+
+
+def _world(cells: dict[tuple[str, str], int], split: bool = False):
+    from saeravel.world import TEMPLATES, CityWorld
+
+    entities, entity_split = {}, {}
+    for (cont, lang), n in cells.items():
+        for i in range(n):
+            name = f"{cont.lower()}{lang.lower()}city{i}"
+            entities[name] = {
+                "Continent": cont,
+                "Country": cont + "land",
+                "Language": lang,
+                **ATTRS,
+            }
+            entity_split[name] = ("train", "train", "val", "test", "train", "test")[i % 6]
+    templates = {a: t[:1] for a, t in TEMPLATES.items()}  # 4 rows per city keep tests fast
+    return CityWorld(entities=entities, templates=templates, entity_split=entity_split)
+
+
+def test_embedded_pairs_are_the_largest_complete_ones():
+    cells = {("Alpha", "Lone"): 9, ("Alpha", "Ltwo"): 4, ("Beta", "Lone"): 5, ("Beta", "Ltwo"): 8,
+             ("Gamma", "Lone"): 2, ("Gamma", "Ltwo"): 20}  # fmt: skip
+    world = _world(cells)
+    # Only Alpha/Beta has all four cells >= 3; biased cells (Alpha, Lone) & (Beta, Ltwo) = 9, 8.
+    assert choose_embedded_pairs(world, "Continent", "Language", 3, 5) == [
+        ("Alpha", "Beta", "Lone", "Ltwo")
+    ]
+    # Below 2 Gamma joins; Alpha/Beta (smallest cell 4) still comes first.
+    got = choose_embedded_pairs(world, "Continent", "Language", 2, 5)
+    assert got[0] == ("Alpha", "Beta", "Lone", "Ltwo") and len(got) == 3
+    # Orientation: the larger cells are the biased ones.
+    assert ("Alpha", "Gamma", "Lone", "Ltwo") in got and ("Beta", "Gamma", "Lone", "Ltwo") in got
+
+
+# ----------------------------------------------------------------------------- planted world
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Continent (+-2 on axis 0) and language (+-4 on axis 1) planted in the city embeddings of
+    a model whose block 0 passes the embedding through; 10 cities per (continent, language)."""
+    from saeravel.tiny_lm import build_model, build_tokenizer, world_vocabulary
+
+    world = _world({(c, lang): 10 for c in ("Alpha", "Beta") for lang in ("Lone", "Ltwo")})
+    tok = build_tokenizer(world_vocabulary(world))
+    torch.manual_seed(0)
+    model = build_model(ARCH, tok)
+    model.eval()
+    with torch.no_grad():
+        model.blocks[0].attn.W_O.zero_()
+        model.blocks[0].mlp.W_out.zero_()
+        for name, a in world.entities.items():
+            row = model.W_E[tok.convert_tokens_to_ids(name)]
+            row[0] += 2.0 if a["Continent"] == "Alpha" else -2.0
+            row[1] += 4.0 if a["Language"] == "Lone" else -4.0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(model=model, name="planted", world=world)
+
+
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_ablating_the_planted_spurious_latents_removes_the_bias(planted, tmp_path, normalize):
+    cfg = ScrEvalConfig(n_values=[2, 500], c_grid=[0.01, 1.0], batch_size=256)
+    out = run(cfg, ctx_for(planted, identity_sae(normalize), tmp_path))
+    [pair] = out.details
+    assert pair["pair"] == ["Alpha", "Beta", "Lone", "Ltwo"]
+    # The language probe's top latents are relu(x_1) and relu(-x_1): latents 1 and 65.
+    assert set(pair["top_latents"]["column2_probe"][:2]) == {1, 1 + D}
+    assert set(pair["top_latents"]["column1_probe"][:2]) == {0, D}
+    # The biased probe follows the stronger language signal: chance on the continent test set
+    # (A_orig), while the continent probe is perfect (A_clean); ablating the two language
+    # latents restores the continent: score (1 - 0.5) / (1 - 0.5) = 1.
+    assert pair["original_accuracy"]["dir1"] == 0.5 and pair["clean_accuracy"]["dir1"] == 1.0
+    assert pair["ablated_accuracy"]["dir1"]["2"] == 1.0
+    m = out.metrics["scr_metrics"]
+    assert m["scr_dir1_threshold_2"] == 1.0 and m["scr_metric_threshold_2"] == 1.0
+    assert list(m) == [
+        f"scr_{k}_threshold_{n}" for n in (2, 500) for k in ("dir1", "metric", "dir2")
+    ]
+    # dir2: the biased probe is already perfect on language (A_orig = A_clean): undefined.
+    assert math.isnan(m["scr_dir2_threshold_2"])
+    assert out.unstructured["n_pairs_undefined"]["scr_dir2_threshold_2"] == 1
+    # N = 500 > d_sae = 128 is capped and noted.
+    assert out.unstructured["n_values_capped"] == {"500": 2 * D}
+    assert any("capped at d_sae=128" in line for line in out.summary)
+    if normalize == "none":  # every latent ablated: x' = b_dec + error = 0, one class for all
+        assert pair["ablated_accuracy"]["dir1"]["500"] == 0.5
+
+
+def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
+    sae = identity_sae()
+    cases = [
+        (ScrEvalConfig(n_values=[0]), "every N must be >= 1"),
+        (ScrEvalConfig(data_source="embeded"), "did you mean 'embedded'"),
+        (ScrEvalConfig(embedded_attributes=["Continent", "Colour"]), "unknown attribute 'Colour'"),
+        (ScrEvalConfig(embedded_pairs=[["Alpha", "Betta", "Lone", "Ltwo"]]), "did you mean 'Beta'"),
+        (ScrEvalConfig(embedded_pairs=[["Alpha", "Beta", "Lone"]]), "must be \\[Continent a1"),
+        (ScrEvalConfig(min_entities_per_cell=11), "no two Continent values"),
+        (ScrEvalConfig(c_grid=[]), "c_grid is empty"),
+    ]
+    for cfg, msg in cases:
+        with pytest.raises(UserError, match=msg) as err:
+            run(cfg, ctx_for(planted, sae, tmp_path))
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="needs an SAE"):
+        run(ScrEvalConfig(), ctx_for(planted, None, tmp_path))
+    no_world = LoadedModel(model=planted.model, name="plain")
+    for cfg, msg in [
+        (ScrEvalConfig(data_source="embedded"), "use eval.data_source=hf"),
+        (ScrEvalConfig(dataset_names=["LabHC/bias_in_bio"]), "unknown SCR dataset"),
+        (ScrEvalConfig(column2_vals_lookup={"LabHC/bias_in_bios_class_set1": ["male", "femal"]}),
+         "did you mean 'female'"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=msg):
+            run(cfg, ctx_for(no_world, sae, tmp_path))
+
+
+def test_hf_dataset_offline_is_a_one_line_error():
+    code = (
+        "from saeravel.evals.scr import load_paired_texts\n"
+        "from saeravel.errors import UserError\n"
+        "for name, cell in (('LabHC/bias_in_bios_class_set1', ('professor', 'male')),\n"
+        "                   ('canrager/amazon_reviews_mcauley_1and5', ('Books', '5.0'))):\n"
+        "    try:\n"
+        "        load_paired_texts(name, [cell], 4, 4, 4, 0)\n"
+        "    except UserError as e:\n"
+        "        print('USERERROR', e)\n"
+    )
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith("USERERROR")]
+    assert len(lines) == 2, out.stdout + out.stderr
+    assert "'LabHC/bias_in_bios'" in lines[0]
+    assert "'canrager/amazon_reviews_mcauley_1and5'" in lines[1]
+    assert all("HF_DATASETS_OFFLINE=1" in x for x in lines)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_yaml_matches_schema_and_is_commented():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["eval=scr"])
+    assert OmegaConf.to_container(cfg.eval) == asdict(ScrEvalConfig())
+    lines = (ROOT / "conf/eval/scr.yaml").read_text().splitlines()
+    keys = [ln for ln in lines if ln and not ln.startswith(("#", " ", "defaults"))]
+    assert len(keys) == len(asdict(ScrEvalConfig()))
+    assert all("#" in ln for ln in keys)
