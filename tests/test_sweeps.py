@@ -168,7 +168,8 @@ def test_report_collects_ravel_results_and_skips_foreign_files(
     for name in skipped:
         assert any(name in r.getMessage() for r in caplog.records), name
 
-    ravel, core = rep.tables
+    ravel, spread, core = rep.tables
+    assert spread.name == "ravel_over_seeds" and all(r["n_seeds"] >= 1 for r in spread.rows)
     assert ravel.name == "ravel" and core.name == "core"
     # 2 layers x 3 methods x 2 attributes; the copy in the index adds nothing.
     assert len(ravel.rows) == 12
@@ -198,10 +199,10 @@ def test_report_collects_ravel_results_and_skips_foreign_files(
     md = (out / "report.md").read_text()
     assert md == rep.markdown
     assert (
-        "| model | sae | layer | method | attribute | cause | isolation | disentangle | baseline |"
+        "| model | sae | layer | method | attribute | seed | cause | isolation | disentangle | baseline |"
         in md
     )
-    assert "| tiny-city-lm | trained | 0 | sae | Country | 0.900 |" in md
+    assert "| tiny-city-lm | trained | 0 | sae | Country |  | 0.900 |" in md
 
 
 def test_report_cli(results_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -379,7 +380,9 @@ def test_pipeline_skips_a_job_whose_result_exists(tmp_path: Path) -> None:
     assert (
         run(_compose([*overrides, "device=cpu", "log_level=WARNING"]))["eval_id"] == rec["eval_id"]
     )
-    assert not (tmp_path / "no-cache").exists() and not (tmp_path / "job").exists()
+    assert not (tmp_path / "no-cache").exists()
+    # The skipped job's own folder still gets the (stored) result, so a sweep folder is complete.
+    assert json.loads((tmp_path / "job" / "result.json").read_text())["eval_id"] == rec["eval_id"]
 
 
 # ----------------------------------------------------------------------------- SLURM

@@ -45,15 +45,13 @@ class EmbeddedModelConfig(ModelConfig):
 
     _target_: str = "saeravel.tiny_lm.EmbeddedModel"
     n_cities: int = 400
-    attributes: list[str] = field(
-        default_factory=lambda: ["Country", "Continent", "Language", "Timezone"]
-    )
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"])
     n_heads: int = 4
     d_mlp: int = 512
     n_ctx: int = 96
     local_layers: int = 2
     train_steps: int = 600
-    train_batch: int = 64
+    train_batch: int = 32
     facts_per_sequence: int = 6
     lr: float = 3e-3
     world_seed: int = 0

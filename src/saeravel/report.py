@@ -41,7 +41,7 @@ RAVEL_EVAL = "ravel"
 RAVEL_GROUP = "ravel"
 BASELINE_METHOD = "baseline"
 SCORES = ("cause", "isolation", "disentangle")
-KEY_COLUMNS = ("model", "sae", "layer", "method", "attribute")
+KEY_COLUMNS = ("model", "sae", "layer", "method", "attribute", "seed")
 RAVEL_COLUMNS = (*KEY_COLUMNS, *SCORES, "baseline")
 PROVENANCE_COLUMNS = ("job_hash", "eval_id", "finished", "file")
 GENERIC_KEY_COLUMNS = ("model", "sae", "layer")
@@ -78,6 +78,11 @@ class Record:
     @property
     def layer(self) -> int:
         return int(self.data["saeravel"]["layer"])
+
+    @property
+    def seed(self) -> int | None:
+        seed = (self.data["saeravel"].get("config") or {}).get("seed")
+        return int(seed) if isinstance(seed, int) else None
 
     @property
     def sae(self) -> str:
@@ -208,6 +213,7 @@ def ravel_rows(rec: Record) -> list[dict[str, Any]]:
                 "layer": rec.layer,
                 "method": str(method),
                 "attribute": str(attribute),
+                "seed": rec.seed,
                 **{s: _num(scores.get(s)) for s in SCORES},
                 "baseline": _num(b.get("disentangle")) if isinstance(b, Mapping) else math.nan,
             }
@@ -267,8 +273,20 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
         if name == RAVEL_EVAL:
             rows = [row for r in recs for row in ravel_rows(r)]
             rows, notes = _dedupe(rows, KEY_COLUMNS, millis)
-            rows.sort(key=lambda r: (r["model"], r["attribute"], r["method"], r["sae"], r["layer"]))
+            rows.sort(
+                key=lambda r: (
+                    r["model"],
+                    r["attribute"],
+                    r["method"],
+                    r["sae"],
+                    r["layer"],
+                    r["seed"] or 0,
+                )
+            )
             columns = [*RAVEL_COLUMNS, *PROVENANCE_COLUMNS]
+            tables.append(Table(name, columns, rows, notes))
+            tables.append(seed_spread(rows))
+            continue
         else:
             rows = [row for r in recs for row in generic_rows(r)]
             rows, notes = _dedupe(rows, GENERIC_KEY_COLUMNS, millis)
@@ -282,6 +300,29 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
 
 
 # ----------------------------------------------------------------------------- output
+
+
+def seed_spread(rows: list[dict[str, Any]]) -> Table:
+    """Mean and standard deviation of each score over seeds (scores move between seeds)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    keys = [c for c in KEY_COLUMNS if c != "seed"]
+    for r in rows:
+        groups.setdefault(tuple(r[c] for c in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        row["n_seeds"] = len(rs)
+        for score in (*SCORES, "baseline"):
+            vals = [r[score] for r in rs if not math.isnan(r[score])]
+            mean = sum(vals) / len(vals) if vals else math.nan
+            var = (
+                sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else math.nan
+            )
+            row[f"{score}_mean"] = mean
+            row[f"{score}_std"] = math.sqrt(var) if not math.isnan(var) else math.nan
+        out.append(row)
+    cols = [*keys, "n_seeds"] + [f"{s}_{k}" for s in (*SCORES, "baseline") for k in ("mean", "std")]
+    return Table("ravel_over_seeds", cols, out)
 
 
 def _fmt(value: Any) -> str:

@@ -231,6 +231,10 @@ def train_model(
     city_ids = torch.tensor(
         model.tokenizer.convert_tokens_to_ids(list(world.entities)), device=device
     )
+    value_words = sorted(
+        {w for e in world.entities.values() for a in attributes for w in e[a].split()}
+    )
+    value_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(value_words), device=device)
     model.train()
     for _ in tqdm(range(steps), desc="training tiny-city-lm", leave=False):
         texts = [sample_sequence(world, attributes, n_facts, rng) for _ in range(batch)]
@@ -239,8 +243,10 @@ def train_model(
         logp = torch.log_softmax(logits[:, :-1], -1)
         tgt = toks[:, 1:]
         nll = -logp.gather(-1, tgt[..., None])[..., 0]
-        # Cities are drawn at random, so predicting them is pure noise: leave them out.
+        # Cities are drawn at random, so predicting them is pure noise: leave them out. The
+        # template words are learnt in a few steps; the facts (value words) carry the signal.
         m = (mask[:, 1:] & ~torch.isin(tgt, city_ids)).float()
+        m = m * torch.where(torch.isin(tgt, value_ids), 1.0, 0.1)
         loss = (nll * m).sum() / m.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
