@@ -50,13 +50,14 @@ class EmbeddedModelConfig(ModelConfig):
     d_mlp: int = 512
     n_ctx: int = 96
     local_layers: int = 2
-    train_steps: int = 600
+    train_steps: int = 1500
     train_batch: int = 32
     facts_per_sequence: int = 6
     lr: float = 3e-3
     world_seed: int = 0
     train_seed: int = 0
     min_fact_accuracy: float = 0.95
+    stop_at_accuracy: float = 0.98
     cache_dir: str = II("paths.cache_dir")
 
 

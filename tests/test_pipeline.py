@@ -1,0 +1,69 @@
+"""SAE/model fit checks, processing merge, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saeravel.errors import UserError
+from saeravel.models import merge_processing
+from saeravel.pipeline import check_sae_fits
+from saeravel.results import atomic_write_json
+from saeravel.saes.base import SAE, SAEIdentity, resid_layer_of_hook
+
+
+def _sae(d_in: int, hook: str) -> SAE:
+    return SAE(torch.zeros(d_in, 4), torch.zeros(4), torch.zeros(4, d_in), torch.zeros(d_in),
+               hook_name=hook, identity=SAEIdentity("test"))  # fmt: skip
+
+
+def _model(d_model: int = 64, n_layers: int = 4):
+    return SimpleNamespace(d_model=d_model, n_layers=n_layers, name="m")
+
+
+def test_sae_fits_the_residual_after_the_layer():
+    check_sae_fits(_sae(64, "blocks.2.hook_resid_post"), _model(), 2)
+    check_sae_fits(_sae(64, "blocks.3.hook_resid_pre"), _model(), 2)  # same tensor
+
+
+@pytest.mark.parametrize(
+    ("d_in", "hook", "match"),
+    [
+        (32, "blocks.2.hook_resid_post", "d_in=32 but model m has d_model=64"),
+        (64, "blocks.2.hook_resid_pre", "not the residual after block 2"),
+        (64, "blocks.2.hook_mlp_out", "not the residual after block 2"),
+    ],
+)
+def test_sae_that_does_not_fit_is_an_error(d_in, hook, match):
+    with pytest.raises(UserError, match=match):
+        check_sae_fits(_sae(d_in, hook), _model(), 2)
+
+
+def test_resid_layer_of_hook():
+    assert resid_layer_of_hook("blocks.0.hook_resid_pre", 12) == -1
+    assert resid_layer_of_hook("blocks.11.hook_resid_post", 12) == 11
+    assert resid_layer_of_hook("blocks.12.hook_resid_pre", 12) is None
+    assert resid_layer_of_hook("blocks.3.attn.hook_z", 12) is None
+
+
+def test_processing_merge():
+    assert merge_processing("m", {}, {"center_writing_weights": False}) == {
+        "center_writing_weights": False
+    }
+    assert merge_processing("m", {"fold_ln": False}, {}) == {"fold_ln": False}
+    with pytest.raises(UserError, match="center_writing_weights=True but the SAE was trained with"):
+        merge_processing("m", {"center_writing_weights": True}, {"center_writing_weights": False})
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"a": 1, "nan": float("nan")})
+    assert json.loads(path.read_text())["a"] == 1
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": object()})
+    assert json.loads(path.read_text())["a"] == 1  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
+    assert "NaN" in path.read_text()  # NaN stays NaN
