@@ -190,7 +190,7 @@ class RavelEvalConfig(EvalConfig):
     split_by: str = "entity"
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
     max_entities: int | None = 200
-    max_pairs_per_split: int = 2000
+    max_pairs_per_split: int = 500
     drop_same_label_pairs: bool = True
     add_error: bool = False
     epochs: int = 20

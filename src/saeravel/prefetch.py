@@ -203,8 +203,8 @@ class Item:
     def fetch(self, reach: Reachability) -> list[Path]:
         raise NotImplementedError
 
-    def cached(self) -> bool | None:
-        """Whether it is in the cache (None: cannot tell without loading anything)."""
+    def cached(self) -> bool:
+        """Whether it is in the cache (no network)."""
         try:
             self.check()
         except Exception:  # a missing or unreadable cache entry both mean "fetch it"
@@ -477,9 +477,6 @@ class TrainedSaeItem(Item):
             raise UserError(f"not trained yet ({folder})")
         return [folder]
 
-    def cached(self) -> bool | None:
-        return None if self.model_item.cached() else False
-
     def fetch(self, reach: Reachability) -> list[Path]:
         model = self.model_item.loaded()
         self.loader.load(model)
@@ -714,7 +711,10 @@ def run_items(
             except Exception:
                 if check_only:
                     raise
-                log.info("fetching %s from %s", item.label, item.source)
+                if item.source:
+                    log.info("fetching %s from %s", item.label, item.source)
+                else:
+                    log.info("training %s (cached for the jobs)", item.label)
                 paths, status = item.fetch(reach), "fetched"
             if verify:
                 item.verify()
