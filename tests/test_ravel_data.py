@@ -110,3 +110,27 @@ def test_pairs_drop_equal_labels_and_target_the_right_entity(tiny_model):
         assert q.target_token == tok.convert_tokens_to_ids(q.target.split()[0])
     kept = make_pairs(base, by_ent, w, "Country", tok, 200, random.Random(0), False, ents)
     assert any(q.meta["same_label"] for q in kept)
+
+
+def test_pairs_drop_labels_equal_under_the_matching_rule():
+    from saeravel.world import CityWorld
+
+    w = CityWorld(entities={"A": {"Country": "United States"}, "B": {"Country": "United Kingdom"},
+                            "C": {"Country": "France"}})  # fmt: skip
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(text)]}
+
+    from saeravel.ravel.prompts import Prompt
+
+    ps = {e: [Prompt("%s x", e, "Country", [0, 1], 1, 1)] for e in w.entities}
+    bases = [ps["A"][0]]
+    pairs = make_pairs(
+        bases, ps, w, "Country", Tok(), 50, random.Random(0), True, ["B", "C"], "first_word"
+    )
+    assert pairs and {q.source.entity for q in pairs} == {
+        "C"
+    }  # "United ..." would match "United ..."
+    exact = make_pairs(bases, ps, w, "Country", Tok(), 50, random.Random(0), True, ["B", "C"])
+    assert {q.source.entity for q in exact} == {"B", "C"}

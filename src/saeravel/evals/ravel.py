@@ -233,13 +233,13 @@ def build_pairs(
                         ps += make_pairs(
                             [p for p in kind_bases if p.attribute == tmpl_attr], same, world, a,
                             model.tokenizer, cfg.max_pairs_per_split // max(1, len({p.attribute for p in kind_bases})),
-                            rng, cfg.drop_same_label_pairs, sorted(ents),
+                            rng, cfg.drop_same_label_pairs, sorted(ents), cfg.match,
                         )  # fmt: skip
             else:
                 ps = make_pairs(cause_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
-                                cfg.drop_same_label_pairs, sorted(ents))  # fmt: skip
+                                cfg.drop_same_label_pairs, sorted(ents), cfg.match)  # fmt: skip
                 ps += make_pairs(iso_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
-                                 cfg.drop_same_label_pairs, sorted(ents))  # fmt: skip
+                                 cfg.drop_same_label_pairs, sorted(ents), cfg.match)  # fmt: skip
             pairs[a][s] = ps
     if cfg.split_by == "pair":  # the paper's leaky split: one pool, split by pair
         for a in attrs:

@@ -162,9 +162,13 @@ def make_pairs(
     rng: random.Random,
     drop_same: bool,
     allowed_sources: list[str],
+    rule: str | None = None,
 ) -> list[Pair]:
     """Cause pairs (base queries ``intervened``: target = source's value) and isolation pairs
-    (base queries another attribute: target = base's value), sources from ``allowed_sources``."""
+    (base queries another attribute: target = base's value), sources from ``allowed_sources``.
+    With ``drop_same``, a pair is dropped when its two labels are equal or would be scored as
+    equal under the matching ``rule`` (first_word: "United States" vs "United Kingdom"), since
+    such a pair cannot show a transfer."""
     pairs: list[Pair] = []
     if not bases or not allowed_sources:
         return pairs
@@ -177,7 +181,8 @@ def make_pairs(
             continue
         src = rng.choice(sources_by_entity[s_ent])
         q = b.attribute
-        same = world.entities[b.entity][q] == world.entities[s_ent][q]
+        lab_b, lab_s = world.entities[b.entity][q], world.entities[s_ent][q]
+        same = lab_b == lab_s or (rule is not None and matches(lab_b, lab_s, rule))
         if drop_same and same:
             continue
         kind = "cause" if q == intervened else "isolation"
