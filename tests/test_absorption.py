@@ -48,29 +48,42 @@ def identity_sae(d_sae: int = 2 * D) -> SAE:
 
 def test_absorption_scores_by_hand():
     """Main latent 0 = e0 (the probe direction), latent 1 = (0.6, 0.8, 0, 0) (cos 0.6), latent
-    2 = e2 (cos 0). Fractions and full absorption worked out by hand in the comments."""
+    2 = e2 (cos 0). SAEBench's rules (module docstring), worked out by hand in the comments."""
     w_dec = np.array([[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [0, 0, 1.0, 0]])
-    f = np.array([[2, 0, 1], [0, 2, 1], [1, 1, 0], [0, 0.5, 0], [0, 2, 0]], dtype=float)
+    f = np.array([[2, 0, 1], [0, 2, 1], [1, 1, 0], [0, 0.5, 0], [0, 2, 0], [1, 2, 0]], dtype=float)
     x = np.array(
-        [[2.5, 0, 1, 0], [1.5, 1.6, 1, 0], [2.0, 0.8, 0, 0], [1.0, 0.4, 0, 0], [-1.0, 1.6, 0, 0]]
-    )
-    # P = x.e0 = 2.5, 1.5, 2, 1, -1; main projection 2, 0, 1, 0, 0; latent-1 projection
-    # 0, 1.2, 0.6, 0.3, 1.2. fraction = min(absorbed, P - main) / P:
-    #   0 (nothing absorbs), 1.2/1.5, min(0.6, 1)/2, 0.3/1, 0 (P <= 0).
-    # full: main silent and 1.2/1.5 >= 0.4 only in row 1 (row 3: 0.3 < 0.4; row 4: P <= 0).
-    args = (w_dec, np.array([3.0, 0, 0, 0]), [0], 0.025, 0.4, 10)
-    res = absorption_scores(x, f, np.ones(5), *args)
-    np.testing.assert_allclose(res["fraction"], [0, 0.8, 0.3, 0.3, 0])
-    assert res["full"].tolist() == [False, True, False, False, False]
-    assert res["top"].tolist() == [-1, 1, 1, 1, 1]
-    assert res["fraction"].mean() == pytest.approx(0.28)
-    # A cosine bar above 0.6 leaves no absorbing latent.
-    strict = absorption_scores(x, f, np.ones(5), w_dec, args[1], [0], 0.7, 0.4, 10)
+        [[2.5, 0, 1, 0], [1.5, 1.6, 1, 0], [2.0, 0.8, 0, 0], [1.0, 0.4, 0, 0], [-1.0, 1.6, 0, 0],
+         [2.0, 1.6, 0, 0]]
+    )  # fmt: skip
+    # P = x.e0 = 2.5, 1.5, 2, 1, -1, 2; main m = 2, 0, 1, 0, 0, 1; absorbed a (latent 1 only)
+    # = 0, 1.2, 0.6, 0.3, 1.2, 1.2. Rows: 0 nothing absorbs; 1 m <= 0 and a/P = 0.8 -> 1;
+    # 2 a/P = 0.3 < 0.4 -> 0; 3 a/P = 0.3 -> 0; 4 P <= 0 -> 0; 5 min(1.2, 2 - 1) = 1, so
+    # 1 / (1 + 1) = 0.5. Full: main silent, top latent cos 0.6 and 1.2/1.5 >= 0.4: row 1 only.
+    args = (w_dec, np.array([3.0, 0, 0, 0]), [0], 0.1, 0.025, 0.4, 3)
+    res = absorption_scores(x, f, np.ones(6), *args)
+    np.testing.assert_allclose(res["fraction"], [0, 1, 0, 0, 0, 0.5])
+    assert res["full"].tolist() == [False, True, False, False, False, False]
+    assert res["top"].tolist() == [-1, 1, -1, -1, -1, -1]
+    # Cosine bars above 0.6 leave no absorbing latent and no full absorption.
+    strict = absorption_scores(x, f, np.ones(6), w_dec, args[1], [0], 0.7, 0.7, 0.4, 3)
     assert not strict["fraction"].any() and not strict["full"].any()
-    # Layer-norm SAEs: latents act in model space times the input's std. With std 2 row 1's
-    # absorbed projection is 2.4 > P - main = 1.5, so the fraction saturates at 1.
-    scaled = absorption_scores(x, f, np.array([1, 2.0, 1, 1, 1]), *args)
-    assert scaled["fraction"][1] == pytest.approx(1.0)
+    # Layer-norm SAEs: latents act in model space times the input's std. With std 2 in row 5
+    # the main latent's projection is 2 >= P, so the main latents explain it: fraction 0.
+    scaled = absorption_scores(x, f, np.array([1, 1, 1, 1, 1, 2.0]), *args)
+    assert scaled["fraction"][5] == 0
+
+
+def test_absorption_fraction_sums_at_most_the_allowed_absorbing_latents():
+    """No main latent fires; two aligned latents each carry less than 0.4 of P, together
+    more: the cap on absorbing latents decides whether the fraction is 0 or 1."""
+    w_dec = np.eye(4)
+    probe = np.array([1.0, 1.0, 1.0, 0])  # cos 1/sqrt(3) with latents 0..2, 0 with latent 3
+    x = np.array([[1.0, 0.5, 0.3, 0]])  # P = 1.8 / sqrt(3) = 1.039
+    f = np.array([[0, 0.5, 0.3, 0.2]])  # proj = 0, 0.289, 0.173, 0
+    one = absorption_scores(x, f, np.ones(1), w_dec, probe, [0], 0.1, 0.025, 0.4, 1)
+    two = absorption_scores(x, f, np.ones(1), w_dec, probe, [0], 0.1, 0.025, 0.4, 2)
+    # cap 1: a = 0.289 = 0.28 P < 0.4 P -> 0; cap 2: a = 0.462 = 0.44 P, m = 0 -> 1.
+    assert one["fraction"][0] == 0 and two["fraction"][0] == 1
 
 
 def test_select_main_latents_adds_while_f1_jumps():
@@ -209,7 +222,7 @@ def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
         (AbsorptionEvalConfig(max_k_value=50), "max_k_value=50 must be between 1 and d_sae=12"),
         (AbsorptionEvalConfig(data_source="embeded"), "did you mean 'embedded'"),
         (AbsorptionEvalConfig(parent_attribute="Colour"), "unknown attribute 'Colour'"),
-        (AbsorptionEvalConfig(probe_cos_sim_threshold=2.0), "probe_cos_sim_threshold=2.0"),
+        (AbsorptionEvalConfig(absorption_fraction_probe_cos_sim_threshold=2.0), "threshold=2.0"),
         (AbsorptionEvalConfig(letters="ABC"), "must be lower-case letters"),
     ]
     for cfg, msg in cases:

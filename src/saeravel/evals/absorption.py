@@ -15,14 +15,21 @@ model, continents) is read from the activation ``x`` at the SAE's own hook. Per 
    SAEs without input normalisation), per latent ``i`` the projection
    ``proj_i = s f_i (W_dec[i] . p)`` and the cosine ``cos_i = cos(W_dec[i], p)``:
 
-   * absorbing latents ``A``: latents not in ``M`` that fire (``f_i > 0``) with
-     ``cos_i >= probe_cos_sim_threshold`` and ``proj_i > 0``; the ``absorbing_top_k`` largest
-     ``proj_i`` are kept;
-   * ``absorption_fraction = min(sum_A proj_i, max(P - sum_M proj_i, 0)) / P`` (0 if
-     ``P <= 0``): the share of the probe projection that the main latents leave unexplained
-     and that aligned non-main latents carry instead, in [0, 1];
-   * full absorption: ``P > 0``, no main latent fires, and the absorbing latent with the
-     largest projection has ``proj_i / P >= probe_projection_proportion_threshold``.
+   * absorbing latents ``A``: latents not in ``M`` with ``proj_i > 0`` and
+     ``cos_i >= absorption_fraction_probe_cos_sim_threshold``; the
+     ``absorption_fraction_max_absorbing_latents`` largest ``proj_i`` are kept, ``a = sum_A
+     proj_i``, and ``m = sum_M proj_i``;
+   * ``absorption_fraction`` (SAEBench's rule): 0 if ``m >= P`` (the main latents explain the
+     probe) or ``a / P < probe_projection_proportion_threshold`` (too little is absorbed);
+     otherwise 1 if ``m <= 0``, else ``min(a, P - m) / (min(a, P - m) + m)``: the absorbed
+     share of what the main and absorbing latents carry together;
+   * full absorption: ``P > 0``, no main latent fires, and the latent with the largest
+     ``proj_i`` has ``cos_i >= full_absorption_probe_cos_sim_threshold`` and
+     ``proj_i / P >= probe_projection_proportion_threshold``.
+
+   ``proj_i`` is latent ``i``'s actual contribution to the reconstruction's projection on
+   ``p``; SAEBench computes ``f_i cos_i``, the same number for unit-norm decoders without
+   input normalisation (every sae_lens SAE it evaluates), and not otherwise.
 
    Per class: ``mean_absorption_fraction`` and ``full_absorption_rate`` over the true
    positives.
@@ -122,9 +129,10 @@ class AbsorptionEvalConfig(EvalConfig):
     min_passing_classes: int = 3
     max_k_value: int = 10
     f1_jump_threshold: float = 0.03
-    probe_cos_sim_threshold: float = 0.025
+    full_absorption_probe_cos_sim_threshold: float = 0.025
+    absorption_fraction_probe_cos_sim_threshold: float = 0.1
     probe_projection_proportion_threshold: float = 0.4
-    absorbing_top_k: int = 10
+    absorption_fraction_max_absorbing_latents: int = 3
     c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
     standardize: bool = False
     max_iter: int = 1000
@@ -206,32 +214,46 @@ def absorption_scores(
     w_dec: np.ndarray,
     direction: np.ndarray,
     main: Sequence[int],
-    cos_threshold: float,
+    fraction_cos_threshold: float,
+    full_cos_threshold: float,
     proportion_threshold: float,
-    top_k: int,
+    max_absorbing: int,
 ) -> dict[str, np.ndarray]:
     """Per row: ``fraction`` (absorption fraction), ``full`` (full absorption), ``top``
-    (the absorbing latent with the largest projection, -1 if none) and ``P``."""
+    (the latent with the largest projection when full absorption occurs, else -1) and ``P``
+    (rules in the module docstring)."""
     p = direction / np.linalg.norm(direction)
     dec_p = w_dec @ p
     cos = dec_p / np.maximum(np.linalg.norm(w_dec, axis=1), 1e-12)
-    proj_total = x @ p
+    big_p = x @ p
     proj = f * scale.reshape(-1, 1) * dec_p
     main = np.asarray(main, dtype=int)
     main_fires = (f[:, main] > 0).any(1) if len(main) else np.zeros(len(x), bool)
-    main_proj = proj[:, main].sum(1) if len(main) else np.zeros(len(x))
-    ok = (f > 0) & (cos >= cos_threshold)[None, :] & (proj > 0)
+    m = proj[:, main].sum(1) if len(main) else np.zeros(len(x))
+    ok = (cos >= fraction_cos_threshold)[None, :] & (proj > 0)
     ok[:, main] = False
     cand = np.where(ok, proj, 0.0)
-    kept = -np.sort(-cand, axis=1)[:, :top_k]
-    absorbed = kept.sum(1)
-    top = np.where(kept[:, 0] > 0, cand.argmax(1), -1)
-    positive = proj_total > 0
-    safe = np.where(positive, proj_total, 1.0)
-    unexplained = np.maximum(proj_total - main_proj, 0.0)
-    fraction = np.where(positive, np.minimum(absorbed, unexplained) / safe, 0.0)
-    full = positive & ~main_fires & (kept[:, 0] > 0) & (kept[:, 0] / safe >= proportion_threshold)
-    return {"fraction": np.clip(fraction, 0.0, 1.0), "full": full, "top": top, "P": proj_total}
+    a = (-np.sort(-cand, axis=1)[:, :max_absorbing]).sum(1)
+    positive = big_p > 0
+    safe = np.where(positive, big_p, 1.0)
+    gate = positive & (m < big_p) & (a / safe >= proportion_threshold)
+    absorbed = np.minimum(a, big_p - m)
+    partial = absorbed / np.where(absorbed + m > 0, absorbed + m, 1.0)
+    fraction = np.where(gate, np.where(m <= 0, 1.0, partial), 0.0)
+    top = proj.argmax(1)
+    top_proj = proj[np.arange(len(x)), top]
+    full = (
+        positive
+        & ~main_fires
+        & (cos[top] >= full_cos_threshold)
+        & (top_proj / safe >= proportion_threshold)
+    )
+    return {
+        "fraction": np.clip(fraction, 0.0, 1.0),
+        "full": full,
+        "top": np.where(full, top, -1),
+        "P": big_p,
+    }
 
 
 def class_result(
@@ -274,8 +296,9 @@ def class_result(
     res = absorption_scores(
         data.x["test"][tp], _dense(data.f["test"], rows=tp), data.scale["test"][tp], w_dec,
         direction, main,
-        cfg.probe_cos_sim_threshold, cfg.probe_projection_proportion_threshold,
-        cfg.absorbing_top_k,
+        cfg.absorption_fraction_probe_cos_sim_threshold,
+        cfg.full_absorption_probe_cos_sim_threshold, cfg.probe_projection_proportion_threshold,
+        cfg.absorption_fraction_max_absorbing_latents,
     )  # fmt: skip
     full = res["full"]
     out.update(
@@ -485,11 +508,15 @@ def check_cfg(cfg: Any, d_sae: int) -> None:
         raise UserError("eval.c_grid is empty; give at least one inverse regularisation C")
     if not cfg.letters or not set(cfg.letters) <= set(string.ascii_lowercase):
         raise UserError(f"eval.letters must be lower-case letters a-z, got {cfg.letters!r}")
-    if cfg.absorbing_top_k < 1:
-        raise UserError("eval.absorbing_top_k must be >= 1")
+    if cfg.absorption_fraction_max_absorbing_latents < 1:
+        raise UserError("eval.absorption_fraction_max_absorbing_latents must be >= 1")
     if cfg.min_passing_classes < 1:
         raise UserError("eval.min_passing_classes must be >= 1")
-    for key in ("probe_cos_sim_threshold", "probe_projection_proportion_threshold"):
+    for key in (
+        "full_absorption_probe_cos_sim_threshold",
+        "absorption_fraction_probe_cos_sim_threshold",
+        "probe_projection_proportion_threshold",
+    ):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UserError(f"eval.{key}={getattr(cfg, key)} must be between 0 and 1")
 
