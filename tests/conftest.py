@@ -21,6 +21,23 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="session")
+def embedded_default_model():
+    """The embedded default model (``model=tiny-city-lm``), loaded through the project's own
+    loader from the cache that ``python run.py`` uses ($SAERAVEL_CACHE, else
+    ~/.cache/saeravel): the first test that needs it trains and caches it (~5 min on 2 cores),
+    so subprocesses (SLURM jobs) started after it load it in seconds."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=unused", "device=cpu"])
+    return instantiate(cfg.model).load()
+
+
+@pytest.fixture(scope="session")
 def tiny_world():
     from saeravel.world import build_city_world
 

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from saeravel import report
+from saeravel.checkpoint import CheckpointStore
 from saeravel.config import register_configs
 from saeravel.results import atomic_write_json, build_record, job_hash, load_complete
 
@@ -334,6 +336,7 @@ def test_job_hash_ignores_device_paths_and_logging_but_not_the_job() -> None:
         ["paths.cache_dir=/elsewhere", "paths.results_dir=/r", "paths.output_dir=/o"],
         ["log_level=DEBUG", "force=true"],
         ["model.batch_size=3", "eval.batch_size=4", "eval.save_artifacts=false"],
+        ["eval.checkpoint_every_s=0", "eval.checkpoint_every_steps=5"],
     ]
     different = [
         ["layer=1"],
@@ -572,3 +575,180 @@ def test_slurm_run_py_skips_finished_jobs(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
     assert logs.count("already complete") == len(jobs) == 6
+
+
+# The real entry point, model and eval: two jobs of the embedded default on eval=ravel (neuron
+# masks, few pairs), a quick one and a slow one (only eval.epochs differs). Checkpoints every
+# CKPT_STEPS training steps (about a second) so the test can interrupt right after one.
+QUICK_EPOCHS, SLOW_EPOCHS, CKPT_STEPS = 2, 60, 30
+REAL_JOB = [
+    "eval=ravel", "eval.method=neurons", "eval.max_pairs_per_split=48",
+    "eval.checkpoint_every_s=0", f"eval.checkpoint_every_steps={CKPT_STEPS}",
+]  # fmt: skip
+REAL_SWEEP = [sys.executable, str(REPO / "run.py"), "-m", *REAL_JOB, f"eval.epochs={QUICK_EPOCHS},{SLOW_EPOCHS}"]  # fmt: skip
+SLOW_TASK = 1  # array index of the slow job (the sweep's second value)
+RESUMED = re.compile(r"neurons/(\w+): resuming from checkpoint at step (\d+) of (\d+)")
+
+
+def _progress(store: CheckpointStore, attrs: list[str]) -> tuple[int, int] | None:
+    """How far the slow job's checkpoints are: (attributes finished, step of the one in
+    training), or None while there is no checkpoint."""
+    names = store.names()
+    if not names:
+        return None
+    done = sum(f"scored-neurons-{a}" in names for a in attrs)
+    if done == len(attrs):
+        return (done, 0)
+    state = store.load(f"train-neurons-{attrs[done]}")
+    return (done, state["step"]) if state is not None else (done, 0)
+
+
+def _job_logs(submitit: Path, task: int) -> str:
+    """stdout and stderr of array task ``task`` (all its runs: SLURM appends after a requeue)."""
+    return "".join(p.read_text() for p in sorted(submitit.glob(f"*_{task}/*_log.*")))
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@needs_slurm
+def test_slurm_real_sweep_kill_rerun_requeue_and_continue(
+    tmp_path: Path, embedded_default_model: Any
+) -> None:
+    """run.py -m on the embedded default through hydra/launcher=slurm: (1) kill the slow job
+    mid-training: the quick job's result is complete, the slow job left a checkpoint; (2) rerun
+    the sweep: the quick job is skipped, the slow job continues from its checkpoint; send it
+    USR2 (what SLURM sends before the time limit): submitit requeues it and it continues again,
+    from a later step, to a complete result. ~3 min on 2 cores once the model is cached."""
+    results, sweep = tmp_path / "results", tmp_path / "sweep"
+    env = _slurm_env() | {
+        "SAERAVEL_RESULTS": str(results),
+        "HYDRA_FULL_ERROR": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    attrs = list(_compose(REAL_JOB).eval.attributes)
+    hashes = {
+        e: job_hash(OmegaConf.to_container(c, resolve=True))
+        for e, c in zip(
+            (QUICK_EPOCHS, SLOW_EPOCHS),
+            _compose_all([[*REAL_JOB, f"eval.epochs={e}", "paths.output_dir=/x"] for e in (QUICK_EPOCHS, SLOW_EPOCHS)]),
+            strict=True,
+        )
+    }  # fmt: skip
+    quick_result = results / "ravel" / f"{hashes[QUICK_EPOCHS]}.json"
+    slow_result = results / "ravel" / f"{hashes[SLOW_EPOCHS]}.json"
+    slow_ckpt = CheckpointStore(results / "ravel" / f"{hashes[SLOW_EPOCHS]}.ckpt")
+
+    def launch(submitit: Path) -> tuple[subprocess.Popen, Any]:
+        cmd = [
+            *REAL_SWEEP, "hydra/launcher=slurm",
+            f"hydra.sweep.dir={sweep}", f"hydra.launcher.submitit_folder={submitit}/%j",
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+            # <= 10 min: submitit counts any USR2 as a timeout, so the requeue below uses one
+            # of slurm.yaml's max_num_timeout (with 0 the job would fail instead).
+            "hydra.launcher.timeout_min=10",
+        ]  # fmt: skip
+        log = open(tmp_path / f"{submitit.name}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return proc, log
+
+    def array_of(submitit: Path, proc: subprocess.Popen) -> str:
+        return _wait(
+            lambda: next((p.name for p in submitit.glob("*") if p.name.isdigit()), None),
+            120, "the job array", proc,
+        )  # fmt: skip
+
+    def diagnose(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text()[-3000:] + "".join(
+            f"\n--- {p}\n" + p.read_text()[-3000:] for p in (tmp_path / name).rglob("*_log.*")
+        )
+
+    # 1. Kill the slow job once it has a checkpoint; the quick job finishes.
+    first = tmp_path / "submitit-1"
+    proc, log = launch(first)
+    array_id = None
+    try:
+        array_id = array_of(first, proc)
+        _wait(lambda: _progress(slow_ckpt, attrs), 240, "the slow job's first checkpoint", proc)
+        subprocess.run(["scancel", f"{array_id}_{SLOW_TASK}"], env=env, check=True, timeout=20)
+        assert proc.wait(timeout=240) != 0, diagnose(first.name)  # submitit reports the killed job
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if array_id is not None:
+            subprocess.run(["scancel", array_id], env=env, timeout=20)
+        log.close()
+    assert _states(array_id, env)[str(SLOW_TASK)].startswith("CANCELLED")
+    quick = load_complete(quick_result)
+    assert quick is not None and load_complete(slow_result) is None
+    killed_at = _progress(slow_ckpt, attrs)
+    assert killed_at is not None and killed_at > (0, 0), killed_at
+
+    # 2. Rerun (fresh submitit folder): the slow job continues; USR2 once it has saved again.
+    second = tmp_path / "submitit-2"
+    proc, log = launch(second)
+    array_id = None
+    try:
+        array_id = array_of(second, proc)
+        _wait(
+            lambda: (p := _progress(slow_ckpt, attrs)) is not None and p > killed_at,
+            180, "a checkpoint of the continued slow job", proc,
+        )  # fmt: skip
+        signalled_at = _progress(slow_ckpt, attrs)
+        task = f"{array_id}_{SLOW_TASK}"
+        subprocess.run(["scancel", "--signal=USR2", task], env=env, check=True, timeout=20)
+        # SLURM holds a requeued job for ~2 min (EligibleTime = requeue + 121 s); release it.
+        _wait(lambda: _squeue_state(task, env) == "PENDING", 60, "the requeued job", proc)
+        subprocess.run(
+            ["scontrol", "update", f"JobId={task}", "StartTime=now"], env=env, timeout=20
+        )
+        assert proc.wait(timeout=300) == 0, diagnose(second.name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if array_id is not None:
+            subprocess.run(["scancel", array_id], env=env, timeout=20)
+        log.close()
+
+    # Requeued by submitit (a timeout, one of max_num_timeout=3 used) and continued twice: from
+    # where the kill left it, then from the checkpoint before the signal, which is later.
+    slow_logs = _job_logs(second, SLOW_TASK)
+    tail = slow_logs[-3000:]
+    assert "Caught signal SIGUSR2" in slow_logs and "this job is timed-out" in slow_logs, tail
+    assert f"Requeued job {array_id}_{SLOW_TASK} (2 remaining timeouts)" in slow_logs
+    assert slow_logs.count(f"Starting with JobEnvironment(job_id={array_id}_{SLOW_TASK},") == 2
+    resumed = [(attrs.index(a), int(s)) for a, s, _ in RESUMED.findall(slow_logs)]
+    assert len(resumed) == 2, tail
+    assert resumed[0] == killed_at
+    assert killed_at < resumed[1] and resumed[1] >= signalled_at and resumed[1][1] > 0
+    assert "already complete" not in slow_logs
+    assert _job_logs(second, 0).count("already complete") == 1  # the quick job is not redone
+
+    # Every result is complete and sane; the quick one is the same record; no checkpoint left.
+    assert load_complete(quick_result)["eval_id"] == quick["eval_id"]
+    by_epochs = {r["eval_config"]["epochs"]: r for r in _results_of(sweep)}
+    assert sorted(by_epochs) == [QUICK_EPOCHS, SLOW_EPOCHS]
+    assert by_epochs[QUICK_EPOCHS]["eval_id"] == quick["eval_id"]
+    assert by_epochs[SLOW_EPOCHS]["eval_id"] == load_complete(slow_result)["eval_id"]
+    for epochs, rec in by_epochs.items():
+        assert rec["saeravel"]["complete"] is True
+        assert rec["saeravel"]["model_name"] == "tiny-city-lm"
+        metrics = rec["eval_result_metrics"]
+        for attr in attrs:
+            assert metrics["baselines"]["swap"][attr]["cause"] >= 0.9
+            r = metrics["ravel"]["neurons"][attr]
+            assert 0 <= r["cause"] <= 1 and 0 <= r["isolation"] <= 1
+            assert r["disentangle"] == pytest.approx((r["cause"] + r["isolation"]) / 2)
+            assert len(rec["eval_result_details"]["training_curves"][f"neurons/{attr}"]) == epochs
+    assert not list(results.glob("ravel/*.ckpt"))
+
+
+def _squeue_state(job: str, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True, timeout=20
+    )
+    return out.stdout.strip()
+
+
+def _results_of(sweep: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.rglob("result.json"))]

@@ -201,6 +201,8 @@ class RavelEvalConfig(EvalConfig):
     das: DASConfig = field(default_factory=DASConfig)
     fast: bool = True
     save_artifacts: bool = True
+    checkpoint_every_s: float = 60.0
+    checkpoint_every_steps: int = 0
 
 
 # ----------------------------------------------------------------------------- top level

@@ -21,10 +21,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from saeravel import __version__
+from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import UserError
 from saeravel.evals import get_eval
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.results import atomic_write_json, build_record, job_hash, load_complete
+from saeravel.results import atomic_write_json, build_record, git_commit, job_hash, load_complete
 from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
 
 log = logging.getLogger("saeravel")
@@ -43,6 +45,8 @@ class EvalContext:
     cache_dir: Path
     output_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    # This job's checkpoints (<results_dir>/<eval>/<hash>.ckpt/); a no-op store by default.
+    checkpoint: CheckpointStore = field(default_factory=CheckpointStore.disabled)
 
 
 @dataclass
@@ -96,10 +100,15 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     jid = job_hash(resolved)
     out_dir = Path(cfg.paths.output_dir)
     store = Path(cfg.paths.results_dir) / cfg.eval.name / f"{jid}.json"
+    checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
     if not cfg.force and (done := load_complete(store)) is not None:
         log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
         atomic_write_json(out_dir / "result.json", done)  # this sweep's folder is complete too
+        checkpoint.clear()  # left over if a job stopped between its result and this cleanup
         return done
+    checkpoint.claim({"job_hash": jid, "saeravel": __version__, "git_commit": git_commit()})
+    if checkpoint.names():
+        log.info("job %s has checkpoints in %s; continuing from them", jid, checkpoint.folder)
     _check_writable(out_dir)
     _check_writable(store.parent)
     seed_everything(cfg.seed)
@@ -132,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         seed=cfg.seed,
         cache_dir=Path(cfg.paths.cache_dir),
         output_dir=out_dir,
+        checkpoint=checkpoint,
     )
     output: EvalOutput = spec.run(cfg.eval, ctx)
     record = build_record(
@@ -152,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     )
     path = atomic_write_json(out_dir / "result.json", record)
     atomic_write_json(store, record)
+    checkpoint.clear()  # the result is complete: nothing left to resume
     for line in output.summary:
         log.info(line)
     log.info("result written to %s (%.0f s)", path, time.time() - start)

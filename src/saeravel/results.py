@@ -30,6 +30,7 @@ LIBRARIES = ("torch", "transformer-lens", "sae-lens", "hydra-core", "omegaconf",
 # Config keys that do not change a job's result, left out of its identity hash.
 NON_RESULT_KEYS = frozenset(
     {"device", "cache_dir", "batch_size", "save_artifacts", "log_level", "force", "paths"}
+    | {"checkpoint_every_s", "checkpoint_every_steps"}
 )
 
 

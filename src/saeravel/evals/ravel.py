@@ -304,9 +304,16 @@ class VectorBank:
 
 def train_method(
     method: Intervention, pairs: list[Pair], bank: VectorBank, runner: SuffixRunner | None, cfg: Any, ctx: Any,
-    desc: str,
+    desc: str, ckpt_name: str | None = None,
 ) -> list[float]:  # fmt: skip
-    """Train the method's parameters (the model stays frozen); returns per-epoch losses."""
+    """Train the method's parameters (the model stays frozen); returns per-epoch losses.
+
+    With ``ckpt_name``, the training state (parameters, optimizer, step, the batch-order RNG
+    at the start of the epoch, torch's RNG) goes to ``ctx.checkpoint`` every
+    ``cfg.checkpoint_every_s`` seconds / ``cfg.checkpoint_every_steps`` steps, and a saved state
+    is continued from: the result equals that of an uninterrupted run."""
+    from saeravel.checkpoint import rng_state, set_rng_state
+
     params = [p for p in method.parameters() if p.requires_grad]
     if not params:
         return []
@@ -321,10 +328,37 @@ def train_method(
     total = cfg.epochs * steps_per_epoch
     step, curve = 0, []
     model = ctx.model.model
-    bar = tqdm(total=total, desc=desc, leave=False)
-    for _ in range(cfg.epochs):
-        epoch_loss = 0.0
-        for batch in batches_by_prefix(pairs, lambda q: q.base.prefix, cfg.batch_size, rng):
+    store, timer = None, None
+    if ckpt_name is not None:
+        store = ctx.checkpoint
+        timer = store.timer(cfg.checkpoint_every_s, cfg.checkpoint_every_steps)
+    own = {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")}
+    first_epoch, skip, resumed_loss = 0, 0, 0.0
+    saved = store.load(ckpt_name) if store is not None else None
+    if saved is not None and not (
+        isinstance(saved, dict)
+        and (saved.get("total"), saved.get("n_pairs")) == (total, len(pairs))
+        and {k: tuple(v.shape) for k, v in saved.get("method", {}).items()}
+        == {k: tuple(v.shape) for k, v in own.items()}
+    ):
+        log.warning("%s: checkpoint %s is of another training run; starting over", desc, ckpt_name)
+        saved = None
+    if saved is not None:
+        method.load_state_dict(saved["method"], strict=False)  # all but the frozen SAE (checked)
+        opt.load_state_dict(saved["optimizer"])
+        rng.setstate(saved["epoch_rng"])
+        set_rng_state(saved["torch_rng"])
+        step, curve = saved["step"], list(saved["curve"])
+        first_epoch, skip, resumed_loss = saved["epoch"], saved["batch"], saved["epoch_loss"]
+        log.info("%s: resuming from checkpoint at step %d of %d", desc, step, total)
+    bar = tqdm(total=total, initial=step, desc=desc, leave=False)
+    for epoch in range(first_epoch, cfg.epochs):
+        epoch_rng = rng.getstate()  # this epoch's batch order is drawn from here
+        epoch_loss = resumed_loss if epoch == first_epoch else 0.0
+        batches = batches_by_prefix(pairs, lambda q: q.base.prefix, cfg.batch_size, rng)
+        for i, batch in enumerate(batches):
+            if epoch == first_epoch and i < skip:
+                continue  # done before the checkpoint
             if method.mask is not None:
                 method.mask.temperature = temperature(
                     step, total, cfg.mask.t_start, cfg.mask.t_end, cfg.mask.schedule
@@ -348,6 +382,13 @@ def train_method(
             epoch_loss += loss.item() * len(batch)
             step += 1
             bar.update()
+            if timer is not None and timer.due(step):
+                store.save(ckpt_name, {
+                    "total": total, "n_pairs": len(pairs), "step": step, "epoch": epoch, "batch": i + 1,
+                    "epoch_loss": epoch_loss, "curve": curve, "epoch_rng": epoch_rng, "torch_rng": rng_state(),
+                    "method": {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")},
+                    "optimizer": opt.state_dict(),
+                })  # fmt: skip
         curve.append(epoch_loss / max(1, len(pairs)))
     bar.close()
     return curve
@@ -396,10 +437,21 @@ def _summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
 
 @register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"))
 def run(cfg: Any, ctx: Any) -> Any:
-    """Train and score every method for every attribute intervened."""
+    """Train and score every method for every attribute intervened. With checkpoints on
+    (``eval.checkpoint_every_s`` / ``eval.checkpoint_every_steps``), each finished (method,
+    attribute) is kept in ``ctx.checkpoint`` and taken from there when the job runs again."""
+    from saeravel.checkpoint import CheckpointStore, entry_name
     from saeravel.pipeline import EvalOutput
 
     validate(cfg)
+    if cfg.checkpoint_every_s < 0 or cfg.checkpoint_every_steps < 0:
+        raise UserError(
+            f"eval.checkpoint_every_s={cfg.checkpoint_every_s} and eval.checkpoint_every_steps="
+            f"{cfg.checkpoint_every_steps} must be >= 0 (0 turns each off)"
+        )
+    store = getattr(ctx, "checkpoint", None) or CheckpointStore.disabled()
+    if cfg.checkpoint_every_s == 0 and cfg.checkpoint_every_steps == 0:
+        store = CheckpointStore.disabled()
     torch.manual_seed(ctx.seed)
     world = load_world(cfg, ctx)
     pairs, stats = build_pairs(cfg, ctx, world)
@@ -426,18 +478,28 @@ def run(cfg: Any, ctx: Any) -> Any:
             metrics["baselines"].setdefault(b, {})[attr] = r
             summary.append(_summary_row(b, attr, r))
         for name in _methods(cfg):
-            torch.manual_seed(ctx.seed)
-            method = make_method(name, cfg, ctx).to(ctx.device)
-            curve = train_method(
-                method, pairs[attr]["train"], bank, runner, cfg, ctx, f"{name}/{attr}"
-            )
-            r = score(method, test, bank, cfg, ctx, world)
+            done = store.load(entry_name("scored", name, attr))
+            if done is None:
+                torch.manual_seed(ctx.seed)
+                method = make_method(name, cfg, ctx).to(ctx.device)
+                train_name = entry_name("train", name, attr) if store.enabled else None
+                curve = train_method(
+                    method, pairs[attr]["train"], bank, runner, cfg, ctx, f"{name}/{attr}", train_name,
+                )  # fmt: skip
+                r = score(method, test, bank, cfg, ctx, world)
+                state = {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")}
+                done = {"score": r, "curve": curve, "state": state}
+                store.save(entry_name("scored", name, attr), done)
+                if train_name is not None:
+                    store.remove(train_name)
+            else:
+                log.info("%s/%s: trained and scored before the interruption", name, attr)
+            r, curve, state = dict(done["score"]), list(done["curve"]), done["state"]
             details["per_template"][f"{name}/{attr}"] = r.pop("per_template")
             details["training_curves"][f"{name}/{attr}"] = curve
             metrics["ravel"].setdefault(name, {})[attr] = r
             summary.append(_summary_row(name, attr, r))
             if cfg.save_artifacts:
-                state = {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")}
                 ctx.output_dir.mkdir(parents=True, exist_ok=True)
                 tmp = ctx.output_dir / f".ravel_{name}_{attr}.pt.tmp"
                 torch.save(state, tmp)
