@@ -67,3 +67,33 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert json.loads(path.read_text())["a"] == 1  # untouched
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left
     assert "NaN" in path.read_text()  # NaN stays NaN
+
+
+def _hold_lock(lock, log, name):
+    import time
+
+    from saeravel.results import file_lock
+
+    with file_lock(lock):
+        with open(log, "a") as fh:
+            fh.write(f"{name}+\n")
+        time.sleep(0.3)
+        with open(log, "a") as fh:
+            fh.write(f"{name}-\n")
+
+
+def test_file_lock_serialises_builders_across_processes(tmp_path):
+    """Two processes that build the same cache entry take turns: the log never shows one
+    entering while the other is inside."""
+    import multiprocessing as mp
+
+    lock, log = tmp_path / "entry.lock", tmp_path / "log"
+    procs = [mp.get_context("fork").Process(target=_hold_lock, args=(lock, log, n)) for n in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(10)
+    lines = log.read_text().split()
+    assert len(lines) == 4 and all(p.exitcode == 0 for p in procs)
+    assert lines[0][0] == lines[1][0] and lines[2][0] == lines[3][0], lines
+    assert [line[1] for line in lines] == ["+", "-", "+", "-"]

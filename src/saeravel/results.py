@@ -17,7 +17,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,24 @@ def job_hash(resolved_cfg: Mapping[str, Any]) -> str:
     core = {k: resolved_cfg.get(k) for k in ("model", "sae", "eval", "layer", "seed")}
     blob = json.dumps(_strip(core), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``path`` (created if missing).
+    Jobs of a sweep that share a cache take it before building an entry (training the embedded
+    model or an SAE), so one job builds it and the others wait and then load it, instead of
+    several writing the same files at once."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:

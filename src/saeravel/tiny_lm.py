@@ -14,6 +14,7 @@ config and is re-applied on load.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -341,20 +342,30 @@ class EmbeddedModel:
                 f"model {self.name} is trained here with no weight processing; an SAE asking for "
                 f"{sae_kwargs} was trained on another model"
             )
+        from saeravel.results import file_lock
+
         folder = self.folder()
         if not (folder / "model.pt").exists():
-            self._train_and_save(folder)
+            with file_lock(folder.parent / f"{folder.name}.lock"):  # one trainer per cache
+                if not (folder / "model.pt").exists():
+                    self._train_and_save(folder)
         meta = json.loads((folder / "meta.json").read_text())
         world = CityWorld.from_json(json.loads((folder / "world.json").read_text()))
         tokenizer = build_tokenizer(meta["vocab"])
         model = build_model(meta["arch"], tokenizer, self.device)
-        model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device))
+        blob = (folder / "model.pt").read_bytes()
+        weights = hashlib.sha256(blob).hexdigest()[:12]
+        model.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device))
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         info = {
             "embedded": True,
-            "cache_folder_key": self.key(),
+            # Caches built from this model (known-fact filters, trained SAEs) are keyed by its
+            # config AND its weights: training is not bit-reproducible across machines, so a
+            # retrained model must not meet a filter or SAE made from the previous weights.
+            "cache_folder_key": f"{self.key()}-{weights}",
+            "weights_sha256": weights,
             "fact_accuracy": meta["fact_accuracy"],
             "full_swap_cause": meta["full_swap_cause"],
             "local_layers": meta["arch"]["local_layers"],

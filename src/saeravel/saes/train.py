@@ -212,7 +212,11 @@ class TrainedSource:
         folder = self._folder(model)
         hook = resid_post_hook(self.layer)
         if not (folder / "sae.pt").exists():
-            self._train(model, folder)
+            from saeravel.results import file_lock
+
+            with file_lock(folder.parent / f"{folder.name}.lock"):  # one trainer per cache
+                if not (folder / "sae.pt").exists():
+                    self._train(model, folder)
         meta = json.loads((folder / "meta.json").read_text())
         w = torch.load(folder / "sae.pt", map_location="cpu")
         ident = SAEIdentity(
