@@ -58,6 +58,8 @@ class EmbeddedModelConfig(ModelConfig):
     train_seed: int = 0
     min_fact_accuracy: float = 0.95
     stop_at_accuracy: float = 0.98
+    readout_mlps: bool = False
+    freeze_unembed: bool = True
     cache_dir: str = II("paths.cache_dir")
 
 
