@@ -458,6 +458,15 @@ def _results(sweep: Path) -> dict[int, dict[str, Any]]:
     return {r["saeravel"]["layer"]: r for r in recs}
 
 
+def _stop(proc: subprocess.Popen, array_id: str | None, env: dict[str, str], log: Any) -> None:
+    """End a test's sweep however it went: the submitting process, its jobs, its log."""
+    if proc.poll() is None:
+        proc.kill()
+    if array_id is not None:
+        subprocess.run(["scancel", array_id], env=env, timeout=20)
+    log.close()
+
+
 def _wait(cond: Any, timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -511,11 +520,7 @@ def test_slurm_sweep_cancel_and_resume(tmp_path: Path) -> None:
         subprocess.run(["scancel", f"{array_id}_{SLOW_JOB}"], env=env, check=True, timeout=20)
         assert proc.wait(timeout=180) != 0  # submitit reports the cancelled job
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if array_id is not None:
-            subprocess.run(["scancel", array_id], env=env, timeout=20)
-        log1.close()
+        _stop(proc, array_id, env, log1)
     assert _states(array_id, env)[str(SLOW_JOB)].startswith("CANCELLED")
     before = _results(sweep)
     assert SLOW_JOB not in before and len(before) == 2
@@ -673,11 +678,7 @@ def test_slurm_real_sweep_kill_rerun_requeue_and_continue(
         subprocess.run(["scancel", f"{array_id}_{SLOW_TASK}"], env=env, check=True, timeout=20)
         assert proc.wait(timeout=240) != 0, diagnose(first.name)  # submitit reports the killed job
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if array_id is not None:
-            subprocess.run(["scancel", array_id], env=env, timeout=20)
-        log.close()
+        _stop(proc, array_id, env, log)
     assert _states(array_id, env)[str(SLOW_TASK)].startswith("CANCELLED")
     quick = load_complete(quick_result)
     assert quick is not None and load_complete(slow_result) is None
@@ -704,11 +705,7 @@ def test_slurm_real_sweep_kill_rerun_requeue_and_continue(
         )
         assert proc.wait(timeout=300) == 0, diagnose(second.name)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if array_id is not None:
-            subprocess.run(["scancel", array_id], env=env, timeout=20)
-        log.close()
+        _stop(proc, array_id, env, log)
 
     # Requeued by submitit (a timeout, one of max_num_timeout=3 used) and continued twice: from
     # where the kill left it, then from the checkpoint before the signal, which is later.
