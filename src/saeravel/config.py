@@ -157,6 +157,22 @@ class EvalConfig:
 
 
 @dataclass
+class TextSourceConfig(EvalConfig):
+    """Where evals that read plain text get it: ``text_source`` auto (the embedded world's
+    fact sentences for the embedded model, else the HF dataset), ``hf`` or ``embedded``."""
+
+    text_source: str = "auto"
+    dataset: str = "Skylion007/openwebtext"
+    dataset_config: str | None = None
+    data_files: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = True
+    shuffle_buffer: int = 1
+    context_size: int = 128
+
+
+@dataclass
 class MaskConfig:
     """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
 

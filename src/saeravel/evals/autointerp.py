@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
+from saeravel.config import TextSourceConfig
 from saeravel.errors import UserError
 from saeravel.evals import register
 from saeravel.evals.core import (
@@ -93,20 +93,12 @@ class JudgeConfig:
 
 
 @dataclass
-class AutoInterpEvalConfig(EvalConfig):
+class AutoInterpEvalConfig(TextSourceConfig):
     """SAEBench's autointerp (see the module docstring)."""
 
     name: str = "autointerp"
     version: str = "1.0"
-    text_source: str = "auto"
     dataset: str = "monology/pile-uncopyrighted"
-    dataset_config: str | None = None
-    data_files: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = True
-    shuffle_buffer: int = 1
-    context_size: int = 128
     total_tokens: int = 2_000_000
     batch_size: int = 32
     prepend_bos: bool = True

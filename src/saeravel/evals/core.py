@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
+from saeravel.config import TextSourceConfig
 from saeravel.errors import UserError, choose
 from saeravel.evals import register
 from saeravel.pipeline import EvalContext, EvalOutput
@@ -54,20 +54,11 @@ _BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
 
 
 @dataclass
-class CoreEvalConfig(EvalConfig):
+class CoreEvalConfig(TextSourceConfig):
     """SAEBench's core eval (see the module docstring for the metric definitions)."""
 
     name: str = "core"
     version: str = "1.0"
-    text_source: str = "auto"
-    dataset: str = "Skylion007/openwebtext"
-    dataset_config: str | None = None
-    data_files: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = True
-    shuffle_buffer: int = 1
-    context_size: int = 128
     batch_size_prompts: int = 16
     n_eval_reconstruction_batches: int = 10
     n_eval_sparsity_variance_batches: int = 10
