@@ -22,14 +22,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saeravel.results import atomic_write_json
+from saeravel.results import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +106,7 @@ class CheckpointStore:
         owner_file = self.folder / self.OWNER_FILE
         if self._owner is not None and not owner_file.exists():
             atomic_write_json(owner_file, self._owner)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:  # includes the SystemExit of a requeue arriving mid-write
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(path, state)
         log.debug("checkpoint %s written", path)
 
     def remove(self, name: str) -> None:

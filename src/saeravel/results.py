@@ -17,11 +17,11 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from saeravel import RESULT_SCHEMA_VERSION, __version__
 
@@ -100,15 +100,16 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to ``path`` via a temp file in the same folder and a rename: readers see the
-    old file or the complete new one, never half of it."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call ``write(fh)`` on a temp file in ``path``'s folder, then rename it to ``path``:
+    readers see the old file or the complete new one, never half of it (also when the writer
+    is interrupted, e.g. by the SystemExit of a SLURM requeue: the temp file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -116,6 +117,19 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to ``path`` atomically (:func:`atomic_write`)."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`)."""
+    import torch
+
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _json_default(obj: Any) -> Any:

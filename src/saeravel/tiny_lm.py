@@ -414,7 +414,7 @@ class EmbeddedModel:
         return LoadedModel(model=model, name=self.name, processing={}, world=world, info=info)
 
     def _train_and_save(self, folder: Path) -> None:
-        from saeravel.results import atomic_write_json
+        from saeravel.results import atomic_torch_save, atomic_write_json
 
         t = self.train_cfg
         world = build_city_world(n_cities=t["n_cities"], seed=t["world_seed"])
@@ -446,8 +446,6 @@ class EmbeddedModel:
         }
         log.info("fact accuracy %.4f; full-swap cause per layer %s", acc, swap)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "model.pt.tmp"
-        torch.save(model.state_dict(), tmp)
         atomic_write_json(folder / "world.json", world.to_json())
         atomic_write_json(
             folder / "meta.json",
@@ -461,4 +459,4 @@ class EmbeddedModel:
                 "steps_taken": steps_taken,
             },
         )
-        tmp.replace(folder / "model.pt")
+        atomic_torch_save(folder / "model.pt", model.state_dict())  # last: marks it complete

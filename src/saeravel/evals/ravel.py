@@ -48,6 +48,7 @@ from saeravel.ravel.prompts import (
     split_entities,
     tokenize_prompt,
 )
+from saeravel.results import atomic_torch_save, atomic_write_json
 from saeravel.world import CityWorld
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,6 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
         return json.loads(path.read_text())
     gens = generate(model.model, prompts, cfg.match_tokens)
     known = [matches(g, label_for(world, p), cfg.match) for g, p in zip(gens, prompts, strict=True)]
-    from saeravel.results import atomic_write_json
-
     atomic_write_json(path, known)
     return known
 
@@ -332,7 +331,7 @@ def train_method(
     if ckpt_name is not None:
         store = ctx.checkpoint
         timer = store.timer(cfg.checkpoint_every_s, cfg.checkpoint_every_steps)
-    own = {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")}
+    own = method.own_state()
     first_epoch, skip, resumed_loss = 0, 0, 0.0
     saved = store.load(ckpt_name) if store is not None else None
     if saved is not None and not (
@@ -386,7 +385,7 @@ def train_method(
                 store.save(ckpt_name, {
                     "total": total, "n_pairs": len(pairs), "step": step, "epoch": epoch, "batch": i + 1,
                     "epoch_loss": epoch_loss, "curve": curve, "epoch_rng": epoch_rng, "torch_rng": rng_state(),
-                    "method": {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")},
+                    "method": method.own_state(),
                     "optimizer": opt.state_dict(),
                 })  # fmt: skip
         curve.append(epoch_loss / max(1, len(pairs)))
@@ -487,7 +486,7 @@ def run(cfg: Any, ctx: Any) -> Any:
                     method, pairs[attr]["train"], bank, runner, cfg, ctx, f"{name}/{attr}", train_name,
                 )  # fmt: skip
                 r = score(method, test, bank, cfg, ctx, world)
-                state = {k: v for k, v in method.state_dict().items() if not k.startswith("sae.")}
+                state = method.own_state()
                 done = {"score": r, "curve": curve, "state": state}
                 store.save(entry_name("scored", name, attr), done)
                 if train_name is not None:
@@ -500,9 +499,6 @@ def run(cfg: Any, ctx: Any) -> Any:
             metrics["ravel"].setdefault(name, {})[attr] = r
             summary.append(_summary_row(name, attr, r))
             if cfg.save_artifacts:
-                ctx.output_dir.mkdir(parents=True, exist_ok=True)
-                tmp = ctx.output_dir / f".ravel_{name}_{attr}.pt.tmp"
-                torch.save(state, tmp)
-                tmp.replace(ctx.output_dir / f"ravel_{name}_{attr}.pt")
+                atomic_torch_save(ctx.output_dir / f"ravel_{name}_{attr}.pt", state)
     metrics["ravel"]["baseline"] = metrics["baselines"]["none"]
     return EvalOutput(metrics=metrics, details=details, summary=summary)

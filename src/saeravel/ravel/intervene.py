@@ -65,6 +65,10 @@ class Intervention(nn.Module):
     def penalty(self) -> torch.Tensor:
         return torch.zeros(())
 
+    def own_state(self) -> dict[str, torch.Tensor]:
+        """The method's own parameters and buffers (not those of a frozen SAE it wraps)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("sae.")}
+
 
 class NeuronMask(Intervention):
     """Swap the masked residual dimensions from the source."""

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from saeravel.errors import UserError, choose
 from saeravel.models import LoadedModel
-from saeravel.results import atomic_write_json
+from saeravel.results import atomic_torch_save, atomic_write_json
 from saeravel.saes.base import SAE, SAEIdentity, resid_post_hook
 
 log = logging.getLogger(__name__)
@@ -269,5 +269,4 @@ class TrainedSource:
         log.info("trained SAE: %s", metrics)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "meta.json", {"hparams": h, "metrics": metrics})
-        torch.save(w, folder / "sae.pt.tmp")
-        (folder / "sae.pt.tmp").replace(folder / "sae.pt")
+        atomic_torch_save(folder / "sae.pt", w)  # last: marks it complete
