@@ -67,13 +67,15 @@ def test_gpt2_style_bpe_offsets_locate_multi_token_entities():
 
 
 def test_matching_rules():
-    assert matches(" North", "North America", "first_word")
-    assert not matches(" South", "North America", "first_word")
-    assert matches(" North America .", "North America", "prefix")
-    assert matches(" North", "North America", "prefix")  # generation shorter than label
-    assert not matches(" Northern", "North America", "first_word")
-    with pytest.raises(UserError, match="valid: first_word, prefix"):
-        matches("a", "a", "exact")
+    # Token ids: first_token compares the first ids, prefix the common length.
+    assert matches([7], [7, 8], "first_token")  # " North" vs "North America"
+    assert not matches([9], [7, 8], "first_token")
+    assert matches([7, 8, 3], [7, 8], "prefix")
+    assert matches([7], [7, 8], "prefix")  # generation shorter than label
+    assert not matches([7, 9], [7, 8], "prefix")
+    assert not matches([], [7], "first_token")
+    with pytest.raises(UserError, match="valid: first_token, prefix"):
+        matches([1], [1], "exact")
 
 
 def test_label_prefix():
@@ -108,6 +110,7 @@ def test_pairs_drop_equal_labels_and_target_the_right_entity(tiny_model):
         assert q.target == w.entities[owner][attr]
         assert (q.kind == "cause") == (attr == "Country")
         assert q.target_token == tok.convert_tokens_to_ids(q.target.split()[0])
+        assert q.target_tokens == tok.convert_tokens_to_ids(q.target.split())
     kept = make_pairs(base, by_ent, w, "Country", tok, 200, random.Random(0), False, ents)
     assert any(q.meta["same_label"] for q in kept)
 
@@ -120,14 +123,14 @@ def test_pairs_drop_labels_equal_under_the_matching_rule():
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [len(text)]}
+            return {"input_ids": [sum(map(ord, w)) for w in text.split()]}  # word-level
 
     from saeravel.ravel.prompts import Prompt
 
     ps = {e: [Prompt("%s x", e, "Country", [0, 1], 1, 1)] for e in w.entities}
     bases = [ps["A"][0]]
     pairs = make_pairs(
-        bases, ps, w, "Country", Tok(), 50, random.Random(0), True, ["B", "C"], "first_word"
+        bases, ps, w, "Country", Tok(), 50, random.Random(0), True, ["B", "C"], "first_token"
     )
     assert pairs and {q.source.entity for q in pairs} == {
         "C"

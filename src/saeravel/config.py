@@ -8,6 +8,7 @@ config is composed, not an hour into a job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -172,23 +173,96 @@ class TextSourceConfig(EvalConfig):
     context_size: int = 128
 
 
+class StrEnum(str, Enum):
+    """A closed set of option names: a misspelt value fails when the config is composed. Members
+    compare equal to, print as and serialise as their plain string value."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class RavelProtocol(StrEnum):
+    saeravel = "saeravel"
+    ravel = "ravel"
+
+
+class RavelMethod(StrEnum):
+    sae = "sae"
+    neurons = "neurons"
+    das = "das"
+    all = "all"
+
+
+class DataSource(StrEnum):
+    auto = "auto"
+    embedded = "embedded"
+    ravel = "ravel"
+
+
+class MatchRule(StrEnum):
+    first_token = "first_token"
+    prefix = "prefix"
+
+
+class SplitBy(StrEnum):
+    entity = "entity"
+    pair = "pair"
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(StrEnum):
+    linear = "linear"
+    log = "log"
+    constant = "constant"
+
+
+class MaskEval(StrEnum):
+    hard = "hard"
+    soft = "soft"
+
+
+class MaskEstimator(StrEnum):
+    soft = "soft"
+    straight_through = "straight_through"
+
+
+class RavelRecipe(StrEnum):
+    saeravel = "saeravel"
+    paper = "paper"
+
+
+class DASMode(StrEnum):
+    mask = "mask"
+    fixed = "fixed"
+
+
 @dataclass
 class MaskConfig:
     """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
 
-    schedule: str = "linear"
+    schedule: Schedule = Schedule.linear
     t_start: float = 10.0
     t_end: float = 0.1
+    anneal_fraction: float = 1.0
+    estimator: MaskEstimator = MaskEstimator.soft
     l1: float = 0.0
-    eval: str = "hard"
+    eval: MaskEval = MaskEval.hard
     init: float = 0.0
+    refine: bool = True
+    refine_pairs: int = 256
+    refine_passes: int = 1
 
 
 @dataclass
 class DASConfig:
     """DAS rotation: ``mode=mask`` (learned mask over rotated dims) or ``mode=fixed`` (first k)."""
 
-    mode: str = "mask"
+    mode: DASMode = DASMode.mask
     k: int = 16
 
 
@@ -197,15 +271,16 @@ class RavelEvalConfig(EvalConfig):
     """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
 
     name: str = "ravel"
-    version: str = "1.0"
-    protocol: str = "saeravel"
-    method: str = "all"
+    version: str = "2.0"
+    recipe: RavelRecipe = MISSING
+    protocol: RavelProtocol = RavelProtocol.saeravel
+    method: RavelMethod = RavelMethod.all
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
-    data_source: str = "auto"
+    data_source: DataSource = DataSource.auto
     data_dir: str | None = None
-    match: str = "first_word"
+    match: MatchRule = MatchRule.first_token
     match_tokens: int = 3
-    split_by: str = "entity"
+    split_by: SplitBy = SplitBy.entity
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
     max_entities: int | None = 200
     max_pairs_per_split: int = 500
@@ -214,9 +289,12 @@ class RavelEvalConfig(EvalConfig):
     epochs: int = 20
     batch_size: int = 16
     lr: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: Optimizer = Optimizer.adam
     mask: MaskConfig = field(default_factory=MaskConfig)
     das: DASConfig = field(default_factory=DASConfig)
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    report_top_latents: int = 32
     fast: bool = True
     save_artifacts: bool = True
     checkpoint_every_s: float = 60.0

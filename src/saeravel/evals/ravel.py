@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,13 @@ from saeravel.ravel.intervene import (
     temperature,
 )
 from saeravel.ravel.prompts import (
+    MATCH_RULES,
+    PAPER_FEW_SHOT_CITIES,
     Pair,
     Prompt,
     bos_id,
     few_shot_templates,
+    label_ids,
     make_pairs,
     matches,
     pad,
@@ -55,7 +59,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("sae", "neurons", "das")
 PROTOCOLS = ("saeravel", "ravel")
-MATCH_RULES = ("first_word", "prefix")
+FILTER_FORMAT = 2  # knowledge-filter cache entries: {"format", "key", "n", "known"}
 
 
 def _methods(cfg: Any) -> list[str]:
@@ -63,13 +67,15 @@ def _methods(cfg: Any) -> list[str]:
 
 
 def validate(cfg: Any) -> None:
-    """One-line errors for names that do not exist."""
+    """One-line errors for names that do not exist and values out of range (no model needed:
+    the pipeline calls this before anything loads)."""
     choose("eval.protocol", cfg.protocol, PROTOCOLS)
     choose("eval.method", cfg.method, (*METHODS, "all"))
     choose("eval.split_by", cfg.split_by, ("entity", "pair"))
     choose("eval.match", cfg.match, MATCH_RULES)
     choose("eval.mask.eval", cfg.mask.eval, ("hard", "soft"))
-    choose("eval.mask.schedule", cfg.mask.schedule, ("linear", "log"))
+    choose("eval.mask.schedule", cfg.mask.schedule, ("linear", "log", "constant"))
+    choose("eval.mask.estimator", cfg.mask.estimator, ("soft", "straight_through"))
     choose("eval.das.mode", cfg.das.mode, ("mask", "fixed"))
     choose("eval.data_source", cfg.data_source, ("auto", "embedded", "ravel"))
     choose("eval.optimizer", cfg.optimizer, ("adam", "adamw", "sgd"))
@@ -77,14 +83,73 @@ def validate(cfg: Any) -> None:
         raise UserError(
             "eval.attributes needs at least two attributes (one intervened, one isolated)"
         )
+    if len(set(cfg.attributes)) != len(cfg.attributes):
+        raise UserError(f"eval.attributes={list(cfg.attributes)} repeats an attribute")
+    positive = {
+        "eval.epochs": cfg.epochs, "eval.batch_size": cfg.batch_size,
+        "eval.match_tokens": cfg.match_tokens, "eval.max_pairs_per_split": cfg.max_pairs_per_split,
+        "eval.bootstrap": cfg.bootstrap, "eval.mask.refine_pairs": cfg.mask.refine_pairs,
+    }  # fmt: skip
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{name}={value} must be an integer >= 1")
+    if cfg.max_entities is not None and cfg.max_entities < 2:
+        raise UserError(f"eval.max_entities={cfg.max_entities} must be >= 2 or null (all)")
+    for name, value in {"eval.lr": cfg.lr, "eval.mask.t_start": cfg.mask.t_start,
+                        "eval.mask.t_end": cfg.mask.t_end}.items():  # fmt: skip
+        if not value > 0 or not math.isfinite(value):
+            raise UserError(f"{name}={value} must be a finite number > 0")
+    if not 0 < cfg.mask.anneal_fraction <= 1:
+        raise UserError(f"eval.mask.anneal_fraction={cfg.mask.anneal_fraction} must be in (0, 1]")
+    if cfg.mask.l1 < 0 or cfg.mask.refine_passes < 0:
+        raise UserError(
+            f"eval.mask.l1={cfg.mask.l1} and eval.mask.refine_passes={cfg.mask.refine_passes} "
+            "must be >= 0"
+        )
+    fr = list(cfg.split_fractions)
+    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6 or fr[0] == 0 or fr[2] == 0:
+        raise UserError(
+            f"eval.split_fractions={fr} must be three fractions (train, val, test) >= 0 summing "
+            "to 1, with train and test > 0"
+        )
+    if cfg.das.mode == "fixed" and cfg.das.k < 1:
+        raise UserError(f"eval.das.k={cfg.das.k} must be >= 1")
+    if cfg.checkpoint_every_s < 0 or cfg.checkpoint_every_steps < 0:
+        raise UserError(
+            f"eval.checkpoint_every_s={cfg.checkpoint_every_s} and eval.checkpoint_every_steps="
+            f"{cfg.checkpoint_every_steps} must be >= 0 (0 turns each off)"
+        )
+    if not 0 < cfg.confidence < 1:
+        raise UserError(f"eval.confidence={cfg.confidence} must be in (0, 1)")
+    chosen = _recipe_choice()
+    if chosen is not None and chosen != cfg.recipe:
+        raise UserError(
+            f"eval.recipe={cfg.recipe} only relabels the result; choose a recipe's settings with "
+            f"eval/recipe={cfg.recipe} (valid: saeravel, paper)"
+        )
+
+
+def _recipe_choice() -> str | None:
+    """The recipe file Hydra composed (``eval/recipe=...``), when running under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("eval/recipe")
 
 
 def load_world(cfg: Any, ctx: Any) -> CityWorld:
     """The embedded world, or RAVEL's city files (``data_dir``, else downloaded)."""
-    if cfg.data_source == "embedded" or (cfg.data_source == "auto" and ctx.model.world is not None):
-        if ctx.model.world is None:
+    has_world = ctx.model.world is not None
+    if cfg.data_source == "embedded" or (cfg.data_source == "auto" and has_world):
+        if not has_world:
             raise UserError(
                 f"model {ctx.model.name} has no embedded world; use eval.data_source=ravel"
+            )
+        if cfg.data_dir is not None:
+            raise UserError(
+                f"eval.data_dir={cfg.data_dir} is not read: model {ctx.model.name} brings its own "
+                "world; set eval.data_source=ravel to evaluate on RAVEL's files instead"
             )
         return ctx.model.world
     folder = cfg.data_dir or download_ravel(ctx.cache_dir)
@@ -98,10 +163,10 @@ def load_world(cfg: Any, ctx: Any) -> CityWorld:
 def generate(
     model: Any, prompts: list[Prompt], n_tokens: int, layer: int | None = None, vectors: torch.Tensor | None = None,
     batch_size: int = 64,
-) -> list[str]:  # fmt: skip
-    """Greedy continuation of ``n_tokens`` per prompt, optionally with ``vectors`` patched in
-    after block ``layer`` at each prompt's entity token."""
-    out: list[str] = []
+) -> list[list[int]]:  # fmt: skip
+    """Greedy continuation (token ids) of ``n_tokens`` per prompt, optionally with ``vectors``
+    patched in after block ``layer`` at each prompt's entity token."""
+    out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         vec = vectors[i : i + batch_size] if vectors is not None else None
@@ -120,7 +185,7 @@ def generate(
             for j, t in enumerate(nxt):
                 cur[j].tokens.append(t)
                 new[j].append(t)
-        out.extend(model.tokenizer.decode(ids) for ids in new)
+        out.extend(new)
     return out
 
 
@@ -128,17 +193,23 @@ def label_for(world: CityWorld, p: Prompt) -> str:
     return world.entities[p.entity][p.attribute]
 
 
+def prompt_label_ids(model: Any, world: CityWorld, p: Prompt) -> list[int]:
+    return label_ids(model.tokenizer, p.template.replace("%s", p.entity), label_for(world, p))
+
+
 def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) -> list[bool]:
-    """Whether the model answers each prompt correctly (greedy, ``cfg.match``), cached per
-    model, data and templates."""
+    """Whether the model answers each prompt correctly (greedy, ``cfg.match`` on token ids),
+    cached per model identity, data, templates and rule. A cache entry that does not parse, or
+    whose key or length does not fit, is logged in one line and rebuilt."""
     model = ctx.model
     key_src = json.dumps(
         {
             "model": model.name,
             "mk": model.info.get("cache_folder_key") or model.processing,
+            "dtype": str(model.model.cfg.dtype),
             "prompts": [[p.template, p.entity] for p in prompts],
             "labels": [label_for(world, p) for p in prompts],
-            "match": cfg.match,
+            "match": str(cfg.match),
             "n": cfg.match_tokens,
         },
         sort_keys=True,
@@ -147,10 +218,27 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = Path(ctx.cache_dir) / "ravel_filter" / f"{model.name}-{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            entry = json.loads(path.read_text())
+            known = entry["known"]
+            if (
+                entry.get("format") != FILTER_FORMAT
+                or entry.get("key") != key
+                or not isinstance(known, list)
+                or len(known) != len(prompts)
+                or not all(isinstance(k, bool) for k in known)
+            ):
+                raise ValueError("does not fit this job's prompts")
+            return known
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("knowledge-filter cache %s is corrupt (%s); rebuilding it", path, exc)
+    log.info("knowledge filter: %d prompts, %d generated tokens each", len(prompts), cfg.match_tokens)
     gens = generate(model.model, prompts, cfg.match_tokens)
-    known = [matches(g, label_for(world, p), cfg.match) for g, p in zip(gens, prompts, strict=True)]
-    atomic_write_json(path, known)
+    known = [
+        matches(g, prompt_label_ids(model.model, world, p), cfg.match)
+        for g, p in zip(gens, prompts, strict=True)
+    ]
+    atomic_write_json(path, {"format": FILTER_FORMAT, "key": key, "n": len(known), "known": known})
     return known
 
 
@@ -170,7 +258,12 @@ def build_pairs(
         )
     rng = random.Random(ctx.seed)
     bos = bos_id(model)
-    entities = sorted(e for e in world.entities if e not in set(world.few_shot_cities))
+    shots = set(world.few_shot_cities)
+    if cfg.protocol == "saeravel" and not world.few_shot_cities and not getattr(
+        world, "few_shot_prompts", None
+    ):
+        shots |= set(PAPER_FEW_SHOT_CITIES)  # the paper's prompt: its shots leave the pool
+    entities = sorted(e for e in world.entities if e not in shots)
     if cfg.max_entities and len(entities) > cfg.max_entities:
         entities = sorted(rng.sample(entities, cfg.max_entities))
     if cfg.protocol == "saeravel":
@@ -196,6 +289,7 @@ def build_pairs(
             f"model {ctx.model.name} answers none of the {len(prompts)} RAVEL prompts correctly "
             f"(match={cfg.match}); nothing to evaluate"
         )
+    known_keys = {(p.template, p.entity) for p in kept}
     kept_entities = sorted({p.entity for p in kept})
     by_entity: dict[str, list[Prompt]] = {}
     for p in kept:
@@ -221,7 +315,7 @@ def build_pairs(
             bases = [p for p in kept if p.entity in ents and template_ok(p, s)]
             cause_b = [p for p in bases if p.attribute == a]
             iso_b = [p for p in bases if p.attribute != a]
-            srcs = {e: by_entity[e] for e in ents}
+            srcs = {e: [q for q in by_entity[e] if template_ok(q, s)] for e in ents}
             if cfg.protocol == "saeravel":  # source shares the base's template
                 ps = []
                 for kind_bases in (cause_b, iso_b):
@@ -232,13 +326,13 @@ def build_pairs(
                         ps += make_pairs(
                             [p for p in kind_bases if p.attribute == tmpl_attr], same, world, a,
                             model.tokenizer, cfg.max_pairs_per_split // max(1, len({p.attribute for p in kind_bases})),
-                            rng, cfg.drop_same_label_pairs, sorted(ents), cfg.match,
+                            rng, cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys,
                         )  # fmt: skip
             else:
                 ps = make_pairs(cause_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
-                                cfg.drop_same_label_pairs, sorted(ents), cfg.match)  # fmt: skip
+                                cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
                 ps += make_pairs(iso_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
-                                 cfg.drop_same_label_pairs, sorted(ents), cfg.match)  # fmt: skip
+                                 cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
             pairs[a][s] = ps
     if cfg.split_by == "pair":  # the paper's leaky split: one pool, split by pair
         for a in attrs:
@@ -276,15 +370,16 @@ def build_pairs(
 
 def make_method(name: str, cfg: Any, ctx: Any) -> Intervention:
     d = ctx.model.d_model
+    ste = cfg.mask.estimator == "straight_through"
     if name == "neurons":
-        return NeuronMask(d, cfg.mask.init)
+        return NeuronMask(d, cfg.mask.init, ste)
     if name == "das":
-        return DAS(d, cfg.das.mode, cfg.das.k, cfg.mask.init)
+        return DAS(d, cfg.das.mode, cfg.das.k, cfg.mask.init, ste)
     if ctx.sae is None:
         raise UserError(
             "eval.method=sae needs an SAE; choose sae=<family> (sae=none has no latents)"
         )
-    return SAEMask(ctx.sae, cfg.mask.init, cfg.add_error)
+    return SAEMask(ctx.sae, cfg.mask.init, cfg.add_error, ste)
 
 
 class VectorBank:
@@ -301,11 +396,17 @@ class VectorBank:
         return torch.stack([self.vec[id(p)] for p in prompts])
 
 
+def _logits(runner: SuffixRunner | None, ctx: Any, bases: list[Prompt], v: torch.Tensor) -> torch.Tensor:
+    if runner is not None:
+        return runner.logits(bases, v)
+    return naive_logits(ctx.model.model, bases, v, ctx.layer)
+
+
 def train_method(
     method: Intervention, pairs: list[Pair], bank: VectorBank, runner: SuffixRunner | None, cfg: Any, ctx: Any,
     desc: str, ckpt_name: str | None = None,
 ) -> list[float]:  # fmt: skip
-    """Train the method's parameters (the model stays frozen); returns per-epoch losses.
+    """Train the method's parameters (the model stays frozen); returns per-epoch mean losses.
 
     With ``ckpt_name``, the training state (parameters, optimizer, step, the batch-order RNG
     at the start of the epoch, torch's RNG) goes to ``ctx.checkpoint`` every
@@ -317,7 +418,7 @@ def train_method(
     if not params:
         return []
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[
-        cfg.optimizer
+        str(cfg.optimizer)
     ]
     opt = opt_cls(params, lr=cfg.lr)
     rng = random.Random(ctx.seed)
@@ -326,7 +427,6 @@ def train_method(
     )
     total = cfg.epochs * steps_per_epoch
     step, curve = 0, []
-    model = ctx.model.model
     store, timer = None, None
     if ckpt_name is not None:
         store = ctx.checkpoint
@@ -350,6 +450,11 @@ def train_method(
         step, curve = saved["step"], list(saved["curve"])
         first_epoch, skip, resumed_loss = saved["epoch"], saved["batch"], saved["epoch_loss"]
         log.info("%s: resuming from checkpoint at step %d of %d", desc, step, total)
+    else:
+        log.info("%s: training %d steps (%d pairs, batch %d, lr %g, T %s %g -> %g over %.0f%%, %s mask)",
+                 desc, total, len(pairs), cfg.batch_size, cfg.lr, cfg.mask.schedule, cfg.mask.t_start,
+                 cfg.mask.t_end, 100 * cfg.mask.anneal_fraction, cfg.mask.estimator)  # fmt: skip
+    method.train()
     bar = tqdm(total=total, initial=step, desc=desc, leave=False)
     for epoch in range(first_epoch, cfg.epochs):
         epoch_rng = rng.getstate()  # this epoch's batch order is drawn from here
@@ -360,17 +465,13 @@ def train_method(
                 continue  # done before the checkpoint
             if method.mask is not None:
                 method.mask.temperature = temperature(
-                    step, total, cfg.mask.t_start, cfg.mask.t_end, cfg.mask.schedule
+                    step, total, cfg.mask.t_start, cfg.mask.t_end, str(cfg.mask.schedule),
+                    cfg.mask.anneal_fraction,
                 )
             b = bank([q.base for q in batch])
             s = bank([q.source for q in batch])
             v = method(b, s)
-            bases = [q.base for q in batch]
-            logits = (
-                runner.logits(bases, v)
-                if runner is not None
-                else naive_logits(model, bases, v, ctx.layer)
-            )
+            logits = _logits(runner, ctx, [q.base for q in batch], v)
             target = torch.tensor([q.target_token for q in batch], device=logits.device)
             loss = F.cross_entropy(logits.float(), target)
             if cfg.mask.l1 > 0:
@@ -390,15 +491,146 @@ def train_method(
                 })  # fmt: skip
         curve.append(epoch_loss / max(1, len(pairs)))
     bar.close()
+    method.eval()
     return curve
+
+
+def convergence(curve: list[float], tol: float = 0.01) -> dict[str, Any]:
+    """Did the training loss flatten? The relative change of the mean loss over the last epoch
+    (last epoch vs the one before); flattened when it is below ``tol``."""
+    if len(curve) < 2:
+        return {"final_loss": curve[-1] if curve else None, "last_epoch_change": None,
+                "flattened": None, "epochs": len(curve)}  # fmt: skip
+    change = (curve[-1] - curve[-2]) / max(abs(curve[-2]), 1e-12)
+    return {"final_loss": curve[-1], "last_epoch_change": change,
+            "flattened": abs(change) < tol, "epochs": len(curve)}  # fmt: skip
+
+
+@torch.no_grad()
+def first_token_eval(
+    method: Intervention, pairs: list[Pair], bank: VectorBank, runner: SuffixRunner | None, ctx: Any,
+    hard: bool = True, batch_size: int = 64,
+) -> tuple[float, list[bool]]:  # fmt: skip
+    """Mean cross-entropy on the target's first token and, per pair, whether the patched model's
+    next token is the target's first token; the mask binarised when ``hard``."""
+    if method.mask is not None:
+        method.mask.hard = hard
+    ok: dict[int, bool] = {}
+    ce = 0.0
+    for batch in batches_by_prefix(pairs, lambda q: q.base.prefix, batch_size, random.Random(0)):
+        v = method(bank([q.base for q in batch]), bank([q.source for q in batch]))
+        logits = _logits(runner, ctx, [q.base for q in batch], v).float()
+        target = torch.tensor([q.target_token for q in batch], device=logits.device)
+        ce += F.cross_entropy(logits, target, reduction="sum").item()
+        for q, hit in zip(batch, (logits.argmax(-1) == target).tolist(), strict=True):
+            ok[id(q)] = bool(hit)
+    if method.mask is not None:
+        method.mask.hard = False
+    return ce / max(1, len(pairs)), [ok[id(q)] for q in pairs]
+
+
+def _rates(ok: list[bool], pairs: list[Pair]) -> dict[str, float]:
+    cause = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "cause"]
+    iso = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "isolation"]
+    c = sum(cause) / len(cause) if cause else float("nan")
+    i = sum(iso) / len(iso) if iso else float("nan")
+    return {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
+
+
+@torch.no_grad()
+def refine_mask(
+    method: Intervention, pairs: list[Pair], bank: VectorBank, runner: SuffixRunner | None, cfg: Any,
+    ctx: Any, desc: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Greedy local search over the binarised mask's bits: flip one entry at a time (least
+    confident first) and keep the flip when the hard-mask cross-entropy on (a fixed subset of)
+    the training pairs falls. Tells "the method cannot" from "the optimiser did not": the
+    refined mask is scored beside the trained one, never instead of it. Leaves ``method``
+    with the refined mask."""
+    mask = method.mask
+    rng = random.Random(ctx.seed)
+    subset = pairs if len(pairs) <= cfg.mask.refine_pairs else rng.sample(pairs, cfg.mask.refine_pairs)
+    start, _ = first_token_eval(method, subset, bank, runner, ctx)
+    best = start
+    candidates = list(range(mask.param.numel()))
+    if isinstance(method, SAEMask):  # a latent inactive in every base and source cannot matter
+        vecs = torch.cat([bank([q.base for q in subset]), bank([q.source for q in subset])])
+        acts = method.sae.encode_normalized(method.sae.normalize(vecs)[0])
+        candidates = torch.nonzero((acts != 0).any(0)).flatten().tolist()
+    order = sorted(candidates, key=lambda j: abs(float(mask.param[j])))
+    flips, evals = 0, 0
+    for _ in range(cfg.mask.refine_passes):
+        changed = False
+        for j in tqdm(order, desc=f"{desc} refine", leave=False):
+            old = float(mask.param[j])
+            mask.param[j] = -old if old != 0 else 1.0
+            ce, _ = first_token_eval(method, subset, bank, runner, ctx)
+            evals += 1
+            if ce < best - 1e-6:
+                best, changed, flips = ce, True, flips + 1
+            else:
+                mask.param[j] = old
+        if not changed:
+            break
+    log.info("%s: refinement flipped %d of %d candidate entries; train CE %.4f -> %.4f",
+             desc, flips, len(order), start, best)  # fmt: skip
+    return {"train_ce_hard_before": start, "train_ce_hard_after": best, "flips": flips,
+            "candidates": len(order), "evaluations": evals, "pairs": len(subset)}  # fmt: skip
+
+
+def bootstrap_ci(
+    ok: list[bool], pairs: list[Pair], n_boot: int, confidence: float, seed: int
+) -> dict[str, list[float]]:
+    """Percentile intervals of cause, isolation and disentangle from resampling the base
+    entities with replacement (pairs of one entity are not independent)."""
+    import numpy as np
+
+    ents = sorted({q.base.entity for q in pairs})
+    idx = {e: i for i, e in enumerate(ents)}
+    counts = np.zeros((4, len(ents)))  # cause n, cause hits, isolation n, isolation hits
+    for o, q in zip(ok, pairs, strict=True):
+        row = 0 if q.kind == "cause" else 2
+        counts[row, idx[q.base.entity]] += 1
+        counts[row + 1, idx[q.base.entity]] += o
+    gen = np.random.default_rng(seed)
+    w = gen.multinomial(len(ents), np.full(len(ents), 1 / len(ents)), size=n_boot)
+    tot = w @ counts.T  # [n_boot, 4]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cause, iso = tot[:, 1] / tot[:, 0], tot[:, 3] / tot[:, 2]
+    lo, hi = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
+    out = {}
+    for name, x in (("cause", cause), ("isolation", iso), ("disentangle", (cause + iso) / 2)):
+        x = x[np.isfinite(x)]
+        out[name] = [float(np.percentile(x, lo)), float(np.percentile(x, hi))] if len(x) else [
+            float("nan"), float("nan")]  # fmt: skip
+    return out
+
+
+def ravel_aggregate(ok: list[bool], pairs: list[Pair], intervened: str) -> dict[str, float]:
+    """RAVEL's aggregate: accuracy per template, then the mean over templates per attribute;
+    cause = the intervened attribute's mean, isolation = the mean over the other attributes.
+    (Equal to the pooled scores when each attribute has one template, as in the saeravel
+    protocol.)"""
+    per: dict[tuple[str, str, str], list[bool]] = {}
+    for o, q in zip(ok, pairs, strict=True):
+        per.setdefault((q.kind, q.base.attribute, q.base.template), []).append(o)
+    by_attr: dict[tuple[str, str], list[float]] = {}
+    for (kind, attr, _), v in per.items():
+        by_attr.setdefault((kind, attr), []).append(sum(v) / len(v))
+    cause = [sum(v) / len(v) for (k, a), v in by_attr.items() if k == "cause" and a == intervened]
+    iso = [sum(v) / len(v) for (k, _), v in by_attr.items() if k == "isolation"]
+    c = sum(cause) / len(cause) if cause else float("nan")
+    i = sum(iso) / len(iso) if iso else float("nan")
+    return {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
 
 
 @torch.no_grad()
 def score(
     method: Intervention, pairs: list[Pair], bank: VectorBank, cfg: Any, ctx: Any, world: CityWorld
 ) -> dict[str, Any]:
-    """Cause, isolation and disentangle on ``pairs`` under both matching rules, plus
-    first-token accuracy and per-template accuracy."""
+    """Cause, isolation and disentangle on ``pairs`` under both matching rules (token ids), a
+    bootstrap interval over entities and RAVEL's per-template aggregate (under ``cfg.match``),
+    and per-template accuracy."""
     if method.mask is not None:
         method.mask.hard = cfg.mask.eval == "hard"
     model = ctx.model.model
@@ -409,29 +641,73 @@ def score(
     gens = generate(model, [q.base for q in pairs], cfg.match_tokens, ctx.layer, vecs)
     out: dict[str, Any] = {}
     per_template: dict[str, list[int]] = {}
+    chosen: list[bool] = []
     for rule in MATCH_RULES:
-        ok = [matches(g, q.target, rule) for g, q in zip(gens, pairs, strict=True)]
-        cause = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "cause"]
-        iso = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "isolation"]
-        c = sum(cause) / len(cause) if cause else float("nan")
-        i = sum(iso) / len(iso) if iso else float("nan")
-        out[rule] = {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
+        ok = [matches(g, q.target_tokens, rule) for g, q in zip(gens, pairs, strict=True)]
+        out[rule] = _rates(ok, pairs)
         if rule == cfg.match:
+            chosen = ok
             for o, q in zip(ok, pairs, strict=True):
                 per_template.setdefault(f"{q.kind}|{q.base.template}", []).append(int(o))
-    out.update(out[cfg.match])
+    out.update(out[str(cfg.match)])
+    out["ci95" if cfg.confidence == 0.95 else f"ci{cfg.confidence:g}"] = bootstrap_ci(
+        chosen, pairs, cfg.bootstrap, cfg.confidence, ctx.seed
+    )
+    out["ravel_aggregate"] = ravel_aggregate(chosen, pairs, pairs[0].intervened if pairs else "")
     out["per_template"] = {t: sum(v) / len(v) for t, v in per_template.items()}
     out["n_cause"] = sum(q.kind == "cause" for q in pairs)
     out["n_isolation"] = sum(q.kind == "isolation" for q in pairs)
+    out["n_entities"] = len({q.base.entity for q in pairs})
     if method.mask is not None:
         out["mask_kept"] = method.mask.kept()
         out["mask_size"] = method.mask.param.numel()
+        out["kept_top"] = method.mask.top(cfg.report_top_latents)
         method.mask.hard = False
     return out
 
 
 def _summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
-    return f"{name:<10} {attr:<10} cause {r['cause']:.3f}  isolation {r['isolation']:.3f}  disentangle {r['disentangle']:.3f}"
+    ci = next((v for k, v in r.items() if k.startswith("ci")), None)
+    band = f" [{ci['disentangle'][0]:.3f}, {ci['disentangle'][1]:.3f}]" if ci else ""
+    line = (f"{name:<10} {attr:<10} cause {r['cause']:.3f}  isolation {r['isolation']:.3f}  "
+            f"disentangle {r['disentangle']:.3f}{band}")  # fmt: skip
+    if "refined" in r:
+        line += f"  (refined mask: {r['refined']['disentangle']:.3f})"
+    if r.get("training", {}).get("flattened") is False:
+        line += "  loss NOT flat"
+    return line
+
+
+def train_and_score(
+    name: str, attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
+    cfg: Any, ctx: Any, world: CityWorld, store: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """One (method, attribute): train, score on test, train-split score, convergence, and the
+    refined mask's scores beside the trained one."""
+    from saeravel.checkpoint import entry_name
+
+    torch.manual_seed(ctx.seed)
+    method = make_method(name, cfg, ctx).to(ctx.device)
+    train_name = entry_name("train", name, attr) if store.enabled else None
+    desc = f"{name}/{attr}"
+    curve = train_method(method, pairs["train"], bank, runner, cfg, ctx, desc, train_name)
+    r = score(method, pairs["test"], bank, cfg, ctx, world)
+    train_ce, train_ok = first_token_eval(method, pairs["train"], bank, runner, ctx)
+    r["train"] = {**_rates(train_ok, pairs["train"]), "ce_first_token": train_ce,
+                  "rule": "first_token"}  # fmt: skip
+    r["training"] = convergence(curve)
+    r["recipe"] = cfg.recipe
+    state = method.own_state()
+    if cfg.mask.refine and method.mask is not None:
+        info = refine_mask(method, pairs["train"], bank, runner, cfg, ctx, desc)
+        refined = score(method, pairs["test"], bank, cfg, ctx, world)
+        keep = ("cause", "isolation", "disentangle", "mask_kept", "first_token", "prefix")
+        r["refined"] = {**{k: refined[k] for k in keep}, **info}
+    done = {"score": r, "curve": curve, "state": state}
+    store.save(entry_name("scored", name, attr), done)
+    if train_name is not None:
+        store.remove(train_name)
+    return done
 
 
 @register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"))
@@ -443,11 +719,6 @@ def run(cfg: Any, ctx: Any) -> Any:
     from saeravel.pipeline import EvalOutput
 
     validate(cfg)
-    if cfg.checkpoint_every_s < 0 or cfg.checkpoint_every_steps < 0:
-        raise UserError(
-            f"eval.checkpoint_every_s={cfg.checkpoint_every_s} and eval.checkpoint_every_steps="
-            f"{cfg.checkpoint_every_steps} must be >= 0 (0 turns each off)"
-        )
     store = getattr(ctx, "checkpoint", None) or CheckpointStore.disabled()
     if cfg.checkpoint_every_s == 0 and cfg.checkpoint_every_steps == 0:
         store = CheckpointStore.disabled()
@@ -455,42 +726,43 @@ def run(cfg: Any, ctx: Any) -> Any:
     world = load_world(cfg, ctx)
     pairs, stats = build_pairs(cfg, ctx, world)
     model = ctx.model.model
+    stats["prompt_bos"] = bos_id(model) is not None
+    if ctx.sae is not None and "prepend_bos" in (ctx.sae.cfg_dict or {}):
+        stats["sae_prepend_bos"] = ctx.sae.cfg_dict["prepend_bos"]
+    log.info("pairs: %s", {a: {s: len(v) for s, v in d.items()} for a, d in pairs.items()})
     all_prompts = [q.base for d in pairs.values() for ps in d.values() for q in ps]
     all_prompts += [q.source for d in pairs.values() for ps in d.values() for q in ps]
     bank = VectorBank(model, ctx.layer, all_prompts, 64)
     runner = None
     if cfg.fast:
         runner = SuffixRunner(model, ctx.layer)
-        runner.prepare([q.base for d in pairs.values() for q in d["train"]])
+        runner.prepare([q.base for d in pairs.values() for ps in d.values() for q in ps])
 
     metrics: dict[str, Any] = {"ravel": {}, "baselines": {}}
     details: dict[str, Any] = {"data": stats, "training_curves": {}, "per_template": {}}
     summary = [
-        f"RAVEL ({cfg.protocol} protocol, {stats['split_note']}), layer {ctx.layer}, match={cfg.match}"
+        f"RAVEL ({cfg.protocol} protocol, {stats['split_note']}), layer {ctx.layer}, "
+        f"match={cfg.match}, recipe={cfg.recipe}; [{cfg.confidence:.0%} bootstrap interval over entities]"
     ]
+    truth = getattr(ctx.model, "truth", None)
     baselines = ["none", "swap"] + (["sae_recon", "sae_swap"] if ctx.sae is not None else [])
+    if truth is not None:
+        baselines.append("oracle")
+        details["planted"] = truth.describe()
+        if ctx.sae is not None:
+            details["planted"]["atom_recovery"] = truth.atom_recovery(ctx.sae)
     for attr in cfg.attributes:
         test = pairs[attr]["test"]
         for b in baselines:
-            r = score(FixedIntervention(b, ctx.sae), test, bank, cfg, ctx, world)
+            proj = truth.projector(attr) if b == "oracle" else None
+            r = score(FixedIntervention(b, ctx.sae, proj), test, bank, cfg, ctx, world)
             details["per_template"][f"{b}/{attr}"] = r.pop("per_template")
             metrics["baselines"].setdefault(b, {})[attr] = r
             summary.append(_summary_row(b, attr, r))
         for name in _methods(cfg):
             done = store.load(entry_name("scored", name, attr))
             if done is None:
-                torch.manual_seed(ctx.seed)
-                method = make_method(name, cfg, ctx).to(ctx.device)
-                train_name = entry_name("train", name, attr) if store.enabled else None
-                curve = train_method(
-                    method, pairs[attr]["train"], bank, runner, cfg, ctx, f"{name}/{attr}", train_name,
-                )  # fmt: skip
-                r = score(method, test, bank, cfg, ctx, world)
-                state = method.own_state()
-                done = {"score": r, "curve": curve, "state": state}
-                store.save(entry_name("scored", name, attr), done)
-                if train_name is not None:
-                    store.remove(train_name)
+                done = train_and_score(name, attr, pairs[attr], bank, runner, cfg, ctx, world, store)
             else:
                 log.info("%s/%s: trained and scored before the interruption", name, attr)
             r, curve, state = dict(done["score"]), list(done["curve"]), done["state"]

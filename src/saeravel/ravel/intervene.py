@@ -26,30 +26,50 @@ from saeravel.ravel.prompts import Prompt, pad
 # ----------------------------------------------------------------------------- methods
 
 
-def temperature(step: int, total: int, t_start: float, t_end: float, schedule: str) -> float:
-    """Annealed mask temperature: ``linear`` (the paper) or ``log`` (geometric, SAEBench)."""
-    frac = min(1.0, step / max(1, total - 1))
+def temperature(
+    step: int, total: int, t_start: float, t_end: float, schedule: str, anneal: float = 1.0
+) -> float:
+    """Annealed mask temperature: ``linear`` (the paper) or ``log`` (geometric) from
+    ``t_start`` to ``t_end`` over the first ``anneal`` fraction of the ``total`` steps, then
+    ``t_end``; or ``constant`` (``t_start`` throughout)."""
+    frac = min(1.0, step / max(1, round(anneal * total) - 1))
     if schedule == "linear":
         return t_start + (t_end - t_start) * frac
     if schedule == "log":
         return math.exp(math.log(t_start) + (math.log(t_end) - math.log(t_start)) * frac)
-    raise ValueError(f"unknown temperature schedule {schedule!r}; valid: linear, log")
+    if schedule == "constant":
+        return t_start
+    raise ValueError(f"unknown temperature schedule {schedule!r}; valid: linear, log, constant")
 
 
 class LearnedMask(nn.Module):
     """``sigmoid(param / T)`` while training; at test time binarised (``param > 0``, i.e.
-    sigmoid > 0.5) unless ``soft`` (the paper kept the soft mask at test time)."""
+    sigmoid > 0.5) unless ``soft`` (the paper kept the soft mask at test time).
 
-    def __init__(self, size: int, init: float = 0.0) -> None:
+    ``straight_through``: the forward pass uses the binarised mask and the backward pass the
+    gradient of ``sigmoid(param / T)``, so training optimises the mask that is tested."""
+
+    def __init__(self, size: int, init: float = 0.0, straight_through: bool = False) -> None:
         super().__init__()
         self.param = nn.Parameter(torch.full((size,), float(init)))
         self.temperature = 1.0
         self.hard = False
+        self.straight_through = straight_through
 
     def forward(self) -> torch.Tensor:
+        binary = (self.param > 0).to(self.param.dtype)
         if self.hard:
-            return (self.param > 0).to(self.param.dtype)
-        return torch.sigmoid(self.param / self.temperature)
+            return binary
+        soft = torch.sigmoid(self.param / self.temperature)
+        if self.straight_through and self.training:
+            return binary + soft - soft.detach()
+        return soft
+
+    def top(self, n: int) -> list[int]:
+        """Indices of the kept entries, most confident first (at most ``n``)."""
+        kept = torch.nonzero(self.param > 0).flatten()
+        order = torch.argsort(self.param[kept], descending=True)
+        return kept[order][:n].tolist()
 
     def kept(self) -> int:
         return int((self.param > 0).sum())
@@ -73,9 +93,9 @@ class Intervention(nn.Module):
 class NeuronMask(Intervention):
     """Swap the masked residual dimensions from the source."""
 
-    def __init__(self, d_model: int, init: float = 0.0) -> None:
+    def __init__(self, d_model: int, init: float = 0.0, straight_through: bool = False) -> None:
         super().__init__()
-        self.mask = LearnedMask(d_model, init)
+        self.mask = LearnedMask(d_model, init, straight_through)
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         m = self.mask()
@@ -90,10 +110,12 @@ class SAEMask(Intervention):
     normalised with its own statistics; the result is mapped back with the base's.
     ``add_error`` adds the base's reconstruction error back."""
 
-    def __init__(self, sae: Any, init: float = 0.0, add_error: bool = False) -> None:
+    def __init__(
+        self, sae: Any, init: float = 0.0, add_error: bool = False, straight_through: bool = False
+    ) -> None:
         super().__init__()
         self.sae = sae
-        self.mask = LearnedMask(sae.d_sae, init)
+        self.mask = LearnedMask(sae.d_sae, init, straight_through)
         self.add_error = add_error
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -115,13 +137,16 @@ class DAS(Intervention):
     coordinates replace the base's on a learned mask (``mode=mask``, the paper's variant) or
     on the first ``k`` (``mode=fixed``, RAVEL's)."""
 
-    def __init__(self, d_model: int, mode: str = "mask", k: int = 16, init: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, mode: str = "mask", k: int = 16, init: float = 0.0,
+        straight_through: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         lin = nn.Linear(d_model, d_model, bias=False)
         self.rot = nn.utils.parametrizations.orthogonal(lin)
         self.mode = mode
         if mode == "mask":
-            self.mask = LearnedMask(d_model, init)
+            self.mask = LearnedMask(d_model, init, straight_through)
         elif mode == "fixed":
             if not 0 < k <= d_model:
                 raise ValueError(f"das.k={k} must be in 1..{d_model}")
@@ -142,18 +167,23 @@ class DAS(Intervention):
 class FixedIntervention(Intervention):
     """Parameter-free references: ``none`` (base), ``swap`` (source), ``sae_recon`` (the
     base's SAE reconstruction: the cost of dropping the SAE error), ``sae_swap`` (all source
-    latents decoded with the base's normalisation)."""
+    latents decoded with the base's normalisation), ``oracle`` (swap exactly the subspace a
+    planted world says holds the attribute: ``b + P (s - b)`` for the projector ``P``)."""
 
-    def __init__(self, kind: str, sae: Any = None) -> None:
+    def __init__(self, kind: str, sae: Any = None, projector: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kind = kind
         self.sae = sae
+        self.projector = projector
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
             return b
         if self.kind == "swap":
             return s
+        if self.kind == "oracle":
+            P = self.projector.to(b.device, b.dtype)
+            return b + (s - b) @ P.T
         zb, stats = self.sae.normalize(b)
         if self.kind == "sae_recon":
             return self.sae.denormalize(
@@ -276,7 +306,11 @@ class SuffixRunner:
         last = torch.tensor(
             [len(p.tokens) - 1 - p.entity_start for p in bases], device=vectors.device
         )
-        return model.unembed(model.ln_final(resid[rows, last][:, None]))[:, 0]
+        logits = model.unembed(model.ln_final(resid[rows, last][:, None]))[:, 0]
+        cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
+        if cap is not None and cap > 0:  # as HookedTransformer.forward (Gemma-2: 30)
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
 
 def batches_by_prefix(items: list[Any], key: Any, batch_size: int, rng: Any) -> list[list[Any]]:

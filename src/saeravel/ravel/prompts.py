@@ -37,6 +37,11 @@ PAPER_FEW_SHOT = {
 }
 
 
+# The paper's five shot cities: on real RAVEL data they leave the entity pool (a query must not
+# be one of its own shots; London's shot says "England" while its label is "United Kingdom").
+PAPER_FEW_SHOT_CITIES = ("Toronto", "Beijing", "Miami", "Santiago", "London")
+
+
 @dataclass
 class Prompt:
     """A template filled with an entity, tokenised, with the entity's token span located."""
@@ -64,6 +69,7 @@ class Pair:
     kind: str  # "cause" or "isolation"
     target: str
     target_token: int
+    target_tokens: list[int] = field(default_factory=list)  # the label's ids in context
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,19 +111,30 @@ def pad(prompts: list[Prompt], pad_id: int, device: Any) -> tuple[torch.Tensor, 
     return toks.to(device), last.to(device)
 
 
-def matches(generated: str, label: str, rule: str) -> bool:
-    """``first_word``: the first generated word equals the label's first word (the paper:
-    " North" matches "North America"); ``prefix``: the generation and the label agree on
-    their common length (RAVEL: the label is a prefix of the generation, or the generation of
-    the label when the label is longer than the tokens generated)."""
-    gen, lab = generated.strip(), label.strip()
-    if not gen or not lab:
+MATCH_RULES = ("first_token", "prefix")
+
+
+def label_ids(tokenizer: Any, prompt_text: str, label: str) -> list[int]:
+    """The label's token ids as the model would produce them after ``prompt_text`` (BPE: with
+    the leading space, so " Canada" is one token, not "Canada")."""
+    return list(tokenizer(label_prefix(prompt_text) + label, add_special_tokens=False)["input_ids"])
+
+
+def matches(generated: list[int], label: list[int], rule: str) -> bool:
+    """Compare token ids, never decoded text (a BPE model's " Canada." decodes as one word):
+    ``first_token``: the first generated token is the label's first token (the paper: " North"
+    matches "North America"); ``prefix``: generation and label agree on their common length
+    (RAVEL: the label is a prefix of the generation, or the generation of the label when the
+    label is longer than the tokens generated). Token ids, not characters, so "Niger" never
+    matches "Nigeria" unless the tokenizer says so."""
+    if not generated or not label:
         return False
-    if rule == "first_word":
-        return gen.split()[0] == lab.split()[0]
+    if rule == "first_token":
+        return generated[0] == label[0]
     if rule == "prefix":
-        return gen.startswith(lab) or lab.startswith(gen)
-    raise UserError(f"unknown match rule {rule!r}; valid: first_word, prefix")
+        n = min(len(generated), len(label))
+        return list(generated[:n]) == list(label[:n])
+    raise UserError(f"unknown match rule {rule!r}; valid: {', '.join(MATCH_RULES)}")
 
 
 def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str]:
@@ -163,15 +180,29 @@ def make_pairs(
     drop_same: bool,
     allowed_sources: list[str],
     rule: str | None = None,
+    known: set[tuple[str, str]] | None = None,
 ) -> list[Pair]:
     """Cause pairs (base queries ``intervened``: target = source's value) and isolation pairs
-    (base queries another attribute: target = base's value), sources from ``allowed_sources``.
+    (base queries another attribute: target = base's value), sources from ``allowed_sources``,
+    each (base, source) at most once.
+
     With ``drop_same``, a pair is dropped when its two labels are equal or would be scored as
-    equal under the matching ``rule`` (first_word: "United States" vs "United Kingdom"), since
-    such a pair cannot show a transfer."""
+    equal under the matching ``rule`` (first_token: "United States" vs "United Kingdom"), since
+    such a pair cannot show a transfer. With ``known`` (the (template, entity) prompts the model
+    answers correctly), a cause pair needs the model to know the source entity's answer in the
+    base's template (RAVEL's rule), so its target is reachable."""
     pairs: list[Pair] = []
     if not bases or not allowed_sources:
         return pairs
+    seen: set[tuple[int, int]] = set()
+    ids: dict[tuple[str, str], list[int]] = {}
+
+    def lab_ids(template: str, entity: str, label: str) -> list[int]:
+        key = (template.replace("%s", entity), label)
+        if key not in ids:
+            ids[key] = label_ids(tokenizer, key[0], label)
+        return ids[key]
+
     attempts = 0
     while len(pairs) < max_pairs and attempts < 20 * max_pairs:
         attempts += 1
@@ -180,15 +211,19 @@ def make_pairs(
         if s_ent == b.entity or not sources_by_entity.get(s_ent):
             continue
         src = rng.choice(sources_by_entity[s_ent])
+        if (id(b), id(src)) in seen:
+            continue
         q = b.attribute
+        kind = "cause" if q == intervened else "isolation"
+        if kind == "cause" and known is not None and (b.template, s_ent) not in known:
+            continue
         lab_b, lab_s = world.entities[b.entity][q], world.entities[s_ent][q]
-        same = lab_b == lab_s or (rule is not None and matches(lab_b, lab_s, rule))
+        ids_b, ids_s = lab_ids(b.template, b.entity, lab_b), lab_ids(b.template, b.entity, lab_s)
+        same = lab_b == lab_s or (rule is not None and matches(ids_b, ids_s, rule))
         if drop_same and same:
             continue
-        kind = "cause" if q == intervened else "isolation"
-        owner = s_ent if kind == "cause" else b.entity
-        target = world.entities[owner][q]
-        text = b.template.replace("%s", b.entity)
-        first = tokenizer(label_prefix(text) + target, add_special_tokens=False)["input_ids"][0]
-        pairs.append(Pair(b, src, intervened, kind, target, first, {"same_label": same}))
+        seen.add((id(b), id(src)))
+        target = lab_s if kind == "cause" else lab_b
+        tids = ids_s if kind == "cause" else ids_b
+        pairs.append(Pair(b, src, intervened, kind, target, tids[0], list(tids), {"same_label": same}))
     return pairs
