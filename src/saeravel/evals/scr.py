@@ -56,17 +56,17 @@ rule unless said otherwise):
   ranks by the signed effect (latents whose ablation moves the probe's logit away from the
   concept's positive class come last; the rule of this eval's version 1.0).
 * how many latents: SAEBench ablates ``min(N, #nonzero effects)`` latents, the largest
-  first; default the same; ``eval.only_nonzero_effects=false`` always ablates ``N``.
+  first; default the same; ``eval.only_nonzero_effects=false`` always ablates ``N`` (version 1.0).
   Ties are broken by the lower latent index (SAEBench: ``torch.topk``'s order).
 * headline: SAEBench picks dir1 or dir2 per pair from the biased probe's accuracies (above);
-  default the same; ``eval.direction=dir1`` always reports dir1.
+  default the same; ``eval.direction=dir1`` always reports dir1 (version 1.0).
 * denominator: SAEBench scores 0 when ``A_clean - A_orig < 0.001``; default the same;
   ``eval.denominator=ratio`` reports the ratio for any nonzero denominator (negative ones
-  too) and NaN when ``A_clean == A_orig``.
+  too) and NaN when ``A_clean == A_orig`` (version 1.0).
 * masked positions (hf data only; no option, deliberate): SAEBench ablates every position of
   a padded text, so at a masked (BOS/pad/EOS, zeroed) position the latents of the zero
-  vector that are in ``S`` are subtracted too and enter its mean-pool; saeravel pools over
-  the non-special tokens only, so masked positions never change.
+  vector that are in ``S`` are subtracted too and enter the text's mean-pool; saeravel pools
+  over the non-special tokens only, so masked positions never change.
 * effects use model-space latents ``a`` (SAEBench: the SAE's latents ``f``; the same for
   SAEs that do not normalise their input).
 * probes are scikit-learn logistic regressions with ``C`` chosen on a validation split
