@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from saeravel.errors import UserError
-from saeravel.evals.tpp import TppEvalConfig, run
+from saeravel.evals.scr import latent_effects
+from saeravel.evals.tpp import TppEvalConfig, TppTask, run, tpp_task
 from saeravel.models import LoadedModel
 from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, CustomSAE, SAEIdentity
@@ -92,10 +94,68 @@ def test_ablating_a_class_latent_hurts_its_probe_not_the_others(planted, tmp_pat
         "tpp_threshold_1_intended_diff_only",
         "tpp_threshold_1_unintended_diff_only",
     ]
-    # N = 500 is capped at d_sae: every latent ablated, x' = 0, every probe loses alike.
     assert out.unstructured["n_values_capped"] == {"500": 2 * D}
-    assert m["tpp_threshold_500_total_metric"] == pytest.approx(0.0)
     assert out.summary[0].startswith("tpp: total metric ")
+    # SAEBench's rules: only latents with a nonzero (clamped) effect are ablated, so N = 500
+    # (capped at d_sae = 128) ablates fewer than 128 (about half: the mean difference of a
+    # latent is negative about as often as positive).
+    assert out.unstructured["rules"] == {"clamp_mean_diff": True, "only_nonzero_effects": True,
+                                         "saebench": True, "masked_positions_ablated": False}  # fmt: skip
+    for cont in CONTINENTS:
+        assert task["n_latents_ablated"]["500"][cont] == task["n_nonzero_effects"][cont] < 2 * D
+        assert task["n_latents_ablated"]["1"][cont] == 1
+    # Always N (our variant): every latent ablated, x' = 0, every probe loses alike.
+    cfg.only_nonzero_effects = False
+    out = run(cfg, ctx_for(planted, identity_sae(), tmp_path))
+    assert out.details[0]["n_latents_ablated"]["500"] == {c: 2 * D for c in CONTINENTS}
+    assert out.metrics["tpp_metrics"]["tpp_threshold_500_total_metric"] == pytest.approx(0.0)
+    assert out.unstructured["rules"]["saebench"] is False
+
+
+def test_clamped_effects_by_hand():
+    a = np.array([[2.0, 0, 1], [4.0, 0, 1], [0.0, 3, 1], [0.0, 1, 1]])
+    y = np.array([1, 1, 0, 0])
+    w_dec = np.array([[1.0, 0], [0.0, 1], [1.0, 1]])
+    w = np.array([0.5, -1.0])
+    # mean differences 3, -2, 0; W_dec @ w = 0.5, -1, -0.5: effects 1.5, 2, 0; SAEBench
+    # clamps the difference -2 at 0 first: 1.5, 0, 0.
+    np.testing.assert_allclose(latent_effects(a, y, w, w_dec), [1.5, 2.0, 0.0])
+    np.testing.assert_allclose(latent_effects(a, y, w, w_dec, clamp=True), [1.5, 0.0, 0.0])
+
+
+def _three_classes() -> TppTask:
+    """Class k's rows are all 2 e_k in R^3, latents a = x, W_dec = I."""
+    classes = ["A", "B", "C"]
+    per_split = {"train": 8, "val": 4, "test": 6}
+    x, labels = {}, {}
+    for split, n in per_split.items():
+        labels[split] = np.repeat(classes, n)
+        x[split] = 2.0 * np.repeat(np.eye(3), n, axis=0)
+    return TppTask("three", classes, x, {s: v.copy() for s, v in x.items()}, labels)
+
+
+@pytest.mark.parametrize(
+    ("clamp", "only_nonzero", "n_ablated", "intended", "unintended"),
+    [(True, True, 1, 0.5, 0.0), (False, True, 2, 0.5, 0.25), (True, False, 2, 0.5, 0.25),
+     (False, False, 2, 0.5, 0.25)],
+)  # fmt: skip
+def test_clamp_and_nonzero_rules_by_hand(clamp, only_nonzero, n_ablated, intended, unintended):
+    """Probe A (rows 2 e_A vs 2 e_B, 2 e_C) has weights (v, -u, -u) with v = 2u and intercept
+    -u < 0 (L2 optimum, unpenalised intercept), so a zeroed row is classified negative. Mean
+    differences (2, -1, -1): effects (2v, u, u); clamped (2v, 0, 0).
+    SAEBench (clamp, nonzero only): N = 2 ablates latent A alone: A's positives go to 0 ->
+    A's probe drops from 1 to 0.5, the others keep 1 (their A negatives stay negative).
+    Unclamped or always N: latent A and another class's J are ablated: A's probe 0.5, J's
+    probe 0.5 (its positives are zeroed), the third probe 1: unintended (0.5 + 0) / 2."""
+    cfg = TppEvalConfig(c_grid=[1.0], clamp_mean_diff=clamp, only_nonzero_effects=only_nonzero)
+    out = tpp_task(_three_classes(), np.eye(3), [(2, 2)], cfg, np.random.default_rng(0))
+    assert out["clean_accuracy"] == {"A": 1.0, "B": 1.0, "C": 1.0}
+    assert out["n_latents_ablated"]["2"] == {"A": n_ablated, "B": n_ablated, "C": n_ablated}
+    assert out["n_nonzero_effects"] == {c: 1 if clamp else 3 for c in "ABC"}
+    assert all(out["top_latents"][c][0] == i for i, c in enumerate("ABC"))
+    assert out["tpp_threshold_2_intended_diff_only"] == pytest.approx(intended)
+    assert out["tpp_threshold_2_unintended_diff_only"] == pytest.approx(unintended)
+    assert out["tpp_threshold_2_total_metric"] == pytest.approx(intended - unintended)
 
 
 class _NoDecoder:
@@ -148,11 +208,18 @@ def test_hf_dataset_that_cannot_be_loaded_is_a_one_line_error(planted, tmp_path,
 
 def test_yaml_matches_schema_and_is_commented():
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["eval=tpp"])
     assert OmegaConf.to_container(cfg.eval) == asdict(TppEvalConfig())
+    # SAEBench's rules are the defaults; a non-boolean value fails when the config is composed.
+    assert cfg.eval.clamp_mean_diff is True and cfg.eval.only_nonzero_effects is True
+    for bad in ("eval.clamp_mean_diff=maybe", "eval.only_nonzero_effects=sometimes"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            with pytest.raises(ConfigCompositionException):
+                compose(config_name="config", overrides=["eval=tpp", bad])
     lines = (ROOT / "conf/eval/tpp.yaml").read_text().splitlines()
     keys = [ln for ln in lines if ln and not ln.startswith(("#", " ", "defaults"))]
     assert len(keys) == len(asdict(TppEvalConfig()))

@@ -11,11 +11,13 @@ at the SAE's hook (:func:`saeravel.evals.sparse_probing.fit_probe`): fit on the 
 * concept probes: ``a1`` vs ``a2`` (column1) and ``b1`` vs ``b2`` (column2), trained and
   tested on all four cells in equal numbers, so each is balanced over the other concept.
 
-Latent ranking (per concept probe with raw-space weight ``w``, on its training rows):
+Latent effects (per concept probe with raw-space weight ``w``, on its training rows):
 ``effect_i = (mean_{y=1} a_i - mean_{y=0} a_i) * (w . W_dec[i])``, where ``a_i`` is latent
 ``i`` times the input's layer-norm std (its model-space coefficient of ``W_dec[i]``; equal
-to the latent for SAEs that do not normalise their input). The top ``N`` latents by signed
-effect are ablated: ``x' = x - sum_{i in S} a_i W_dec[i] = x + recon(f with f_S = 0) -
+to the latent for SAEs that do not normalise their input). Latents are ranked by
+``|effect_i|`` (``eval.ranking=absolute``, SAEBench's rule) and the top ``k`` are ablated,
+``k = min(N, number of latents with a nonzero effect)`` (``eval.only_nonzero_effects``,
+SAEBench's rule): ``x' = x - sum_{i in S} a_i W_dec[i] = x + recon(f with f_S = 0) -
 recon(f)``, i.e. the latents are zeroed and the SAE error term is kept.
 
 Scores for every ``N`` in ``n_values`` (``N`` larger than ``d_sae`` is capped at ``d_sae``
@@ -25,11 +27,18 @@ and listed in ``eval_result_unstructured.n_values_capped``):
   evaluate the biased probe on the column1 test set:
   ``(A_abl - A_orig) / (A_clean - A_orig)`` with ``A_orig`` the biased probe on clean test
   activations, ``A_abl`` on ablated ones, ``A_clean`` the column1 probe on clean ones;
+  SAEBench's rule (``eval.denominator=saebench``): the score is 0 when
+  ``A_clean - A_orig < 0.001`` (also when it is negative);
 * ``scr_dir2_threshold_N``: the same with the roles of the concepts swapped;
-* ``scr_metric_threshold_N`` = ``scr_dir1_threshold_N`` (SAEBench's headline).
+* ``scr_metric_threshold_N`` (the headline), SAEBench's rule (``eval.direction=saebench``):
+  per pair, dir1 when the biased probe is less accurate on the column1 test set than on the
+  column2 one (``A_orig(dir1) < A_orig(dir2)``: the bias to remove is towards column2), dir2
+  when it is more accurate, and no headline (NaN, left out of the mean over pairs) on a tie.
+  ``eval_result_details[*].headline_direction`` records the choice per pair.
 
-A pair whose ``A_clean == A_orig`` has an undefined score (NaN) and is left out of the mean
-over pairs (counted in ``eval_result_unstructured.n_pairs_undefined``).
+Scores are averaged over pairs; a NaN score is left out of the mean (counted in
+``eval_result_unstructured.n_pairs_undefined``). ``eval_result_unstructured.rules`` records
+the rules the numbers were computed with.
 
 Data: real models use SAEBench's datasets (``LabHC/bias_in_bios`` profession x gender,
 ``canrager/amazon_reviews_mcauley_1and5`` category x rating) and mean-pool the activations
@@ -40,9 +49,29 @@ activation at the city token in every template of its world, ``column1 = Contine
 have cities, the biased cells being the larger ones; cities are split into train/val/test
 within each cell (entity-disjoint).
 
-Differences from SAEBench: probes are scikit-learn logistic regressions with ``C`` chosen on a
-validation split (SAEBench trains torch probes with an L1 penalty and early stopping); ``N``
-is capped at ``d_sae`` instead of failing on narrow SAEs.
+Differences from SAEBench (SAEBench ``sae_bench/evals/scr_and_tpp``; default = SAEBench's
+rule unless said otherwise):
+
+* ranking: SAEBench ranks latents by ``|effect|``; default the same; ``eval.ranking=signed``
+  ranks by the signed effect (latents whose ablation moves the probe's logit away from the
+  concept's positive class come last; the rule of this eval's version 1.0).
+* how many latents: SAEBench ablates ``min(N, #nonzero effects)`` latents, the largest
+  first; default the same; ``eval.only_nonzero_effects=false`` always ablates ``N`` (version 1.0).
+  Ties are broken by the lower latent index (SAEBench: ``torch.topk``'s order).
+* headline: SAEBench picks dir1 or dir2 per pair from the biased probe's accuracies (above);
+  default the same; ``eval.direction=dir1`` always reports dir1 (version 1.0).
+* denominator: SAEBench scores 0 when ``A_clean - A_orig < 0.001``; default the same;
+  ``eval.denominator=ratio`` reports the ratio for any nonzero denominator (negative ones
+  too) and NaN when ``A_clean == A_orig`` (version 1.0).
+* masked positions (hf data only; no option, deliberate): SAEBench ablates every position of
+  a padded text, so at a masked (BOS/pad/EOS, zeroed) position the latents of the zero
+  vector that are in ``S`` are subtracted too and enter the text's mean-pool; saeravel pools
+  over the non-special tokens only, so masked positions never change.
+* effects use model-space latents ``a`` (SAEBench: the SAE's latents ``f``; the same for
+  SAEs that do not normalise their input).
+* probes are scikit-learn logistic regressions with ``C`` chosen on a validation split
+  (SAEBench trains torch probes with an L1 penalty and early stopping); ``N`` is capped at
+  ``d_sae`` instead of failing on narrow SAEs.
 """
 
 from __future__ import annotations
@@ -54,6 +83,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -77,6 +107,39 @@ log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("auto", "embedded", "hf")
 EPS = 1e-12
+# SAEBench scores a direction 0 when its denominator A_clean - A_orig is below this.
+SAEBENCH_MIN_DENOMINATOR = 0.001
+
+
+class Ranking(str, Enum):
+    """``eval.ranking``: how latents are ordered for ablation."""
+
+    absolute = "absolute"  # |effect| (SAEBench)
+    signed = "signed"  # effect, largest first
+
+
+class Direction(str, Enum):
+    """``eval.direction``: which direction ``scr_metric_threshold_N`` reports."""
+
+    saebench = "saebench"  # per pair from the biased probe's accuracies (SAEBench)
+    dir1 = "dir1"  # always dir1
+
+
+class Denominator(str, Enum):
+    """``eval.denominator``: the score when ``A_clean - A_orig`` is small or negative."""
+
+    saebench = "saebench"  # 0 when A_clean - A_orig < 0.001 (SAEBench)
+    ratio = "ratio"  # the ratio for any nonzero denominator, NaN at 0
+
+
+def option(value: Any, kind: type[Enum], name: str) -> Enum:
+    """``value`` (a member or its name) as a member of ``kind``, or a one-line error."""
+    if isinstance(value, kind):
+        return value
+    text = value.value if isinstance(value, Enum) else str(value)
+    choose(name, text, [m.value for m in kind])
+    return kind(text)
+
 
 # LabHC/bias_in_bios: ``profession`` (ClassLabel, alphabetical) and ``gender`` (0 male, 1 female).
 BIOS_PROFESSIONS = (
@@ -160,8 +223,12 @@ class ScrEvalConfig(EvalConfig):
     """SAEBench's SCR (see the module docstring)."""
 
     name: str = "scr"
-    version: str = "1.0"
+    version: str = "2.0"
     data_source: str = "auto"
+    ranking: Ranking = Ranking.absolute
+    only_nonzero_effects: bool = True
+    direction: Direction = Direction.saebench
+    denominator: Denominator = Denominator.saebench
     embedded_attributes: list[str] = field(default_factory=lambda: ["Continent", "Language"])
     embedded_pairs: list[list[str]] = field(default_factory=list)
     embedded_max_pairs: int = 2
@@ -241,16 +308,38 @@ def model_space_latents(sae: SAE, resid: np.ndarray, latents: np.ndarray) -> np.
     return latents * std.numpy()
 
 
-def latent_effects(a: np.ndarray, y: np.ndarray, w: np.ndarray, w_dec: np.ndarray) -> np.ndarray:
+def latent_effects(
+    a: np.ndarray, y: np.ndarray, w: np.ndarray, w_dec: np.ndarray, clamp: bool = False
+) -> np.ndarray:
     """``(mean(a | y=1) - mean(a | y=0)) * (W_dec @ w)``: each latent's mean effect on the
-    logit of a linear probe with raw-space weight ``w``."""
+    logit of a linear probe with raw-space weight ``w``; ``clamp`` sets negative mean
+    differences to 0 first (SAEBench's TPP: only latents more active on the class count)."""
     diff = a[y == 1].mean(0) - a[y == 0].mean(0)
+    if clamp:
+        diff = np.maximum(diff, 0.0)
     return diff * (w_dec @ w)
 
 
-def top_latents(effects: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` latents with the largest signed effect (ties broken by lower index)."""
-    return np.argsort(-effects, kind="stable")[:n]
+def ranking_scores(effects: np.ndarray, ranking: Ranking | str) -> np.ndarray:
+    """The scores latents are ranked by: ``|effects|`` (absolute) or ``effects`` (signed)."""
+    rank = option(ranking, Ranking, "eval.ranking")
+    return np.abs(effects) if rank is Ranking.absolute else effects
+
+
+def latent_order(scores: np.ndarray) -> np.ndarray:
+    """Latent indices by descending score (ties broken by lower index)."""
+    return np.argsort(-scores, kind="stable")
+
+
+def n_selected(scores: np.ndarray, n: int, only_nonzero: bool) -> int:
+    """How many of the top latents are ablated for ``N = n``: ``n``, or with
+    ``only_nonzero`` (SAEBench's rule) ``min(n, number of nonzero scores)``."""
+    return min(n, int(np.count_nonzero(scores))) if only_nonzero else n
+
+
+def top_latents(scores: np.ndarray, n: int, only_nonzero: bool = False) -> np.ndarray:
+    """The latents ablated for ``N = n``: the ``n_selected`` largest scores, largest first."""
+    return latent_order(scores)[: n_selected(scores, n, only_nonzero)]
 
 
 def ablate(x: np.ndarray, a: np.ndarray, w_dec: np.ndarray, latents: np.ndarray) -> np.ndarray:
@@ -538,10 +627,30 @@ def _balanced(
     return np.sort(np.concatenate([rng.choice(r, m, replace=False) for r in rows]))
 
 
-def scr_score(a_abl: float, a_orig: float, a_clean: float) -> float:
-    """``(A_abl - A_orig) / (A_clean - A_orig)``; NaN when ``A_clean == A_orig``."""
+def scr_score(
+    a_abl: float, a_orig: float, a_clean: float, denominator: Denominator | str = "saebench"
+) -> float:
+    """``(A_abl - A_orig) / (A_clean - A_orig)``. ``saebench``: 0 when ``A_clean - A_orig <
+    0.001``; ``ratio``: the ratio for any nonzero denominator, NaN when it is 0."""
     denom = a_clean - a_orig
+    if option(denominator, Denominator, "eval.denominator") is Denominator.saebench:
+        return 0.0 if denom < SAEBENCH_MIN_DENOMINATOR else (a_abl - a_orig) / denom
     return (a_abl - a_orig) / denom if abs(denom) > EPS else math.nan
+
+
+def headline_direction(
+    orig_dir1: float, orig_dir2: float, direction: Direction | str = "saebench"
+) -> int | None:
+    """The direction ``scr_metric`` reports for one pair. ``saebench``: 1 when the biased
+    probe is less accurate on the column1 test set than on the column2 one, 2 when more,
+    None (no headline) on a tie; ``dir1``: always 1."""
+    if option(direction, Direction, "eval.direction") is Direction.dir1:
+        return 1
+    if orig_dir1 < orig_dir2:
+        return 1
+    if orig_dir1 > orig_dir2:
+        return 2
+    return None
 
 
 def scr_pair(
@@ -579,14 +688,24 @@ def scr_pair(
     probe1, c1 = train(idx_4, y1)
     probe2, c2 = train(idx_4, y2)
     a_train = data.a["train"][idx_4["train"]]
-    order1 = np.argsort(-latent_effects(a_train, y1["train"], linear_probe_weights(probe1)[0],
-                                        w_dec), kind="stable")  # fmt: skip
-    order2 = np.argsort(-latent_effects(a_train, y2["train"], linear_probe_weights(probe2)[0],
-                                        w_dec), kind="stable")  # fmt: skip
+    scores = {
+        d: ranking_scores(
+            latent_effects(a_train, y["train"], linear_probe_weights(p)[0], w_dec), cfg.ranking
+        )
+        for d, (p, y) in ((1, (probe1, y1)), (2, (probe2, y2)))
+    }
+    order = {d: latent_order(scores[d]) for d in (1, 2)}
+    n_nonzero = {d: int(np.count_nonzero(scores[d])) for d in (1, 2)}
     xt, at = data.x["test"][idx_4["test"]], data.a["test"][idx_4["test"]]
     yt = {1: y1["test"], 2: y2["test"]}
     clean = {1: accuracy(probe1, xt, yt[1]), 2: accuracy(probe2, xt, yt[2])}
     orig = {d: accuracy(biased, xt, yt[d]) for d in (1, 2)}
+    head = headline_direction(orig[1], orig[2], cfg.direction)
+
+    def chosen(d: int, n: int) -> np.ndarray:  # latents of the concept probe ablated in dir d
+        probe_dir = 2 if d == 1 else 1  # dir1 ablates the column2 (spurious) probe's latents
+        return order[probe_dir][: n_selected(scores[probe_dir], n, cfg.only_nonzero_effects)]
+
     out: dict[str, Any] = {
         "pair": list(pair),
         "n_rows": {
@@ -599,20 +718,41 @@ def scr_pair(
         ),
         "clean_accuracy": {"dir1": clean[1], "dir2": clean[2]},
         "original_accuracy": {"dir1": orig[1], "dir2": orig[2]},
+        "headline_direction": head,
         "ablated_accuracy": {"dir1": {}, "dir2": {}},
+        "n_latents_ablated": {"dir1": {}, "dir2": {}},
+        "n_nonzero_effects": {"column2_probe": n_nonzero[2], "column1_probe": n_nonzero[1]},
         "top_latents": {
-            "column2_probe": order2[:10].tolist(),
-            "column1_probe": order1[:10].tolist(),
+            "column2_probe": chosen(1, 10).tolist(),
+            "column1_probe": chosen(2, 10).tolist(),
         },
         "scores": {},
     }
     for n, n_abl in n_eff:
-        for d, order in ((1, order2), (2, order1)):
-            acc = accuracy(biased, ablate(xt, at, w_dec, order[:n_abl]), yt[d])
+        for d in (1, 2):
+            latents = chosen(d, n_abl)
+            acc = accuracy(biased, ablate(xt, at, w_dec, latents), yt[d])
             out["ablated_accuracy"][f"dir{d}"][str(n)] = acc
-            out["scores"][f"scr_dir{d}_threshold_{n}"] = scr_score(acc, orig[d], clean[d])
-        out["scores"][f"scr_metric_threshold_{n}"] = out["scores"][f"scr_dir1_threshold_{n}"]
+            out["n_latents_ablated"][f"dir{d}"][str(n)] = len(latents)
+            score = scr_score(acc, orig[d], clean[d], cfg.denominator)
+            out["scores"][f"scr_dir{d}_threshold_{n}"] = score
+        out["scores"][f"scr_metric_threshold_{n}"] = (
+            math.nan if head is None else out["scores"][f"scr_dir{head}_threshold_{n}"]
+        )
     return out
+
+
+def rules(cfg: Any) -> dict[str, Any]:
+    """The rules the scores were computed with (and whether they are all SAEBench's)."""
+    used = {
+        "ranking": option(cfg.ranking, Ranking, "eval.ranking").value,
+        "only_nonzero_effects": bool(cfg.only_nonzero_effects),
+        "direction": option(cfg.direction, Direction, "eval.direction").value,
+        "denominator": option(cfg.denominator, Denominator, "eval.denominator").value,
+    }
+    saebench = {"ranking": "absolute", "only_nonzero_effects": True, "direction": "saebench",
+                "denominator": "saebench"}  # fmt: skip
+    return {**used, "saebench": used == saebench, "masked_positions_ablated": False}
 
 
 def metric_keys(n_values: Sequence[int]) -> list[str]:
@@ -639,6 +779,7 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     source = resolve_source(cfg.data_source, ctx.model)
     n_eff, capped = effective_n_values(cfg.n_values, ctx.sae.d_sae)
     check_probe_cfg(cfg)
+    used_rules = rules(cfg)
     hook = hook_of(ctx)
     rng = np.random.default_rng(cfg.seed)
     details: list[dict[str, Any]] = []
@@ -685,6 +826,7 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     unstructured = {
         "data_source": source,
         "hook_name": hook,
+        "rules": used_rules,
         "pairs": {name: [list(p) for p in pairs] for name, pairs in plan},
         "n_values_capped": capped,
         "n_pairs": len(details),

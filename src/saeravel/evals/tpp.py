@@ -3,12 +3,15 @@
 For every class ``i`` of a task, a balanced one-vs-rest logistic regression probe ``P_i`` is
 trained on the activations ``x`` at the SAE's hook (train split; ``C`` chosen on the val
 split; :func:`saeravel.evals.sparse_probing.fit_probe`). Its latents are ranked by
-``effect_j = (mean_{y=1} a_j - mean_{y=0} a_j) * (w_i . W_dec[j])`` on its training rows
-(``a`` = latents times the input's layer-norm std, ``w_i`` the probe's raw-space weight;
-see :mod:`saeravel.evals.scr`). For each ``N`` in ``n_values`` (capped at ``d_sae``, listed
-in ``eval_result_unstructured.n_values_capped``) the top ``N`` latents of class ``i`` are
-zero-ablated keeping the SAE error, ``x' = x - a[:, S_i] @ W_dec[S_i]``, and every probe is
-re-scored on its own balanced test set:
+``effect_j = max(mean_{y=1} a_j - mean_{y=0} a_j, 0) * (w_i . W_dec[j])`` on its training
+rows (``a`` = latents times the input's layer-norm std, ``w_i`` the probe's raw-space
+weight; see :mod:`saeravel.evals.scr`): only latents more active on the class count
+(``eval.clamp_mean_diff``, SAEBench's rule), largest signed effect first. For each ``N`` in
+``n_values`` (capped at ``d_sae``, listed in ``eval_result_unstructured.n_values_capped``)
+the top ``k = min(N, number of latents with a nonzero effect)`` latents of class ``i``
+(``eval.only_nonzero_effects``, SAEBench's rule; ``eval_result_details[*].n_latents_ablated``
+records ``k``) are zero-ablated keeping the SAE error, ``x' = x - a[:, S_i] @ W_dec[S_i]``,
+and every probe is re-scored on its own balanced test set:
 
 * ``intended_i = acc(P_i, x) - acc(P_i, x')`` (the targeted probe's accuracy drop);
 * ``unintended_i = mean_{j != i} (acc(P_j, x) - acc(P_j, x'))``.
@@ -16,15 +19,32 @@ re-scored on its own balanced test set:
 Metrics (group ``tpp_metrics``, SAEBench's names), averaged over the classes of a task, then
 over tasks: ``tpp_threshold_N_intended_diff_only``, ``tpp_threshold_N_unintended_diff_only``
 and ``tpp_threshold_N_total_metric = intended - unintended`` (higher is better: ablating a
-class's latents hurts its own probe and no other).
+class's latents hurts its own probe and no other). ``eval_result_unstructured.rules``
+records the rules the numbers were computed with.
 
 Data: the embedded model uses the city-token activation in every template, classes the
 most frequent values of ``attribute`` (default ``Continent``) with the world's entity split
 (:func:`saeravel.evals.sparse_probing.embedded_tasks`); real models use SAEBench's datasets
 (bias in bios class set 1, Amazon reviews categories), mean-pooled over non-special tokens.
 
-Differences from SAEBench: scikit-learn probes with a validation-selected ``C`` (SAEBench:
-torch probes with an L1 penalty and early stopping); ``N`` capped at ``d_sae``.
+Differences from SAEBench (SAEBench ``sae_bench/evals/scr_and_tpp``; default = SAEBench's
+rule unless said otherwise):
+
+* clamp: SAEBench sets negative mean differences to 0 before multiplying by ``w . W_dec``;
+  default the same; ``eval.clamp_mean_diff=false`` keeps them (latents less active on the
+  class whose decoder points against the probe then rank high too; the rule of this eval's
+  version 1.0).
+* how many latents: SAEBench ablates ``k = min(N, #nonzero effects)`` latents, the ``k``
+  largest effects (which can include zero-effect latents ranked above negative ones);
+  default the same; ``eval.only_nonzero_effects=false`` always ablates the top ``N``
+  (version 1.0). Ties are broken by the lower latent index (SAEBench: ``torch.topk``'s order).
+* masked positions (hf data only; no option, deliberate): SAEBench ablates every position of
+  a padded text, so masked (BOS/pad/EOS, zeroed) positions change by the ablated latents of
+  the zero vector and enter the mean-pool; saeravel pools over non-special tokens only.
+* effects use model-space latents ``a`` (SAEBench: the SAE's latents ``f``; the same for
+  SAEs that do not normalise their input).
+* scikit-learn probes with a validation-selected ``C`` (SAEBench: torch probes with an L1
+  penalty and early stopping); ``N`` capped at ``d_sae``.
 """
 
 from __future__ import annotations
@@ -48,7 +68,9 @@ from saeravel.evals.scr import (
     effective_n_values,
     hook_of,
     latent_effects,
+    latent_order,
     model_space_latents,
+    n_selected,
     nanmean,
     require_decoder,
     resolve_source,
@@ -75,8 +97,10 @@ class TppEvalConfig(EvalConfig):
     """SAEBench's TPP (see the module docstring)."""
 
     name: str = "tpp"
-    version: str = "1.0"
+    version: str = "2.0"
     data_source: str = "auto"
+    clamp_mean_diff: bool = True
+    only_nonzero_effects: bool = True
     attribute: str = "Continent"
     max_classes: int = 5
     min_train_entities: int = 5
@@ -112,7 +136,7 @@ def tpp_task(
     rng: np.random.Generator,
 ) -> dict[str, Any]:
     """Probe accuracies before and after each class's ablations, and the TPP differences."""
-    probes, idx_test, y_test, order, clean = {}, {}, {}, {}, {}
+    probes, idx_test, y_test, order, clean, effects = {}, {}, {}, {}, {}, {}
     for cls in task.classes:
         idx, y = {}, {}
         for split in SPLITS:
@@ -127,17 +151,26 @@ def tpp_task(
             max_iter=cfg.max_iter,
         )
         w, _ = linear_probe_weights(model)
-        effects = latent_effects(task.a["train"][idx["train"]], y["train"], w, w_dec)
-        order[cls] = np.argsort(-effects, kind="stable")
+        effects[cls] = latent_effects(
+            task.a["train"][idx["train"]], y["train"], w, w_dec, clamp=cfg.clamp_mean_diff
+        )
+        order[cls] = latent_order(effects[cls])
         probes[cls], idx_test[cls], y_test[cls] = model, idx["test"], y["test"]
         clean[cls] = accuracy(model, task.x["test"][idx["test"]], y["test"])
+
+    def chosen(cls: str, n: int) -> np.ndarray:
+        return order[cls][: n_selected(effects[cls], n, cfg.only_nonzero_effects)]
+
     xt, at = task.x["test"], task.a["test"]
     ablated: dict[str, dict[str, dict[str, float]]] = {}
+    n_ablated: dict[str, dict[str, int]] = {}
     per_n: dict[str, dict[str, float]] = {}
     for n, n_abl in n_eff:
         intended, unintended = [], []
         for i in task.classes:
-            x_abl = ablate(xt, at, w_dec, order[i][:n_abl])
+            latents = chosen(i, n_abl)
+            n_ablated.setdefault(str(n), {})[i] = len(latents)
+            x_abl = ablate(xt, at, w_dec, latents)
             acc = {j: accuracy(probes[j], x_abl[idx_test[j]], y_test[j]) for j in task.classes}
             ablated.setdefault(str(n), {})[i] = acc
             intended.append(clean[i] - acc[i])
@@ -149,7 +182,9 @@ def tpp_task(
         "classes": task.classes,
         "clean_accuracy": clean,
         "ablated_accuracy": ablated,
-        "top_latents": {c: order[c][:10].tolist() for c in task.classes},
+        "n_latents_ablated": n_ablated,
+        "n_nonzero_effects": {c: int(np.count_nonzero(effects[c])) for c in task.classes},
+        "top_latents": {c: chosen(c, 10).tolist() for c in task.classes},
         **{
             key: value
             for n, d in per_n.items()
@@ -160,6 +195,15 @@ def tpp_task(
             )
         },
     }
+
+
+def rules(cfg: Any) -> dict[str, Any]:
+    """The rules the numbers were computed with (and whether they are all SAEBench's)."""
+    used = {
+        "clamp_mean_diff": bool(cfg.clamp_mean_diff),
+        "only_nonzero_effects": bool(cfg.only_nonzero_effects),
+    }
+    return {**used, "saebench": all(used.values()), "masked_positions_ablated": False}
 
 
 def metric_keys(n_values: Sequence[int]) -> list[str]:
@@ -245,6 +289,7 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     unstructured = {
         "data_source": source,
         "hook_name": hook,
+        "rules": rules(cfg),
         "classes": {t.name: t.classes for t in tasks},
         "n_rows": {t.name: {s: len(t.labels[s]) for s in SPLITS} for t in tasks},
         "n_values_capped": capped,
