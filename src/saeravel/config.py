@@ -273,6 +273,7 @@ class RavelEvalConfig(EvalConfig):
     name: str = "ravel"
     version: str = "2.0"
     recipe: RavelRecipe = MISSING
+    recipe_label: str = ""
     protocol: RavelProtocol = RavelProtocol.saeravel
     method: RavelMethod = RavelMethod.all
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])

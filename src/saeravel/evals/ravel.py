@@ -696,7 +696,7 @@ def train_and_score(
     r["train"] = {**_rates(train_ok, pairs["train"]), "ce_first_token": train_ce,
                   "rule": "first_token"}  # fmt: skip
     r["training"] = convergence(curve)
-    r["recipe"] = cfg.recipe
+    r["recipe"] = {"name": str(cfg.recipe), "label": cfg.recipe_label}
     state = method.own_state()
     if cfg.mask.refine and method.mask is not None:
         info = refine_mask(method, pairs["train"], bank, runner, cfg, ctx, desc)
