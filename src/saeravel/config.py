@@ -248,7 +248,7 @@ class MaskConfig:
     schedule: Schedule = Schedule.linear
     t_start: float = 10.0
     t_end: float = 0.1
-    anneal_fraction: float = 1.0
+    anneal_fraction: float = 0.667
     estimator: MaskEstimator = MaskEstimator.soft
     l1: float = 0.0
     eval: MaskEval = MaskEval.hard
@@ -272,7 +272,7 @@ class RavelEvalConfig(EvalConfig):
 
     name: str = "ravel"
     version: str = "2.0"
-    recipe: RavelRecipe = MISSING
+    recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
     recipe_label: str = ""
     protocol: RavelProtocol = RavelProtocol.saeravel
     method: RavelMethod = RavelMethod.all
@@ -287,7 +287,7 @@ class RavelEvalConfig(EvalConfig):
     max_pairs_per_split: int = 500
     drop_same_label_pairs: bool = True
     add_error: bool = False
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
     optimizer: Optimizer = Optimizer.adam
