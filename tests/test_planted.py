@@ -72,9 +72,23 @@ def neuron_mask(d: int, keep: torch.Tensor) -> NeuronMask:
     return fixed_mask(NeuronMask(d), keep)
 
 
+def neuron_patch(keep: torch.Tensor, b: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return b + keep.float() * (src - b)
+
+
+def latent_patch(sae):
+    """The SAE mask's patch (no normalisation: the planted SAEs have none)."""
+
+    def patch(keep: torch.Tensor, b: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        fb, fs = sae.encode(b), sae.encode(src)
+        return sae.decode(fb + keep.float() * (fs - fb))
+
+    return patch
+
+
 @torch.no_grad()
-def mask_objective(s, attr: str, split: str, d: int):
-    """Hard-mask (first-token) cross entropy and disentangle of a neuron mask on a split."""
+def mask_objective(s, attr: str, split: str, patch=neuron_patch):
+    """Hard-mask (first-token) cross entropy and disentangle of a binary mask on a split."""
     pairs = s.pairs[attr][split]
     b = s.bank([q.base for q in pairs])
     src = s.bank([q.source for q in pairs])
@@ -83,7 +97,7 @@ def mask_objective(s, attr: str, split: str, d: int):
     model = s.lm.model
 
     def f(keep: torch.Tensor) -> tuple[float, float]:
-        v = b + keep.float() * (src - b)
+        v = patch(keep, b, src)
         logits = torch.cat([naive_logits(model, [q.base for q in pairs[i : i + 512]], v[i : i + 512], 0)
                             for i in range(0, len(pairs), 512)])  # fmt: skip
         ok = logits.argmax(-1) == target
@@ -93,7 +107,7 @@ def mask_objective(s, attr: str, split: str, d: int):
     return f
 
 
-def greedy_search(objective, size: int, init: torch.Tensor, passes: int = 4, seed: int = 0):
+def greedy_search(objective, size: int, init: torch.Tensor, passes: int = 3, seed: int = 0):
     """Greedy bit flips that lower the training CE (ties broken by accuracy)."""
     keep = init.clone()
     best = objective(keep)
@@ -112,17 +126,26 @@ def greedy_search(objective, size: int, init: torch.Tensor, passes: int = 4, see
     return keep, best
 
 
-def best_neuron_mask(s, attr: str, split: str = "train") -> tuple[torch.Tensor, float]:
-    """The best neuron mask greedy search finds on ``split``, from three starting points (no
-    swap, everything, and the neurons with most of their energy in A's block)."""
-    truth: PlantedTruth = s.lm.truth
-    d = truth.d_model
-    obj = mask_objective(s, attr, split, d)
-    inits = [torch.zeros(d, dtype=torch.bool), torch.ones(d, dtype=torch.bool),
-             torch.diagonal(truth.projector(attr)) > 0.5]  # fmt: skip
-    results = [greedy_search(obj, d, init) for init in inits]
+def best_mask(s, attr: str, inits: list[torch.Tensor], patch=neuron_patch, split: str = "train"):
+    """The best binary mask greedy search finds on ``split`` (lowest CE over the starts)."""
+    obj = mask_objective(s, attr, split, patch)
+    results = [greedy_search(obj, len(init), init) for init in inits]
     keep, (_, acc) = min(results, key=lambda r: (r[1][0], -r[1][1]))
     return keep, acc
+
+
+def neuron_inits(truth: PlantedTruth, attr: str) -> list[torch.Tensor]:
+    """No swap, and the neurons with most of their energy in A's block."""
+    return [
+        torch.zeros(truth.d_model, dtype=torch.bool),
+        torch.diagonal(truth.projector(attr)) > 0.5,
+    ]
+
+
+def latent_inits(truth: PlantedTruth, sae, attr: str) -> list[torch.Tensor]:
+    """No swap, and the latents whose atom lies mostly in A's block."""
+    energy = ((sae.W_dec @ truth.block_basis(attr)) ** 2).sum(1)
+    return [torch.zeros(sae.d_sae, dtype=torch.bool), energy > 0.5]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +159,7 @@ def worlds(tmp_path_factory):
 
 def test_model_answers_every_fact_and_h_is_the_embedding(worlds):
     for s in worlds.values():
-        lm, truth = s.lm, s.lm.truth
+        truth = s.lm.truth
         assert s.stats["n_known_prompts"] == s.stats["n_prompts"]  # every fact known
         prompts = [q.base for q in s.pairs["Country"]["test"]]
         for p, v in zip(prompts, s.bank(prompts), strict=True):
@@ -237,8 +260,9 @@ def test_aligned_block_mask_is_perfect(worlds):
         assert r["disentangle"] >= 0.95, r
 
 
-def test_planted_sae_mask_on_the_atoms_is_perfect(worlds):
-    for s in worlds.values():
+@pytest.mark.parametrize("basis", ["rotated"])
+def test_planted_sae_mask_on_the_atoms_is_perfect(worlds, basis):
+    for s in [worlds[basis]]:
         truth = s.lm.truth
         sae = planted_sae(truth, 0)
         _, labels = truth.atoms()
@@ -261,18 +285,16 @@ def test_random_dictionary_is_graded_as_such(worlds):
     assert truth.atom_recovery(rnd)["mean"] < 0.8
 
 
-@pytest.mark.parametrize("basis", ["rotated", "mixed"])
+@pytest.mark.parametrize("basis", ["rotated"])
 def test_best_neuron_mask_by_search(worlds, basis):
-    """Rotated: no neuron mask disentangles (the searched mask scores near chance); mixed:
-    reported, not bounded (the lead's acceptance compares trained masks with it)."""
+    """Rotated: no neuron mask disentangles (the searched mask stays near chance)."""
     s = worlds[basis]
     a = "Country"
-    keep, train_acc = best_neuron_mask(s, a)
+    keep, train_acc = best_mask(s, a, neuron_inits(s.lm.truth, a))
     r = run_score(s, neuron_mask(s.lm.truth.d_model, keep), a)
     print(f"\n{basis}: best neuron mask by search, {a}: train {train_acc:.3f} test "
           f"{r['disentangle']:.3f} (cause {r['cause']:.3f} isolation {r['isolation']:.3f})")  # fmt: skip
-    if basis == "rotated":
-        assert r["disentangle"] <= 0.65, r
+    assert r["disentangle"] <= 0.65, r
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -280,7 +302,9 @@ def test_best_neuron_mask_by_search(worlds, basis):
 
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=["model=planted-city-lm", "paths.output_dir=x", *overrides])
+        return compose(
+            "config", overrides=["model=planted-city-lm", "paths.output_dir=x", *overrides]
+        )
 
 
 def test_unknown_basis_fails_at_composition():
@@ -298,7 +322,7 @@ def test_too_small_world_is_one_line_user_error():
     from hydra.utils import instantiate
 
     with pytest.raises(UserError, match="too small for the split") as err:
-        instantiate(_compose(["model.n_entities=8"]).model)
+        instantiate(_compose(["model.n_entities=6"]).model)
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="d_model"):
         instantiate(_compose(["model.d_model=20"]).model)
@@ -328,7 +352,7 @@ def test_bad_basis_on_the_command_line_exits_2(tmp_path):
     p = _run(tmp_path, ["model.basis=bogus"])
     assert p.returncode != 0 and "bogus" in p.stderr
     assert not (tmp_path / "out" / "result.json").exists()
-    p = _run(tmp_path, ["model.n_entities=8"])
+    p = _run(tmp_path, ["model.n_entities=6", "sae=none", "eval.method=neurons", "eval.epochs=1"])
     assert p.returncode == 2, p.stderr
     assert [ln for ln in p.stderr.splitlines() if ln.startswith("error:")] == [
         ln for ln in p.stderr.splitlines() if ln.strip()
@@ -347,3 +371,69 @@ def test_run_py_writes_a_result(tmp_path):
     assert m["baselines"]["sae_recon"]["Country"]["isolation"] == 1.0  # exact SAE
     assert rec["saeravel"]["model_info"]["planted"]["basis"] == "rotated"
     assert 0.0 <= m["ravel"]["sae"]["Country"]["disentangle"] <= 1.0
+
+
+def main() -> None:
+    """``python tests/test_planted.py [--small]``: the numbers of the README table (default
+    sizes of conf/model/planted-city-lm.yaml, held-out entities, saeravel protocol)."""
+    import argparse
+    import logging
+    import tempfile
+
+    from saeravel.config import PlantedModelConfig
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="the test sizes")
+    ap.add_argument("--bases", default=",".join(BASES))
+    ap.add_argument("--search-attrs", default="Country")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    full = PlantedModelConfig()
+    sizes = SMALL if args.small else {k: getattr(full, k) for k in SMALL} | {"d_model": 80}
+    cache = Path(tempfile.mkdtemp())
+    rows = []
+    for basis in args.bases.split(","):
+        lm = PlantedModel(
+            "planted-city-lm",
+            2,
+            sizes["d_model"],
+            0,
+            basis=basis,
+            site_layer=0,
+            device="cpu",
+            **{k: v for k, v in sizes.items() if k != "d_model"},
+        ).load()
+        s = setup(lm, cache, max_pairs=500)
+        truth, d = lm.truth, lm.truth.d_model
+        sae, rnd = planted_sae(truth, 0), random_dictionary(truth, 0)
+        _, labels = truth.atoms()
+        for a in ATTRIBUTES:
+            block = torch.zeros(d, dtype=torch.bool)
+            block[truth.blocks[a]] = True
+            atoms = torch.tensor([lab.startswith(f"{a}=") for lab in labels])
+            rnd_keep = latent_inits(truth, rnd, a)[1]
+            r = {
+                "oracle": run_score(s, ProjectorSwap(truth.projector(a)), a),
+                "swap": run_score(s, FixedIntervention("swap"), a),
+                "none": run_score(s, FixedIntervention("none"), a),
+                "neurons_on_block_coords": run_score(s, neuron_mask(d, block), a),
+                "planted_sae_atoms": run_score(s, fixed_mask(SAEMask(sae), atoms), a),
+                "random_dict_block_latents": run_score(s, fixed_mask(SAEMask(rnd), rnd_keep), a),
+            }
+            if a in args.search_attrs.split(","):
+                keep, tr = best_mask(s, a, neuron_inits(truth, a))
+                r["neurons_search"] = run_score(s, neuron_mask(d, keep), a) | {"train": tr}
+                keep, tr = best_mask(s, a, latent_inits(truth, rnd, a), latent_patch(rnd))
+                r["random_dict_search"] = run_score(s, fixed_mask(SAEMask(rnd), keep), a) | {
+                    "train": tr
+                }
+            for name, v in r.items():
+                extra = f" train {v['train']:.3f}" if "train" in v else ""
+                rows.append(f"{basis:<8} {a:<10} {name:<26} cause {v['cause']:.3f} isolation "
+                            f"{v['isolation']:.3f} disentangle {v['disentangle']:.3f}"
+                            f" (n {v['n_cause']}/{v['n_isolation']}){extra}")  # fmt: skip
+                print(rows[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -102,8 +102,7 @@ def nonce_words(n: int, rng: random.Random, used: set[str], syllables: int = 3) 
     out: list[str] = []
     while len(out) < n:
         w = "".join(
-            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-            for _ in range(syllables)
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
         ).capitalize()
         if w not in used:
             used.add(w)
@@ -156,9 +155,7 @@ def build_planted_world(
         for i, t in enumerate(temps):
             template_split[t] = "test" if i == len(temps) - 1 else ("val" if i == 2 else "train")
     world = CityWorld(
-        entities={
-            e: {a: values[a][codes[e][a]] for a in ATTRIBUTES} for e in sorted(names)
-        },
+        entities={e: {a: values[a][codes[e][a]] for a in ATTRIBUTES} for e in sorted(names)},
         templates={a: list(t) for a, t in TEMPLATES.items()},
         template_split=template_split,
         entity_split=entity_split,
@@ -405,7 +402,9 @@ class PlantedModel:
                 f"({n_sub} planted dims + marker + BOS + {len(ATTRIBUTES)} query dims)"
             )
         if n_layers < 2:
-            raise UserError(f"model.n_layers={n_layers}: needs >= 2 (no-op blocks, then the readout)")
+            raise UserError(
+                f"model.n_layers={n_layers}: needs >= 2 (no-op blocks, then the readout)"
+            )
         for what, lay in (("model.default_layer", default_layer), ("layer", site_layer)):
             if lay is not None and not 0 <= lay <= n_layers - 2:
                 raise UserError(
