@@ -40,8 +40,8 @@ SMALL = {"n_entities": 120, "n_country": 20, "n_continent": 6, "n_language": 10,
 def planted(basis: str = "aligned", **kw):
     args = {**SMALL, **kw}
     d = args.pop("d_model")
-    return PlantedModel("planted-city-lm", 2, d, 0, basis=basis, site_layer=0, device="cpu",
-                        **args).load()  # fmt: skip
+    return PlantedModel("planted-city-lm", n_layers=2, d_model=d, default_layer=0, basis=basis,
+                        site_layer=0, device="cpu", **args).load()  # fmt: skip
 
 
 def setup(lm, cache: Path, protocol: str = "saeravel", max_pairs: int = 200):
@@ -146,6 +146,15 @@ def latent_inits(truth: PlantedTruth, sae, attr: str) -> list[torch.Tensor]:
     """No swap, and the latents whose atom lies mostly in A's block."""
     energy = ((sae.W_dec @ truth.block_basis(attr)) ** 2).sum(1)
     return [torch.zeros(sae.d_sae, dtype=torch.bool), energy > 0.5]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The planted model is tiny: one thread is ~40x faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +306,20 @@ def test_best_neuron_mask_by_search(worlds, basis):
     assert r["disentangle"] <= 0.65, r
 
 
+def test_trained_sae_on_the_planted_model_is_graded(tmp_path):
+    from saeravel.saes.train import TrainedSource
+
+    lm = planted("rotated")
+    src = TrainedSource("trained", 0, k=4, expansion=2, steps=150, n_sequences=150,
+                        cache_dir=str(tmp_path))  # fmt: skip
+    sae = src.load(lm)
+    assert sae.hook_name == "blocks.0.hook_resid_post"
+    rec = lm.truth.atom_recovery(sae)
+    assert rec["n_atoms"] == sum(SMALL[f"n_{a.lower()}"] for a in ATTRIBUTES) + 2 * SMALL["id_dims"]
+    assert 0.0 < rec["min"] <= rec["mean"] <= 1.0
+    assert set(rec["per_block"]) == {*ATTRIBUTES, "identity"}
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -322,10 +345,10 @@ def test_too_small_world_is_one_line_user_error():
     from hydra.utils import instantiate
 
     with pytest.raises(UserError, match="too small for the split") as err:
-        instantiate(_compose(["model.n_entities=6"]).model)
+        instantiate(_compose(["model.n_entities=6"]).model).load()
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="d_model"):
-        instantiate(_compose(["model.d_model=20"]).model)
+        instantiate(_compose(["model.d_model=20"]).model).load()
 
 
 def test_planted_sae_needs_the_planted_model(tiny_model):
@@ -339,7 +362,7 @@ def test_planted_sae_needs_the_planted_model(tiny_model):
 
 
 def _run(tmp_path: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     args = [sys.executable, str(ROOT / "run.py"), "model=planted-city-lm", "device=cpu",
             f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}",
@@ -388,6 +411,7 @@ def main() -> None:
     ap.add_argument("--search-attrs", default="Country")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
     full = PlantedModelConfig()
     sizes = SMALL if args.small else {k: getattr(full, k) for k in SMALL} | {"d_model": 80}
     cache = Path(tempfile.mkdtemp())
@@ -395,9 +419,9 @@ def main() -> None:
     for basis in args.bases.split(","):
         lm = PlantedModel(
             "planted-city-lm",
-            2,
-            sizes["d_model"],
-            0,
+            n_layers=2,
+            d_model=sizes["d_model"],
+            default_layer=0,
             basis=basis,
             site_layer=0,
             device="cpu",

@@ -355,9 +355,22 @@ def build_readout_model(
 
 class PlantedModel:
     """Model source for ``model=planted-city-lm`` (see the module docstring); builds in
-    well under a second, so nothing is cached."""
+    well under a second, so nothing is cached. The arguments are checked by :meth:`validate`
+    (first thing in :meth:`load` and :meth:`key`), not in ``__init__``: Hydra's ``instantiate``
+    would wrap a :class:`UserError` raised there into a multi-line traceback."""
 
-    def __init__(
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self._kwargs = kwargs
+        self._valid = False
+
+    def validate(self) -> None:
+        """One-line :class:`UserError` for a config that cannot be built (nothing heavy)."""
+        if not self._valid:
+            self._setup(self.name, **self._kwargs)
+            self._valid = True
+
+    def _setup(
         self,
         name: str,
         n_layers: int,
@@ -435,10 +448,12 @@ class PlantedModel:
         self.device = resolve_device(device)
 
     def key(self) -> str:
+        self.validate()
         blob = json.dumps({"v": FORMAT_VERSION, **self.cfg}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def build_truth(self) -> tuple[PlantedTruth, CityWorld]:
+        self.validate()
         c = self.cfg
         world, values, codes = build_planted_world(
             c["n_entities"], c["n_two_token"], self.sizes, c["nesting"], c["split_fractions"],
@@ -472,6 +487,7 @@ class PlantedModel:
         """Build the world, the truth and the analytic model."""
         from saeravel.tiny_lm import build_tokenizer
 
+        self.validate()
         if sae_kwargs:
             raise UserError(
                 f"model {self.name} is built here with no weight processing; an SAE asking for "
@@ -530,16 +546,16 @@ class PlantedSAESource:
         self.family = family
         self.layer = layer
         self.dictionary = _value(dictionary)
-        if self.dictionary not in DICTIONARIES:
-            raise UserError(
-                f"unknown sae.dictionary {self.dictionary!r}; valid: {', '.join(DICTIONARIES)}"
-            )
         self.seed = seed
 
     def required_model_kwargs(self) -> dict[str, Any]:
         return {}
 
     def load(self, model: LoadedModel) -> SAE:
+        if self.dictionary not in DICTIONARIES:
+            raise UserError(
+                f"unknown sae.dictionary {self.dictionary!r}; valid: {', '.join(DICTIONARIES)}"
+            )
         truth = getattr(model, "truth", None)
         if not isinstance(truth, PlantedTruth):
             raise UserError(f"sae=planted needs model=planted-city-lm (got model {model.name})")
