@@ -347,6 +347,8 @@ def build_readout_model(
             sd["unembed.W_U"][:, ids(v)] = logit_scale * B[:, j]
     sd["unembed.b_U"][ids(".")] = END_BIAS * logit_scale * truth.value_scale
     model.load_state_dict(sd)
+    if not hasattr(model, "ln_final"):  # normalization_type=None has none; SuffixRunner calls it
+        model.ln_final = torch.nn.Identity()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
