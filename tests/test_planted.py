@@ -191,6 +191,23 @@ def test_info_is_json_and_keyed_on_the_config():
     assert m["cross_attribute_pairs"] > 0
 
 
+def test_nesting_dial_and_world_json_round_trip():
+    from saeravel.planted import build_planted_world
+    from saeravel.ravel.prompts import few_shot_templates
+    from saeravel.world import CityWorld
+
+    sizes = {"Country": 10, "Continent": 4, "Language": 5}
+    for nesting, nested in ((1.0, True), (0.0, False)):
+        world, _, _ = build_planted_world(200, 2, sizes, nesting, [0.6, 0.1, 0.3], seed=0)
+        cont: dict[str, set[str]] = {}
+        for e in world.entities.values():
+            cont.setdefault(e["Country"], set()).add(e["Continent"])
+        assert all(len(v) == 1 for v in cont.values()) == nested
+    again = CityWorld.from_json(json.loads(json.dumps(world.to_json())))
+    assert again.few_shot_prompts == world.few_shot_prompts
+    assert few_shot_templates(again, list(ATTRIBUTES)) == world.few_shot_prompts  # zero-shot
+
+
 def test_suffix_runner_equals_full_forward(worlds):
     from saeravel.ravel.intervene import SuffixRunner
 
