@@ -64,6 +64,39 @@ class EmbeddedModelConfig(ModelConfig):
     cache_dir: str = II("paths.cache_dir")
 
 
+class PlantedBasis(str, Enum):
+    """The orthogonal Q of the planted world (saeravel.planted): ``aligned`` (Q = I),
+    ``rotated`` (random Q over the planted subspace), ``mixed`` (45-degree 2x2 rotations
+    pairing dims of different attributes)."""
+
+    aligned = "aligned"
+    rotated = "rotated"
+    mixed = "mixed"
+
+
+@dataclass
+class PlantedModelConfig(ModelConfig):
+    """The planted ground-truth world: an analytic transformer whose entity representation at
+    the RAVEL site is fixed by construction (saeravel.planted)."""
+
+    _target_: str = "saeravel.planted.PlantedModel"
+    n_entities: int = 200
+    n_two_token: int = 4
+    n_country: int = 40
+    n_continent: int = 6
+    n_language: int = 12
+    id_dims: int = 8
+    basis: PlantedBasis = PlantedBasis.aligned
+    nesting: float = 0.0
+    value_scale: float = 1.0
+    logit_scale: float = 10.0
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    world_seed: int = 0
+    basis_seed: int = 0
+    site_layer: int = II("layer")
+    n_ctx: int = 64
+
+
 # ----------------------------------------------------------------------------- SAEs
 
 
@@ -136,6 +169,24 @@ class TrainedSAEConfig(SAEConfig):
     n_sequences: int = 3000
     dataset: str = "Skylion007/openwebtext"
     cache_dir: str = II("paths.cache_dir")
+
+
+class PlantedDictionary(str, Enum):
+    """``planted``: the planted atoms; ``random``: +- a random orthonormal basis of the
+    planted subspace (the chance-level control)."""
+
+    planted = "planted"
+    random = "random"
+
+
+@dataclass
+class PlantedSAEConfig(SAEConfig):
+    """The planted world's exact SAE (saeravel.planted), or its random-dictionary control."""
+
+    _target_: str = "saeravel.planted.PlantedSAESource"
+    family: str = "planted"
+    dictionary: PlantedDictionary = PlantedDictionary.planted
+    seed: int = 0
 
 
 @dataclass
@@ -341,12 +392,14 @@ def register_configs() -> None:
     cs.store(name="schema_config", node=Config)
     cs.store(group="model", name="schema_transformer_lens", node=TransformerLensModelConfig)
     cs.store(group="model", name="schema_embedded", node=EmbeddedModelConfig)
+    cs.store(group="model", name="schema_planted", node=PlantedModelConfig)
     cs.store(group="sae", name="schema_sae_lens", node=SaeLensSAEConfig)
     cs.store(group="sae", name="schema_apollo", node=ApolloSAEConfig)
     cs.store(group="sae", name="schema_local", node=LocalSAEConfig)
     cs.store(group="sae", name="schema_custom", node=CustomSAEConfig)
     cs.store(group="sae", name="schema_trained", node=TrainedSAEConfig)
     cs.store(group="sae", name="schema_none", node=NoSAEConfig)
+    cs.store(group="sae", name="schema_planted", node=PlantedSAEConfig)
     from saeravel.evals import discover
 
     for spec in discover().values():

@@ -52,6 +52,7 @@ class LoadedModel:
     processing: dict[str, Any] = field(default_factory=dict)
     world: Any = None  # the embedded city world (saeravel.world.CityWorld) when there is one
     info: dict[str, Any] = field(default_factory=dict)
+    truth: Any = None  # the planted ground truth (saeravel.planted.PlantedTruth) when known
 
     @property
     def n_layers(self) -> int:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TL_MODEL = "saeravel.models.TransformerLensModel"
 EMBEDDED_MODEL = "saeravel.tiny_lm.EmbeddedModel"
+PLANTED_MODEL = "saeravel.planted.PlantedModel"
 PROBE_TIMEOUT_S = 10.0
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
 _TRUE = ("1", "ON", "YES", "TRUE")
@@ -585,13 +586,15 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
 
     model_name = cfg.model.name
     target = cfg.model._target_
-    embedded = target == EMBEDDED_MODEL
+    embedded = target in (EMBEDDED_MODEL, PLANTED_MODEL)  # both carry their own world
     model_item: Item | None = None
     if target == TL_MODEL:
         if Path(cfg.model.hf_name).expanduser().exists():
             plan.skip(f"model={model_name}", f"a local folder ({cfg.model.hf_name})")
         else:
             model_item = plan.add(ModelItem(cfg.model))
+    elif target == PLANTED_MODEL:
+        plan.skip(f"model={model_name}", "planted: built analytically at run time, nothing to fetch")
     elif embedded:
         if train_embedded:
             model_item = plan.add(EmbeddedModelItem(instantiate(cfg.model)))
@@ -632,6 +635,7 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
 def _plan_sae(cfg: DictConfig, plan: Plan, model_item: Item | None, train_embedded: bool) -> None:
     from hydra.utils import instantiate
 
+    from saeravel.planted import PlantedSAESource
     from saeravel.saes.loaders import (
         ApolloWandbSource,
         CustomSource,
@@ -647,6 +651,13 @@ def _plan_sae(cfg: DictConfig, plan: Plan, model_item: Item | None, train_embedd
         plan.add(SaeLensItem(*source.resolve()))
     elif isinstance(source, ApolloWandbSource):
         plan.add(ApolloItem(source))
+    elif isinstance(source, PlantedSAESource):
+        plan.skip(f"sae={family}", "built from the planted world at run time, nothing to fetch")
+    elif isinstance(source, TrainedSource) and cfg.model._target_ == PLANTED_MODEL:
+        plan.skip(
+            f"sae={family} on {cfg.model.name}",
+            "trained here on the planted world's fact sentences on first use, nothing to download",
+        )
     elif isinstance(source, TrainedSource):
         if cfg.model._target_ != EMBEDDED_MODEL:
             plan.skip(

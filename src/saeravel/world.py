@@ -84,6 +84,9 @@ class CityWorld:
     entity_split: dict[str, str] = field(default_factory=dict)
     wikipedia_prompts: dict[str, dict[str, str]] = field(default_factory=dict)
     few_shot_cities: list[str] = field(default_factory=list)
+    # Optional prompt per attribute for the saeravel protocol (``%s`` = the entity); used
+    # before ``few_shot_cities`` (e.g. zero-shot prompts of a nonce world).
+    few_shot_prompts: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -93,6 +96,7 @@ class CityWorld:
             "entity_split": self.entity_split,
             "wikipedia_prompts": self.wikipedia_prompts,
             "few_shot_cities": self.few_shot_cities,
+            "few_shot_prompts": self.few_shot_prompts,
         }
 
     @classmethod

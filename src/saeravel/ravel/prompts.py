@@ -141,7 +141,9 @@ def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str
     """One 5-shot template per attribute: the world's own, or the paper's on real RAVEL data."""
     out = {}
     for a in attributes:
-        if world.few_shot_cities:
+        if a in getattr(world, "few_shot_prompts", {}):
+            out[a] = world.few_shot_prompts[a]
+        elif world.few_shot_cities:
             out[a] = few_shot_prompt(world, a)
         elif a in PAPER_FEW_SHOT:
             out[a] = PAPER_FEW_SHOT[a]

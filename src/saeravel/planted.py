@@ -1,0 +1,587 @@
+"""``model=planted-city-lm`` and ``sae=planted``: a world whose ground truth is known.
+
+The model is built analytically (no training). Entities have nonce names (a few of two
+tokens: a shared generic prefix, then a unique last token) and three attributes drawn
+independently per entity (Country, Continent, Language; with ``nesting`` > 0 a fraction of
+the entities has its Continent a fixed function of its Country). At the RAVEL site, the
+residual after block ``layer`` at the entity's last token, the representation is
+
+    h(e) = m + R c(e),   c(e) = [onehot(Country) ; onehot(Continent) ; onehot(Language) ; z_e]
+
+scaled by ``value_scale``: one-hot value codes per attribute block, ``z_e`` a low-dimensional
+random identity code (``id_dims``; it is read by nothing, so it cannot be used to memorise
+entities), ``m`` the entity-marker direction, the one part identical for every entity, kept
+OUTSIDE the rotated subspace. ``R`` is the identity except on the planted subspace (the
+blocks), where it is ``Q``: ``aligned`` (Q = I, each neuron is one value of one attribute),
+``rotated`` (a random orthogonal Q), ``mixed`` (45-degree rotations of pairs of dims of
+different attributes; when one block is larger than all others together, its leftover dims
+pair among themselves, see :meth:`PlantedTruth.describe`).
+
+Blocks ``0..n_layers-2`` are no-ops (zero weights), so the embedding of the entity's last
+token IS h(e) after any of them (every such layer is a site). The last block is the readout:
+one attention head per attribute; its query fires only on that attribute's query word (every
+template ends with "country", "continent" or "language"), its key is the entity marker, and
+a BOS attention sink takes the attention of every head whose attribute is not asked, so
+those read nothing. Its OV circuit is the projector onto the attribute's block, and the
+unembedding row of each value word is that value's atom times ``logit_scale``, so the answer
+to A is read from A's block and from nothing else; "." gets a small bias (0.1 of a full
+logit), so a value word is followed by ".". Coordinates: the blocks first (Country,
+Continent, Language, identity), then the marker, the BOS dim, one query dim per attribute,
+and unused dims up to ``d_model``.
+
+The truth (:class:`PlantedTruth`, ``LoadedModel.truth``) gives each block's projector at the
+site and grades any SAE's decoder by atom recovery. :class:`PlantedSAESource` builds the
+exact SAE (one atom per value, +- atoms per identity coordinate, ReLU encoder = decoder
+transposed, the marker as ``b_dec``) or a random orthonormal dictionary of the same subspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from saeravel.errors import UserError
+from saeravel.models import LoadedModel, resolve_device
+from saeravel.ravel.intervene import Intervention
+from saeravel.saes.base import SAE, SAEIdentity, resid_post_hook
+from saeravel.world import CityWorld
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ATTRIBUTES = ("Country", "Continent", "Language")
+IDENTITY = "identity"
+BASES = ("aligned", "rotated", "mixed")
+DICTIONARIES = ("planted", "random")
+QUERY_WORD = {"Country": "country", "Continent": "continent", "Language": "language"}
+PREFIX_WORD = "Port"  # the shared first token of the two-token names
+MIN_SPLIT_ENTITIES = 4  # train and test each need this many entities
+ATTENTION_GAP = 20.0  # logit margin of the readout's attention (entity vs sink)
+END_BIAS = 0.1  # logit of "." as a fraction of a full value logit
+
+# Every template ends with the attribute's query word: that is what the readout's query reads.
+TEMPLATES = {
+    "Country": [
+        "%s is a town in the country",
+        "%s belongs to the country",
+        "the home of %s is the country",
+        "visitors to %s enter the country",
+    ],
+    "Continent": [
+        "%s is a town on the continent",
+        "%s belongs to the continent",
+        "the home of %s is the continent",
+        "visitors to %s reach the continent",
+    ],
+    "Language": [
+        "%s is a town speaking the language",
+        "people of %s speak the language",
+        "the home of %s uses the language",
+        "visitors to %s hear the language",
+    ],
+}
+
+_ONSETS = "b d f g k l m n p r s t v z br dr gr kl pl st tr vr".split()
+_VOWELS = "a e i o u".split()
+_CODAS = ["", "", "n", "r", "s", "l", "k"]
+
+
+def _value(x: Any) -> str:
+    """An Enum member or its string, as the string."""
+    return str(getattr(x, "value", x))
+
+
+def nonce_words(n: int, rng: random.Random, used: set[str], syllables: int = 3) -> list[str]:
+    """``n`` new capitalised pronounceable nonsense words, none in ``used`` (updated)."""
+    out: list[str] = []
+    while len(out) < n:
+        w = "".join(
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)
+        ).capitalize()
+        if w not in used:
+            used.add(w)
+            out.append(w)
+    return out
+
+
+# ----------------------------------------------------------------------------- world
+
+
+def split_sizes(n: int, fractions: list[float]) -> tuple[int, int, int]:
+    """Train / val / test entity counts, as :func:`build_planted_world` splits."""
+    n_tr, n_va = int(fractions[0] * n), int(fractions[1] * n)
+    return n_tr, n_va, n - n_tr - n_va
+
+
+def build_planted_world(
+    n_entities: int,
+    n_two_token: int,
+    sizes: dict[str, int],
+    nesting: float,
+    split_fractions: list[float],
+    seed: int,
+) -> tuple[CityWorld, dict[str, list[str]], dict[str, dict[str, int]]]:
+    """The nonce world, the value words per attribute (in code order) and each entity's
+    value indices. Values are drawn independently per entity; a fraction ``nesting`` of the
+    entities gets Continent = f(Country) for one fixed random f."""
+    rng = random.Random(seed)
+    used = {w for ts in TEMPLATES.values() for t in ts for w in t.replace("%s", " ").split()}
+    used |= {PREFIX_WORD, "."}
+    values = {a: nonce_words(sizes[a], rng, used, 2) for a in ATTRIBUTES}
+    names = nonce_words(n_entities, rng, used, 3)
+    names = [f"{PREFIX_WORD} {w}" if i < n_two_token else w for i, w in enumerate(names)]
+    f = [rng.randrange(sizes["Continent"]) for _ in range(sizes["Country"])]
+    nested = set(rng.sample(range(n_entities), round(nesting * n_entities)))
+    codes: dict[str, dict[str, int]] = {}
+    for i, e in enumerate(names):
+        c = {a: rng.randrange(sizes[a]) for a in ATTRIBUTES}
+        if i in nested:
+            c["Continent"] = f[c["Country"]]
+        codes[e] = c
+    order = sorted(names)
+    rng.shuffle(order)
+    n_tr, n_va, _ = split_sizes(n_entities, split_fractions)
+    entity_split = {e: "train" for e in order[:n_tr]}
+    entity_split.update({e: "val" for e in order[n_tr : n_tr + n_va]})
+    entity_split.update({e: "test" for e in order[n_tr + n_va :]})
+    template_split = {}
+    for temps in TEMPLATES.values():
+        for i, t in enumerate(temps):
+            template_split[t] = "test" if i == len(temps) - 1 else ("val" if i == 2 else "train")
+    world = CityWorld(
+        entities={e: {a: values[a][codes[e][a]] for a in ATTRIBUTES} for e in sorted(names)},
+        templates={a: list(t) for a, t in TEMPLATES.items()},
+        template_split=template_split,
+        entity_split=entity_split,
+        few_shot_prompts={a: TEMPLATES[a][0] for a in ATTRIBUTES},  # zero-shot
+    )
+    return world, values, codes
+
+
+def vocabulary(world: CityWorld) -> list[str]:
+    words: set[str] = {".", PREFIX_WORD}
+    for e, attrs in world.entities.items():
+        words.update(e.split())
+        for v in attrs.values():
+            words.update(v.split())
+    for temps in world.templates.values():
+        for t in temps:
+            words.update(t.replace("%s", " ").split())
+    return sorted(words)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def mixed_pairs(blocks: dict[str, list[int]]) -> list[tuple[int, int]]:
+    """Pairs of coordinates for the ``mixed`` basis: each time one dim of each of the two
+    blocks with the most dims left; leftover dims of one block pair among themselves."""
+    left = {b: list(ix) for b, ix in blocks.items()}
+    pairs = []
+    while True:
+        order = sorted((b for b in left if left[b]), key=lambda b: -len(left[b]))
+        if len(order) >= 2:
+            pairs.append((left[order[0]].pop(0), left[order[1]].pop(0)))
+        elif order and len(left[order[0]]) >= 2:
+            ix = left[order[0]]
+            pairs.append((ix.pop(0), ix.pop(0)))
+        else:
+            return pairs
+
+
+def basis_matrix(basis: str, blocks: dict[str, list[int]], d_model: int, seed: int) -> torch.Tensor:
+    """R [d_model, d_model], orthogonal; column j is the direction of coordinate j."""
+    n_sub = sum(len(ix) for ix in blocks.values())
+    R = torch.eye(d_model, dtype=torch.float64)
+    if basis == "rotated":
+        gen = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(n_sub, n_sub, generator=gen, dtype=torch.float64))
+        R[:n_sub, :n_sub] = q * torch.sign(torch.diagonal(r))
+    elif basis == "mixed":
+        s = 0.5**0.5
+        for i, j in mixed_pairs(blocks):
+            R[i, i], R[j, i], R[i, j], R[j, j] = s, s, s, -s
+    return R.float()
+
+
+@dataclass
+class PlantedTruth:
+    """What the planted world knows: every block's subspace at the site, the atoms, the
+    representations. ``blocks`` maps block name -> coordinate indices (before rotation)."""
+
+    basis: str
+    d_model: int
+    blocks: dict[str, list[int]]
+    R: torch.Tensor
+    marker: torch.Tensor
+    value_scale: float
+    values: dict[str, list[str]]
+    codes: dict[str, dict[str, int]]
+    identity_codes: dict[str, torch.Tensor]
+    dims: dict[str, int] = field(default_factory=dict)  # marker, bos, query_<A>
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def block_basis(self, name: str) -> torch.Tensor:
+        """Orthonormal columns [d_model, n] spanning block ``name`` at the site."""
+        if name not in self.blocks:
+            raise UserError(f"no planted block {name!r}; valid: {', '.join(self.blocks)}")
+        return self.R[:, self.blocks[name]]
+
+    def projector(self, name: str) -> torch.Tensor:
+        """Orthogonal projector [d_model, d_model] onto block ``name`` at the site."""
+        B = self.block_basis(name)
+        return B @ B.T
+
+    def representation(self, entity: str) -> torch.Tensor:
+        """h(entity) [d_model]: the residual at the site at the entity's last token."""
+        c = torch.zeros(self.d_model)
+        for a in ATTRIBUTES:
+            c[self.blocks[a][self.codes[entity][a]]] = self.value_scale
+        c[self.blocks[IDENTITY]] = self.identity_codes[entity]
+        return self.marker + self.R @ c
+
+    def atoms(self) -> tuple[torch.Tensor, list[str]]:
+        """The planted atoms [n_atoms, d_model] (unit norm) and their labels: one per value,
+        +- one per identity coordinate."""
+        rows, labels = [], []
+        for a in ATTRIBUTES:
+            for j, col in enumerate(self.block_basis(a).T):
+                rows.append(col)
+                labels.append(f"{a}={self.values[a][j]}")
+        for j, col in enumerate(self.block_basis(IDENTITY).T):
+            rows += [col, -col]
+            labels += [f"{IDENTITY}[{j}]+", f"{IDENTITY}[{j}]-"]
+        return torch.stack(rows), labels
+
+    @torch.no_grad()
+    def atom_recovery(self, sae: Any) -> dict[str, Any]:
+        """For each planted atom the max cosine to the SAE's decoder rows; mean and min,
+        overall and per block, and the fraction of atoms recovered at cosine >= 0.9."""
+        atoms, labels = self.atoms()
+        dec = sae.W_dec.detach().float().cpu()
+        dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        best = (atoms @ dec.T).max(dim=1).values
+        out: dict[str, Any] = {
+            "mean": float(best.mean()),
+            "min": float(best.min()),
+            "frac_above_0.9": float((best >= 0.9).float().mean()),
+            "n_atoms": len(labels),
+            "d_sae": int(dec.shape[0]),
+            "per_block": {},
+        }
+        for b in self.blocks:
+            sel = torch.tensor([lab.startswith(b) for lab in labels])
+            out["per_block"][b] = {"mean": float(best[sel].mean()), "min": float(best[sel].min())}
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary: basis, block sizes and coordinates, the constant part."""
+        n_sub = sum(len(ix) for ix in self.blocks.values())
+        out = {
+            "basis": self.basis,
+            "d_model": self.d_model,
+            "blocks": {b: len(ix) for b, ix in self.blocks.items()},
+            "block_coordinates": {b: [ix[0], ix[-1] + 1] for b, ix in self.blocks.items()},
+            "planted_subspace_dims": n_sub,
+            "constant_part": "entity-marker direction (coordinate "
+            f"{self.dims['marker']}, outside the rotated subspace), norm 1",
+            "value_scale": self.value_scale,
+            "n_entities": len(self.codes),
+            **self.config,
+        }
+        if self.basis == "mixed":
+            owner = {i: b for b, ix in self.blocks.items() for i in ix}
+            pairs = mixed_pairs(self.blocks)
+            cross = sum(owner[i] != owner[j] for i, j in pairs)
+            out["mixed"] = {"pairs": len(pairs), "cross_attribute_pairs": cross,
+                            "unmixed_dims": n_sub - 2 * cross}  # fmt: skip
+        return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_readout_model(
+    truth: PlantedTruth, world: CityWorld, tokenizer: Any, n_layers: int, n_ctx: int,
+    logit_scale: float, device: str = "cpu",
+) -> Any:  # fmt: skip
+    """The analytic HookedTransformer: no-op blocks, then the per-attribute readout block."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    d, n_heads = truth.d_model, len(ATTRIBUTES)
+    d_head = max(len(truth.blocks[a]) for a in ATTRIBUTES)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d, n_heads=n_heads, d_head=d_head, d_vocab=len(tokenizer),
+        n_ctx=n_ctx, attn_only=True, normalization_type=None, act_fn="relu",
+        positional_embedding_type="standard", default_prepend_bos=True, device=device, seed=0,
+    )  # fmt: skip
+    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+    sd = model.state_dict()
+    for k, _ in model.named_parameters():  # every weight zero; buffers (masks) kept
+        sd[k] = torch.zeros_like(sd[k])
+    ids = tokenizer.convert_tokens_to_ids
+    W_E = sd["embed.W_E"]
+    W_E[tokenizer.bos_token_id, truth.dims["bos"]] = 1.0
+    for e in world.entities:
+        W_E[ids(e.split()[-1])] = truth.representation(e)
+    for a in ATTRIBUTES:
+        W_E[ids(QUERY_WORD[a]), truth.dims[f"query_{a}"]] = 1.0
+    L = n_layers - 1
+    scale = d_head**0.5  # cancels the attention's 1/sqrt(d_head)
+    for h, a in enumerate(ATTRIBUTES):
+        B = truth.block_basis(a)
+        n = B.shape[1]
+        sd[f"blocks.{L}.attn.W_Q"][h, truth.dims[f"query_{a}"], 0] = 2 * ATTENTION_GAP * scale
+        sd[f"blocks.{L}.attn.b_Q"][h, 1] = ATTENTION_GAP * scale
+        sd[f"blocks.{L}.attn.W_K"][h, truth.dims["marker"], 0] = 1.0
+        sd[f"blocks.{L}.attn.W_K"][h, truth.dims["bos"], 1] = 1.0
+        sd[f"blocks.{L}.attn.W_V"][h, :, :n] = B
+        sd[f"blocks.{L}.attn.W_O"][h, :n, :] = B.T
+        for j, v in enumerate(truth.values[a]):
+            sd["unembed.W_U"][:, ids(v)] = logit_scale * B[:, j]
+    sd["unembed.b_U"][ids(".")] = END_BIAS * logit_scale * truth.value_scale
+    model.load_state_dict(sd)
+    if not hasattr(model, "ln_final"):  # normalization_type=None has none; SuffixRunner calls it
+        model.ln_final = torch.nn.Identity()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class PlantedModel:
+    """Model source for ``model=planted-city-lm`` (see the module docstring); builds in
+    well under a second, so nothing is cached. The arguments are checked by :meth:`validate`
+    (first thing in :meth:`load` and :meth:`key`), not in ``__init__``: Hydra's ``instantiate``
+    would wrap a :class:`UserError` raised there into a multi-line traceback."""
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        self._kwargs = kwargs
+        self._valid = False
+
+    def validate(self) -> None:
+        """One-line :class:`UserError` for a config that cannot be built (nothing heavy)."""
+        if not self._valid:
+            self._setup(self.name, **self._kwargs)
+            self._valid = True
+
+    def _setup(
+        self,
+        name: str,
+        n_layers: int,
+        d_model: int,
+        default_layer: int,
+        n_entities: int = 200,
+        n_two_token: int = 4,
+        n_country: int = 40,
+        n_continent: int = 6,
+        n_language: int = 12,
+        id_dims: int = 8,
+        basis: Any = "aligned",
+        nesting: float = 0.0,
+        value_scale: float = 1.0,
+        logit_scale: float = 10.0,
+        split_fractions: list[float] | None = None,
+        world_seed: int = 0,
+        basis_seed: int = 0,
+        site_layer: int | None = None,
+        n_ctx: int = 64,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        self.name = name
+        basis = _value(basis)
+        if basis not in BASES:
+            raise UserError(f"unknown model.basis {basis!r}; valid: {', '.join(BASES)}")
+        if dtype != "float32":
+            raise UserError(f"model {name} is built in float32 only; got model.dtype={dtype}")
+        self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
+        for a, n in self.sizes.items():
+            if n < 2:
+                raise UserError(f"model.n_{a.lower()}={n}: an attribute needs >= 2 values")
+        if id_dims < 0:
+            raise UserError(f"model.id_dims={id_dims} must be >= 0")
+        n_sub = sum(self.sizes.values()) + id_dims
+        need = n_sub + 2 + len(ATTRIBUTES)
+        if d_model < need:
+            raise UserError(
+                f"model.d_model={d_model} is too small for the planted world: it needs >= {need} "
+                f"({n_sub} planted dims + marker + BOS + {len(ATTRIBUTES)} query dims)"
+            )
+        if n_layers < 2:
+            raise UserError(
+                f"model.n_layers={n_layers}: needs >= 2 (no-op blocks, then the readout)"
+            )
+        for what, lay in (("model.default_layer", default_layer), ("layer", site_layer)):
+            if lay is not None and not 0 <= lay <= n_layers - 2:
+                raise UserError(
+                    f"{what}={lay} is not a site of {name}: the residual after blocks "
+                    f"0..{n_layers - 2} carries h(e) (block {n_layers - 1} is the readout)"
+                )
+        if not 0.0 <= nesting <= 1.0:
+            raise UserError(f"model.nesting={nesting} must be in [0, 1]")
+        if not 0 <= n_two_token <= n_entities:
+            raise UserError(f"model.n_two_token={n_two_token} must be in 0..{n_entities}")
+        fr = list(split_fractions if split_fractions is not None else [0.6, 0.1, 0.3])
+        if len(fr) != 3 or any(f < 0 for f in fr) or sum(fr) > 1 + 1e-9:
+            raise UserError(f"model.split_fractions={fr}: three fractions >= 0 summing to <= 1")
+        n_tr, _, n_te = split_sizes(n_entities, fr)
+        if min(n_tr, n_te) < MIN_SPLIT_ENTITIES:
+            raise UserError(
+                f"planted world too small for the split: model.n_entities={n_entities} with "
+                f"model.split_fractions={fr} gives {n_tr} train / {n_te} test entities; each "
+                f"needs >= {MIN_SPLIT_ENTITIES}"
+            )
+        self.n_layers, self.d_model, self.n_ctx = n_layers, d_model, n_ctx
+        self.cfg = {
+            "n_entities": n_entities, "n_two_token": n_two_token, "sizes": self.sizes,
+            "id_dims": id_dims, "basis": basis, "nesting": nesting, "value_scale": value_scale,
+            "logit_scale": logit_scale, "split_fractions": fr, "world_seed": world_seed,
+            "basis_seed": basis_seed, "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx,
+        }  # fmt: skip
+        self.device = resolve_device(device)
+
+    def key(self) -> str:
+        self.validate()
+        blob = json.dumps({"v": FORMAT_VERSION, **self.cfg}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def build_truth(self) -> tuple[PlantedTruth, CityWorld]:
+        self.validate()
+        c = self.cfg
+        world, values, codes = build_planted_world(
+            c["n_entities"], c["n_two_token"], self.sizes, c["nesting"], c["split_fractions"],
+            c["world_seed"],
+        )  # fmt: skip
+        blocks: dict[str, list[int]] = {}
+        start = 0
+        for b, n in [*self.sizes.items(), (IDENTITY, c["id_dims"])]:
+            blocks[b] = list(range(start, start + n))
+            start += n
+        dims = {"marker": start, "bos": start + 1}
+        dims.update({f"query_{a}": start + 2 + i for i, a in enumerate(ATTRIBUTES)})
+        R = basis_matrix(c["basis"], blocks, self.d_model, c["basis_seed"])
+        marker = torch.zeros(self.d_model)
+        marker[dims["marker"]] = 1.0
+        gen = torch.Generator().manual_seed(c["world_seed"] + 1)
+        k = c["id_dims"]
+        ident = {
+            e: torch.randn(k, generator=gen) * c["value_scale"] / max(1, k) ** 0.5
+            for e in sorted(codes)
+        }
+        truth = PlantedTruth(
+            basis=c["basis"], d_model=self.d_model, blocks=blocks, R=R, marker=marker,
+            value_scale=c["value_scale"], values=values, codes=codes, identity_codes=ident,
+            dims=dims, config={"nesting": c["nesting"], "id_dims": k, "world_seed": c["world_seed"],
+                               "basis_seed": c["basis_seed"], "n_two_token": c["n_two_token"]},
+        )  # fmt: skip
+        return truth, world
+
+    def load(self, sae_kwargs: dict[str, Any] | None = None) -> LoadedModel:
+        """Build the world, the truth and the analytic model."""
+        from saeravel.tiny_lm import build_tokenizer
+
+        self.validate()
+        if sae_kwargs:
+            raise UserError(
+                f"model {self.name} is built here with no weight processing; an SAE asking for "
+                f"{sae_kwargs} was trained on another model"
+            )
+        truth, world = self.build_truth()
+        tokenizer = build_tokenizer(vocabulary(world))
+        model = build_readout_model(
+            truth, world, tokenizer, self.n_layers, self.n_ctx, self.cfg["logit_scale"], self.device
+        )
+        info = {
+            "embedded": True,
+            "planted": truth.describe(),
+            "cache_folder_key": f"planted-{self.key()}",
+            "site_layers": list(range(self.n_layers - 1)),
+        }
+        return LoadedModel(model=model, name=self.name, processing={}, world=world, info=info,
+                           truth=truth)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- SAEs
+
+
+def exact_sae(atoms: torch.Tensor, b_dec: torch.Tensor, layer: int, identity: SAEIdentity) -> SAE:
+    """ReLU SAE with orthonormal (or +- orthonormal) atoms: encoder = decoder transposed."""
+    return SAE(
+        atoms.T.clone(), torch.zeros(len(atoms)), atoms.clone(), b_dec.clone(),
+        activation="relu", apply_b_dec_to_input=True, hook_name=resid_post_hook(layer),
+        identity=identity, cfg_dict={"planted": identity.extra},
+    )  # fmt: skip
+
+
+def planted_sae(truth: PlantedTruth, layer: int) -> SAE:
+    """Atoms Q U_a e_v per value and +- per identity coordinate; exact on every h(e)."""
+    atoms, _ = truth.atoms()
+    ident = SAEIdentity(family="planted", extra={"dictionary": "planted", "n_atoms": len(atoms)})
+    return exact_sae(atoms, truth.marker, layer, ident)
+
+
+def random_dictionary(truth: PlantedTruth, layer: int, seed: int = 0) -> SAE:
+    """+- a random orthonormal basis of the planted subspace (exact, chance-level control)."""
+    S = torch.cat([truth.block_basis(b) for b in truth.blocks], dim=1).double()
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(S.shape[1], S.shape[1], generator=gen, dtype=torch.float64))
+    basis = (S @ q).T.float()
+    atoms = torch.cat([basis, -basis])
+    ident = SAEIdentity(family="planted", extra={"dictionary": "random", "seed": seed,
+                                                 "n_atoms": len(atoms)})  # fmt: skip
+    return exact_sae(atoms, truth.marker, layer, ident)
+
+
+class PlantedSAESource:
+    """SAE source for ``sae=planted`` (only on ``model=planted-city-lm``)."""
+
+    def __init__(self, family: str, layer: int, dictionary: Any = "planted", seed: int = 0) -> None:
+        self.family = family
+        self.layer = layer
+        self.dictionary = _value(dictionary)
+        self.seed = seed
+
+    def required_model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def load(self, model: LoadedModel) -> SAE:
+        if self.dictionary not in DICTIONARIES:
+            raise UserError(
+                f"unknown sae.dictionary {self.dictionary!r}; valid: {', '.join(DICTIONARIES)}"
+            )
+        truth = getattr(model, "truth", None)
+        if not isinstance(truth, PlantedTruth):
+            raise UserError(f"sae=planted needs model=planted-city-lm (got model {model.name})")
+        if not 0 <= self.layer <= model.n_layers - 2:
+            raise UserError(
+                f"sae=planted: layer={self.layer} is not a site of {model.name} (0..{model.n_layers - 2})"
+            )
+        if self.dictionary == "random":
+            sae = random_dictionary(truth, self.layer, self.seed)
+        else:
+            sae = planted_sae(truth, self.layer)
+        sae.identity.family = self.family
+        return sae
+
+
+# ----------------------------------------------------------------------------- references
+
+
+class ProjectorSwap(Intervention):
+    """The oracle: ``b + P (s - b)`` with ``P`` the projector onto the intervened block."""
+
+    def __init__(self, projector: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("P", projector.clone())
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return b + (s - b) @ self.P
