@@ -183,6 +183,8 @@ def test_bad_wandb_options_fail_at_composition(override):
 def test_bad_mode_given_directly_is_a_user_error():
     with pytest.raises(UserError, match="unknown logger.mode 'onlin'.*valid: online, offline"):
         WandbLogger(mode="onlin")
+    with pytest.raises(UserError, match="unknown logger.mode 'onlin'"):  # not Hydra's wrapper
+        build_logger(OmegaConf.create({"_target_": "saeravel.logger.WandbLogger", "mode": "onlin"}))
 
 
 def test_credentials_are_found_in_env_and_netrc(tmp_path, monkeypatch):
@@ -222,7 +224,7 @@ def test_flatten_joins_keys_and_drops_none():
     assert got == {"a/b/c": 1.5, "a/e": [1, 2], "f": "x"}
 
 
-def test_group_is_the_sweep_folder_under_multirun(tmp_path):
+def test_group_is_the_sweep_folder_under_multirun(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -232,7 +234,9 @@ def test_group_is_the_sweep_folder_under_multirun(tmp_path):
     cfg.hydra.mode = RunMode.MULTIRUN
     HydraConfig.instance().set_config(cfg)
     try:
-        assert _sweep_names(sweep / "4_layer=2") == (str(sweep), "4_layer=2")
+        assert _sweep_names(sweep / "4_layer=2") == (str(sweep.resolve()), "4_layer=2")
+        monkeypatch.chdir(tmp_path)  # inside the working directory: a relative group
+        assert _sweep_names(sweep / "4_layer=2") == ("multirun/2026-01-02/03-04-05", "4_layer=2")
         OmegaConf.set_readonly(cfg.hydra, False)  # set_config made it read-only
         cfg.hydra.mode = RunMode.RUN
         HydraConfig.instance().set_config(cfg)

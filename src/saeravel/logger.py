@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from saeravel.errors import choose
+from saeravel.errors import UserError, choose
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,15 @@ def build_logger(node: Any) -> JobLogger:
     :class:`~saeravel.errors.UserError` here, before any model loads."""
     if node is None:
         return NoLogger()
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(node, _convert_="all")
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as exc:  # Hydra wraps the constructor's UserError
+        if isinstance(exc.__cause__, UserError):
+            raise exc.__cause__ from None
+        raise
 
 
 @contextmanager
@@ -105,17 +111,23 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _sweep_names(output_dir: Path) -> tuple[str | None, str | None]:
-    """(group, run name) under a Hydra multirun: the sweep folder and the job's folder name."""
+    """(group, run name) under a Hydra multirun: the sweep's folder (the job folder's parent,
+    relative to the working directory when inside it) and the job's folder name."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
             return None, None
-        sweep_dir = str(HydraConfig.get().sweep.dir)
     except Exception:  # noqa: BLE001 (no Hydra runtime: a plain run)
         return None, None
-    return sweep_dir[-128:], output_dir.name  # wandb caps group names at 128 characters
+    # not hydra.sweep.dir: a launcher that runs jobs in other processes re-resolves its ${now:}
+    sweep = output_dir.resolve().parent
+    try:
+        sweep = sweep.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return str(sweep)[-128:], output_dir.name  # wandb caps group names at 128 characters
 
 
 def _one_line(exc: BaseException) -> str:
