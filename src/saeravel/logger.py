@@ -138,7 +138,9 @@ def _one_line(exc: BaseException) -> str:
 class WandbLogger(JobLogger):
     """``logger=wandb``: one wandb run per job (see the module docstring)."""
 
-    _active: WandbLogger | None = None  # the run open in this process (jobs of a sweep reuse it)
+    # the logger whose run this process has open (Hydra's basic launcher runs a sweep's jobs
+    # one after another in one process)
+    _active: WandbLogger | None = None
 
     def __init__(
         self,
@@ -210,7 +212,7 @@ class WandbLogger(JobLogger):
             # so the offline run is complete on disk when the job ends (the next job's
             # wandb.init starts a new service)
             wandb.teardown()
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 (teardown exits on a service error)
             self._warn("finish", exc)
 
     # -------------------------------------------------------------------- internals
