@@ -353,6 +353,46 @@ class RavelEvalConfig(EvalConfig):
     checkpoint_every_steps: int = 0
 
 
+# ----------------------------------------------------------------------------- loggers
+
+
+@dataclass
+class LoggerConfig:
+    """Common fields of every logger option (``conf/logger/``)."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class NoLoggerConfig(LoggerConfig):
+    """No experiment logger (the default)."""
+
+    _target_: str = "saeravel.logger.NoLogger"
+
+
+class WandbMode(StrEnum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    """One wandb run per job; ``mode`` null = ``WANDB_MODE`` if set, else offline."""
+
+    _target_: str = "saeravel.logger.WandbLogger"
+    project: str = "saeravel"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    notes: str | None = None
+    job_type: str | None = None
+    mode: WandbMode | None = None
+    dir: str | None = None
+    log_artifact: bool = True
+
+
 # ----------------------------------------------------------------------------- top level
 
 
@@ -372,6 +412,7 @@ class Config:
     model: Any = MISSING
     sae: Any = MISSING
     eval: Any = MISSING
+    logger: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     layer: int = II("model.default_layer")
     seed: int = 0
@@ -400,6 +441,8 @@ def register_configs() -> None:
     cs.store(group="sae", name="schema_trained", node=TrainedSAEConfig)
     cs.store(group="sae", name="schema_none", node=NoSAEConfig)
     cs.store(group="sae", name="schema_planted", node=PlantedSAEConfig)
+    cs.store(group="logger", name="schema_none", node=NoLoggerConfig)
+    cs.store(group="logger", name="schema_wandb", node=WandbLoggerConfig)
     from saeravel.evals import discover
 
     for spec in discover().values():
