@@ -94,7 +94,7 @@ def _check_writable(folder: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output folder {folder} is not writable ({exc.strerror})") from None
+        raise UserError(f"folder {folder} is not writable ({exc.strerror})") from None
 
 
 def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
@@ -312,13 +312,31 @@ except ImportError:  # pragma: no cover - hydra < 1.1
     _Callback = object  # type: ignore[assignment,misc]
 
 
+def _folder_error(folder: Path) -> str | None:
+    try:
+        _check_writable(folder)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 class SweepSummary(_Callback):
-    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): after a multirun in which a
-    job failed, one line on stderr naming the failed jobs and exit code 2 (1 if a failure was
-    not bad input, i.e. a bug, whose traceback is in that job's log)."""
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml). Before a run or a sweep: an
+    unwritable run / sweep folder is one line and exit code 2 (Hydra would fail creating it
+    with a traceback). After a multirun in which a job failed: one line on stderr naming the
+    failed jobs and exit code 2 (1 if a failure was not bad input but a bug, whose traceback
+    is in that job's log)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if (msg := _folder_error(Path(str(config.hydra.run.dir)))) is not None:
+            print(f"error: {msg} (hydra.run.dir)", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _FAILED.clear()
+        if (msg := _folder_error(Path(str(config.hydra.sweep.dir)))) is not None:
+            print(f"error: {msg} (hydra.sweep.dir)", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _FAILED:

@@ -133,7 +133,11 @@ def git_commit() -> str | None:
     ``<sha>+dirty.<hash>``, the hash of ``git diff HEAD``, so two different uncommitted edits
     of one commit are two versions (checkpoints of one are not resumed by the other). Computed
     once per process: the code that runs is the code imported at the start."""
-    here = Path(__file__).resolve().parent
+    return code_version(Path(__file__).resolve().parent)
+
+
+def code_version(here: Path) -> str | None:
+    """:func:`git_commit` of the checkout containing the folder ``here``."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
