@@ -161,7 +161,7 @@ def _write_result(
     index when ``index_id`` is given) and its SAEBench translation beside it."""
     name = f"{index_id}.json" if index_id else "result.json"
     path = atomic_write_json(folder / name, record, strict=True)
-    flatten = spec.saebench if spec is not None else None
+    flatten = spec.saebench_metrics() if spec is not None else None
     atomic_write_json(
         folder / saebench_filename(record, index_id), saebench_record(record, flatten), strict=True
     )

@@ -434,7 +434,7 @@ def _summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
     return f"{name:<10} {attr:<10} cause {r['cause']:.3f}  isolation {r['isolation']:.3f}  disentangle {r['disentangle']:.3f}"
 
 
-@register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"))
+@register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"), saebench="saeravel.saebench:ravel_metrics")  # noqa: E501
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
     (``eval.checkpoint_every_s`` / ``eval.checkpoint_every_steps``), each finished (method,
