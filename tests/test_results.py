@@ -389,3 +389,21 @@ def test_unwritable_run_folder_is_one_line_exit_2(tmp_path: Path) -> None:
         assert proc.returncode == 2, err
         assert len(lines) == 1 and "is not writable" in lines[0] and str(blocker) in lines[0], err
         assert "Traceback" not in out + err
+
+
+def test_main_guarded_turns_a_full_disk_into_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """ENOSPC anywhere in a job (here: a write outside atomic_write) is one line, exit 2."""
+    import saeravel.pipeline as pipeline
+
+    def full(cfg: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.pt"))
+
+    monkeypatch.setattr(pipeline, "run", full)
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    with pytest.raises(SystemExit) as info:
+        pipeline.main_guarded(cfg)
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(err) == 1 and f"no space left on the device of {tmp_path / 'run'}" in err[0]
