@@ -407,3 +407,14 @@ def test_main_guarded_turns_a_full_disk_into_one_line(
     assert info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(err) == 1 and f"no space left on the device of {tmp_path / 'run'}" in err[0]
+
+
+def test_ctrl_c_line_names_the_checkpoint_step(tmp_path: Path) -> None:
+    from saeravel.checkpoint import CheckpointStore
+    from saeravel.pipeline import _progress
+
+    store = CheckpointStore(tmp_path / "job.ckpt")
+    assert _progress(store) == "" and _progress(None) == ""
+    store.save("scored-neurons-Country", {"cause": 0.5})
+    store.save("train-neurons-Continent", {"step": 30, "total": 120})
+    assert _progress(store) == " from step 30 of 120 (train-neurons-Continent)"
