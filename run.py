@@ -10,8 +10,8 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    main_guarded(cfg)
+def main(cfg: DictConfig) -> object:
+    return main_guarded(cfg)
 
 
 if __name__ == "__main__":

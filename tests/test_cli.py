@@ -51,6 +51,13 @@ def test_unwritable_results_dir(tmp_path):
     assert not (tmp_path / "out" / "result.json").exists()
 
 
+def test_unknown_key_added_with_plus_is_one_line(tmp_path):
+    """Hydra's own hint for a misspelt key is `+eval.epoch=2`; it must not run 20 epochs."""
+    msg = _one_line_error(_run(["+eval.epoch=2", "sae=none", "eval.method=das"], tmp_path))
+    assert "unknown config key eval.epoch (did you mean eval.epochs?)" in msg
+    assert not (tmp_path / "out" / "result.json").exists()
+
+
 def test_unknown_group_option_lists_valid_choices(tmp_path):
     proc = _run(["sae=opneai_v5_32k"], tmp_path)
     assert proc.returncode != 0

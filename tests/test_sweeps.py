@@ -335,7 +335,7 @@ def test_job_hash_ignores_device_paths_and_logging_but_not_the_job() -> None:
         ["device=cuda"],
         ["paths.cache_dir=/elsewhere", "paths.results_dir=/r", "paths.output_dir=/o"],
         ["log_level=DEBUG", "force=true"],
-        ["model.batch_size=3", "eval.batch_size=4", "eval.save_artifacts=false"],
+        ["model.batch_size=3", "eval.save_artifacts=false"],
         ["eval.checkpoint_every_s=0", "eval.checkpoint_every_steps=5"],
     ]
     different = [
@@ -344,6 +344,8 @@ def test_job_hash_ignores_device_paths_and_logging_but_not_the_job() -> None:
         ["seed=1"],
         ["eval.epochs=3"],
         ["model.n_cities=50"],
+        ["eval.batch_size=4"],  # RAVEL's training batch
+        ["sae.batch_size=64"],  # the SAE's training batch
     ]
     base, *rest = _hashes([[], *same, *different])
     assert rest[: len(same)] == [base] * len(same)

@@ -1,17 +1,28 @@
 """``run(cfg)``: config in, one result JSON out.
 
-Order matters for correctness: the SAE source is resolved before the model so the model is
-loaded with the weight processing the SAE was trained on; the SAE's width and hook are
-checked against the model and the layer before any compute.
+Order matters for correctness: unknown config keys (even added with Hydra's ``+``) and
+unwritable folders fail before anything loads; a stored result is returned only after it is
+checked to be this job's (:func:`saeravel.results.check_record`); the SAE source is resolved
+before the model so the model is loaded with the weight processing the SAE was trained on; the
+SAE's width and hook are checked against the model and the layer before any compute.
+
+:func:`main_guarded` is the command line's wrapper: bad input, a full disk and Ctrl-C end in one
+line on stderr (exit 2, 2 and 130); in a sweep a failed job is recorded and the others go on,
+and :class:`SweepSummary` (a Hydra callback, conf/config.yaml) ends the sweep with one line
+naming the failed jobs and a non-zero exit code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import errno
 import logging
 import os
 import random
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +31,23 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from saeravel import __version__
 from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import UserError
-from saeravel.evals import get_eval
+from saeravel.evals import EvalSpec, get_eval
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.results import atomic_write_json, build_record, git_commit, job_hash, load_complete
+from saeravel.results import (
+    atomic_write_json,
+    build_record,
+    git_commit,
+    job_hash,
+    load_stored,
+    no_space_error,
+    saebench_filename,
+    saebench_record,
+)
 from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
 
 log = logging.getLogger("saeravel")
@@ -73,7 +94,7 @@ def _check_writable(folder: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"output folder {folder} is not writable ({exc.strerror})") from None
+        raise UserError(f"folder {folder} is not writable ({exc.strerror})") from None
 
 
 def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
@@ -92,35 +113,108 @@ def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
         )
 
 
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key of a schema-typed node must be a field of its schema. Hydra's ``+`` adds any
+    key, even to a typed node (``+eval.epoch=2`` would run the default 20 epochs): a one-line
+    :class:`UserError` naming the key and its closest valid names. Free-form dict fields
+    (``model.from_pretrained_kwargs``, ``sae.kwargs``) take any key."""
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(schema):
+            valid = [f.name for f in dataclasses.fields(schema)]
+            for key in node.keys():
+                if str(key) not in valid:
+                    where = f"{prefix}.{key}" if prefix else str(key)
+                    close = difflib.get_close_matches(str(key), valid, n=3)
+                    hint = (
+                        f" (did you mean {', '.join(f'{prefix}.{c}'.lstrip('.') for c in close)}?)"
+                        if close
+                        else ""
+                    )
+                    raise UserError(
+                        f"unknown config key {where}{hint}; valid keys of "
+                        f"{prefix or 'the top level'}: {', '.join(v for v in valid if not v.startswith('_'))}"
+                    )
+        for key in node.keys():
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{prefix}.{key}" if prefix else str(key))
+
+    walk(cfg, "")
+
+
+def _resolve(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or "a required key"
+        raise UserError(f"{key} is required (set it on the command line: {key}=...)") from None
+    assert isinstance(out, dict)
+    return out
+
+
+def _write_result(
+    folder: Path, record: Mapping[str, Any], spec: EvalSpec | None, index_id: str | None = None
+) -> Path:
+    """Write ``record`` into ``folder`` (``result.json``, or ``<job hash>.json`` in the job-hash
+    index when ``index_id`` is given) and its SAEBench translation beside it."""
+    name = f"{index_id}.json" if index_id else "result.json"
+    path = atomic_write_json(folder / name, record, strict=True)
+    flatten = spec.saebench_metrics() if spec is not None else None
+    atomic_write_json(
+        folder / saebench_filename(record, index_id), saebench_record(record, flatten), strict=True
+    )
+    return path
+
+
+# The running job's checkpoint store, for the line printed on Ctrl-C.
+_ACTIVE: dict[str, CheckpointStore] = {}
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Run one job; return its result record (or the existing one when skipped)."""
     logging.getLogger("saeravel").setLevel(cfg.log_level)
     start = time.time()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_known_keys(cfg)
+    resolved = _resolve(cfg)
     jid = job_hash(resolved)
     out_dir = Path(cfg.paths.output_dir)
-    store = Path(cfg.paths.results_dir) / cfg.eval.name / f"{jid}.json"
+    index = Path(cfg.paths.results_dir) / cfg.eval.name
+    store = index / f"{jid}.json"
     checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
-    if not cfg.force and (done := load_complete(store)) is not None:
-        log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
-        atomic_write_json(out_dir / "result.json", done)  # this sweep's folder is complete too
-        checkpoint.clear()  # left over if a job stopped between its result and this cleanup
-        return done
+    _ACTIVE["checkpoint"] = checkpoint
+    spec = get_eval(cfg.eval.name)
+    uses_sae = spec.needs_sae(cfg.eval)
+    sae_name = cfg.sae.get("family", "?") if uses_sae else "none"
+    log.info(
+        "job %s: model=%s sae=%s layer=%s eval=%s%s -> %s",
+        jid, cfg.model.name, sae_name, cfg.layer, cfg.eval.name,
+        f" method={cfg.eval.method}" if "method" in cfg.eval else "", out_dir,
+    )  # fmt: skip
+    _check_writable(out_dir)
+    _check_writable(index)
+    if not cfg.force:
+        done, why = load_stored(store, jid, resolved)
+        if done is not None:
+            log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
+            _write_result(out_dir, done, spec)  # this sweep's folder is complete too
+            checkpoint.clear()  # left over if a job stopped between its result and this cleanup
+            return done
+        if why is not None:
+            log.warning("stored result %s is not this job's (%s); recomputing", store, why)
     checkpoint.claim({"job_hash": jid, "saeravel": __version__, "git_commit": git_commit()})
     if checkpoint.names():
         log.info("job %s has checkpoints in %s; continuing from them", jid, checkpoint.folder)
-    _check_writable(out_dir)
-    _check_writable(store.parent)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    spec = get_eval(cfg.eval.name)
     n_layers = cfg.model.n_layers
     if not 0 <= cfg.layer < n_layers:
         raise UserError(
             f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}"
         )
 
-    sae_source = instantiate(cfg.sae) if spec.needs_sae(cfg.eval) else None
+    sae_source = instantiate(cfg.sae) if uses_sae else None
     sae_kwargs = sae_source.required_model_kwargs() if sae_source is not None else {}
     model = instantiate(cfg.model).load(sae_kwargs)
     if model.n_layers != n_layers:
@@ -146,6 +240,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     output: EvalOutput = spec.run(cfg.eval, ctx)
     record = build_record(
         eval_name=spec.name,
+        eval_type_id=spec.saebench_type_id,
         eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         metrics=output.metrics,
         details=output.details,
@@ -160,8 +255,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         job_id=jid,
         runtime_s=round(time.time() - start, 2),
     )
-    path = atomic_write_json(out_dir / "result.json", record)
-    atomic_write_json(store, record)
+    path = _write_result(out_dir, record, spec)
+    _write_result(index, record, spec, index_id=jid)
     checkpoint.clear()  # the result is complete: nothing left to resume
     for line in output.summary:
         log.info(line)
@@ -169,20 +264,125 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return record
 
 
-def main_guarded(cfg: DictConfig) -> dict[str, Any] | None:
-    """``run`` for the command line: a :class:`UserError` becomes one line and exit code 2;
-    anything else is logged with the job's output folder before it propagates."""
+def _progress(store: CheckpointStore | None) -> str:
+    """Where the checkpoints of an interrupted job stand (" from step N of M (name)"), or ""."""
+    if store is None:
+        return ""
+    try:
+        names = [n for n in store.names() if n.startswith("train-")]
+        for name in names:
+            state = store.load(name)
+            if isinstance(state, dict) and "step" in state:
+                total = f" of {state['total']}" if "total" in state else ""
+                return f" from step {state['step']}{total} ({name})"
+    except Exception:  # noqa: BLE001 - a progress hint must never replace the real message
+        return ""
+    return ""
+
+
+class JobFailure:
+    """What :func:`main_guarded` returns for a failed job of a sweep. Creating one, also by
+    unpickling the job's return value in the sweep's process (submitit launchers), records it
+    for :class:`SweepSummary`."""
+
+    def __init__(self, job: str, message: str, user_error: bool = True) -> None:
+        self.job, self.message, self.user_error = job, message, user_error
+        _FAILED[job] = self
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (JobFailure, (self.job, self.message, self.user_error))
+
+
+_FAILED: dict[str, JobFailure] = {}
+
+
+def _job_label() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        job = HydraConfig.get().job
+        return f"#{job.num} ({job.override_dirname or 'no overrides'})"
+    except Exception:  # noqa: BLE001
+        return "#?"
+
+
+try:
+    from hydra.experimental.callback import Callback as _Callback
+except ImportError:  # pragma: no cover - hydra < 1.1
+    _Callback = object  # type: ignore[assignment,misc]
+
+
+def _folder_error(folder: Path) -> str | None:
+    try:
+        _check_writable(folder)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+class SweepSummary(_Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml). Before a run or a sweep: an
+    unwritable run / sweep folder is one line and exit code 2 (Hydra would fail creating it
+    with a traceback). After a multirun in which a job failed: one line on stderr naming the
+    failed jobs and exit code 2 (1 if a failure was not bad input but a bug, whose traceback
+    is in that job's log)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if (msg := _folder_error(Path(str(config.hydra.run.dir)))) is not None:
+            print(f"error: {msg} (hydra.run.dir)", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _FAILED.clear()
+        if (msg := _folder_error(Path(str(config.hydra.sweep.dir)))) is not None:
+            print(f"error: {msg} (hydra.sweep.dir)", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _FAILED:
+            return
+        failed = sorted(_FAILED.values(), key=lambda f: f.job)
+        parts = "; ".join(f"{f.job}: {f.message}" for f in failed)
+        print(
+            f"error: {len(failed)} job(s) of the sweep failed: {parts}", file=sys.stderr, flush=True
+        )
+        sys.exit(2 if all(f.user_error for f in failed) else 1)
+
+
+def main_guarded(cfg: DictConfig) -> dict[str, Any] | JobFailure | None:
+    """``run`` for the command line. A :class:`UserError` (or a full disk) becomes one line on
+    stderr and exit code 2; Ctrl-C one line and exit code 130; anything else is logged with the
+    job's output folder before it propagates. In a sweep a failed job returns a
+    :class:`JobFailure` instead of exiting, so the other jobs run, and :class:`SweepSummary`
+    reports it at the end."""
+    logging.raiseExceptions = False  # a full disk must not print a traceback per log line
+    _ACTIVE.clear()
     try:
         return run(cfg)
-    except UserError as exc:
+    except KeyboardInterrupt:
+        where = _progress(_ACTIVE.get("checkpoint"))
+        print(f"stopped; rerun the same command to continue{where}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (UserError, OSError) as exc:
+        if isinstance(exc, OSError):
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return _crashed(cfg, exc)
+            folder = Path(exc.filename).parent if exc.filename else Path(cfg.paths.output_dir)
+            exc = no_space_error(folder)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if _is_multirun():  # one bad job must not stop the others of a sweep
             log.error("job failed: %s", exc)
-            return None
+            return JobFailure(_job_label(), str(exc))
         sys.exit(2)
-    except Exception:
-        log.exception("job failed (output folder %s)", cfg.paths.get("output_dir", "?"))
-        raise
+    except Exception as exc:
+        return _crashed(cfg, exc)
+
+
+def _crashed(cfg: DictConfig, exc: Exception) -> JobFailure:
+    log.exception("job failed (output folder %s)", cfg.paths.get("output_dir", "?"))
+    if _is_multirun():
+        return JobFailure(_job_label(), f"{type(exc).__name__}: {exc}", user_error=False)
+    raise exc
 
 
 def _is_multirun() -> bool:

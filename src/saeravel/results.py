@@ -3,16 +3,28 @@
 Top-level keys follow SAEBench's result layout (``eval_type_id``, ``eval_config``,
 ``eval_id``, ``datetime_epoch_millis``, ``eval_result_metrics``, ``eval_result_details``,
 ``eval_result_unstructured``, ``sae_lens_id``, ``sae_lens_release_id``, ``sae_lens_version``,
-``sae_cfg_dict``) so its readers load ours; the rest is saeravel's provenance. NaN is
-written as NaN (Python's json), never as -1.
+``sae_cfg_dict``); the rest is saeravel's provenance. Result records are strict JSON: a NaN
+(an undefined score) is written as ``null``, never as -1 and never as the ``NaN`` literal that
+Python's json (and so SAEBench's own writer) emits and strict parsers reject. Beside every
+``result.json`` the pipeline writes a translation in SAEBench's own layout and file name
+(:func:`saebench_record`, :func:`saebench_filename`).
+
+A job's identity (:func:`job_hash`) is a hash of its resolved config without the paths listed in
+:data:`NON_RESULT_PATHS` / :data:`NON_RESULT_EVAL_PATHS` (each with the reason it does not change
+a result); every other key, including any added later, is part of it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -24,15 +36,84 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from saeravel import RESULT_SCHEMA_VERSION, __version__
+from saeravel.errors import UserError
 
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformer-lens", "sae-lens", "hydra-core", "omegaconf", "numpy")
-# Config keys that do not change a job's result, left out of its identity hash.
-NON_RESULT_KEYS = frozenset(
-    {"device", "cache_dir", "batch_size", "save_artifacts", "log_level", "force", "paths"}
-    | {"checkpoint_every_s", "checkpoint_every_steps"}
-)
+# Dotted config paths that do not change a job's result, each with the reason; they are left
+# out of the job's identity (a path names a key and everything under it). Every other key is
+# hashed: a new config key changes results until it is listed here (tests/test_results.py walks
+# every option of every config group and fails on a listed path that does not exist).
+NON_RESULT_PATHS: dict[str, str] = {
+    "device": "where the job runs (cpu/cuda), not what it computes",
+    "force": "whether an existing result is recomputed",
+    "log_level": "how much is logged",
+    "paths": "where caches, results and this job's folder live",
+    "model.device": "interpolates `device`",
+    "model.batch_size": "inference batch size of the model (forward passes only)",
+    "model.cache_dir": "where the embedded model is cached (its identity is its config)",
+    "sae.cache_dir": "where trained or downloaded SAEs are cached",
+}
+# Paths under ``eval`` that do not change the result of the eval called ``cfg.eval.name``
+# (``batch_size`` is an inference batch in most evals but RAVEL's *training* batch: hashed there).
+NON_RESULT_EVAL_PATHS: dict[str, dict[str, str]] = {
+    "ravel": {
+        "save_artifacts": "whether learned masks are also saved beside result.json",
+        "checkpoint_every_s": "how often training state is saved for a resume (same result)",
+        "checkpoint_every_steps": "how often training state is saved for a resume (same result)",
+    },
+    "absorption": {"batch_size": "prompts per forward pass when collecting activations"},
+    "autointerp": {
+        "batch_size": "rows per forward pass when collecting activations",
+        "judge.api_key_env": "which environment variable holds the judge's API key",
+        "judge.max_concurrency": "judge requests in flight at once",
+    },
+    "scr": {"batch_size": "prompts per forward pass when collecting activations"},
+    "tpp": {"batch_size": "prompts per forward pass when collecting activations"},
+    "sparse_probing": {"batch_size": "prompts per forward pass when collecting activations"},
+    "unlearning": {
+        "batch_size": "prompts per forward pass",
+        "corpus_batch_size": "corpus rows per forward pass",
+    },
+}
+# Top-level keys a stored record must have, and their types (see :func:`check_record`).
+REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
+    "eval_type_id": str,
+    "eval_config": dict,
+    "eval_id": str,
+    "datetime_epoch_millis": int,
+    "eval_result_metrics": dict,
+    "saeravel": dict,
+    "sae_cfg_dict": dict,
+}
+
+
+def non_result_paths(eval_name: str | None) -> dict[str, str]:
+    """Every path left out of the identity of a job of eval ``eval_name``, with its reason."""
+    out = dict(NON_RESULT_PATHS)
+    for sub, why in NON_RESULT_EVAL_PATHS.get(str(eval_name), {}).items():
+        out[f"eval.{sub}"] = why
+    return out
+
+
+def _drop(obj: Any, path: list[str]) -> None:
+    for key in path[:-1]:
+        if not isinstance(obj, dict) or key not in obj:
+            return
+        obj = obj[key]
+    if isinstance(obj, dict):
+        obj.pop(path[-1], None)
+
+
+def result_config(resolved_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that changes the job's result (a JSON-normalised copy
+    without the paths of :func:`non_result_paths`)."""
+    core = json.loads(json.dumps(dict(resolved_cfg), sort_keys=True, default=str))
+    eval_name = (core.get("eval") or {}).get("name") if isinstance(core.get("eval"), dict) else None
+    for path in non_result_paths(eval_name):
+        _drop(core, path.split("."))
+    return core
 
 
 def library_versions() -> dict[str, str | None]:
@@ -46,39 +127,41 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """Commit of the code that ran (None outside a git checkout), '+dirty' if modified."""
-    here = Path(__file__).resolve().parent
+    """Commit of the code that ran (None outside a git checkout). Modified code is
+    ``<sha>+dirty.<hash>``, the hash of ``git diff HEAD``, so two different uncommitted edits
+    of one commit are two versions (checkpoints of one are not resumed by the other). Computed
+    once per process: the code that runs is the code imported at the start."""
+    return code_version(Path(__file__).resolve().parent)
+
+
+def code_version(here: Path) -> str | None:
+    """:func:`git_commit` of the checkout containing the folder ``here``."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--no-ext-diff", "--binary"],
             cwd=here,
             capture_output=True,
-            text=True,
-            timeout=10,
+            timeout=30,
         )
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        if diff.returncode != 0:
+            return sha.stdout.strip() + "+dirty"
+        if not diff.stdout.strip():
+            return sha.stdout.strip()
+        return sha.stdout.strip() + "+dirty." + hashlib.sha256(diff.stdout).hexdigest()[:12]
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def _strip(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: _strip(v) for k, v in obj.items() if k not in NON_RESULT_KEYS}
-    if isinstance(obj, list | tuple):
-        return [_strip(v) for v in obj]
-    return obj
-
-
 def job_hash(resolved_cfg: Mapping[str, Any]) -> str:
-    """Identity of a job: a hash of the config fields that change its result."""
-    core = {k: resolved_cfg.get(k) for k in ("model", "sae", "eval", "layer", "seed")}
-    blob = json.dumps(_strip(core), sort_keys=True, default=str)
+    """Identity of a job: a hash of its :func:`result_config`."""
+    blob = json.dumps(result_config(resolved_cfg), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -100,29 +183,95 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def no_space_error(folder: Path, needed: int | None = None, at_least: bool = False) -> UserError:
+    """The one-line error for a full disk (or quota) while writing into ``folder``: ``needed``
+    bytes (``at_least``: the bytes written when the disk filled, a lower bound)."""
+    parts = []
+    if needed:
+        parts.append(f"needs {'at least ' if at_least else ''}{_size(needed)}")
+    try:
+        parts.append(f"{_size(shutil.disk_usage(folder).free)} free")
+    except OSError:
+        pass
+    detail = f" ({', '.join(parts)})" if parts else ""
+    return UserError(
+        f"no space left on the device of {folder}{detail}; free some space or point "
+        "paths.results_dir / paths.cache_dir / hydra.run.dir elsewhere"
+    )
+
+
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[BinaryIO], Any], size: int | None = None
+) -> Path:
     """Call ``write(fh)`` on a temp file in ``path``'s folder, then rename it to ``path``:
     readers see the old file or the complete new one, never half of it (also when the writer
-    is interrupted, e.g. by the SystemExit of a SLURM requeue: the temp file is removed)."""
+    is interrupted, e.g. by the SystemExit of a SLURM requeue: the temp file is removed).
+    The file gets the permissions of a newly created file (0666 minus the umask; mkstemp's
+    own 0600 would hide shared results and caches from colleagues). A full disk or quota
+    (ENOSPC, EDQUOT) is a one-line :class:`UserError` naming the folder and ``size``, the
+    bytes needed, when the caller knows it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        written = 0
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                written = os.path.getsize(tmp)
+            Path(tmp).unlink(missing_ok=True)
+        if exc.errno in _NO_SPACE:
+            raise no_space_error(path.parent, size or written, at_least=size is None) from None
+        raise
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to ``path`` atomically (:func:`atomic_write`)."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
-    return atomic_write(path, lambda fh: fh.write(text.encode()))
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN / infinity replaced by None (strict JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "tolist") or hasattr(obj, "item") or isinstance(obj, Path):
+        return strict_json(_json_default(obj))
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, strict: bool = False) -> Path:
+    """Write JSON to ``path`` atomically (:func:`atomic_write`); ``strict`` writes NaN and
+    infinities as null (result records), otherwise they stay Python's ``NaN`` literals."""
+    if strict:
+        text = json.dumps(strict_json(data), indent=2, allow_nan=False, default=_json_default)
+    else:
+        text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    blob = text.encode()
+    return atomic_write(path, lambda fh: fh.write(blob), size=len(blob))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
@@ -142,6 +291,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def sae_architecture(sae_cfg: Mapping[str, Any] | None) -> str:
+    """SAEBench's ``architecture`` name of an SAE from its cfg dict: the cfg's own (sae_lens,
+    Apollo) if it names one, else from the activation (relu -> standard, topk, jumprelu), else
+    ``custom``; ``none`` for a job without an SAE."""
+    if not sae_cfg:
+        return "none"
+    if isinstance(sae_cfg.get("architecture"), str) and sae_cfg["architecture"]:
+        return str(sae_cfg["architecture"])
+    return {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu"}.get(
+        str(sae_cfg.get("activation")), "custom"
+    )
+
+
 def build_record(
     *,
     eval_name: str,
@@ -158,26 +320,33 @@ def build_record(
     resolved_config: Mapping[str, Any],
     job_id: str,
     runtime_s: float,
+    eval_type_id: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the versioned result record of one job."""
+    """Assemble the versioned result record of one job. ``eval_type_id`` is SAEBench's id of
+    the eval (e.g. ``absorption_first_letter``; default ``eval_name``); saeravel's own eval
+    name is ``saeravel.eval_name``."""
     ident = dict(sae_identity or {})
+    cfg_dict = dict(sae_cfg or {})
+    cfg_dict.setdefault("architecture", sae_architecture(sae_cfg))
+    cfg_dict.setdefault("d_sae", 0)
     return {
-        "eval_type_id": eval_name,
+        "eval_type_id": eval_type_id or eval_name,
         "eval_config": dict(eval_cfg),
         "eval_id": str(uuid.uuid4()),
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": dict(metrics),
         "eval_result_details": details,
         "eval_result_unstructured": unstructured,
-        "sae_bench_commit_hash": None,
+        "sae_bench_commit_hash": f"saeravel-{__version__}",
         "sae_lens_id": ident.get("sae_id"),
         "sae_lens_release_id": ident.get("release"),
         "sae_lens_version": library_versions().get("sae-lens"),
-        "sae_cfg_dict": dict(sae_cfg or {}),
+        "sae_cfg_dict": cfg_dict,
         "saeravel": {
             "schema_version": RESULT_SCHEMA_VERSION,
             "job_hash": job_id,
             "complete": True,
+            "eval_name": eval_name,
             "model_name": model_name,
             "model_info": dict(model_info),
             "layer": layer,
@@ -191,13 +360,125 @@ def build_record(
     }
 
 
+def check_record(
+    rec: Any, job_id: str | None = None, resolved_config: Mapping[str, Any] | None = None
+) -> str | None:
+    """Why ``rec`` is not a complete result of the job ``job_id`` with ``resolved_config``
+    (None: it is). Checks the top-level keys and their types, non-empty metrics, the saeravel
+    block (complete, job hash, config), and the result-relevant config (:func:`result_config`)."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object ({type(rec).__name__})"
+    for key, kind in REQUIRED_KEYS.items():
+        if key not in rec:
+            return f"no {key!r}"
+        if not isinstance(rec[key], kind) or isinstance(rec[key], bool):
+            return (
+                f"{key!r} is a {type(rec[key]).__name__}, not a {getattr(kind, '__name__', kind)}"
+            )
+    if not rec["eval_result_metrics"]:
+        return "its metrics are empty"
+    meta = rec["saeravel"]
+    if meta.get("complete") is not True:
+        return "it is not marked complete"
+    if not isinstance(meta.get("config"), dict):
+        return "it records no config"
+    if job_id is not None and meta.get("job_hash") != job_id:
+        return f"it is the result of job {meta.get('job_hash')!r}"
+    if resolved_config is not None:
+        want, got = result_config(resolved_config), result_config(meta["config"])
+        if want != got:
+            diff = _first_difference(want, got)
+            return f"its config differs from this job's ({diff})"
+    return None
+
+
+def _first_difference(want: Any, got: Any, prefix: str = "") -> str:
+    if isinstance(want, dict) and isinstance(got, dict):
+        for key in sorted(set(want) | set(got)):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key not in got:
+                return f"{path} missing"
+            if key not in want:
+                return f"{path} not in this job"
+            if want[key] != got[key]:
+                return _first_difference(want[key], got[key], path)
+    return f"{prefix or 'config'}: {got!r} instead of {want!r}"
+
+
+def load_stored(
+    path: str | os.PathLike, job_id: str, resolved_config: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The stored record at ``path`` if it is this job's complete result: ``(record, None)``;
+    else ``(None, why)``, with ``why`` None when there is no file at all."""
+    try:
+        with open(path) as fh:
+            rec = json.load(fh)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({type(exc).__name__}: {exc})"
+    why = check_record(rec, job_id, resolved_config)
+    return (rec, None) if why is None else (None, why)
+
+
 def load_complete(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The record at ``path`` if it is a complete saeravel result, else None."""
+    """The record at ``path`` if it is a complete saeravel result (any job), else None."""
     try:
         with open(path) as fh:
             rec = json.load(fh)
     except (OSError, ValueError):
         return None
-    if isinstance(rec, dict) and rec.get("saeravel", {}).get("complete") is True:
-        return rec
-    return None
+    return rec if check_record(rec) is None else None
+
+
+# ----------------------------------------------------------------------------- SAEBench files
+
+SAEBENCH_SUFFIX = "_eval_results.json"
+
+
+def saebench_filename(rec: Mapping[str, Any], job_id: str | None = None) -> str:
+    """SAEBench's file name of a result, ``<release>_<sae_id>_eval_results.json`` with ``/``
+    replaced by ``_`` (its ``get_results_filepath``). SAEs without a sae_lens release are named
+    ``saeravel-<family>`` with id ``<model>-layer<L>``; ``job_id`` is appended to the id where
+    several jobs share a folder (the job-hash index)."""
+    meta = rec.get("saeravel") if isinstance(rec.get("saeravel"), Mapping) else {}
+    ident = meta.get("sae_identity") or {}
+    release = rec.get("sae_lens_release_id") or f"saeravel-{ident.get('family') or 'none'}"
+    sae_id = rec.get("sae_lens_id") or f"{meta.get('model_name', 'model')}-layer{meta.get('layer')}"
+    if job_id:
+        sae_id = f"{sae_id}_{job_id}"
+    return f"{release}_{sae_id}{SAEBENCH_SUFFIX}".replace("/", "_")
+
+
+def saebench_record(
+    rec: Mapping[str, Any], flatten: Callable[[dict], dict] | None = None
+) -> dict[str, Any]:
+    """``rec`` in SAEBench's layout: SAEBench's top-level fields only, ``eval_result_metrics``
+    through the eval's ``flatten`` (e.g. RAVEL's nested block to SAEBench's flat ``ravel``
+    group; saeravel's detailed metrics then move to ``eval_result_unstructured``), details as a
+    list (SAEBench's type) and saeravel's provenance under ``eval_result_unstructured``."""
+    metrics = dict(rec["eval_result_metrics"])
+    unstructured: dict[str, Any] = {"saeravel": rec.get("saeravel")}
+    if rec.get("eval_result_unstructured") is not None:
+        unstructured["eval"] = rec["eval_result_unstructured"]
+    if flatten is not None:
+        unstructured["saeravel_metrics"] = metrics
+        metrics = flatten(metrics)
+    details = rec.get("eval_result_details")
+    if details is not None and not isinstance(details, list):
+        unstructured["details"] = details
+        details = None
+    return {
+        "eval_type_id": rec["eval_type_id"],
+        "eval_config": rec["eval_config"],
+        "eval_id": rec["eval_id"],
+        "datetime_epoch_millis": rec["datetime_epoch_millis"],
+        "eval_result_metrics": metrics,
+        "eval_result_details": details,
+        "eval_result_unstructured": unstructured,
+        "sae_bench_commit_hash": rec.get("sae_bench_commit_hash") or f"saeravel-{__version__}",
+        "sae_lens_id": rec.get("sae_lens_id"),
+        "sae_lens_release_id": rec.get("sae_lens_release_id"),
+        "sae_lens_version": rec.get("sae_lens_version"),
+        "sae_cfg_dict": rec.get("sae_cfg_dict"),
+    }

@@ -7,11 +7,11 @@ from saeravel.pipeline import main_guarded
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="sweep_app")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> object:
     from sweep_parts import register_fake_eval
 
     register_fake_eval()
-    main_guarded(cfg)
+    return main_guarded(cfg)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,11 @@ class EvalSpec:
     """A registered eval.
 
     ``run(cfg, ctx) -> EvalOutput`` does the work; ``needs_sae(cfg)`` says whether the job
-    must load an SAE; ``schema`` is the dataclass of its config group.
+    must load an SAE; ``schema`` is the dataclass of its config group. ``saebench_type_id`` is
+    SAEBench's ``eval_type_id`` of the eval (default: ``name``); ``saebench(metrics)`` turns
+    the eval's ``eval_result_metrics`` into SAEBench's shape for the SAEBench-named copy of the
+    result (None: the metrics already have it; a ``"module:function"`` string is imported when
+    first used).
     """
 
     name: str
@@ -29,6 +33,15 @@ class EvalSpec:
     schema: type
     needs_sae: Callable[[Any], bool]
     summarize: Callable[[dict], str] | None = None
+    saebench: Callable[[dict], dict] | str | None = None
+    saebench_type_id: str | None = None
+
+    def saebench_metrics(self) -> Callable[[dict], dict] | None:
+        """The ``saebench`` function (imported if given as ``"module:function"``)."""
+        if isinstance(self.saebench, str):
+            module, _, attr = self.saebench.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return self.saebench
 
 
 _REGISTRY: dict[str, EvalSpec] = {}
@@ -39,11 +52,15 @@ def register(
     schema: type,
     needs_sae: Callable[[Any], bool] = lambda cfg: True,
     summarize: Callable[[dict], str] | None = None,
+    saebench: Callable[[dict], dict] | str | None = None,
+    saebench_type_id: str | None = None,
 ) -> Callable:
-    """Decorator registering ``run`` as eval ``name``."""
+    """Decorator registering ``run`` as eval ``name`` (see :class:`EvalSpec`)."""
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = EvalSpec(name, fn, schema, needs_sae, summarize)
+        _REGISTRY[name] = EvalSpec(
+            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name
+        )
         return fn
 
     return deco

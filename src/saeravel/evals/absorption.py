@@ -534,7 +534,7 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("absorption", schema=AbsorptionEvalConfig, summarize=summarize)
+@register("absorption", schema=AbsorptionEvalConfig, summarize=summarize, saebench_type_id="absorption_first_letter")  # noqa: E501
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the absorption eval on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "absorption")
