@@ -267,3 +267,25 @@ def test_corrupt_trained_sae_is_rebuilt(built_sae, tiny_model, tmp_path, caplog,
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert (cache / rel).with_name(rel.name + ".corrupt").is_dir()
     assert torch.equal(sae.W_enc, w_enc)
+
+
+def test_embedded_cache_key_follows_recorded_weights(built_lm, tmp_path):
+    """Another model under the same config (another machine, properly recorded) gets another
+    cache_folder_key, so filters and SAEs built on the old weights are not reused."""
+    from saeravel.tiny_lm import EmbeddedModel
+
+    template, rel, weights = built_lm
+    cache = tmp_path / "cache"
+    shutil.copytree(template, cache)
+    folder = cache / rel
+    state = torch.load(folder / "model.pt")
+    state["unembed.b_U"] = state["unembed.b_U"] + 1e-3
+    torch.save(state, folder / "model.pt")
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = file_record(folder, ["model.pt", "world.json"])
+    (folder / "meta.json").write_text(json.dumps(meta))
+    source = EmbeddedModel(**TINY_LM, cache_dir=str(cache))
+    info = source.load().info
+    assert info["weights_sha256"] != weights
+    assert info["cache_folder_key"] == f"{source.key()}-{info['weights_sha256']}"
+    assert not folder.with_name(folder.name + ".corrupt").exists()
