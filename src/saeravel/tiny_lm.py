@@ -23,8 +23,16 @@ fact table, and facts looked up at the entity are read out by attention (Geva et
 With both restrictions, on the first model trained, the same probe-subspace swap gives
 disentangle 0.70 (Country) / 0.69 (Continent), and DAS 0.80 / 0.86, neurons 0.60 / 0.60;
 with either one alone the probe swap stays at 0.45-0.47. How separable a given model is varies
-with its training seed (README: DAS 0.52-0.80, masks around 0.5). Set both back to get the
-entangled model for comparison.
+with its training seed (README: DAS 0.52-0.80; neuron and SAE mask scores near 0.5 under the
+paper's mask-training recipe, which issue 10 traces to the optimiser, not to the model). Set
+both back to get the entangled model for comparison.
+
+Training is bit-reproducible on one machine with the same thread count (two processes, any
+``PYTHONHASHSEED``): it runs under :func:`saeravel.cache.deterministic_torch`, because the
+multi-threaded CPU backward of the embedding lookup otherwise sums rows in a varying order.
+Other machines or thread counts give other weights, which is why caches built on the model are
+keyed by its weights' hash. The cache folder is validated on every load (checksums of
+``model.pt`` and ``world.json`` in ``meta.json``, written last) and rebuilt when corrupt.
 """
 
 from __future__ import annotations
