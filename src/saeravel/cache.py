@@ -195,9 +195,12 @@ def deterministic_torch() -> Iterator[None]:
     accumulation) adds rows from several threads in whatever order they finish, so two runs
     of the same training differ in the last bits after the first step and drift apart; the
     deterministic variant sorts the indices first. ``warn_only``: ops without a deterministic
-    implementation warn instead of failing.
+    implementation warn instead of failing. On CUDA, cuBLAS also needs
+    ``CUBLAS_WORKSPACE_CONFIG`` (set here if unset; effective before cuBLAS first runs).
     """
     import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     prev = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
