@@ -17,6 +17,28 @@ from omegaconf import II, MISSING
 # ----------------------------------------------------------------------------- models
 
 
+class DType(str, Enum):
+    """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed."""
+
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class FromPretrainedKwargs:
+    """``HookedTransformer.from_pretrained`` options settable without Hydra's ``+``
+    (``model.from_pretrained_kwargs.center_writing_weights=false``). None = transformer_lens'
+    default, or what the SAE was trained with (``saeravel.models.merge_processing``)."""
+
+    fold_ln: bool | None = None
+    center_writing_weights: bool | None = None
+    center_unembed: bool | None = None
+    fold_value_biases: bool | None = None
+    refactor_factored_attn_matrices: bool | None = None
+    default_prepend_bos: bool | None = None
+
+
 @dataclass
 class ModelConfig:
     """Common fields of every model option."""
@@ -26,7 +48,7 @@ class ModelConfig:
     n_layers: int = MISSING
     d_model: int = MISSING
     default_layer: int = MISSING
-    dtype: str = "float32"
+    dtype: DType = DType.float32
     device: str = II("device")
     batch_size: int = 16
 
@@ -37,7 +59,7 @@ class TransformerLensModelConfig(ModelConfig):
 
     _target_: str = "saeravel.models.TransformerLensModel"
     hf_name: str = MISSING
-    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
+    from_pretrained_kwargs: FromPretrainedKwargs = field(default_factory=FromPretrainedKwargs)
 
 
 @dataclass
@@ -448,3 +470,21 @@ def register_configs() -> None:
     for spec in discover().values():
         cs.store(group="eval", name=f"schema_{spec.name}", node=spec.schema)
     _REGISTERED = True
+
+
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a :class:`saeravel.errors.UserError` raised by the
+    target's constructor (a source's cheap checks: device, ranges, names) propagates as
+    itself, so the entrypoint prints its one line instead of Hydra's multi-line wrapper."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    from saeravel.errors import UserError
+
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise

@@ -7,9 +7,13 @@ model (see :func:`merge_processing`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,17 +34,88 @@ TL_DEFAULT_PROCESSING = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+VALID_DEVICES = "auto, cpu, cuda[:N], mps"
+_DEVICE_RE = re.compile(r"(cpu|mps|cuda)(?::(\d+))?")
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu."""
+    """``auto`` -> cuda when available, else cpu. Anything else is checked against what this
+    machine has (:class:`UserError`, one line, before any model loads)."""
+    device = str(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    m = _DEVICE_RE.fullmatch(device)
+    if m is None:
+        raise UserError(f"unknown device {device!r}; valid: {VALID_DEVICES}")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device={device} but no CUDA device is visible; valid: {VALID_DEVICES}"
+            )
+        if index is not None and int(index) >= torch.cuda.device_count():
+            raise UserError(
+                f"device={device} but only {torch.cuda.device_count()} CUDA device(s) are "
+                f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif kind == "mps":
+        if index is not None or not torch.backends.mps.is_available():
+            raise UserError(
+                f"device={device} but no MPS device is available; valid: {VALID_DEVICES}"
+            )
+    elif index is not None:
+        raise UserError(f"unknown device {device!r}; valid: {VALID_DEVICES}")
     return device
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: Any) -> torch.dtype:
+    """``float32`` / ``float16`` / ``bfloat16`` (a string or the config's ``DType`` enum)."""
+    name = str(getattr(name, "value", name))
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit of ``repo_id`` in the local Hugging Face cache (no network): the snapshot
+    holding its ``config.json``, else ``refs/main``; None when it is not cached."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed repo id or cache: no revision known
+        hit = None
+    if isinstance(hit, str):
+        parent = Path(hit).parent
+        if parent.parent.name == "snapshots":
+            return parent.name
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    try:
+        text = ref.read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def pretrained_identity(
+    hf_name: str, repo_id: str, revision: str | None, dtype: str, processing: dict[str, Any]
+) -> str:
+    """``cache_folder_key`` of a pretrained model: a hash of everything that decides its
+    activations (name, hub repo and commit, dtype, from_pretrained kwargs incl. processing)."""
+    blob = json.dumps(
+        {
+            "hf_name": hf_name,
+            "repo": repo_id,
+            "revision": revision,
+            "dtype": dtype,
+            "kwargs": processing,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -90,8 +165,9 @@ def merge_processing(
 def offline_hint(model_name: str, hf_name: str) -> str:
     return (
         f"model {model_name!r} ({hf_name}) is not in the local Hugging Face cache and the hub "
-        "cannot be reached; on a machine with a network run `python run.py model="
-        f"{model_name} ...` once (or `huggingface-cli download` it), then set HF_HUB_OFFLINE=1"
+        "cannot be reached; on a machine with a network run `python -m saeravel.prefetch "
+        f"model={model_name} ...` (the same overrides as the job; fetches only the files the "
+        "job needs), then set HF_HUB_OFFLINE=1"
     )
 
 
@@ -114,10 +190,17 @@ class TransformerLensModel:
         self.hf_name = hf_name
         self.n_layers = n_layers
         self.d_model = d_model
+        self.dtype_name = str(getattr(dtype, "value", dtype))
         self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"model.batch_size={batch_size} must be a positive integer")
         self.batch_size = batch_size
-        self.from_pretrained_kwargs = dict(from_pretrained_kwargs or {})
+        # Unset (None) fields of the schema's known kwargs mean "transformer_lens default".
+        self.from_pretrained_kwargs = {
+            k: v for k, v in dict(from_pretrained_kwargs or {}).items() if v is not None
+        }
+        self.repo_id = official_repo(name, hf_name)
 
     def load(self, sae_kwargs: dict[str, Any] | None = None) -> LoadedModel:
         """Load the model with the SAE's processing; fail fast and clearly when offline."""
@@ -137,7 +220,32 @@ class TransformerLensModel:
         for p in model.parameters():
             p.requires_grad_(False)
         processing = {**TL_DEFAULT_PROCESSING, **kwargs}
-        return LoadedModel(model=model, name=self.name, processing=processing)
+        revision = hub_revision(self.repo_id)
+        info = {
+            "hf_name": self.hf_name,
+            "hf_repo": self.repo_id,
+            "revision": revision,
+            "dtype": self.dtype_name,
+            # Caches built on this model (knowledge filters, trained SAEs) are keyed by it.
+            "cache_folder_key": pretrained_identity(
+                self.hf_name, self.repo_id, revision, self.dtype_name, processing
+            ),
+        }
+        return LoadedModel(model=model, name=self.name, processing=processing, info=info)
+
+
+def official_repo(model_name: str, hf_name: str) -> str:
+    """The Hugging Face repo transformer_lens loads ``hf_name`` from (a one-line
+    :class:`UserError` when transformer_lens does not know the name)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        return get_official_model_name(hf_name)
+    except ValueError:
+        raise UserError(
+            f"model {model_name}: hf_name={hf_name!r} is not a transformer_lens model name "
+            "(see transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
+        ) from None
 
 
 def _looks_offline(exc: BaseException) -> bool:

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from saeravel import __version__
 from saeravel.checkpoint import CheckpointStore
+from saeravel.config import instantiate  # re-raises a constructor's UserError as is
 from saeravel.errors import UserError
 from saeravel.evals import EvalSpec, get_eval
 from saeravel.models import LoadedModel, resolve_device

@@ -23,15 +23,22 @@ fact table, and facts looked up at the entity are read out by attention (Geva et
 With both restrictions, on the first model trained, the same probe-subspace swap gives
 disentangle 0.70 (Country) / 0.69 (Continent), and DAS 0.80 / 0.86, neurons 0.60 / 0.60;
 with either one alone the probe swap stays at 0.45-0.47. How separable a given model is varies
-with its training seed (README: DAS 0.52-0.80, masks around 0.5). Set both back to get the
-entangled model for comparison.
+with its training seed (README: DAS 0.52-0.80; neuron and SAE mask scores near 0.5 under the
+paper's mask-training recipe, which issue 10 traces to the optimiser, not to the model). Set
+both back to get the entangled model for comparison.
+
+Training is bit-reproducible on one machine with the same thread count (two processes, any
+``PYTHONHASHSEED``): it runs under :func:`saeravel.cache.deterministic_torch`, because the
+multi-threaded CPU backward of the embedding lookup otherwise sums rows in a varying order.
+Other machines or thread counts give other weights, which is why caches built on the model are
+keyed by its weights' hash. The cache folder is validated on every load (checksums of
+``model.pt`` and ``world.json`` in ``meta.json``, written last) and rebuilt when corrupt.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import random
@@ -41,14 +48,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.errors import UserError
+from saeravel.cache import (
+    CorruptEntry,
+    deterministic_torch,
+    file_record,
+    load_or_build,
+    read_json,
+    torch_load,
+    verify_files,
+)
+from saeravel.errors import UserError, choose
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.world import CityWorld, build_city_world
 
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<bos>", "<unk>"]
-MODEL_FORMAT_VERSION = 3
+# 4: deterministic training (saeravel.cache.deterministic_torch), checksums in meta.json
+MODEL_FORMAT_VERSION = 4
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -256,7 +273,29 @@ def train_model(
     is a sudden transition whose step varies with the seed, so a fixed budget with a decaying
     schedule either wastes time or stops short. With ``freeze_unembed`` the unembedding keeps
     its random initialisation (see the module docstring). Returns the loss curve and the
-    steps taken."""
+    steps taken. Bit-reproducible on one machine (same thread count): see
+    :func:`saeravel.cache.deterministic_torch`."""
+    with deterministic_torch():
+        return _train_model(
+            model, world, attributes, steps, batch, n_facts, lr, seed, device,
+            stop_at_accuracy, check_every, freeze_unembed,
+        )  # fmt: skip
+
+
+def _train_model(
+    model: Any,
+    world: CityWorld,
+    attributes: list[str],
+    steps: int,
+    batch: int,
+    n_facts: int,
+    lr: float,
+    seed: int,
+    device: str,
+    stop_at_accuracy: float | None,
+    check_every: int,
+    freeze_unembed: bool,
+) -> tuple[list[float], int]:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for p in model.unembed.parameters():
@@ -309,6 +348,36 @@ def train_model(
 # ----------------------------------------------------------------------------- source
 
 
+def check_embedded_config(**v: Any) -> None:
+    """One-line :class:`UserError` for an embedded-model setting out of range (before any
+    training starts)."""
+    from saeravel.world import TEMPLATES
+
+    for key in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "n_cities", "train_steps",
+                "train_batch", "facts_per_sequence", "batch_size"):  # fmt: skip
+        if not isinstance(v[key], int) or v[key] < 1:
+            raise UserError(f"model.{key}={v[key]} must be a positive integer")
+    if v["d_model"] % v["n_heads"]:
+        raise UserError(
+            f"model.d_model={v['d_model']} must be a multiple of model.n_heads={v['n_heads']}"
+        )
+    if not 0 <= v["local_layers"] <= v["n_layers"]:
+        raise UserError(
+            f"model.local_layers={v['local_layers']} must be in 0..n_layers={v['n_layers']}"
+        )
+    if v["n_cities"] < 2:
+        raise UserError(f"model.n_cities={v['n_cities']} must be at least 2")
+    if not v["attributes"]:
+        raise UserError(f"model.attributes is empty; valid: {', '.join(TEMPLATES)}")
+    for attr in v["attributes"]:
+        choose("model attribute", attr, list(TEMPLATES))
+    if not v["lr"] > 0:
+        raise UserError(f"model.lr={v['lr']} must be > 0")
+    for key in ("min_fact_accuracy", "stop_at_accuracy"):
+        if not 0 <= v[key] <= 1:
+            raise UserError(f"model.{key}={v[key]} must be in [0, 1]")
+
+
 class EmbeddedModel:
     """Model source for ``model=tiny-city-lm``: loads from the cache or trains (~2 min)."""
 
@@ -339,6 +408,13 @@ class EmbeddedModel:
         device: str = "auto",
         batch_size: int = 64,
     ) -> None:
+        check_embedded_config(
+            n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, n_ctx=n_ctx,
+            local_layers=local_layers, n_cities=n_cities, attributes=list(attributes),
+            train_steps=train_steps, train_batch=train_batch,
+            facts_per_sequence=facts_per_sequence, lr=lr, min_fact_accuracy=min_fact_accuracy,
+            stop_at_accuracy=stop_at_accuracy, batch_size=batch_size,
+        )  # fmt: skip
         self.name = name
         self.arch = {
             "n_layers": n_layers,
@@ -383,30 +459,47 @@ class EmbeddedModel:
                 f"model {self.name} is trained here with no weight processing; an SAE asking for "
                 f"{sae_kwargs} was trained on another model"
             )
-        from saeravel.results import file_lock
-
         folder = self.folder()
-        if not (folder / "model.pt").exists():
-            with file_lock(folder.parent / f"{folder.name}.lock"):  # one trainer per cache
-                if not (folder / "model.pt").exists():
-                    self._train_and_save(folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        world = CityWorld.from_json(json.loads((folder / "world.json").read_text()))
-        tokenizer = build_tokenizer(meta["vocab"])
-        model = build_model(meta["arch"], tokenizer, self.device)
-        blob = (folder / "model.pt").read_bytes()
-        weights = hashlib.sha256(blob).hexdigest()[:12]
-        model.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device))
+        return load_or_build(
+            folder,
+            lambda: self._load_cached(folder),
+            lambda: self._train_and_save(folder),
+            what=f"cached model {self.name}",
+        )
+
+    def _load_cached(self, folder: Path) -> LoadedModel:
+        """The model in ``folder``, every file checked against the checksums in meta.json
+        (written last); any problem raises :class:`~saeravel.cache.CorruptEntry`."""
+        meta = read_json(
+            folder / "meta.json",
+            required=("arch", "train", "vocab", "files", "fact_accuracy", "full_swap_cause"),
+        )
+        verify_files(folder, meta["files"])
+        if set(meta["files"]) != {"model.pt", "world.json"}:
+            raise CorruptEntry(f"meta.json records {sorted(meta['files'])}")
+        try:
+            world = CityWorld.from_json(read_json(folder / "world.json", missing_ok=False))
+            tokenizer = build_tokenizer(meta["vocab"])
+            model = build_model(meta["arch"], tokenizer, self.device)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CorruptEntry(f"meta.json or world.json is malformed ({exc})") from None
+        state = torch_load(folder / "model.pt", map_location=self.device)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise CorruptEntry(f"model.pt does not fit the recorded architecture: {exc}") from None
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
+        weights = meta["files"]["model.pt"]["sha256"][:12]
         info = {
             "embedded": True,
             # Caches built from this model (known-fact filters, trained SAEs) are keyed by its
-            # config AND its weights: training is not bit-reproducible across machines, so a
-            # retrained model must not meet a filter or SAE made from the previous weights.
+            # config AND its weights, so a retrained model never meets a filter or SAE made
+            # from other weights.
             "cache_folder_key": f"{self.key()}-{weights}",
             "weights_sha256": weights,
+            "attributes": list(meta["train"]["attributes"]),  # the facts it was trained on
             "fact_accuracy": meta["fact_accuracy"],
             "full_swap_cause": meta["full_swap_cause"],
             "local_layers": meta["arch"]["local_layers"],
@@ -433,7 +526,7 @@ class EmbeddedModel:
         )  # fmt: skip
         acc = fact_accuracy(model, world, t["attributes"], self.device)
         if acc < self.min_fact_accuracy:
-            raise RuntimeError(
+            raise UserError(
                 f"{self.name} reached only {acc:.3f} fact accuracy (< {self.min_fact_accuracy}); "
                 "raise model.train_steps"
             )
@@ -447,7 +540,8 @@ class EmbeddedModel:
         log.info("fact accuracy %.4f; full-swap cause per layer %s", acc, swap)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "world.json", world.to_json())
-        atomic_write_json(
+        atomic_torch_save(folder / "model.pt", model.state_dict())
+        atomic_write_json(  # last: marks the entry complete and records its files' checksums
             folder / "meta.json",
             {
                 "arch": self.arch,
@@ -457,6 +551,6 @@ class EmbeddedModel:
                 "full_swap_cause": swap,
                 "final_loss": sum(losses[-20:]) / min(20, len(losses)),
                 "steps_taken": steps_taken,
+                "files": file_record(folder, ["model.pt", "world.json"]),
             },
         )
-        atomic_torch_save(folder / "model.pt", model.state_dict())  # last: marks it complete

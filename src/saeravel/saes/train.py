@@ -1,7 +1,9 @@
 """``sae=trained``: an SAE trained here on the chosen model's activations, cached on disk.
 
-On the embedded model the training text is the city world's fact chains and a fraction
-(``entity_weight``) of every batch is taken at city tokens, the site RAVEL intervenes on;
+On the embedded model the training text is the city world's fact chains over the attributes
+the model was trained on (``model.attributes``; the world's other templates, e.g. Timezone,
+are text it never learned) and a fraction (``entity_weight``) of every batch is taken at city
+tokens, the site RAVEL intervenes on;
 on a pretrained model it is text from a Hugging Face dataset (needs the dataset cached).
 """
 
@@ -17,13 +19,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from saeravel.cache import (
+    CorruptEntry,
+    deterministic_torch,
+    file_record,
+    load_or_build,
+    read_json,
+    torch_load,
+    verify_files,
+)
 from saeravel.errors import UserError, choose
 from saeravel.models import LoadedModel
 from saeravel.results import atomic_torch_save, atomic_write_json
 from saeravel.saes.base import SAE, SAEIdentity, resid_post_hook
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2
+# 3: embedded text restricted to the model's trained attributes; checksums in meta.json
+FORMAT_VERSION = 3
 
 
 @torch.no_grad()
@@ -31,17 +43,16 @@ def embedded_activations(
     model: LoadedModel, layer: int, n_sequences: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations at every real token and at city tokens of the embedded model's text."""
-    from saeravel.tiny_lm import encode_batch, sample_sequence
+    from saeravel.tiny_lm import encode_batch
 
     world = model.world
-    rng = random.Random(seed)
-    attrs = list(world.templates)
     hook = resid_post_hook(layer)
     cities = set(world.entities)
     all_acts, ent_acts = [], []
     device = next(model.model.parameters()).device
+    corpus = embedded_texts(model, n_sequences, seed)
     for i in range(0, n_sequences, 128):
-        texts = [sample_sequence(world, attrs, 6, rng) for _ in range(min(128, n_sequences - i))]
+        texts = corpus[i : i + 128]
         toks, mask = encode_batch(model.tokenizer, texts, str(device))
         _, cache = model.model.run_with_cache(toks, names_filter=hook)
         acts = cache[hook]
@@ -55,6 +66,17 @@ def embedded_activations(
                     ent[r, c] = True
         ent_acts.append(acts[ent].cpu())
     return torch.cat(all_acts), torch.cat(ent_acts)
+
+
+def embedded_texts(model: LoadedModel, n_sequences: int, seed: int) -> list[str]:
+    """``n_sequences`` chains of 6 fact sentences of the embedded world, over the attributes
+    the model was trained on (``info["attributes"]``; all of the world's when unrecorded)."""
+    from saeravel.tiny_lm import sample_sequence
+
+    world = model.world
+    attrs = [a for a in model.info.get("attributes") or world.templates if a in world.templates]
+    rng = random.Random(seed)
+    return [sample_sequence(world, attrs, 6, rng) for _ in range(n_sequences)]
 
 
 @torch.no_grad()
@@ -97,6 +119,28 @@ def train_sae(
     seed: int,
 ) -> dict[str, torch.Tensor]:
     """Adam on normalised MSE (+ L1 for relu), unit-norm decoder rows; returns the weights."""
+    with deterministic_torch():
+        return _train_sae(
+            acts, ent_acts, d_sae=d_sae, architecture=architecture, k=k,
+            l1_coefficient=l1_coefficient, steps=steps, batch_size=batch_size, lr=lr,
+            entity_weight=entity_weight, seed=seed,
+        )  # fmt: skip
+
+
+def _train_sae(
+    acts: torch.Tensor,
+    ent_acts: torch.Tensor | None,
+    *,
+    d_sae: int,
+    architecture: str,
+    k: int,
+    l1_coefficient: float,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    entity_weight: float,
+    seed: int,
+) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     d_in = acts.shape[1]
     W_dec = torch.randn(d_sae, d_in, generator=gen)
@@ -145,6 +189,24 @@ def explained_variance(sae: SAE, x: torch.Tensor) -> float:
     return float(1 - err / var)
 
 
+def check_trained_hparams(**h: Any) -> None:
+    """One-line :class:`UserError` for an ``sae=trained`` setting out of range, raised when
+    the source is built (before any model loads or training starts)."""
+    for key in ("expansion", "steps", "batch_size", "n_sequences"):
+        if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
+            raise UserError(f"sae.{key}={h[key]} must be a positive integer")
+    if h["architecture"] == "topk" and (
+        not isinstance(h["k"], int) or isinstance(h["k"], bool) or h["k"] < 1
+    ):
+        raise UserError(f"sae.k={h['k']} must be a positive integer (active latents per token)")
+    if not h["lr"] > 0:
+        raise UserError(f"sae.lr={h['lr']} must be > 0")
+    if not h["l1_coefficient"] >= 0:
+        raise UserError(f"sae.l1_coefficient={h['l1_coefficient']} must be >= 0")
+    if not 0 <= h["entity_weight"] <= 1:
+        raise UserError(f"sae.entity_weight={h['entity_weight']} must be in [0, 1]")
+
+
 class TrainedSource:
     """SAE source that trains (or loads from the cache) an SAE on the model at ``layer``."""
 
@@ -168,6 +230,11 @@ class TrainedSource:
     ) -> None:
         choose("SAE architecture", architecture, ["topk", "relu"])
         choose("SAE positions", positions, ["all"])
+        check_trained_hparams(
+            architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1_coefficient,
+            steps=steps, batch_size=batch_size, lr=lr, entity_weight=entity_weight,
+            n_sequences=n_sequences,
+        )  # fmt: skip
         self.family = family
         self.layer = layer
         self.hparams = {
@@ -208,27 +275,46 @@ class TrainedSource:
         return self.cache_dir / "saes" / f"{model.name}-L{self.layer}-{key}"
 
     def load(self, model: LoadedModel) -> SAE:
-        """Load from the cache, or train and cache."""
+        """Load from the cache (validated), or train and cache."""
+        if (
+            self.hparams["architecture"] == "topk"
+            and self.hparams["k"] > self.hparams["expansion"] * model.d_model
+        ):
+            raise UserError(
+                f"sae.k={self.hparams['k']} exceeds d_sae = sae.expansion * d_model = "
+                f"{self.hparams['expansion'] * model.d_model}"
+            )
         folder = self._folder(model)
-        hook = resid_post_hook(self.layer)
-        if not (folder / "sae.pt").exists():
-            from saeravel.results import file_lock
+        return load_or_build(
+            folder,
+            lambda: self._load_cached(folder, model),
+            lambda: self._train(model, folder),
+            what="trained SAE",
+        )
 
-            with file_lock(folder.parent / f"{folder.name}.lock"):  # one trainer per cache
-                if not (folder / "sae.pt").exists():
-                    self._train(model, folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        w = torch.load(folder / "sae.pt", map_location="cpu")
+    def _load_cached(self, folder: Path, model: LoadedModel) -> SAE:
+        """The SAE in ``folder``: files checked against meta.json's checksums (written last),
+        tensors against the expected shapes; any problem raises ``CorruptEntry``."""
+        meta = read_json(folder / "meta.json", required=("hparams", "metrics", "files"))
+        verify_files(folder, meta["files"])
+        w = torch_load(folder / "sae.pt")
+        d_in, d_sae = model.d_model, self.hparams["expansion"] * model.d_model
+        shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in)}
+        shapes["b_dec"] = (d_in,)
+        for name, shape in shapes.items():
+            t = w.get(name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise CorruptEntry(f"sae.pt {name} is {got}, expected {shape}")
         ident = SAEIdentity(
             family=self.family, path=str(folder), extra={"trained": meta["metrics"]}
         )
-        sae = SAE(
+        return SAE(
             w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"],
             activation=self.hparams["architecture"], k=self.hparams["k"],
-            apply_b_dec_to_input=True, hook_name=hook, identity=ident,
+            apply_b_dec_to_input=True, hook_name=resid_post_hook(self.layer), identity=ident,
             cfg_dict={"training": self.hparams, "train_metrics": meta["metrics"]},
         )  # fmt: skip
-        return sae
 
     def _train(self, model: LoadedModel, folder: Path) -> None:
         h = self.hparams
@@ -268,5 +354,8 @@ class TrainedSource:
         }
         log.info("trained SAE: %s", metrics)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "meta.json", {"hparams": h, "metrics": metrics})
-        atomic_torch_save(folder / "sae.pt", w)  # last: marks it complete
+        atomic_torch_save(folder / "sae.pt", w)
+        atomic_write_json(  # last: marks the entry complete and records the weights' checksum
+            folder / "meta.json",
+            {"hparams": h, "metrics": metrics, "files": file_record(folder, ["sae.pt"])},
+        )
