@@ -455,14 +455,18 @@ def test_catalogue_ids_read_the_residual_after_their_layer() -> None:
 
 def test_catalogue_missing_layer() -> None:
     cfg = sae_yamls()["jbloom"]
-    src = SaeLensSource("jbloom", 12, cfg.release, sae_ids=cfg.sae_ids)
     with pytest.raises(UserError, match=r"family jbloom has no SAE for layer 12; layers: 0, 1, "):
-        src.resolve()
+        SaeLensSource("jbloom", 12, cfg.release, sae_ids=cfg.sae_ids)  # before any loading
 
 
-def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
+def test_every_yaml_instantiates_with_its_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The schema fields are the constructor's keyword arguments (as Hydra passes them)."""
     from hydra.utils import instantiate
+
+    monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")  # Apollo checks it when built
+    make_sae_lens("standard").save_model(tmp_path / "saved")  # local checks its files
 
     from saeravel import config as C
 
@@ -476,7 +480,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
     fill = {
         "layer": 5,
         "cache_dir": str(tmp_path),
-        "path": str(tmp_path),
+        "path": str(tmp_path / "saved"),
         "target": "collections.OrderedDict",
         "hook_name": "blocks.5.hook_resid_post",
         "d_in": 64,

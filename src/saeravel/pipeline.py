@@ -28,6 +28,7 @@ from saeravel.evals import get_eval
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import atomic_write_json, build_record, git_commit, job_hash, load_complete
 from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
+from saeravel.saes.loaders import build_sae_source
 
 log = logging.getLogger("saeravel")
 
@@ -120,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}"
         )
 
-    sae_source = instantiate(cfg.sae) if spec.needs_sae(cfg.eval) else None
+    sae_source = build_sae_source(cfg.sae) if spec.needs_sae(cfg.eval) else None
     sae_kwargs = sae_source.required_model_kwargs() if sae_source is not None else {}
     model = instantiate(cfg.model).load(sae_kwargs)
     if model.n_layers != n_layers:
