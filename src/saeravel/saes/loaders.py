@@ -111,7 +111,7 @@ def build_sae_source(cfg: Any) -> Any:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(k.rsplit(".", 1)[-1] for k in OmegaConf.missing_keys(cfg))
     if missing:
         family = cfg.get("family", "?") if not OmegaConf.is_missing(cfg, "family") else "?"
         needs = "; ".join(f"sae.{k} ({_FIELD_HINTS.get(k, 'required')})" for k in missing)
@@ -770,12 +770,28 @@ def check_openai_state_dict(path: Path, state_dict: Any) -> None:
             raise _shape_error(path, key, tuple(state_dict[key].shape), shape)
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, legacy pickle
+
+
 def _torch_load(path: Path) -> Any:
+    """``torch.load`` (tensors only) with one-line errors: empty, foreign, truncated files."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror})") from None
+    if not head:
+        raise UserError(f"{path} is empty (0 bytes); expected a torch.save state dict")
+    if not head.startswith(_TORCH_MAGIC):
+        raise UserError(
+            f"{path} is not a torch.save file (it starts with {head[:12]!r}); expected an "
+            "OpenAI sparse_autoencoder state dict (.pt)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable / foreign files
         raise UserError(
-            f"cannot read {path} as a torch state dict ({_first_line(exc)})"
+            f"cannot read {path} as a torch state dict, truncated or corrupt? ({_first_line(exc)})"
         ) from None
 
 
@@ -907,6 +923,42 @@ class LocalSource:
 # ============================================================================ custom, none
 
 
+def import_object(path: str) -> Any:
+    """The object at dotted ``path`` (``pkg.module.Class``), or a one-line :class:`UserError`
+    naming the part that is missing (Hydra's ``get_object`` logs several lines instead)."""
+    import importlib
+
+    parts = path.split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise UserError(f"custom SAE target {path!r} is not a dotted import path")
+    module, error = None, None
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and not name.startswith(exc.name):
+                error = exc  # the module exists but itself imports something missing
+                break
+            continue
+        except Exception as exc:  # the user's module raised on import
+            error = exc
+            break
+        obj = module
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                raise UserError(
+                    f"custom SAE target {path!r} cannot be imported: {name} has no {attr!r}"
+                )
+            obj = getattr(obj, attr)
+        return obj
+    if error is not None:
+        raise UserError(
+            f"custom SAE target {path!r} cannot be imported ({_first_line(error)})"
+        ) from None
+    raise UserError(f"custom SAE target {path!r} cannot be imported: no module named {parts[0]!r}")
+
+
 class CustomSource:
     """Any object with ``encode``/``decode``: ``target(**kwargs)``, wrapped in :class:`CustomSAE`.
 
@@ -940,14 +992,7 @@ class CustomSource:
         self._sae: CustomSAE | None = None
 
     def _import(self) -> Any:
-        from hydra.utils import get_object
-
-        try:
-            factory = get_object(self.target)
-        except Exception as exc:  # ImportError, AttributeError, ValueError, errors on import
-            raise UserError(
-                f"custom SAE target {self.target!r} cannot be imported ({_first_line(exc)})"
-            ) from None
+        factory = import_object(self.target)
         if not callable(factory):
             raise UserError(f"custom SAE target {self.target!r} is a {type(factory).__name__}")
         return factory
