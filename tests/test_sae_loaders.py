@@ -459,14 +459,9 @@ def test_catalogue_missing_layer() -> None:
         SaeLensSource("jbloom", 12, cfg.release, sae_ids=cfg.sae_ids)  # before any loading
 
 
-def test_every_yaml_instantiates_with_its_schema(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
     """The schema fields are the constructor's keyword arguments (as Hydra passes them)."""
     from hydra.utils import instantiate
-
-    monkeypatch.setenv("WANDB_API_KEY", "not-a-real-key")  # Apollo checks it when built
-    make_sae_lens("standard").save_model(tmp_path / "saved")  # local checks its files
 
     from saeravel import config as C
 
@@ -480,7 +475,7 @@ def test_every_yaml_instantiates_with_its_schema(
     fill = {
         "layer": 5,
         "cache_dir": str(tmp_path),
-        "path": str(tmp_path / "saved"),
+        "path": str(tmp_path),
         "target": "collections.OrderedDict",
         "hook_name": "blocks.5.hook_resid_post",
         "d_in": 64,
@@ -762,8 +757,9 @@ BAD_FILES = {  # case -> (format, what the message must say)
 def test_local_file_problems_are_named_before_anything_loads(tmp_path: Path, case: str) -> None:
     fmt, expected = BAD_FILES[case]
     path = bad_sae(tmp_path, case)
-    with pytest.raises(UserError) as info:  # the constructor: before the model is loaded
-        LocalSource(family="local", layer=3, path=str(path), format=fmt, hook_name=HOOK)
+    src = LocalSource(family="local", layer=3, path=str(path), format=fmt, hook_name=HOOK)
+    with pytest.raises(UserError) as info:  # what the pipeline calls before loading the model
+        src.required_model_kwargs()
     msg = str(info.value)
     assert expected in msg and "\n" not in msg
     assert str(path) in msg or path.name in msg
@@ -772,17 +768,17 @@ def test_local_file_problems_are_named_before_anything_loads(tmp_path: Path, cas
 def test_local_format_and_path_mismatches(tmp_path: Path) -> None:
     folder = saved_sae_lens(tmp_path / "saved")
     with pytest.raises(UserError, match="is a folder; format=openai"):
-        LocalSource("local", 3, str(folder), format="openai", hook_name=HOOK)
+        LocalSource("local", 3, str(folder), format="openai", hook_name=HOOK).check()
     with pytest.raises(UserError, match=r"part of a saved sae_lens SAE; set sae.path to its"):
-        LocalSource("local", 3, str(folder / "sae_weights.safetensors"))
+        LocalSource("local", 3, str(folder / "sae_weights.safetensors")).check()
     with pytest.raises(UserError, match="give its folder"):
-        LocalSource("local", 3, str(folder / "cfg.json"), format="sae_lens")
+        LocalSource("local", 3, str(folder / "cfg.json"), format="sae_lens").check()
     with pytest.raises(UserError, match="sae.path is empty"):
         LocalSource("local", 3, "")
     # a good file is accepted and still needs its hook
     torch.save(openai_state_dict("ReLU"), tmp_path / "ok.pt")
     with pytest.raises(UserError, match="do not record their hook"):
-        LocalSource("local", 3, str(tmp_path / "ok.pt"))
+        LocalSource("local", 3, str(tmp_path / "ok.pt")).required_model_kwargs()
 
 
 def custom(target: str, d_in: int = 128, kwargs: dict[str, Any] | None = None) -> CustomSource:
@@ -819,14 +815,15 @@ def test_custom_problems_are_one_line_before_the_model(bad_toy: Path) -> None:
     assert (sae.d_in, sae.d_sae) == (128, 256)
 
 
-def test_apollo_checks_layer_and_key_in_the_constructor(
+def test_apollo_checks_layer_and_key_before_the_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(UserError, match="no SAE for layer 3"):
-        apollo_source(tmp_path, layer=3)
+        apollo_source(tmp_path, layer=3)  # the constructor
+    src = apollo_source(tmp_path, layer=5)  # prefetch builds it to say what is missing
     with pytest.raises(UserError, match="needs WANDB_API_KEY"):
-        apollo_source(tmp_path, layer=5)
+        src.required_model_kwargs()  # the pipeline's first call, before the model loads
 
 
 def test_sae_lens_identity_keeps_the_neuronpedia_id() -> None:

@@ -517,12 +517,14 @@ class ApolloWandbSource:
         self.run_ids = _layer_map(run_ids)
         self.hooks = _layer_map(hooks)
         self.cache_dir = Path(cache_dir)
-        # cheap checks first: a layer without a run, no key for a download that is needed
-        if self._cached(self.run_dir()) is None:
-            self._check_key()
+        self.run_id()  # a layer without a run: before anything else
 
     def required_model_kwargs(self) -> dict[str, Any]:
-        """{}: transformer_lens' default processing, as in Apollo's training."""
+        """{}: transformer_lens' default processing, as in Apollo's training. Checks first
+        (before the model loads) that the run is cached or WANDB_API_KEY is set. Not in the
+        constructor: ``python -m saeravel.prefetch`` builds sources to list what is missing."""
+        if self._cached(self.run_dir()) is None:
+            self._check_key()
         return {}
 
     def _check_key(self) -> None:
@@ -803,8 +805,9 @@ class LocalSource:
     OpenAI files do not record their hook, so ``hook_name`` is required for them.
 
     The file's own problems (missing, unreadable, truncated, wrong keys or shapes) are
-    checked in the constructor, before :meth:`required_model_kwargs` says what weight
-    processing the SAE needs and long before any model/SAE compatibility check.
+    checked first (:meth:`check`, the first step of :meth:`required_model_kwargs`, which the
+    pipeline calls before the model loads), before the weight processing the SAE needs and
+    long before any model/SAE compatibility check.
     """
 
     FORMATS = ("auto", "sae_lens", "openai")
@@ -827,8 +830,7 @@ class LocalSource:
         self.hook_name = hook_name
         self._sae: Any = None
         self._state_dict: Any = None
-        self._cfg: dict[str, Any] = {}
-        self.check()
+        self._checked = False
 
     def resolved_format(self) -> str:
         if not self.path.exists():
@@ -839,7 +841,11 @@ class LocalSource:
 
     def check(self) -> None:
         """The file's own problems, as one-line :class:`UserError` s (reads OpenAI files and
-        sae_lens headers once; the weights are kept for :meth:`load`)."""
+        sae_lens headers once; the weights are kept for :meth:`load`). The first step of
+        :meth:`required_model_kwargs` and :meth:`load`; not run by the constructor, so that
+        ``python -m saeravel.prefetch`` can list a job whose file is not on this machine."""
+        if self._checked:
+            return
         fmt = self.resolved_format()
         if fmt == "sae_lens":
             if not self.path.is_dir():
@@ -852,7 +858,8 @@ class LocalSource:
                     f"{self.path} is a file; a saved sae_lens SAE is a folder holding cfg.json "
                     f"and sae_weights.safetensors{hint}"
                 )
-            self._cfg = check_sae_lens_folder(self.path)
+            check_sae_lens_folder(self.path)
+            self._checked = True
             return
         if self.path.is_dir():
             raise UserError(
@@ -872,6 +879,7 @@ class LocalSource:
                 "(e.g. sae.hook_name=blocks.5.hook_resid_post)"
             )
         self._state_dict = state_dict
+        self._checked = True
 
     def _sae_lens(self) -> Any:
         if self._sae is None:
@@ -890,13 +898,16 @@ class LocalSource:
 
     def required_model_kwargs(self) -> dict[str, Any]:
         """sae_lens: the saved ``model_from_pretrained_kwargs``. OpenAI: no centring of the
-        writing weights (OpenAI's README loads GPT-2 with ``center_writing_weights=False``)."""
+        writing weights (OpenAI's README loads GPT-2 with ``center_writing_weights=False``).
+        The file's own problems are reported first (:meth:`check`)."""
+        self.check()
         if self.resolved_format() == "sae_lens":
             return _sae_lens_model_kwargs(self._sae_lens())
         return {"center_writing_weights": False}
 
     def load(self, model: LoadedModel) -> SAE:
         """The SAE in the common interface."""
+        self.check()
         fmt = self.resolved_format()
         identity = SAEIdentity(
             family=self.family, path=str(self.path), extra={"format": fmt, "layer": self.layer}
@@ -915,7 +926,7 @@ class LocalSource:
             return sae
         state_dict = self._state_dict if self._state_dict is not None else _torch_load(self.path)
         check_openai_state_dict(self.path, state_dict)
-        self._state_dict = None
+        self._state_dict, self._checked = None, False
         assert self.hook_name  # checked in check()
         return from_openai_state_dict(state_dict, self.hook_name, identity)
 
