@@ -871,7 +871,13 @@ def assert_one_line_error(proc: Any, tmp_path: Path, expected: str) -> None:
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model.pt"))
 
 
-CLI_FILE_CASES = ["missing", "cfg_no_d_sae", "weights_truncated", "weights_wrong_shape", "text_file"]
+CLI_FILE_CASES = [
+    "missing",
+    "cfg_no_d_sae",
+    "weights_truncated",
+    "weights_wrong_shape",
+    "text_file",
+]
 
 
 @pytest.mark.parametrize("case", CLI_FILE_CASES)
@@ -894,9 +900,37 @@ def test_cli_bad_local_file(tmp_path: Path, case: str) -> None:
         (["sae=custom", "sae.target=bad_toy_sae.Square", "sae.hook_name=blocks.1.hook_resid_post",
           "sae.d_in=64", "+sae.kwargs.d_in=128"], "zero input of width sae.d_in=64 failed"),
         (["sae=apollo_e2e", "layer=1"], "needs WANDB_API_KEY"),
+        # a hub model that is not cached: the cheap SAE checks come first
+        (["model=gpt2-small", "sae=apollo_e2e", "layer=3"], "apollo_e2e has no SAE for layer 3"),
+        (["model=gpt2-small", "sae=apollo_e2e", "layer=5"], "needs WANDB_API_KEY"),
     ],
 )  # fmt: skip
 def test_cli_bad_sae_config(tmp_path: Path, args: list[str], expected: str) -> None:
     (tmp_path / "bad_toy_sae.py").write_text(BAD_TOY)
     proc = run_cli(args, tmp_path, pythonpath=tmp_path)
     assert_one_line_error(proc, tmp_path, expected)
+
+
+def test_cli_good_file_of_the_wrong_width_says_so(tmp_path: Path) -> None:
+    """A valid OpenAI SAE of width 64 on the embedded model (d_model 128): the width, not the
+    weight processing the SAE asks for (which the embedded model also lacks)."""
+    torch.save(openai_state_dict("TopK"), tmp_path / "v5.pt")
+    args = ["sae=local", f"sae.path={tmp_path / 'v5.pt'}", "sae.hook_name=blocks.1.hook_resid_post"]
+    proc = run_cli(args, tmp_path)
+    assert_one_line_error(proc, tmp_path, "has d_in=64 but model tiny-city-lm has d_model=128")
+
+
+def test_known_width_is_checked_against_the_config(tmp_path: Path, bad_toy: Path) -> None:
+    from saeravel.saes.loaders import check_known_width
+
+    folder = saved_sae_lens(tmp_path / "saved")
+    src = LocalSource("local", 3, str(folder))
+    assert src.known_d_in() is None  # not read yet
+    src.required_model_kwargs()
+    assert src.known_d_in() == D_IN
+    check_known_width(src, "m", D_IN)
+    with pytest.raises(UserError, match=r"saved\) has d_in=64 but model m has d_model=128"):
+        check_known_width(src, "m", 128)
+    with pytest.raises(UserError, match="has d_in=128 but model m has d_model=64"):
+        check_known_width(custom("bad_toy_sae.Square"), "m", 64)
+    check_known_width(NoSource(), "m", 64)  # nothing known: nothing checked

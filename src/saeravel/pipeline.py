@@ -28,7 +28,7 @@ from saeravel.evals import get_eval
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import atomic_write_json, build_record, git_commit, job_hash, load_complete
 from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
-from saeravel.saes.loaders import build_sae_source
+from saeravel.saes.loaders import build_sae_source, check_known_width
 
 log = logging.getLogger("saeravel")
 
@@ -123,6 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     sae_source = build_sae_source(cfg.sae) if spec.needs_sae(cfg.eval) else None
     sae_kwargs = sae_source.required_model_kwargs() if sae_source is not None else {}
+    if sae_source is not None:  # a width known from the SAE's file, before the model loads
+        check_known_width(sae_source, cfg.model.name, cfg.model.d_model)
     model = instantiate(cfg.model).load(sae_kwargs)
     if model.n_layers != n_layers:
         raise UserError(f"model {model.name} has {model.n_layers} layers, config says {n_layers}")

@@ -127,6 +127,19 @@ def build_sae_source(cfg: Any) -> Any:
         ) from exc
 
 
+def check_known_width(source: Any, model_name: str, d_model: int) -> None:
+    """Before the model loads: an SAE whose input width is already known (a local file's
+    header, a custom SAE's ``d_in``) must match the configured ``model.d_model``."""
+    known = getattr(source, "known_d_in", None)
+    d_in = known() if callable(known) else None
+    if d_in is not None and d_model and int(d_in) != int(d_model):
+        where = f" ({source.path})" if getattr(source, "path", None) else ""
+        raise UserError(
+            f"SAE {source.family}{where} has d_in={d_in} but model {model_name} has "
+            f"d_model={d_model}; pick an SAE trained on {model_name}"
+        )
+
+
 # ============================================================================ sae_lens
 
 
@@ -255,11 +268,16 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
             return SaeLensSAE.from_pretrained(release, sae_id, device=device)
     except (OSError, HfHubHTTPError) as exc:
         if _looks_offline(exc):
+            from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+            folder = get_repo_id_and_folder_name(release, sae_id)[1]
+            files = " ".join(f"{folder}/{f}" for f in ("cfg.json", "sae_weights.safetensors"))
             raise UserError(
                 f"sae_lens SAE {release} / {sae_id} is not in the local Hugging Face cache and "
-                f"the hub cannot be reached; on a machine with a network run the same job once "
-                f"(or `huggingface-cli download {repo_id}`), then set HF_HUB_OFFLINE=1"
-            ) from exc
+                f"the hub cannot be reached; on a machine with a network run `python -m "
+                f"saeravel.prefetch` with this job's overrides (or `hf download {repo_id} "
+                f"{files}`), then set HF_HUB_OFFLINE=1"
+            ) from None
         raise UserError(f"could not load sae_lens SAE {release} / {sae_id}: {exc}") from exc
 
 
@@ -831,6 +849,7 @@ class LocalSource:
         self._sae: Any = None
         self._state_dict: Any = None
         self._checked = False
+        self._d_in: int | None = None
 
     def resolved_format(self) -> str:
         if not self.path.exists():
@@ -858,7 +877,7 @@ class LocalSource:
                     f"{self.path} is a file; a saved sae_lens SAE is a folder holding cfg.json "
                     f"and sae_weights.safetensors{hint}"
                 )
-            check_sae_lens_folder(self.path)
+            self._d_in = int(check_sae_lens_folder(self.path)["d_in"])
             self._checked = True
             return
         if self.path.is_dir():
@@ -879,7 +898,12 @@ class LocalSource:
                 "(e.g. sae.hook_name=blocks.5.hook_resid_post)"
             )
         self._state_dict = state_dict
+        self._d_in = int(state_dict["encoder.weight"].shape[1])
         self._checked = True
+
+    def known_d_in(self) -> int | None:
+        """The SAE's input width from its file (after :meth:`check`), else None."""
+        return self._d_in
 
     def _sae_lens(self) -> Any:
         if self._sae is None:
@@ -1049,6 +1073,10 @@ class CustomSource:
         )
         self._sae = CustomSAE(obj, d_in=self.d_in, hook_name=self.hook_name, identity=identity)
         return self._sae
+
+    def known_d_in(self) -> int:
+        """``sae.d_in`` (probed against the object by :meth:`required_model_kwargs`)."""
+        return self.d_in
 
     def required_model_kwargs(self) -> dict[str, Any]:
         """{}: nothing is known about a custom SAE's training (TL defaults). Builds and
