@@ -11,8 +11,8 @@ A temporary Hugging Face cache in the hub's layout (``models--<org>--<name>/blob
 
 ``run.py model=gpt2-small sae=jbloom layer=1`` then runs ``eval=core`` on a local JSON-lines
 text file and ``eval=ravel`` on RAVEL-format files whose Country / Continent values are
-*planted*: each city's value is the random model's own greedy answer to the paper's 5-shot
-prompt, so the knowledge filter keeps cities and pairs exist.
+*planted*: each city's value is the random model's own greedy answer (one token) to the
+paper's 5-shot prompt, so the knowledge filter keeps cities and pairs exist.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ N_LAYERS, D_MODEL, N_HEADS, N_CTX = 3, 64, 4, 256
 D_SAE = 256
 SAE_REPO = "jbloom/GPT2-Small-SAEs-Reformatted"
 SAE_FOLDER = "blocks.2.hook_resid_pre"  # gpt2-small-res-jb's path for layer 1
-N_CITIES = 40
+N_CITIES = 120  # candidates; those with a one-token answer to both prompts are kept
 
 
 # ----------------------------------------------------------------------------- hub cache
@@ -185,27 +185,43 @@ def write_text_file(path: Path, n_docs: int = 40) -> Path:
     return path
 
 
-def greedy_first_words(model: Any, template: str, cities: list[str], n_tokens: int) -> list[str]:
-    """The first word of the model's greedy ``n_tokens``-token answer to ``template`` for each
-    city ('' when it answers only whitespace), tokenised and generated as the eval does."""
-    from saeravel.evals.ravel import generate
-    from saeravel.ravel.prompts import bos_id, tokenize_prompt
+# the paper's 5-shot cities, which the eval keeps out of the entity pool
+SHOT_CITIES = {"Toronto", "Beijing", "Miami", "Santiago", "London"}
 
-    bos = bos_id(model)
-    prompts = [tokenize_prompt(model.tokenizer, template, c, "planted", bos) for c in cities]
-    gens = [g.strip() for g in generate(model, prompts, n_tokens)]
-    return [g.split()[0] if g else "" for g in gens]
+
+@torch.no_grad()
+def planted_labels(model: Any, template: str, cities: list[str]) -> list[str]:
+    """Each city's planted value: the model's greedy next token after ``template`` when it is
+    a space-led word that the tokenizer gives back as that one token (" 1988" -> "1988"), else
+    ''. One generated token (the eval runs with ``eval.match_tokens=1``), so the first
+    generated word, the first generated token and the generated prefix all equal the label,
+    whatever matching rule the eval applies."""
+    from saeravel.ravel.prompts import bos_id, pad, tokenize_prompt
+
+    tok = model.tokenizer
+    prompts = [tokenize_prompt(tok, template, c, "planted", bos_id(model)) for c in cities]
+    toks, last = pad(prompts, tok.pad_token_id or 0, model.cfg.device)
+    nxt = model(toks)[torch.arange(len(prompts)), last].argmax(-1).tolist()
+    labels = []
+    for t in nxt:
+        text = tok.decode([t])
+        word = text[1:]
+        ok = text.startswith(" ") and word.isalnum()
+        ok = ok and tok(" " + word, add_special_tokens=False)["input_ids"] == [t]
+        labels.append(word if ok else "")
+    return labels
 
 
 def write_planted_ravel(folder: Path, model: Any, attributes: list[str]) -> dict[str, Any]:
-    """RAVEL's five city files for ``N_CITIES`` real RAVEL cities, with each attribute's
-    value replaced by ``model``'s greedy answer to the saeravel protocol's 5-shot prompt.
-    Returns statistics (distinct values per attribute)."""
+    """RAVEL's five city files for real RAVEL cities whose every attribute in ``attributes``
+    got a planted value (:func:`planted_labels` on the saeravel protocol's 5-shot prompt).
+    Returns how many cities were kept and how many distinct values each attribute has."""
     from saeravel.ravel.prompts import PAPER_FEW_SHOT
 
     real = json.loads((RAVEL_FILES / "ravel_city_entity_attributes.json").read_text())
-    cities = sorted(c for c in real if c.isascii() and c.isalpha())[::20][:N_CITIES]
-    values = {a: greedy_first_words(model, PAPER_FEW_SHOT[a], cities, 3) for a in attributes}
+    pool = sorted(c for c in real if c.isascii() and c.isalpha() and c not in SHOT_CITIES)
+    cities = pool[::10][:N_CITIES]
+    values = {a: planted_labels(model, PAPER_FEW_SHOT[a], cities) for a in attributes}
     entities = {}
     for i, c in enumerate(cities):
         if all(values[a][i] for a in attributes):
@@ -283,7 +299,11 @@ def run_job(hub: dict[str, Any], name: str, args: list[str], timeout: int = 1800
     ident = info["sae_identity"]
     assert (ident["release"], ident["sae_id"]) == ("gpt2-small-res-jb", SAE_FOLDER)
     assert ident["neuronpedia_id"] == "gpt2-small/2-res-jb"  # from sae_lens' directory
-    assert record["sae_cfg_dict"]["d_in"] == D_MODEL
+    assert (record["sae_lens_release_id"], record["sae_lens_id"]) == (
+        "gpt2-small-res-jb",
+        SAE_FOLDER,
+    )
+    assert (record["sae_cfg_dict"]["d_in"], record["sae_cfg_dict"]["d_sae"]) == (D_MODEL, D_SAE)
     assert record["sae_cfg_dict"]["hook_name"] == SAE_FOLDER
     metrics = numbers(record["eval_result_metrics"])
     assert metrics, record["eval_result_metrics"]
@@ -331,8 +351,8 @@ def test_ravel_with_planted_knowledge_through_the_hub_cache(hub: dict[str, Any])
     record = run_job(
         hub,
         "ravel",
-        ["eval=ravel", f"eval.data_dir={data}", "eval.epochs=1", "eval.max_pairs_per_split=16",
-         "eval.batch_size=8"],
+        ["eval=ravel", f"eval.data_dir={data}", "eval.match_tokens=1", "eval.epochs=1",
+         "eval.max_pairs_per_split=16", "eval.batch_size=8"],
     )  # fmt: skip
     m = record["eval_result_metrics"]
     for attr in ("Country", "Continent"):
