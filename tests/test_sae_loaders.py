@@ -455,9 +455,8 @@ def test_catalogue_ids_read_the_residual_after_their_layer() -> None:
 
 def test_catalogue_missing_layer() -> None:
     cfg = sae_yamls()["jbloom"]
-    src = SaeLensSource("jbloom", 12, cfg.release, sae_ids=cfg.sae_ids)
     with pytest.raises(UserError, match=r"family jbloom has no SAE for layer 12; layers: 0, 1, "):
-        src.resolve()
+        SaeLensSource("jbloom", 12, cfg.release, sae_ids=cfg.sae_ids)  # before any loading
 
 
 def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
@@ -634,3 +633,304 @@ def test_no_source() -> None:
     src = NoSource(family="none", layer=5)
     assert src.required_model_kwargs() == {}
     assert src.load(None) is None
+
+
+# ----------------------------------------------------------------------------- bad SAE files
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_TOY = """
+import torch
+
+
+class Boom:
+    def __init__(self, **kwargs):
+        raise ValueError("boom: no weights at /nowhere")
+
+
+class Square:
+    def __init__(self, d_in=128):
+        self.W = torch.ones(d_in, 2 * d_in)
+
+    def encode(self, x):
+        return torch.relu(x @ self.W)
+
+    def decode(self, f):
+        return f @ self.W.T
+
+
+class WrongWidth(Square):
+    def decode(self, f):
+        return (f @ self.W.T)[..., :3]
+
+
+class NoDecode:
+    def encode(self, x):
+        return x
+"""
+
+
+def saved_sae_lens(folder: Path, **cfg: Any) -> Path:
+    make_sae_lens("standard", **cfg).save_model(folder)
+    return folder
+
+
+def bad_sae(tmp_path: Path, case: str) -> Path:
+    """A file or folder with exactly one thing wrong with it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / case
+    if case == "missing":
+        return tmp_path / "no_such_sae"
+    if case in ("cfg_not_json", "cfg_no_d_sae", "weights_truncated", "weights_text",
+                "weights_wrong_shape", "weights_missing_key", "cfg_list", "arch_gated"):  # fmt: skip
+        saved_sae_lens(folder)
+        cfg_path, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
+        cfg = json.loads(cfg_path.read_text())
+        if case == "cfg_not_json":
+            cfg_path.write_text('{"d_in": 64, "d_sae": ')
+        elif case == "cfg_list":
+            cfg_path.write_text("[64, 128]")
+        elif case == "cfg_no_d_sae":
+            del cfg["d_sae"]
+            cfg_path.write_text(json.dumps(cfg))
+        elif case == "arch_gated":
+            cfg["architecture"] = "gated"
+            cfg_path.write_text(json.dumps(cfg))
+        elif case == "weights_truncated":
+            data = weights.read_bytes()
+            weights.write_bytes(data[: len(data) // 2])
+        elif case == "weights_text":
+            weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\n")
+        elif case == "weights_wrong_shape":
+            sd = {"W_enc": torch.zeros(D_IN, D_SAE), "b_enc": torch.zeros(D_SAE)}
+            sd |= {"W_dec": torch.zeros(D_SAE, D_IN + 1), "b_dec": torch.zeros(D_IN)}
+            save_file(sd, weights)
+        elif case == "weights_missing_key":
+            save_file({"W_enc": torch.zeros(D_IN, D_SAE), "b_enc": torch.zeros(D_SAE)}, weights)
+        return folder
+    path = tmp_path / f"{case}.pt"
+    if case == "text_file":
+        path.write_text("this is not an SAE\n")
+    elif case == "empty_file":
+        path.write_bytes(b"")
+    elif case == "pt_truncated":
+        torch.save(openai_state_dict("TopK"), path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif case == "pt_wrong_shape":
+        sd = openai_state_dict("ReLU")
+        sd["pre_bias"] = torch.zeros(D_IN + 2)
+        torch.save(sd, path)
+    elif case == "pt_not_a_dict":
+        torch.save([torch.zeros(3)], path)
+    elif case == "pt_missing_key":
+        sd = openai_state_dict("ReLU")
+        del sd["encoder.weight"]
+        torch.save(sd, path)
+    else:
+        raise AssertionError(case)
+    return path
+
+
+BAD_FILES = {  # case -> (format, what the message must say)
+    "missing": ("auto", "does not exist"),
+    "cfg_not_json": ("auto", "cfg.json is not valid JSON"),
+    "cfg_list": ("auto", "holds a JSON list"),
+    "cfg_no_d_sae": ("auto", "has no d_sae"),
+    "arch_gated": ("auto", "architecture 'gated' is not supported"),
+    "weights_truncated": ("auto", "sae_weights.safetensors is not a complete safetensors file"),
+    "weights_text": ("auto", "sae_weights.safetensors is not a complete safetensors file"),
+    "weights_wrong_shape": ("auto", "W_dec has shape [128, 65], expected [128, 64]"),
+    "weights_missing_key": ("auto", "lacks W_dec, b_dec"),
+    "text_file": ("auto", "is not a torch.save file"),
+    "empty_file": ("openai", "is empty (0 bytes)"),
+    "pt_truncated": ("auto", "truncated or corrupt"),
+    "pt_wrong_shape": ("auto", "pre_bias has shape [66], expected [64]"),
+    "pt_not_a_dict": ("auto", "holds a list, not a state dict"),
+    "pt_missing_key": ("auto", "no encoder.weight"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_local_file_problems_are_named_before_anything_loads(tmp_path: Path, case: str) -> None:
+    fmt, expected = BAD_FILES[case]
+    path = bad_sae(tmp_path, case)
+    src = LocalSource(family="local", layer=3, path=str(path), format=fmt, hook_name=HOOK)
+    with pytest.raises(UserError) as info:  # what the pipeline calls before loading the model
+        src.required_model_kwargs()
+    msg = str(info.value)
+    assert expected in msg and "\n" not in msg
+    assert str(path) in msg or path.name in msg
+
+
+def test_local_format_and_path_mismatches(tmp_path: Path) -> None:
+    folder = saved_sae_lens(tmp_path / "saved")
+    with pytest.raises(UserError, match="is a folder; format=openai"):
+        LocalSource("local", 3, str(folder), format="openai", hook_name=HOOK).check()
+    with pytest.raises(UserError, match=r"part of a saved sae_lens SAE; set sae.path to its"):
+        LocalSource("local", 3, str(folder / "sae_weights.safetensors")).check()
+    with pytest.raises(UserError, match="give its folder"):
+        LocalSource("local", 3, str(folder / "cfg.json"), format="sae_lens").check()
+    with pytest.raises(UserError, match="sae.path is empty"):
+        LocalSource("local", 3, "")
+    # a good file is accepted and still needs its hook
+    torch.save(openai_state_dict("ReLU"), tmp_path / "ok.pt")
+    with pytest.raises(UserError, match="do not record their hook"):
+        LocalSource("local", 3, str(tmp_path / "ok.pt")).required_model_kwargs()
+
+
+def custom(target: str, d_in: int = 128, kwargs: dict[str, Any] | None = None) -> CustomSource:
+    return CustomSource("custom", 1, target, kwargs or {}, "blocks.1.hook_resid_post", d_in)
+
+
+@pytest.fixture()
+def bad_toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "bad_toy_sae.py").write_text(BAD_TOY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_toy_sae", raising=False)
+    return tmp_path
+
+
+def test_custom_problems_are_one_line_before_the_model(bad_toy: Path) -> None:
+    cases = {
+        "": "needs sae.target",
+        "bad_toy_sae.Missing": "cannot be imported: bad_toy_sae has no 'Missing'",
+        "no_such_package.SAE": "cannot be imported: no module named 'no_such_package'",
+        "bad toy": "is not a dotted import path",
+        "bad_toy_sae.Boom": "raised ValueError: boom: no weights at /nowhere",
+        "bad_toy_sae.NoDecode": "has no callable decode()",
+        "bad_toy_sae.WrongWidth": "decode returns width 3 but sae.d_in=128",
+    }
+    for target, expected in cases.items():
+        with pytest.raises(UserError) as info:
+            custom(target).required_model_kwargs()  # what the pipeline calls before the model
+        assert expected in str(info.value) and "\n" not in str(info.value), target
+    with pytest.raises(UserError, match=r"zero input of width sae.d_in=64 failed"):
+        custom("bad_toy_sae.Square", d_in=64, kwargs={"d_in": 128}).required_model_kwargs()
+    with pytest.raises(UserError, match=r"sae.d_in=0"):
+        custom("bad_toy_sae.Square", d_in=0)
+    sae = custom("bad_toy_sae.Square").load(None)
+    assert (sae.d_in, sae.d_sae) == (128, 256)
+
+
+def test_apollo_checks_layer_and_key_before_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(UserError, match="no SAE for layer 3"):
+        apollo_source(tmp_path, layer=3)  # the constructor
+    src = apollo_source(tmp_path, layer=5)  # prefetch builds it to say what is missing
+    with pytest.raises(UserError, match="needs WANDB_API_KEY"):
+        src.required_model_kwargs()  # the pipeline's first call, before the model loads
+
+
+def test_sae_lens_identity_keeps_the_neuronpedia_id() -> None:
+    from saeravel.saes.loaders import directory_neuronpedia_id
+
+    assert directory_neuronpedia_id("gpt2-small-res-jb", "blocks.6.hook_resid_pre") == (
+        "gpt2-small/6-res-jb"
+    )
+    assert directory_neuronpedia_id("gpt2-small-res-jb", "nope") is None
+    theirs = make_sae_lens("standard", meta={"neuronpedia_id": "gpt2-small/3-res-test"})
+    ours = from_sae_lens(theirs, SAEIdentity(family="t"))
+    assert ours.identity.neuronpedia_id == "gpt2-small/3-res-test"
+    assert ours.cfg_dict["neuronpedia_id"] == "gpt2-small/3-res-test"
+    given = SAEIdentity(family="t", neuronpedia_id="from-directory")
+    assert from_sae_lens(theirs, given).identity.neuronpedia_id == "from-directory"
+
+
+# ----------------------------------------------------------------------------- the entrypoint
+
+
+def run_cli(args: list[str], tmp_path: Path, pythonpath: Path | None = None):
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", WANDB_MODE="offline",
+               SAERAVEL_CACHE=str(tmp_path / "cache"), SAERAVEL_RESULTS=str(tmp_path / "res"))  # fmt: skip
+    env.pop("WANDB_API_KEY", None)
+    paths = [str(ROOT / "src"), *([str(pythonpath)] if pythonpath else [])]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
+    # The cache is empty: had the embedded model been loaded, it would train for minutes
+    # and the timeout would fail the test, so a pass also shows the check came first.
+    return subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'out'}", "eval=core", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+def assert_one_line_error(proc: Any, tmp_path: Path, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, proc.stderr
+    assert expected in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "result.json").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model.pt"))
+
+
+CLI_FILE_CASES = [
+    "missing",
+    "cfg_no_d_sae",
+    "weights_truncated",
+    "weights_wrong_shape",
+    "text_file",
+]
+
+
+@pytest.mark.parametrize("case", CLI_FILE_CASES)
+def test_cli_bad_local_file(tmp_path: Path, case: str) -> None:
+    fmt, expected = BAD_FILES[case]
+    path = bad_sae(tmp_path, case)
+    proc = run_cli(["sae=local", f"sae.path={path}", f"sae.format={fmt}"], tmp_path)
+    assert_one_line_error(proc, tmp_path, expected)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["sae=local"], "needs sae.path (a saved sae_lens folder or an OpenAI"),
+        (["sae=local", "sae.path=/tmp", "sae.format=npz"], "unknown local SAE format 'npz'"),
+        (["sae=custom", "sae.hook_name=blocks.1.hook_resid_post", "sae.d_in=128"],
+         "needs sae.target"),
+        (["sae=custom", "sae.target=bad_toy_sae.Boom", "sae.hook_name=blocks.1.hook_resid_post",
+          "sae.d_in=128"], "raised ValueError: boom"),
+        (["sae=custom", "sae.target=bad_toy_sae.Square", "sae.hook_name=blocks.1.hook_resid_post",
+          "sae.d_in=64", "+sae.kwargs.d_in=128"], "zero input of width sae.d_in=64 failed"),
+        (["sae=apollo_e2e", "layer=1"], "needs WANDB_API_KEY"),
+        # a hub model that is not cached: the cheap SAE checks come first
+        (["model=gpt2-small", "sae=apollo_e2e", "layer=3"], "apollo_e2e has no SAE for layer 3"),
+        (["model=gpt2-small", "sae=apollo_e2e", "layer=5"], "needs WANDB_API_KEY"),
+    ],
+)  # fmt: skip
+def test_cli_bad_sae_config(tmp_path: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "bad_toy_sae.py").write_text(BAD_TOY)
+    proc = run_cli(args, tmp_path, pythonpath=tmp_path)
+    assert_one_line_error(proc, tmp_path, expected)
+
+
+def test_cli_good_file_of_the_wrong_width_says_so(tmp_path: Path) -> None:
+    """A valid OpenAI SAE of width 64 on the embedded model (d_model 128): the width, not the
+    weight processing the SAE asks for (which the embedded model also lacks)."""
+    torch.save(openai_state_dict("TopK"), tmp_path / "v5.pt")
+    args = ["sae=local", f"sae.path={tmp_path / 'v5.pt'}", "sae.hook_name=blocks.1.hook_resid_post"]
+    proc = run_cli(args, tmp_path)
+    assert_one_line_error(proc, tmp_path, "has d_in=64 but model tiny-city-lm has d_model=128")
+
+
+def test_known_width_is_checked_against_the_config(tmp_path: Path, bad_toy: Path) -> None:
+    from saeravel.saes.loaders import check_known_width
+
+    folder = saved_sae_lens(tmp_path / "saved")
+    src = LocalSource("local", 3, str(folder))
+    assert src.known_d_in() is None  # not read yet
+    src.required_model_kwargs()
+    assert src.known_d_in() == D_IN
+    check_known_width(src, "m", D_IN)
+    with pytest.raises(UserError, match=r"saved\) has d_in=64 but model m has d_model=128"):
+        check_known_width(src, "m", 128)
+    with pytest.raises(UserError, match="has d_in=128 but model m has d_model=64"):
+        check_known_width(custom("bad_toy_sae.Square"), "m", 64)
+    check_known_width(NoSource(), "m", 64)  # nothing known: nothing checked

@@ -49,6 +49,7 @@ from saeravel.results import (
     saebench_record,
 )
 from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
+from saeravel.saes.loaders import build_sae_source, check_known_width
 
 log = logging.getLogger("saeravel")
 
@@ -214,8 +215,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}"
         )
 
-    sae_source = instantiate(cfg.sae) if uses_sae else None
+    sae_source = build_sae_source(cfg.sae) if uses_sae else None
     sae_kwargs = sae_source.required_model_kwargs() if sae_source is not None else {}
+    if sae_source is not None:  # a width known from the SAE's file, before the model loads
+        check_known_width(sae_source, cfg.model.name, cfg.model.d_model)
     model = instantiate(cfg.model).load(sae_kwargs)
     if model.n_layers != n_layers:
         raise UserError(f"model {model.name} has {model.n_layers} layers, config says {n_layers}")

@@ -633,8 +633,6 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
 
 
 def _plan_sae(cfg: DictConfig, plan: Plan, model_item: Item | None, train_embedded: bool) -> None:
-    from hydra.utils import instantiate
-
     from saeravel.planted import PlantedSAESource
     from saeravel.saes.loaders import (
         ApolloWandbSource,
@@ -642,10 +640,11 @@ def _plan_sae(cfg: DictConfig, plan: Plan, model_item: Item | None, train_embedd
         LocalSource,
         NoSource,
         SaeLensSource,
+        build_sae_source,
     )
     from saeravel.saes.train import TrainedSource
 
-    source = instantiate(cfg.sae)
+    source = build_sae_source(cfg.sae)  # a source's UserError unwrapped from Hydra's
     family = source.family
     if isinstance(source, SaeLensSource):
         plan.add(SaeLensItem(*source.resolve()))

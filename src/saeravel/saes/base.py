@@ -47,6 +47,9 @@ class SAEIdentity:
     sae_id: str | None = None
     path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Neuronpedia's id of the SAE (sae_lens records one for most pretrained SAEs), for
+    # looking its latents up on neuronpedia.org; None when unknown.
+    neuronpedia_id: str | None = None
 
 
 class SAE(nn.Module):

@@ -74,6 +74,14 @@ def _missing_layer(family: str, layer: int, available: Mapping[int, Any]) -> Use
     return UserError(f"family {family} has no SAE for layer {layer}; layers: {layers}")
 
 
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message`` of an exception, cut to ``limit`` characters."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _jsonable(value: Any) -> Any:
     """A JSON-serialisable copy of a config value (unknown objects become strings)."""
     if isinstance(value, Mapping):
@@ -83,6 +91,53 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+# what each required (``???``) SAE field is, for the error when it is not given
+_FIELD_HINTS = {
+    "path": "a saved sae_lens folder or an OpenAI sparse_autoencoder .pt file",
+    "target": "the import path of a class or factory, e.g. mypkg.saes.MySAE",
+    "hook_name": "the hook it reads, e.g. blocks.5.hook_resid_post",
+    "d_in": "its input width, the model's d_model",
+    "release": "an sae_lens release name or regex",
+}
+
+
+def build_sae_source(cfg: Any) -> Any:
+    """``hydra.utils.instantiate(cfg.sae)`` with one-line errors: a required field not given
+    (``???``) is named with what it should be, and a :class:`UserError` raised by a source's
+    constructor (which Hydra wraps in an ``InstantiationException``) is re-raised as is."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    missing = sorted(k.rsplit(".", 1)[-1] for k in OmegaConf.missing_keys(cfg))
+    if missing:
+        family = cfg.get("family", "?") if not OmegaConf.is_missing(cfg, "family") else "?"
+        needs = "; ".join(f"sae.{k} ({_FIELD_HINTS.get(k, 'required')})" for k in missing)
+        raise UserError(f"SAE {family} needs {needs}")
+    try:
+        return instantiate(cfg)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(
+            f"SAE {cfg.get('family', '?')}: {_first_line(cause or exc, limit=300)}"
+        ) from exc
+
+
+def check_known_width(source: Any, model_name: str, d_model: int) -> None:
+    """Before the model loads: an SAE whose input width is already known (a local file's
+    header, a custom SAE's ``d_in``) must match the configured ``model.d_model``."""
+    known = getattr(source, "known_d_in", None)
+    d_in = known() if callable(known) else None
+    if d_in is not None and d_model and int(d_in) != int(d_model):
+        where = f" ({source.path})" if getattr(source, "path", None) else ""
+        raise UserError(
+            f"SAE {source.family}{where} has d_in={d_in} but model {model_name} has "
+            f"d_model={d_model}; pick an SAE trained on {model_name}"
+        )
 
 
 # ============================================================================ sae_lens
@@ -213,12 +268,27 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
             return SaeLensSAE.from_pretrained(release, sae_id, device=device)
     except (OSError, HfHubHTTPError) as exc:
         if _looks_offline(exc):
+            from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
+
+            folder = get_repo_id_and_folder_name(release, sae_id)[1]
+            files = " ".join(f"{folder}/{f}" for f in ("cfg.json", "sae_weights.safetensors"))
             raise UserError(
                 f"sae_lens SAE {release} / {sae_id} is not in the local Hugging Face cache and "
-                f"the hub cannot be reached; on a machine with a network run the same job once "
-                f"(or `huggingface-cli download {repo_id}`), then set HF_HUB_OFFLINE=1"
-            ) from exc
+                f"the hub cannot be reached; on a machine with a network run `python -m "
+                f"saeravel.prefetch` with this job's overrides (or `hf download {repo_id} "
+                f"{files}`), then set HF_HUB_OFFLINE=1"
+            ) from None
         raise UserError(f"could not load sae_lens SAE {release} / {sae_id}: {exc}") from exc
+
+
+def directory_neuronpedia_id(release: str, sae_id: str) -> str | None:
+    """The Neuronpedia id sae_lens' pretrained directory records for (release, id), if any."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    ids = getattr(lookup, "neuronpedia_id", None) or {}
+    found = ids.get(sae_id)
+    return str(found) if found else None
 
 
 def _fold_input_scale(
@@ -290,6 +360,8 @@ def from_sae_lens(sae_lens_sae: Any, identity: SAEIdentity) -> SAE:
                 "layer_norm, expected_average_only_in (with a known scaling factor)"
             )
 
+    if identity.neuronpedia_id is None and meta.get("neuronpedia_id"):
+        identity.neuronpedia_id = str(meta.get("neuronpedia_id"))
     kwargs = meta.model_from_pretrained_kwargs
     keep = ("model_name", "hook_name", "context_size", "prepend_bos", "dataset_path")
     cfg_dict = {
@@ -299,6 +371,7 @@ def from_sae_lens(sae_lens_sae: Any, identity: SAEIdentity) -> SAE:
         "sae_lens_version": meta.sae_lens_version,
         "model_from_pretrained_kwargs": _jsonable(kwargs or {}),
         **{key: _jsonable(meta.get(key)) for key in keep},
+        "neuronpedia_id": identity.neuronpedia_id,
     }
     sae = SAE(
         W_enc,
@@ -347,6 +420,7 @@ class SaeLensSource:
         self.sae_id = sae_id
         self._resolved: tuple[str, str] | None = None
         self._sae: Any = None
+        self.resolve()  # a layer the family lacks, an unknown id: before any model loads
 
     def resolve(self) -> tuple[str, str]:
         """(release, sae_id) for this layer, without loading anything."""
@@ -376,7 +450,11 @@ class SaeLensSource:
         """The SAE in the common interface (the sae_lens copy is then released)."""
         release, sae_id = self.resolve()
         identity = SAEIdentity(
-            family=self.family, release=release, sae_id=sae_id, extra={"layer": self.layer}
+            family=self.family,
+            release=release,
+            sae_id=sae_id,
+            extra={"layer": self.layer},
+            neuronpedia_id=directory_neuronpedia_id(release, sae_id),
         )
         sae = from_sae_lens(self._sae_lens(), identity)
         self._sae = None
@@ -457,10 +535,26 @@ class ApolloWandbSource:
         self.run_ids = _layer_map(run_ids)
         self.hooks = _layer_map(hooks)
         self.cache_dir = Path(cache_dir)
+        self.run_id()  # a layer without a run: before anything else
 
     def required_model_kwargs(self) -> dict[str, Any]:
-        """{}: transformer_lens' default processing, as in Apollo's training."""
+        """{}: transformer_lens' default processing, as in Apollo's training. Checks first
+        (before the model loads) that the run is cached or WANDB_API_KEY is set. Not in the
+        constructor: ``python -m saeravel.prefetch`` builds sources to list what is missing."""
+        if self._cached(self.run_dir()) is None:
+            self._check_key()
         return {}
+
+    def _check_key(self) -> None:
+        if os.environ.get("WANDB_API_KEY"):
+            return
+        alt = _NO_KEY_ROUTES.get(self.family, "gpt2-small-res_sle-ajt")
+        raise UserError(
+            f"{self.family}: the SAE is read from wandb run {self.project}/{self.run_id()}, "
+            f"which needs WANDB_API_KEY even for public runs; set it, or use the same SAEs "
+            f"through sae_lens without a key: sae=sae_lens sae.release={alt} "
+            "(gpt2-small-res_sle-ajt = e2e, gpt2-small-res_slefr-ajt = e2e+ds)"
+        )
 
     def run_id(self) -> str:
         if self.layer not in self.run_ids:
@@ -474,7 +568,11 @@ class ApolloWandbSource:
         marker = run_dir / self.MARKER
         if not marker.is_file():
             return None
-        ckpt = run_dir / json.loads(marker.read_text())["checkpoint"]
+        try:
+            ckpt = run_dir / str(json.loads(marker.read_text())["checkpoint"])
+        except (ValueError, KeyError, TypeError, OSError):
+            log.warning("unreadable download marker %s; downloading again", marker)
+            return None
         return ckpt if ckpt.is_file() else None
 
     def fetch(self) -> Path:
@@ -484,14 +582,7 @@ class ApolloWandbSource:
         if cached is not None:
             return cached
         run_path = f"{self.project}/{self.run_id()}"
-        if not os.environ.get("WANDB_API_KEY"):
-            alt = _NO_KEY_ROUTES.get(self.family, "gpt2-small-res_sle-ajt")
-            raise UserError(
-                f"{self.family}: the SAE is read from wandb run {run_path}, which needs "
-                f"WANDB_API_KEY even for public runs; set it, or use the same SAEs through "
-                f"sae_lens without a key: sae=sae_lens sae.release={alt} "
-                "(gpt2-small-res_sle-ajt = e2e, gpt2-small-res_slefr-ajt = e2e+ds)"
-            )
+        self._check_key()
         import wandb
         import wandb.errors
 
@@ -524,7 +615,15 @@ class ApolloWandbSource:
     def load(self, model: LoadedModel) -> SAE:
         """The SAE for this layer from the latest checkpoint of its run."""
         ckpt = self.fetch()
-        state_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for truncated / foreign files
+            raise UserError(
+                f"cannot read Apollo checkpoint {ckpt} ({_first_line(exc)}); delete "
+                f"{ckpt.parent} to download it again"
+            ) from exc
+        if not isinstance(state_dict, Mapping):
+            raise UserError(f"Apollo checkpoint {ckpt} holds a {type(state_dict).__name__}")
         hook_name = self.hooks.get(self.layer)
         if hook_name is None:
             prefixes = sorted({k.split(".")[0] for k in state_dict})
@@ -603,12 +702,130 @@ def from_openai_state_dict(
         )
 
 
+_SAE_LENS_ARCHS = ("standard", "topk", "jumprelu")
+_SAE_LENS_EXTRA_KEYS = {"jumprelu": ("threshold",)}
+
+
+def _shape_error(path: Path, name: str, got: tuple[int, ...], want: tuple[int, ...]) -> UserError:
+    return UserError(f"{path}: {name} has shape {list(got)}, expected {list(want)}")
+
+
+def check_sae_lens_folder(path: Path) -> dict[str, Any]:
+    """A saved sae_lens SAE's own problems, each a one-line :class:`UserError`: missing or
+    unparsable ``cfg.json``, missing ``d_in``/``d_sae``, an unsupported architecture, weights
+    that are not a complete safetensors file, missing tensors or wrong shapes. Reads the
+    weights' header only. Returns the parsed ``cfg.json``."""
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+    from safetensors import safe_open
+
+    cfg_path, weights_path = path / SAE_CFG_FILENAME, path / SAE_WEIGHTS_FILENAME
+    for f in (cfg_path, weights_path):
+        if not f.is_file():
+            raise UserError(
+                f"{path} is not a saved sae_lens SAE (no {f.name}; expected the output of "
+                "sae.save_model(dir): cfg.json + sae_weights.safetensors)"
+            )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_path} is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object")
+    dims: dict[str, int] = {}
+    for key in ("d_in", "d_sae"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            what = "has no" if value is None else f"has {key}={value!r}, not a positive"
+            raise UserError(f"{cfg_path} {what} {key} (the SAE's widths)")
+        dims[key] = value
+    arch = cfg.get("architecture", "standard")
+    if arch not in _SAE_LENS_ARCHS:
+        raise UserError(
+            f"{cfg_path}: architecture {arch!r} is not supported; valid: {', '.join(_SAE_LENS_ARCHS)}"
+        )
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:  # SafetensorError (truncated, not safetensors), OSError
+        raise UserError(
+            f"{weights_path} is not a complete safetensors file ({_first_line(exc)})"
+        ) from None
+    d_in, d_sae = dims["d_in"], dims["d_sae"]
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    want.update({k: (d_sae,) for k in _SAE_LENS_EXTRA_KEYS.get(arch, ())})
+    missing = [k for k in want if k not in shapes]
+    if missing:
+        raise UserError(
+            f"{weights_path} lacks {', '.join(missing)} (a {arch} sae_lens SAE needs "
+            f"{', '.join(want)}); it has: {_few(sorted(shapes)) or 'no tensors'}"
+        )
+    for key, shape in want.items():
+        if shapes[key] != shape:
+            raise _shape_error(weights_path, key, shapes[key], shape)
+    return cfg
+
+
+def check_openai_state_dict(path: Path, state_dict: Any) -> None:
+    """An OpenAI ``sparse_autoencoder`` state dict's own problems (keys, shapes, activation),
+    each a one-line :class:`UserError` naming ``path``."""
+    if not isinstance(state_dict, Mapping):
+        raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    needed = ("pre_bias", "encoder.weight", "latent_bias")
+    missing = [k for k in needed if k not in state_dict]
+    if missing:
+        raise UserError(
+            f"{path} is not an OpenAI sparse_autoencoder state dict (no {', '.join(missing)}; "
+            f"it has: {_few(sorted(map(str, state_dict))) or 'no keys'})"
+        )
+    for key in (*needed, "decoder.weight"):
+        if key in state_dict and not isinstance(state_dict[key], torch.Tensor):
+            raise UserError(f"{path}: {key} is a {type(state_dict[key]).__name__}, not a tensor")
+    enc = state_dict["encoder.weight"]
+    if enc.dim() != 2:
+        raise UserError(f"{path}: encoder.weight has shape {list(enc.shape)}, expected 2-D")
+    d_sae, d_in = enc.shape
+    want = {"pre_bias": (d_in,), "latent_bias": (d_sae,), "decoder.weight": (d_in, d_sae)}
+    for key, shape in want.items():
+        if key in state_dict and tuple(state_dict[key].shape) != shape:
+            raise _shape_error(path, key, tuple(state_dict[key].shape), shape)
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format, legacy pickle
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` (tensors only) with one-line errors: empty, foreign, truncated files."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror})") from None
+    if not head:
+        raise UserError(f"{path} is empty (0 bytes); expected a torch.save state dict")
+    if not head.startswith(_TORCH_MAGIC):
+        raise UserError(
+            f"{path} is not a torch.save file (it starts with {head[:12]!r}); expected an "
+            "OpenAI sparse_autoencoder state dict (.pt)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for unreadable / foreign files
+        raise UserError(
+            f"cannot read {path} as a torch state dict, truncated or corrupt? ({_first_line(exc)})"
+        ) from None
+
+
 class LocalSource:
     """An SAE on disk: a saved sae_lens directory or an OpenAI ``sparse_autoencoder`` file.
 
     ``format=auto``: a directory is read as sae_lens (``cfg.json`` +
     ``sae_weights.safetensors``, as written by ``save_model``), a file as an OpenAI state dict.
     OpenAI files do not record their hook, so ``hook_name`` is required for them.
+
+    The file's own problems (missing, unreadable, truncated, wrong keys or shapes) are
+    checked first (:meth:`check`, the first step of :meth:`required_model_kwargs`, which the
+    pipeline calls before the model loads), before the weight processing the SAE needs and
+    long before any model/SAE compatibility check.
     """
 
     FORMATS = ("auto", "sae_lens", "openai")
@@ -624,10 +841,15 @@ class LocalSource:
         choose("local SAE format", format, self.FORMATS)
         self.family = family
         self.layer = int(layer)
+        if not str(path or "").strip():
+            raise UserError("sae.path is empty; give a saved sae_lens folder or an OpenAI .pt")
         self.path = Path(path).expanduser()
         self.format = format
         self.hook_name = hook_name
         self._sae: Any = None
+        self._state_dict: Any = None
+        self._checked = False
+        self._d_in: int | None = None
 
     def resolved_format(self) -> str:
         if not self.path.exists():
@@ -636,32 +858,80 @@ class LocalSource:
             return self.format
         return "sae_lens" if self.path.is_dir() else "openai"
 
+    def check(self) -> None:
+        """The file's own problems, as one-line :class:`UserError` s (reads OpenAI files and
+        sae_lens headers once; the weights are kept for :meth:`load`). The first step of
+        :meth:`required_model_kwargs` and :meth:`load`; not run by the constructor, so that
+        ``python -m saeravel.prefetch`` can list a job whose file is not on this machine."""
+        if self._checked:
+            return
+        fmt = self.resolved_format()
+        if fmt == "sae_lens":
+            if not self.path.is_dir():
+                hint = (
+                    f"; give its folder, {self.path.parent}"
+                    if self.path.name in ("cfg.json", "sae_weights.safetensors")
+                    else ""
+                )
+                raise UserError(
+                    f"{self.path} is a file; a saved sae_lens SAE is a folder holding cfg.json "
+                    f"and sae_weights.safetensors{hint}"
+                )
+            self._d_in = int(check_sae_lens_folder(self.path)["d_in"])
+            self._checked = True
+            return
+        if self.path.is_dir():
+            raise UserError(
+                f"{self.path} is a folder; format=openai needs an OpenAI sparse_autoencoder .pt "
+                "file (a saved sae_lens SAE is read with format=sae_lens or auto)"
+            )
+        if self.path.suffix == ".safetensors" or self.path.name == "cfg.json":
+            raise UserError(
+                f"{self.path} looks like part of a saved sae_lens SAE; set sae.path to its "
+                f"folder {self.path.parent}"
+            )
+        state_dict = _torch_load(self.path)
+        check_openai_state_dict(self.path, state_dict)
+        if not self.hook_name:
+            raise UserError(
+                f"{self.path}: OpenAI SAE files do not record their hook; set sae.hook_name "
+                "(e.g. sae.hook_name=blocks.5.hook_resid_post)"
+            )
+        self._state_dict = state_dict
+        self._d_in = int(state_dict["encoder.weight"].shape[1])
+        self._checked = True
+
+    def known_d_in(self) -> int | None:
+        """The SAE's input width from its file (after :meth:`check`), else None."""
+        return self._d_in
+
     def _sae_lens(self) -> Any:
         if self._sae is None:
             from sae_lens import SAE as SaeLensSAE
-            from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
-            for fname in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
-                if not (self.path / fname).is_file():
-                    raise UserError(
-                        f"{self.path} is not a saved sae_lens SAE (no {fname}; expected the "
-                        "output of sae.save_model(dir))"
-                    )
             log.info("loading sae_lens SAE from %s", self.path)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_KWARGS_WARNING)
-                self._sae = SaeLensSAE.load_from_disk(self.path, device="cpu")
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=_KWARGS_WARNING)
+                    self._sae = SaeLensSAE.load_from_disk(self.path, device="cpu")
+            except Exception as exc:  # anything the header checks above did not catch
+                raise UserError(
+                    f"sae_lens cannot load the SAE in {self.path} ({_first_line(exc)})"
+                ) from None
         return self._sae
 
     def required_model_kwargs(self) -> dict[str, Any]:
         """sae_lens: the saved ``model_from_pretrained_kwargs``. OpenAI: no centring of the
-        writing weights (OpenAI's README loads GPT-2 with ``center_writing_weights=False``)."""
+        writing weights (OpenAI's README loads GPT-2 with ``center_writing_weights=False``).
+        The file's own problems are reported first (:meth:`check`)."""
+        self.check()
         if self.resolved_format() == "sae_lens":
             return _sae_lens_model_kwargs(self._sae_lens())
         return {"center_writing_weights": False}
 
     def load(self, model: LoadedModel) -> SAE:
         """The SAE in the common interface."""
+        self.check()
         fmt = self.resolved_format()
         identity = SAEIdentity(
             family=self.family, path=str(self.path), extra={"format": fmt, "layer": self.layer}
@@ -678,27 +948,58 @@ class LocalSource:
             sae = from_sae_lens(sae_lens_sae, identity)
             self._sae = None
             return sae
-        if not self.hook_name:
-            raise UserError(
-                f"{self.path}: OpenAI SAE files do not record their hook; set sae.hook_name "
-                "(e.g. sae.hook_name=blocks.5.hook_resid_post)"
-            )
-        if not self.path.is_file():
-            raise UserError(f"{self.path} is not a file (format=openai needs a .pt state dict)")
-        try:
-            state_dict = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for unreadable / foreign files
-            raise UserError(f"cannot read {self.path} as a torch state dict: {exc}") from exc
-        if not isinstance(state_dict, Mapping):
-            raise UserError(f"{self.path} holds a {type(state_dict).__name__}, not a state dict")
+        state_dict = self._state_dict if self._state_dict is not None else _torch_load(self.path)
+        check_openai_state_dict(self.path, state_dict)
+        self._state_dict, self._checked = None, False
+        assert self.hook_name  # checked in check()
         return from_openai_state_dict(state_dict, self.hook_name, identity)
 
 
 # ============================================================================ custom, none
 
 
+def import_object(path: str) -> Any:
+    """The object at dotted ``path`` (``pkg.module.Class``), or a one-line :class:`UserError`
+    naming the part that is missing (Hydra's ``get_object`` logs several lines instead)."""
+    import importlib
+
+    parts = path.split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise UserError(f"custom SAE target {path!r} is not a dotted import path")
+    module, error = None, None
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and not name.startswith(exc.name):
+                error = exc  # the module exists but itself imports something missing
+                break
+            continue
+        except Exception as exc:  # the user's module raised on import
+            error = exc
+            break
+        obj = module
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                raise UserError(
+                    f"custom SAE target {path!r} cannot be imported: {name} has no {attr!r}"
+                )
+            obj = getattr(obj, attr)
+        return obj
+    if error is not None:
+        raise UserError(
+            f"custom SAE target {path!r} cannot be imported ({_first_line(error)})"
+        ) from None
+    raise UserError(f"custom SAE target {path!r} cannot be imported: no module named {parts[0]!r}")
+
+
 class CustomSource:
-    """Any object with ``encode``/``decode``: ``target(**kwargs)``, wrapped in :class:`CustomSAE`."""
+    """Any object with ``encode``/``decode``: ``target(**kwargs)``, wrapped in :class:`CustomSAE`.
+
+    The target is imported in the constructor; the object is built and probed with a zero
+    input of width ``d_in`` by :meth:`required_model_kwargs`, i.e. before the model loads.
+    """
 
     def __init__(
         self,
@@ -711,34 +1012,83 @@ class CustomSource:
     ) -> None:
         self.family = family
         self.layer = int(layer)
-        self.target = target
+        self.target = str(target or "").strip()
         self.kwargs = dict(_plain(kwargs) or {})
         self.hook_name = hook_name
         self.d_in = int(d_in)
+        if not self.target:
+            raise UserError(
+                "sae=custom needs sae.target, the import path of a class or factory "
+                "(e.g. sae.target=mypkg.saes.MySAE)"
+            )
+        if self.d_in < 1:
+            raise UserError(f"sae.d_in={self.d_in}: the custom SAE's input width must be >= 1")
+        self._factory = self._import()
+        self._sae: CustomSAE | None = None
 
-    def required_model_kwargs(self) -> dict[str, Any]:
-        """{}: nothing is known about a custom SAE's training (TL defaults)."""
-        return {}
+    def _import(self) -> Any:
+        factory = import_object(self.target)
+        if not callable(factory):
+            raise UserError(f"custom SAE target {self.target!r} is a {type(factory).__name__}")
+        return factory
 
-    def load(self, model: LoadedModel) -> SAE:
-        """Build the user's object and adapt it."""
-        from hydra.utils import get_object
-
+    def _build(self) -> CustomSAE:
+        if self._sae is not None:
+            return self._sae
         try:
-            factory = get_object(self.target)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise UserError(f"custom SAE target {self.target!r} cannot be imported: {exc}") from exc
-        try:
-            obj = factory(**self.kwargs)
-        except TypeError as exc:
-            raise UserError(f"custom SAE {self.target}(**{self.kwargs}) failed: {exc}") from exc
+            obj = self._factory(**self.kwargs)
+        except Exception as exc:  # the user's constructor: any exception
+            raise UserError(
+                f"custom SAE {self.target}(**{self.kwargs}) raised {_first_line(exc)}"
+            ) from None
+        for name in ("encode", "decode"):
+            if not callable(getattr(obj, name, None)):
+                raise UserError(
+                    f"custom SAE {self.target} built a {type(obj).__name__}, which has no "
+                    f"callable {name}(); it needs encode(x) -> latents and decode(latents) -> x"
+                )
+        with torch.no_grad():
+            try:
+                f = obj.encode(torch.zeros(1, self.d_in))
+                x_hat = obj.decode(f)
+            except Exception as exc:
+                raise UserError(
+                    f"custom SAE {self.target}: encode/decode of a zero input of width "
+                    f"sae.d_in={self.d_in} failed ({_first_line(exc)}); is d_in its input width?"
+                ) from None
+        for name, out in (("encode", f), ("decode", x_hat)):
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+                got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(
+                    f"custom SAE {self.target}: {name} of a [1, {self.d_in}] input returned "
+                    f"{got}, expected a [1, width] tensor"
+                )
+        if x_hat.shape[-1] != self.d_in:
+            raise UserError(
+                f"custom SAE {self.target}: decode returns width {x_hat.shape[-1]} but "
+                f"sae.d_in={self.d_in}"
+            )
         identity = SAEIdentity(
             family=self.family, extra={"target": self.target, "kwargs": _jsonable(self.kwargs)}
         )
-        try:
-            return CustomSAE(obj, d_in=self.d_in, hook_name=self.hook_name, identity=identity)
-        except TypeError as exc:
-            raise UserError(str(exc)) from exc
+        self._sae = CustomSAE(obj, d_in=self.d_in, hook_name=self.hook_name, identity=identity)
+        return self._sae
+
+    def known_d_in(self) -> int:
+        """``sae.d_in`` (probed against the object by :meth:`required_model_kwargs`)."""
+        return self.d_in
+
+    def required_model_kwargs(self) -> dict[str, Any]:
+        """{}: nothing is known about a custom SAE's training (TL defaults). Builds and
+        probes the object first, so its errors come before the model loads."""
+        self._build()
+        return {}
+
+    def load(self, model: LoadedModel) -> SAE:
+        """Build the user's object (once) and adapt it."""
+        sae = self._build()
+        self._sae = None
+        return sae
 
 
 class NoSource:
