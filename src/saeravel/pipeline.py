@@ -37,6 +37,7 @@ from saeravel.checkpoint import CheckpointStore
 from saeravel.config import instantiate  # re-raises a constructor's UserError as is
 from saeravel.errors import UserError
 from saeravel.evals import EvalSpec, get_eval
+from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
     atomic_write_json,
@@ -186,7 +187,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
     _ACTIVE["checkpoint"] = checkpoint
     spec = get_eval(cfg.eval.name)
+    if spec.validate is not None:
+        spec.validate(cfg.eval)  # every value check before anything loads
     uses_sae = spec.needs_sae(cfg.eval)
+    job_logger = build_logger(cfg.get("logger"))  # a bad logger option fails here
     sae_name = cfg.sae.get("family", "?") if uses_sae else "none"
     log.info(
         "job %s: model=%s sae=%s layer=%s eval=%s%s -> %s",
@@ -204,6 +208,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             return done
         if why is not None:
             log.warning("stored result %s is not this job's (%s); recomputing", store, why)
+    job_logger.start(resolved, jid, out_dir)  # never raises: a logging failure is one warning
     checkpoint.claim({"job_hash": jid, "saeravel": __version__, "git_commit": git_commit()})
     if checkpoint.names():
         log.info("job %s has checkpoints in %s; continuing from them", jid, checkpoint.folder)
@@ -261,6 +266,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     path = _write_result(out_dir, record, spec)
     _write_result(index, record, spec, index_id=jid)
     checkpoint.clear()  # the result is complete: nothing left to resume
+    job_logger.log_result(record, path)
+    job_logger.finish(ok=True)
     for line in output.summary:
         log.info(line)
     log.info("result written to %s (%.0f s)", path, time.time() - start)

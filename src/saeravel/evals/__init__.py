@@ -25,7 +25,8 @@ class EvalSpec:
     SAEBench's ``eval_type_id`` of the eval (default: ``name``); ``saebench(metrics)`` turns
     the eval's ``eval_result_metrics`` into SAEBench's shape for the SAEBench-named copy of the
     result (None: the metrics already have it; a ``"module:function"`` string is imported when
-    first used).
+    first used). ``validate(cfg)`` checks the eval's values before anything loads (one-line
+    :class:`~saeravel.errors.UserError`).
     """
 
     name: str
@@ -35,6 +36,7 @@ class EvalSpec:
     summarize: Callable[[dict], str] | None = None
     saebench: Callable[[dict], dict] | str | None = None
     saebench_type_id: str | None = None
+    validate: Callable[[Any], None] | None = None
 
     def saebench_metrics(self) -> Callable[[dict], dict] | None:
         """The ``saebench`` function (imported if given as ``"module:function"``)."""
@@ -54,12 +56,13 @@ def register(
     summarize: Callable[[dict], str] | None = None,
     saebench: Callable[[dict], dict] | str | None = None,
     saebench_type_id: str | None = None,
+    validate: Callable[[Any], None] | None = None,
 ) -> Callable:
     """Decorator registering ``run`` as eval ``name`` (see :class:`EvalSpec`)."""
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY[name] = EvalSpec(
-            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name
+            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name, validate
         )
         return fn
 

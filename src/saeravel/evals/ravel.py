@@ -710,7 +710,7 @@ def train_and_score(
     return done
 
 
-@register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"), saebench="saeravel.saebench:ravel_metrics")  # noqa: E501
+@register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"), saebench="saeravel.saebench:ravel_metrics", validate=validate)  # noqa: E501
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
     (``eval.checkpoint_every_s`` / ``eval.checkpoint_every_steps``), each finished (method,
