@@ -327,8 +327,8 @@ def test_random_dictionary_is_graded_as_such(worlds):
 def test_best_neuron_mask_by_search(worlds):
     """Rotated: no neuron mask comes near the oracle. Not near 0.5 either: a binary mask can
     move more than half of some value atoms and less than half of others, and the readout is an
-    argmax, so greedy search finds partial credit (measured, Country, held-out entities: 0.675
-    at these sizes, 0.734 at the default sizes; the issue's band of <= 0.65 does not hold for
+    argmax, so greedy search finds partial credit (measured, Country, held-out entities: 0.65-0.68
+    at these sizes depending on the search's starts, 0.734 at the default sizes; the issue's band of <= 0.65 does not hold for
     a searched mask)."""
     s = worlds["rotated"]
     a = "Country"
