@@ -138,15 +138,27 @@ def build_planted_world(
     names = [f"{PREFIX_WORD} {w}" if i < n_two_token else w for i, w in enumerate(names)]
     f = [rng.randrange(sizes["Continent"]) for _ in range(sizes["Country"])]
     nested = set(rng.sample(range(n_entities), round(nesting * n_entities)))
-    codes: dict[str, dict[str, int]] = {}
-    for i, e in enumerate(names):
-        c = {a: rng.randrange(sizes[a]) for a in ATTRIBUTES}
-        if i in nested:
-            c["Continent"] = f[c["Country"]]
-        codes[e] = c
     order = sorted(names)
     rng.shuffle(order)
     n_tr, n_va, _ = split_sizes(n_entities, split_fractions)
+    # Training entities cover every value (each attribute's values repeated and shuffled on
+    # its own, so the attributes stay independent): a mask entry of a value no training pair
+    # shows cannot be learnt, and would be scored as the method's failure. The rest is drawn.
+    balanced = {}
+    for a in ATTRIBUTES:
+        seq = [v % sizes[a] for v in range(n_tr)]
+        rng.shuffle(seq)
+        balanced[a] = seq
+    train_index = {e: i for i, e in enumerate(order[:n_tr])}
+    codes: dict[str, dict[str, int]] = {}
+    for i, e in enumerate(names):
+        if e in train_index:
+            c = {a: balanced[a][train_index[e]] for a in ATTRIBUTES}
+        else:
+            c = {a: rng.randrange(sizes[a]) for a in ATTRIBUTES}
+        if i in nested:
+            c["Continent"] = f[c["Country"]]
+        codes[e] = c
     entity_split = {e: "train" for e in order[:n_tr]}
     entity_split.update({e: "val" for e in order[n_tr : n_tr + n_va]})
     entity_split.update({e: "test" for e in order[n_tr + n_va :]})
