@@ -432,7 +432,7 @@ class EmbeddedModelItem(Item):
         super().__init__(f"model={source.name}", "", str(source.folder()))
 
     def check(self) -> list[Path]:
-        if not (Path(self.dest) / "model.pt").is_file():
+        if not (Path(self.dest) / "meta.json").is_file():  # written last: marks it complete
             raise UserError(f"not trained yet ({self.dest})")
         return [Path(self.dest)]
 
@@ -474,7 +474,7 @@ class TrainedSaeItem(Item):
     def check(self) -> list[Path]:
         self.model_item.check()
         folder = self.loader._folder(self.model_item.loaded())
-        if not (folder / "sae.pt").is_file():
+        if not (folder / "meta.json").is_file():  # written last: marks it complete
             raise UserError(f"not trained yet ({folder})")
         return [folder]
 
