@@ -57,6 +57,7 @@ from saeravel.evals import register
 from saeravel.evals.autointerp import latent_firing_counts
 from saeravel.evals.core import counted_mask, dataset_texts, pack_token_batches, special_token_ids
 from saeravel.pipeline import EvalContext, EvalOutput
+from saeravel.results import atomic_write_json
 from saeravel.saes.base import SAE
 
 log = logging.getLogger(__name__)
@@ -586,12 +587,24 @@ def _baseline_filter(
 ) -> tuple[dict[str, list[Question]], dict[str, list[Question]], dict[str, dict[str, int]]]:
     """Keep the questions the unmodified model answers correctly (in every order, for hf
     with ``require_all_permutations``); the kept indices are cached for hf."""
+    from saeravel.cache import CorruptEntry, MissingEntry, read_json
+
     kept: dict[str, list[int]] | None = None
-    if cache is not None and cache.exists():
-        kept = json.loads(cache.read_text())
     all_sets = {**data.forget_questions, **data.retain_questions}
-    stale = kept is None or set(kept) != set(all_sets)
-    stale = stale or any(i >= len(all_sets[n]) for n, idx in kept.items() for i in idx)
+    if cache is not None:
+        try:
+            kept = read_json(cache, expect=dict)
+            if set(kept) != set(all_sets) or not all(
+                isinstance(i, int) and 0 <= i < len(all_sets[n])
+                for n, idx in kept.items() for i in (idx if isinstance(idx, list) else [-1])
+            ):  # fmt: skip
+                raise CorruptEntry("does not fit this job's questions")
+        except MissingEntry:
+            kept = None
+        except CorruptEntry as exc:
+            log.warning("unlearning baseline cache %s is corrupt (%s); rebuilding it", cache, exc)
+            kept = None
+    stale = kept is None
     if stale:
         kept = {}
         for name, qs in all_sets.items():
@@ -599,8 +612,7 @@ def _baseline_filter(
             ok = mcq_correct(lm.model, probe, pad_id, batch_size, desc=f"baseline {name}")
             kept[name] = np.flatnonzero(all_orders_correct(ok, data.baseline_orders)).tolist()
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(kept))
+            atomic_write_json(cache, kept)
     counts = {
         n: {"questions": len(qs), "originally_correct": len(kept[n])} for n, qs in all_sets.items()
     }
@@ -618,7 +630,8 @@ def _baseline_cache(cfg: Any, ctx: EvalContext, source: str) -> Path | None:
         "require_all_permutations", "max_questions_per_dataset", "seed",
     )  # fmt: skip
     ident = {k: getattr(cfg, k) for k in keys}
-    ident.update(model=ctx.model.name, processing=ctx.model.processing, version=cfg.version)
+    ident.update(model=ctx.model.name, processing=ctx.model.processing, version=cfg.version,
+                 identity=ctx.model.info.get("cache_folder_key"))  # fmt: skip
     ident["retain_mcq_subjects"] = list(ident["retain_mcq_subjects"])
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
     return ctx.cache_dir / "unlearning" / f"correct-questions-{digest[:16]}.json"
