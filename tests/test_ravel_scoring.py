@@ -302,3 +302,26 @@ def test_knowledge_filter_cache_is_validated_and_rebuilt(tiny_model, tmp_path, c
         assert again == first
         assert "knowledge-filter cache" in caplog.text and "rebuilding" in caplog.text
     assert json.loads(path.read_text())["n"] == len(prompts)
+
+
+def test_teacher_forced_logits_through_the_runner_equal_the_full_forward(capped_rotary):
+    """With match=prefix, training reads every label token: the base prompt extended by the
+    label's tokens but the last, logits at its last len(label) positions."""
+    m = capped_rotary
+    base = [Prompt("t", f"e{i}", "A", [1, 5, 6, 10 + i, 20, 21], 3, 3) for i in range(4)]
+    pairs = [Pair(b, b, "A", "cause", "x", 30 + i, [30 + i, 31, 32][: 1 + i % 3], {})
+             for i, b in enumerate(base)]  # fmt: skip
+    forced = R.TeacherForced(3)
+    ext = [forced.prompt(q) for q in pairs]
+    assert ext[2].tokens == base[2].tokens + [32, 31] and ext[0].tokens == base[0].tokens
+    assert forced.prompt(pairs[2]) is ext[2]  # made once
+    runner = SuffixRunner(m, 0)
+    runner.prepare(ext)
+    vec = torch.randn(4, 32)
+    n = [len(forced.labels(q)) for q in pairs]
+    fast = runner.logits(ext, vec, n)
+    assert fast.shape == (sum(n), 50)
+    torch.testing.assert_close(fast, naive_logits(m, ext, vec, 0, n), atol=1e-4, rtol=1e-4)
+    # The last position of each extended prompt is what the plain (first-token) call returns.
+    ends = [sum(n[: i + 1]) - 1 for i in range(4)]
+    torch.testing.assert_close(fast[ends], runner.logits(ext, vec), atol=1e-5, rtol=1e-5)

@@ -396,10 +396,36 @@ class VectorBank:
         return torch.stack([self.vec[id(p)] for p in prompts])
 
 
-def _logits(runner: SuffixRunner | None, ctx: Any, bases: list[Prompt], v: torch.Tensor) -> torch.Tensor:
+def _logits(
+    runner: SuffixRunner | None, ctx: Any, bases: list[Prompt], v: torch.Tensor,
+    n_last: list[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
     if runner is not None:
-        return runner.logits(bases, v)
-    return naive_logits(ctx.model.model, bases, v, ctx.layer)
+        return runner.logits(bases, v, n_last)
+    return naive_logits(ctx.model.model, bases, v, ctx.layer, n_last)
+
+
+class TeacherForced:
+    """For a rule that reads several label tokens (``prefix``), training sees them all (RAVEL's
+    loss): each pair's base prompt extended by its label's tokens but the last, whose logits at
+    the last ``len(label)`` positions predict the label token by token. Extended prompts are
+    made once per (base, label) and share the base's prefix (so the runner's prefix cache)."""
+
+    def __init__(self, n_tokens: int) -> None:
+        self.n_tokens = n_tokens
+        self.ext: dict[tuple[int, tuple[int, ...]], Prompt] = {}
+
+    def labels(self, q: Pair) -> list[int]:
+        return list(q.target_tokens[: self.n_tokens]) or [q.target_token]
+
+    def prompt(self, q: Pair) -> Prompt:
+        lab = tuple(self.labels(q)[:-1])
+        key = (id(q.base), lab)
+        if key not in self.ext:
+            b = q.base
+            self.ext[key] = Prompt(b.template, b.entity, b.attribute, list(b.tokens) + list(lab),
+                                   b.entity_start, b.entity_pos)  # fmt: skip
+        return self.ext[key]
 
 
 def train_method(
@@ -454,6 +480,11 @@ def train_method(
         log.info("%s: training %d steps (%d pairs, batch %d, lr %g, T %s %g -> %g over %.0f%%, %s mask)",
                  desc, total, len(pairs), cfg.batch_size, cfg.lr, cfg.mask.schedule, cfg.mask.t_start,
                  cfg.mask.t_end, 100 * cfg.mask.anneal_fraction, cfg.mask.estimator)  # fmt: skip
+    forced = None
+    if cfg.match == "prefix" and cfg.match_tokens > 1:
+        forced = TeacherForced(cfg.match_tokens)
+        if runner is not None:
+            runner.prepare([forced.prompt(q) for q in pairs])
     method.train()
     bar = tqdm(total=total, initial=step, desc=desc, leave=False)
     for epoch in range(first_epoch, cfg.epochs):
@@ -471,8 +502,14 @@ def train_method(
             b = bank([q.base for q in batch])
             s = bank([q.source for q in batch])
             v = method(b, s)
-            logits = _logits(runner, ctx, [q.base for q in batch], v)
-            target = torch.tensor([q.target_token for q in batch], device=logits.device)
+            if forced is None:
+                logits = _logits(runner, ctx, [q.base for q in batch], v)
+                target = torch.tensor([q.target_token for q in batch], device=logits.device)
+            else:
+                labs = [forced.labels(q) for q in batch]
+                ext = [forced.prompt(q) for q in batch]
+                logits = _logits(runner, ctx, ext, v, [len(x) for x in labs])
+                target = torch.tensor([t for x in labs for t in x], device=logits.device)
             loss = F.cross_entropy(logits.float(), target)
             if cfg.mask.l1 > 0:
                 loss = loss + cfg.mask.l1 * method.penalty()

@@ -225,11 +225,23 @@ def resid_at(
     return out
 
 
+def _last_positions(last: list[int], n_last: list[int] | None) -> tuple[list[int], list[int]]:
+    """(row, position) of each prompt's last ``n_last[i]`` positions (1 each when None)."""
+    rows, pos = [], []
+    for i, end in enumerate(last):
+        k = 1 if n_last is None else n_last[i]
+        rows += [i] * k
+        pos += list(range(end - k + 1, end + 1))
+    return rows, pos
+
+
 def naive_logits(
-    model: Any, bases: list[Prompt], vectors: torch.Tensor, layer: int
-) -> torch.Tensor:
+    model: Any, bases: list[Prompt], vectors: torch.Tensor, layer: int,
+    n_last: list[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Reference: the full model on the base prompts with ``vectors`` patched in at each
-    entity's last token; logits at each prompt's last token [batch, vocab]."""
+    entity's last token; logits at each prompt's last token [batch, vocab] (with ``n_last``:
+    at each prompt's last ``n_last[i]`` positions, stacked in order)."""
     toks, last = pad(bases, _pad_id(model), model.cfg.device)
     pos = torch.tensor([p.entity_pos for p in bases], device=toks.device)
     rows = torch.arange(len(bases), device=toks.device)
@@ -240,7 +252,10 @@ def naive_logits(
         return resid
 
     logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name(layer), patch)])
-    return logits[rows, last]
+    if n_last is None:
+        return logits[rows, last]
+    r, q = _last_positions(last.tolist(), n_last)
+    return logits[torch.tensor(r, device=toks.device), torch.tensor(q, device=toks.device)]
 
 
 class SuffixRunner:
@@ -278,9 +293,12 @@ class SuffixRunner:
         for p, r in zip(todo, resid_at(model, todo, L, self.batch_size), strict=True):
             self.suffix[id(p)] = r[p.entity_start :]
 
-    def logits(self, bases: list[Prompt], vectors: torch.Tensor) -> torch.Tensor:
-        """Logits at each base's last token with ``vectors`` patched in; all ``bases`` must
-        share one prefix (group batches with :func:`batches_by_prefix`)."""
+    def logits(
+        self, bases: list[Prompt], vectors: torch.Tensor, n_last: list[int] | None = None
+    ) -> torch.Tensor:
+        """Logits at each base's last token with ``vectors`` patched in (with ``n_last``: at
+        its last ``n_last[i]`` positions, stacked in order, as :func:`naive_logits`); all
+        ``bases`` must share one prefix (group batches with :func:`batches_by_prefix`)."""
         model = self.model
         prefix = bases[0].prefix
         if any(p.prefix != prefix for p in bases):
@@ -303,10 +321,9 @@ class SuffixRunner:
                     k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), frozen=True
                 )
             resid = block(resid, past_kv_cache_entry=entry)
-        last = torch.tensor(
-            [len(p.tokens) - 1 - p.entity_start for p in bases], device=vectors.device
-        )
-        logits = model.unembed(model.ln_final(resid[rows, last][:, None]))[:, 0]
+        r, q = _last_positions([len(p.tokens) - 1 - p.entity_start for p in bases], n_last)
+        picked = resid[torch.tensor(r, device=vectors.device), torch.tensor(q, device=vectors.device)]
+        logits = model.unembed(model.ln_final(picked[:, None]))[:, 0]
         cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
         if cap is not None and cap > 0:  # as HookedTransformer.forward (Gemma-2: 30)
             logits = cap * torch.tanh(logits / cap)
