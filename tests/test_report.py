@@ -71,12 +71,12 @@ def test_a_sweep_over_eval_lr_shows_two_rows(tmp_path: Path) -> None:
 
 
 def test_jobs_differing_in_layer_and_epochs_are_never_one_line(tmp_path: Path) -> None:
-    """The issue's case: a 2-epoch job at layer 0 and the default 20-epoch job at layer 1."""
+    """The issue's case: a 2-epoch job at layer 0 and a default-epochs job at layer 1."""
     rep = _sweep(tmp_path, {"a": (["layer=0", "eval.epochs=2"], 0.1), "b": (["layer=1"], 0.9)})
     ravel = rep.tables[0]
     assert ravel.settings == ["eval.epochs"]
     labels = {report.line_label(r, ravel.settings) for r in ravel.rows}
-    assert labels == {"das (eval.epochs=2)", "das (eval.epochs=20)"}
+    assert labels == {"das (eval.epochs=2)", "das (eval.epochs=30)"}  # 30: the saeravel recipe
 
 
 def test_seed_and_setting_together(tmp_path: Path) -> None:
