@@ -160,3 +160,20 @@ def test_trained_sae_text_uses_only_the_attributes_the_model_learned(tiny_model)
     # unrecorded (older models): every attribute of the world, Timezone included
     all_text = " ".join(embedded_texts(tiny_model, 200, seed=0))
     assert any(used(t, all_text) for t in world.templates["Timezone"])
+
+
+def test_embedded_model_accepts_an_sae_that_asks_for_no_processing(tmp_path):
+    """An SAE recording center_writing_weights=False (OpenAI's format) fits an unprocessed
+    model; one asking for processing does not."""
+    from saeravel.errors import UserError
+    from saeravel.tiny_lm import EmbeddedModel
+
+    src = EmbeddedModel(
+        "tiny-city-lm", n_layers=2, d_model=32, default_layer=1, n_heads=2, d_mlp=64, n_ctx=96,
+        local_layers=1, n_cities=20, attributes=["Country", "Continent"], train_steps=1,
+        train_batch=4, facts_per_sequence=2, lr=1e-3, world_seed=0, train_seed=0,
+        min_fact_accuracy=0.0, cache_dir=str(tmp_path), device="cpu",
+    )  # fmt: skip
+    with pytest.raises(UserError, match="no weight processing"):
+        src.load({"center_writing_weights": True})
+    assert src.load({"center_writing_weights": False}).name == "tiny-city-lm"

@@ -458,10 +458,11 @@ class EmbeddedModel:
 
     def load(self, sae_kwargs: dict[str, Any] | None = None) -> LoadedModel:
         """Load the cached model, training it first if it is not cached."""
-        if sae_kwargs:
+        asked = {k: v for k, v in (sae_kwargs or {}).items() if v}  # False: "unprocessed", fine
+        if asked:
             raise UserError(
                 f"model {self.name} is trained here with no weight processing; an SAE asking for "
-                f"{sae_kwargs} was trained on another model"
+                f"{asked} was trained on another model"
             )
         folder = self.folder()
         return load_or_build(
