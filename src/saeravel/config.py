@@ -423,7 +423,7 @@ class PathsConfig:
     """Where things are written. Nothing writes anywhere else."""
 
     cache_dir: str = MISSING
-    output_dir: str = MISSING
+    output_dir: str | None = MISSING  # None only outside a run (``--cfg job --resolve``)
     results_dir: str = MISSING
 
 
