@@ -380,7 +380,9 @@ def test_pipeline_skips_a_job_whose_result_exists(tmp_path: Path) -> None:
     rec = _ravel_record(
         model="tiny-city-lm", family=None, layer=0, scores={"das": {"Country": 1.0}}, millis=5
     )
-    jid = job_hash(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    jid = job_hash(resolved)
+    rec["saeravel"]["job_hash"], rec["saeravel"]["config"] = jid, resolved  # this job's record
     atomic_write_json(tmp_path / "results" / "ravel" / f"{jid}.json", rec)
     assert (
         run(_compose([*overrides, "device=cpu", "log_level=WARNING"]))["eval_id"] == rec["eval_id"]
