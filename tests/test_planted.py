@@ -230,17 +230,17 @@ def test_two_token_names_are_located_at_their_last_token(worlds):
     p = tokenize_prompt(tok, "the home of %s is the country", e, "Country", bos_id(lm.model))
     assert p.entity_pos == p.entity_start + 1
     assert tok.convert_ids_to_tokens(p.tokens[p.entity_pos]) == e.split()[1]
-    # patching the shared first token changes nothing, the last one moves the answer
+    # patching the last token with another entity's representation moves the answer to its
+    # value (patching the shared first token with a whole representation, marker included,
+    # would add a second marked position: an ill-posed intervention, not tested)
     other = next(x for x in lm.world.entities
                  if lm.world.entities[x]["Country"] != lm.world.entities[e]["Country"])  # fmt: skip
     h = lm.truth.representation(other)[None]
     want = tok.convert_tokens_to_ids(lm.world.entities[other]["Country"])
     own = tok.convert_tokens_to_ids(lm.world.entities[e]["Country"])
-    at_last = naive_logits(lm.model, [p], h, 0).argmax(-1).item()
-    p_first = tokenize_prompt(tok, "the home of %s is the country", e, "Country", bos_id(lm.model))
-    p_first.entity_pos = p_first.entity_start
-    at_first = naive_logits(lm.model, [p_first], h, 0).argmax(-1).item()
-    assert (at_last, at_first) == (want, own)
+    assert naive_logits(lm.model, [p], h, 0).argmax(-1).item() == want != own
+    clean = naive_logits(lm.model, [p], lm.truth.representation(e)[None], 0)
+    assert clean.argmax(-1).item() == own
 
 
 def test_readout_reads_each_attribute_only_from_its_own_block(worlds):

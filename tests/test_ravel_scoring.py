@@ -208,7 +208,7 @@ class ToyRunner:
         self.W = torch.zeros(4, 6)
         self.W[0, 0] = self.W[1, 1] = self.W[2, 2] = self.W[3, 3] = 4.0
 
-    def logits(self, bases, v):
+    def logits(self, bases, v, n_last=None):
         out = v @ self.W.T
         is_a = torch.tensor([p.attribute == "A" for p in bases])[:, None]
         other = torch.where(is_a, torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 0, 0])).bool()
