@@ -151,6 +151,8 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
         out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as exc:
         key = getattr(exc, "full_key", None) or "a required key"
+        if str(key).startswith("sae."):
+            build_sae_source(cfg.sae)  # names the SAE's missing fields with what they should be
         raise UserError(f"{key} is required (set it on the command line: {key}=...)") from None
     assert isinstance(out, dict)
     return out
