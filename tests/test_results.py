@@ -336,7 +336,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
     import signal
     import time
 
-    proc = _app([f"hydra.run.dir={tmp_path / 'out'}", "eval.work_s=60"], tmp_path)
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it:
+    # give the job the default disposition, as a terminal's Ctrl-C finds it.
+    proc = _app([f"hydra.run.dir={tmp_path / 'out'}", "eval.work_s=60"], tmp_path,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 60
     log = tmp_path / "out" / "app.log"
     while time.monotonic() < deadline and not (log.exists() and "job " in log.read_text()):
