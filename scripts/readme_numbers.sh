@@ -12,5 +12,5 @@ python run.py -m model.train_seed=1,2 hydra.sweep.dir="$out/embedded_model_seeds
 python run.py -m model=planted-city-lm sae=planted model.basis=aligned,rotated,mixed \
   hydra.sweep.dir="$out/planted"
 python scripts/readme_tables.py "$out/embedded_eval_seeds"
-python scripts/readme_tables.py "$out/embedded_eval_seeds" "$out/embedded_model_seeds"
+python scripts/readme_tables.py "$out/embedded_eval_seeds/0_seed=0" "$out/embedded_model_seeds"  # model seeds 0, 1, 2
 python scripts/readme_tables.py "$out/planted"
