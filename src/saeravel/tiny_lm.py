@@ -257,6 +257,7 @@ def full_swap_cause(
     return moved / n_pairs
 
 
+@deterministic_torch()  # bit-reproducible on one machine (same thread count)
 def train_model(
     model: Any,
     world: CityWorld,
@@ -279,27 +280,6 @@ def train_model(
     its random initialisation (see the module docstring). Returns the loss curve and the
     steps taken. Bit-reproducible on one machine (same thread count): see
     :func:`saeravel.cache.deterministic_torch`."""
-    with deterministic_torch():
-        return _train_model(
-            model, world, attributes, steps, batch, n_facts, lr, seed, device,
-            stop_at_accuracy, check_every, freeze_unembed,
-        )  # fmt: skip
-
-
-def _train_model(
-    model: Any,
-    world: CityWorld,
-    attributes: list[str],
-    steps: int,
-    batch: int,
-    n_facts: int,
-    lr: float,
-    seed: int,
-    device: str,
-    stop_at_accuracy: float | None,
-    check_every: int,
-    freeze_unembed: bool,
-) -> tuple[list[float], int]:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for p in model.unembed.parameters():

@@ -104,6 +104,7 @@ def hf_activations(model: LoadedModel, layer: int, n_tokens: int, dataset: str) 
     return torch.cat(out)[:n_tokens]
 
 
+@deterministic_torch()  # bit-reproducible on one machine (same thread count)
 def train_sae(
     acts: torch.Tensor,
     ent_acts: torch.Tensor | None,
@@ -119,28 +120,6 @@ def train_sae(
     seed: int,
 ) -> dict[str, torch.Tensor]:
     """Adam on normalised MSE (+ L1 for relu), unit-norm decoder rows; returns the weights."""
-    with deterministic_torch():
-        return _train_sae(
-            acts, ent_acts, d_sae=d_sae, architecture=architecture, k=k,
-            l1_coefficient=l1_coefficient, steps=steps, batch_size=batch_size, lr=lr,
-            entity_weight=entity_weight, seed=seed,
-        )  # fmt: skip
-
-
-def _train_sae(
-    acts: torch.Tensor,
-    ent_acts: torch.Tensor | None,
-    *,
-    d_sae: int,
-    architecture: str,
-    k: int,
-    l1_coefficient: float,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    entity_weight: float,
-    seed: int,
-) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     d_in = acts.shape[1]
     W_dec = torch.randn(d_sae, d_in, generator=gen)
