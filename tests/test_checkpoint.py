@@ -285,6 +285,8 @@ def test_checkpoints_off_and_bad_intervals(
     spy = StepSpy(monkeypatch)
     run(_cfg(tmp_path / "job", cache, results, off))
     assert spy.calls[0][0] == 0  # started over
-    assert [p.suffix for p in results.glob("ravel/*")] == [".json"]
+    # the result (and its SAEBench-named copy), no checkpoint folder
+    assert {p.suffix for p in results.glob("ravel/*")} == {".json"}
+    assert not list(results.glob("ravel/*.ckpt"))
     with pytest.raises(UserError, match=r"eval.checkpoint_every_s=-1.0 .* must be >= 0"):
         run(_cfg(tmp_path / "bad", cache, results, ["eval.method=neurons", "eval.checkpoint_every_s=-1", "force=true"]))  # fmt: skip
