@@ -560,7 +560,8 @@ def test_slurm_run_py_skips_finished_jobs(tmp_path: Path) -> None:
     jobs = _expand("embedded_grid")
     cfgs = _compose_all([["experiment=embedded_grid", "paths.output_dir=/x", *ov] for ov in jobs])
     for cfg in cfgs:
-        jid = job_hash(OmegaConf.to_container(cfg, resolve=True))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        jid = job_hash(resolved)
         rec = _ravel_record(
             model=cfg.model.name,
             family="trained",
@@ -568,6 +569,7 @@ def test_slurm_run_py_skips_finished_jobs(tmp_path: Path) -> None:
             scores={cfg.eval.method: {"Country": 0.5}},
             millis=1,
         )
+        rec["saeravel"]["job_hash"], rec["saeravel"]["config"] = jid, resolved  # this job's
         atomic_write_json(tmp_path / "results" / "ravel" / f"{jid}.json", rec)
     env = _slurm_env() | {"SAERAVEL_RESULTS": str(tmp_path / "results"), "HYDRA_FULL_ERROR": "1"}
     cmd = [
