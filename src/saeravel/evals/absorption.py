@@ -91,19 +91,13 @@ from saeravel.evals.sparse_probing import (
     top_k_by_mean_difference,
 )
 from saeravel.pipeline import EvalContext, EvalOutput
+from saeravel.saebench import REQUIRED_METRICS
 
 log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("auto", "embedded", "first_letter")
 WORD_RE = re.compile(r" ?[A-Za-z]+")
-MEAN_KEYS = (
-    "mean_absorption_fraction_score",
-    "mean_full_absorption_score",
-    "mean_num_split_features",
-    "std_dev_absorption_fraction_score",
-    "std_dev_full_absorption_score",
-    "std_dev_num_split_features",
-)
+MEAN_KEYS = REQUIRED_METRICS["absorption_first_letter"]["mean"]  # SAEBench's names, one place
 
 
 @dataclass
