@@ -66,7 +66,9 @@ def table(recs: list[dict[str, Any]]) -> str:
     attrs = list(recs[0]["eval_config"]["attributes"])
     seeds = sorted({(r["saeravel"]["config"].get("seed"),
                      r["saeravel"]["config"]["model"].get("train_seed")) for r in recs})  # fmt: skip
-    rows: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    rows: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     for rec in recs:
         m = rec["eval_result_metrics"]
         for name, per_attr in list(m["baselines"].items()) + list(m["ravel"].items()):
@@ -82,7 +84,11 @@ def table(recs: list[dict[str, Any]]) -> str:
                     rows[name][a]["refined"].append(r["refined"]["disentangle"])
                 if "training" in r and r["training"].get("flattened") is not None:
                     rows[name][a]["flat"].append(float(r["training"]["flattened"]))
-    head = "| method | " + " | ".join(f"{a}: disentangle (cause / isolation) | {a}: refined mask" for a in attrs) + " |"
+    head = (
+        "| method | "
+        + " | ".join(f"{a}: disentangle (cause / isolation) | {a}: refined mask" for a in attrs)
+        + " |"
+    )
     lines = [f"{len(recs)} jobs, (seed, model.train_seed) = {seeds}", "", head,
              "|---|" + "---|---|" * len(attrs)]  # fmt: skip
     order = [n for n in REFERENCES if n in rows] + [n for n in rows if n not in REFERENCES]
@@ -107,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     recs = load(args.folders)
     if not recs:
-        print("no eval=ravel result.json under " + ", ".join(map(str, args.folders)), file=sys.stderr)
+        print(
+            "no eval=ravel result.json under " + ", ".join(map(str, args.folders)), file=sys.stderr
+        )
         return 1
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for rec in recs:

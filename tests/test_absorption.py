@@ -19,8 +19,8 @@ from saeravel.evals.absorption import (
     select_main_latents,
     spelling_prompt,
 )
+from saeravel.evals.api import EvalContext
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
+from saeravel.evals.api import EvalContext
 from saeravel.evals.autointerp import (
     AutoInterpEvalConfig,
     JudgeConfig,
@@ -39,7 +40,6 @@ from saeravel.evals.autointerp import (
     top_centres,
 )
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

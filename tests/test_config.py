@@ -42,7 +42,7 @@ def test_every_sae_composes(sae):
 
 @pytest.mark.parametrize("ev", _options("eval"))
 def test_every_eval_composes_and_is_registered(ev):
-    from saeravel.evals import discover
+    from saeravel.evals.api import discover
 
     cfg = _compose([f"eval={ev}"])
     assert cfg.eval.name == ev

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
+from saeravel.evals.api import EvalContext
 from saeravel.evals.core import (
     CoreEvalConfig,
     SparsityVarianceStats,
@@ -32,7 +33,6 @@ from saeravel.evals.core import (
     sae_splice_hook,
 )
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.results import atomic_write_json
 from saeravel.saes.base import SAE, SAEIdentity
 

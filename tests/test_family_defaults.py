@@ -15,12 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 
-@pytest.mark.parametrize("family", ["apollo_e2e", "apollo_e2e_ds", "jbloom", "openai_v5_32k", "openai_v5_128k"])
+@pytest.mark.parametrize(
+    "family", ["apollo_e2e", "apollo_e2e_ds", "jbloom", "openai_v5_32k", "openai_v5_128k"]
+)
 def test_gpt2_families_select_gpt2_small(family):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[f"sae={family}", "layer=5", "paths.output_dir=x"])
         assert cfg.model.name == "gpt2-small" and cfg.sae.family == family
-        mine = compose("config", overrides=[f"sae={family}", "model=pythia-70m", "paths.output_dir=x"])
+        mine = compose(
+            "config", overrides=[f"sae={family}", "model=pythia-70m", "paths.output_dir=x"]
+        )
         assert mine.model.name == "pythia-70m"  # named on the command line: the user's choice
 
 

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from saeravel.config import RavelEvalConfig
 from saeravel.errors import UserError
-from saeravel.evals.ravel import VectorBank, build_pairs, score
+from saeravel.evals.ravel import RavelEvalConfig, VectorBank, build_pairs, score
 from saeravel.planted import (
     ATTRIBUTES,
     PlantedModel,

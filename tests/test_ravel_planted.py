@@ -57,7 +57,9 @@ def test_neurons_can_only_when_the_basis_is_aligned(results):
     # Rotated: a neuron mask moves parts of every value atom; with an argmax readout that earns
     # partial credit (the best mask a search finds scores ~0.68 on Country), never the oracle's.
     assert max(_dis(results["rotated"], "neurons")) <= 0.8
-    assert max(_dis(results["rotated"], "neurons")) <= min(_dis(results["rotated"], "oracle")) - 0.15
+    assert (
+        max(_dis(results["rotated"], "neurons")) <= min(_dis(results["rotated"], "oracle")) - 0.15
+    )
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from saeravel.config import RavelEvalConfig
 from saeravel.errors import UserError
 from saeravel.evals import ravel as R
+from saeravel.evals.ravel import RavelEvalConfig
 from saeravel.ravel.intervene import (
     FixedIntervention,
     NeuronMask,
@@ -294,7 +294,12 @@ def test_knowledge_filter_cache_is_validated_and_rebuilt(tiny_model, tmp_path, c
     ctx = SimpleNamespace(model=tiny_model, cache_dir=tmp_path)
     first = R.known_filter(cfg, ctx, tiny_model.world, prompts)
     (path,) = (tmp_path / "ravel_filter").glob("*.json")
-    for bad in ("", "{not json", json.dumps({"format": 2, "known": [True]}), json.dumps([True] * 6)):
+    for bad in (
+        "",
+        "{not json",
+        json.dumps({"format": 2, "known": [True]}),
+        json.dumps([True] * 6),
+    ):
         path.write_text(bad)
         caplog.clear()
         with caplog.at_level(logging.WARNING):

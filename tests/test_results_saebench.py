@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from saeravel import saebench
-from saeravel.evals import discover
+from saeravel.evals.api import discover
 from saeravel.pipeline import run
 from saeravel.results import (
     atomic_write_json,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
+from saeravel.evals.api import EvalContext
 from saeravel.evals.scr import (
     ScrEvalConfig,
     ablate,
@@ -28,7 +29,6 @@ from saeravel.evals.scr import (
     top_latents,
 )
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

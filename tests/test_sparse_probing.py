@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
+from saeravel.evals.api import EvalContext
 from saeravel.evals.sparse_probing import (
     SparseProbingEvalConfig,
     balanced_one_vs_rest,
@@ -23,7 +24,6 @@ from saeravel.evals.sparse_probing import (
     top_k_by_mean_difference,
 )
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

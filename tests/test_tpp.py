@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
+from saeravel.evals.api import EvalContext
 from saeravel.evals.scr import latent_effects
 from saeravel.evals.tpp import TppEvalConfig, TppTask, run, tpp_task
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, CustomSAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
+from saeravel.evals.api import EvalContext
 from saeravel.evals.unlearning import (
     PermutedQuestions,
     UnlearningEvalConfig,
@@ -36,7 +37,6 @@ from saeravel.evals.unlearning import (
     unlearning_score,
 )
 from saeravel.models import LoadedModel
-from saeravel.pipeline import EvalContext
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from saeravel.schema import StrEnum
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -219,162 +221,6 @@ class NoSAEConfig(SAEConfig):
     family: str = "none"
 
 
-# ----------------------------------------------------------------------------- evals
-
-
-@dataclass
-class EvalConfig:
-    """Common fields of every eval."""
-
-    name: str = MISSING
-    version: str = MISSING
-
-
-@dataclass
-class TextSourceConfig(EvalConfig):
-    """Where evals that read plain text get it: ``text_source`` auto (the embedded world's
-    fact sentences for the embedded model, else the HF dataset), ``hf`` or ``embedded``."""
-
-    text_source: str = "auto"
-    dataset: str = "Skylion007/openwebtext"
-    dataset_config: str | None = None
-    data_files: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = True
-    shuffle_buffer: int = 1
-    context_size: int = 128
-
-
-class StrEnum(str, Enum):
-    """A closed set of option names: a misspelt value fails when the config is composed. Members
-    compare equal to, print as and serialise as their plain string value."""
-
-    __str__ = str.__str__
-    __format__ = str.__format__
-
-
-class RavelProtocol(StrEnum):
-    saeravel = "saeravel"
-    ravel = "ravel"
-
-
-class RavelMethod(StrEnum):
-    sae = "sae"
-    neurons = "neurons"
-    das = "das"
-    all = "all"
-
-
-class DataSource(StrEnum):
-    auto = "auto"
-    embedded = "embedded"
-    ravel = "ravel"
-
-
-class MatchRule(StrEnum):
-    first_token = "first_token"
-    prefix = "prefix"
-
-
-class SplitBy(StrEnum):
-    entity = "entity"
-    pair = "pair"
-
-
-class Optimizer(StrEnum):
-    adam = "adam"
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class Schedule(StrEnum):
-    linear = "linear"
-    log = "log"
-    constant = "constant"
-
-
-class MaskEval(StrEnum):
-    hard = "hard"
-    soft = "soft"
-
-
-class MaskEstimator(StrEnum):
-    soft = "soft"
-    straight_through = "straight_through"
-
-
-class RavelRecipe(StrEnum):
-    saeravel = "saeravel"
-    paper = "paper"
-
-
-class DASMode(StrEnum):
-    mask = "mask"
-    fixed = "fixed"
-
-
-@dataclass
-class MaskConfig:
-    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
-
-    schedule: Schedule = Schedule.linear
-    t_start: float = 10.0
-    t_end: float = 0.1
-    anneal_fraction: float = 0.667
-    estimator: MaskEstimator = MaskEstimator.soft
-    l1: float = 0.0
-    eval: MaskEval = MaskEval.hard
-    init: float = 0.0
-    refine: bool = True
-    refine_pairs: int = 256
-    refine_passes: int = 1
-
-
-@dataclass
-class DASConfig:
-    """DAS rotation: ``mode=mask`` (learned mask over rotated dims) or ``mode=fixed`` (first k)."""
-
-    mode: DASMode = DASMode.mask
-    k: int = 16
-
-
-@dataclass
-class RavelEvalConfig(EvalConfig):
-    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
-
-    name: str = "ravel"
-    version: str = "2.0"
-    recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
-    recipe_label: str = ""
-    protocol: RavelProtocol = RavelProtocol.saeravel
-    method: RavelMethod = RavelMethod.all
-    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
-    data_source: DataSource = DataSource.auto
-    data_dir: str | None = None
-    match: MatchRule = MatchRule.first_token
-    match_tokens: int = 3
-    split_by: SplitBy = SplitBy.entity
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
-    max_entities: int | None = 200
-    max_pairs_per_split: int = 500
-    drop_same_label_pairs: bool = True
-    add_error: bool = False
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    optimizer: Optimizer = Optimizer.adam
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    das: DASConfig = field(default_factory=DASConfig)
-    bootstrap: int = 1000
-    confidence: float = 0.95
-    report_top_latents: int = 32
-    fast: bool = True
-    save_artifacts: bool = True
-    checkpoint_every_s: float = 60.0
-    checkpoint_every_steps: int = 0
-
-
 # ----------------------------------------------------------------------------- loggers
 
 
@@ -465,7 +311,7 @@ def register_configs() -> None:
     cs.store(group="sae", name="schema_planted", node=PlantedSAEConfig)
     cs.store(group="logger", name="schema_none", node=NoLoggerConfig)
     cs.store(group="logger", name="schema_wandb", node=WandbLoggerConfig)
-    from saeravel.evals import discover
+    from saeravel.evals.api import discover
 
     for spec in discover().values():
         cs.store(group="eval", name=f"schema_{spec.name}", node=spec.schema)

@@ -23,7 +23,6 @@ import random
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from saeravel import __version__
 from saeravel.checkpoint import CheckpointStore
 from saeravel.config import instantiate  # re-raises a constructor's UserError as is
 from saeravel.errors import UserError
-from saeravel.evals import EvalSpec, get_eval
+from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, get_eval
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
@@ -53,33 +52,6 @@ from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
 from saeravel.saes.loaders import build_sae_source, check_known_width
 
 log = logging.getLogger("saeravel")
-
-
-@dataclass
-class EvalContext:
-    """Everything an eval's ``run`` receives besides its own config."""
-
-    model: LoadedModel
-    sae: SAE | None
-    layer: int
-    hook_name: str
-    device: str
-    seed: int
-    cache_dir: Path
-    output_dir: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-    # This job's checkpoints (<results_dir>/<eval>/<hash>.ckpt/); a no-op store by default.
-    checkpoint: CheckpointStore = field(default_factory=CheckpointStore.disabled)
-
-
-@dataclass
-class EvalOutput:
-    """What an eval returns: metric groups, per-item details, and summary lines to print."""
-
-    metrics: dict[str, Any]
-    details: Any = None
-    unstructured: Any = None
-    summary: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:

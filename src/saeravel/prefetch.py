@@ -582,7 +582,7 @@ def plan_jobs(jobs: Sequence[Job], train_embedded: bool = False) -> Plan:
 def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
     from hydra.utils import instantiate
 
-    from saeravel.evals import get_eval
+    from saeravel.evals.api import get_eval
 
     model_name = cfg.model.name
     target = cfg.model._target_
@@ -594,7 +594,9 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
         else:
             model_item = plan.add(ModelItem(cfg.model))
     elif target == PLANTED_MODEL:
-        plan.skip(f"model={model_name}", "planted: built analytically at run time, nothing to fetch")
+        plan.skip(
+            f"model={model_name}", "planted: built analytically at run time, nothing to fetch"
+        )
     elif embedded:
         if train_embedded:
             model_item = plan.add(EmbeddedModelItem(instantiate(cfg.model)))

@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from saeravel.evals import register
+from saeravel.evals.api import register
 from saeravel.models import LoadedModel
 
 
@@ -23,7 +23,7 @@ class FakeModelSource:
 
 
 def _sleepy(cfg: Any, ctx: Any) -> Any:
-    from saeravel.pipeline import EvalOutput
+    from saeravel.evals.api import EvalOutput
 
     time.sleep(cfg.slow_s if ctx.layer == cfg.slow_layer else cfg.work_s)
     scores = {

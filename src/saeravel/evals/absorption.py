@@ -77,9 +77,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
+from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.evals.scr import hook_of, model_space_latents, require_decoder
 from saeravel.evals.sparse_probing import (
     SPLITS,
@@ -90,7 +89,6 @@ from saeravel.evals.sparse_probing import (
     linear_probe_weights,
     top_k_by_mean_difference,
 )
-from saeravel.pipeline import EvalContext, EvalOutput
 from saeravel.saebench import REQUIRED_METRICS
 
 log = logging.getLogger(__name__)
@@ -528,7 +526,12 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("absorption", schema=AbsorptionEvalConfig, summarize=summarize, saebench_type_id="absorption_first_letter")  # noqa: E501
+@register(
+    "absorption",
+    schema=AbsorptionEvalConfig,
+    summarize=summarize,
+    saebench_type_id="absorption_first_letter",
+)  # noqa: E501
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the absorption eval on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "absorption")

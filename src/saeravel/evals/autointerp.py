@@ -55,16 +55,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import TextSourceConfig
 from saeravel.errors import UserError
-from saeravel.evals import register
+from saeravel.evals.api import EvalContext, EvalOutput, TextSourceConfig, register
 from saeravel.evals.core import (
     counted_mask,
     resolve_text_source,
     special_token_ids,
     token_batches,
 )
-from saeravel.pipeline import EvalContext, EvalOutput
 from saeravel.saes.base import SAE
 
 log = logging.getLogger(__name__)

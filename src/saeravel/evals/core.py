@@ -39,10 +39,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import TextSourceConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
-from saeravel.pipeline import EvalContext, EvalOutput
+from saeravel.evals.api import EvalContext, EvalOutput, TextSourceConfig, register
 from saeravel.saes.base import SAE
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saeravel.config import RavelEvalConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
+from saeravel.evals.api import EvalConfig, EvalOutput, register
 from saeravel.ravel.data import download_ravel, load_ravel_city
 from saeravel.ravel.intervene import (
     DAS,
@@ -53,9 +53,136 @@ from saeravel.ravel.prompts import (
     tokenize_prompt,
 )
 from saeravel.results import atomic_torch_save, atomic_write_json
+from saeravel.schema import StrEnum
 from saeravel.world import CityWorld
 
 log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- config
+
+
+class RavelProtocol(StrEnum):
+    saeravel = "saeravel"
+    ravel = "ravel"
+
+
+class RavelMethod(StrEnum):
+    sae = "sae"
+    neurons = "neurons"
+    das = "das"
+    all = "all"
+
+
+class DataSource(StrEnum):
+    auto = "auto"
+    embedded = "embedded"
+    ravel = "ravel"
+
+
+class MatchRule(StrEnum):
+    first_token = "first_token"
+    prefix = "prefix"
+
+
+class SplitBy(StrEnum):
+    entity = "entity"
+    pair = "pair"
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(StrEnum):
+    linear = "linear"
+    log = "log"
+    constant = "constant"
+
+
+class MaskEval(StrEnum):
+    hard = "hard"
+    soft = "soft"
+
+
+class MaskEstimator(StrEnum):
+    soft = "soft"
+    straight_through = "straight_through"
+
+
+class RavelRecipe(StrEnum):
+    saeravel = "saeravel"
+    paper = "paper"
+
+
+class DASMode(StrEnum):
+    mask = "mask"
+    fixed = "fixed"
+
+
+@dataclass
+class MaskConfig:
+    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
+
+    schedule: Schedule = Schedule.linear
+    t_start: float = 10.0
+    t_end: float = 0.1
+    anneal_fraction: float = 0.667
+    estimator: MaskEstimator = MaskEstimator.soft
+    l1: float = 0.0
+    eval: MaskEval = MaskEval.hard
+    init: float = 0.0
+    refine: bool = True
+    refine_pairs: int = 256
+    refine_passes: int = 1
+
+
+@dataclass
+class DASConfig:
+    """DAS rotation: ``mode=mask`` (learned mask over rotated dims) or ``mode=fixed`` (first k)."""
+
+    mode: DASMode = DASMode.mask
+    k: int = 16
+
+
+@dataclass
+class RavelEvalConfig(EvalConfig):
+    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
+
+    name: str = "ravel"
+    version: str = "2.0"
+    recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
+    recipe_label: str = ""
+    protocol: RavelProtocol = RavelProtocol.saeravel
+    method: RavelMethod = RavelMethod.all
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    data_source: DataSource = DataSource.auto
+    data_dir: str | None = None
+    match: MatchRule = MatchRule.first_token
+    match_tokens: int = 3
+    split_by: SplitBy = SplitBy.entity
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    max_entities: int | None = 200
+    max_pairs_per_split: int = 500
+    drop_same_label_pairs: bool = True
+    add_error: bool = False
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: Optimizer = Optimizer.adam
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    das: DASConfig = field(default_factory=DASConfig)
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    report_top_latents: int = 32
+    fast: bool = True
+    save_artifacts: bool = True
+    checkpoint_every_s: float = 60.0
+    checkpoint_every_steps: int = 0
+
+
+# ----------------------------------------------------------------------------- eval
 
 METHODS = ("sae", "neurons", "das")
 PROTOCOLS = ("saeravel", "ravel")
@@ -107,7 +234,13 @@ def validate(cfg: Any) -> None:
             "must be >= 0"
         )
     fr = list(cfg.split_fractions)
-    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6 or fr[0] == 0 or fr[2] == 0:
+    if (
+        len(fr) != 3
+        or any(f < 0 for f in fr)
+        or abs(sum(fr) - 1) > 1e-6
+        or fr[0] == 0
+        or fr[2] == 0
+    ):
         raise UserError(
             f"eval.split_fractions={fr} must be three fractions (train, val, test) >= 0 summing "
             "to 1, with train and test > 0"
@@ -232,7 +365,9 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
             return known
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("knowledge-filter cache %s is corrupt (%s); rebuilding it", path, exc)
-    log.info("knowledge filter: %d prompts, %d generated tokens each", len(prompts), cfg.match_tokens)
+    log.info(
+        "knowledge filter: %d prompts, %d generated tokens each", len(prompts), cfg.match_tokens
+    )
     gens = generate(model.model, prompts, cfg.match_tokens)
     known = [
         matches(g, prompt_label_ids(model.model, world, p), cfg.match)
@@ -259,8 +394,10 @@ def build_pairs(
     rng = random.Random(ctx.seed)
     bos = bos_id(model)
     shots = set(world.few_shot_cities)
-    if cfg.protocol == "saeravel" and not world.few_shot_cities and not getattr(
-        world, "few_shot_prompts", None
+    if (
+        cfg.protocol == "saeravel"
+        and not world.few_shot_cities
+        and not getattr(world, "few_shot_prompts", None)
     ):
         shots |= set(PAPER_FEW_SHOT_CITIES)  # the paper's prompt: its shots leave the pool
     entities = sorted(e for e in world.entities if e not in shots)
@@ -496,7 +633,11 @@ def train_method(
                 continue  # done before the checkpoint
             if method.mask is not None:
                 method.mask.temperature = temperature(
-                    step, total, cfg.mask.t_start, cfg.mask.t_end, str(cfg.mask.schedule),
+                    step,
+                    total,
+                    cfg.mask.t_start,
+                    cfg.mask.t_end,
+                    str(cfg.mask.schedule),
                     cfg.mask.anneal_fraction,
                 )
             b = bank([q.base for q in batch])
@@ -586,7 +727,9 @@ def refine_mask(
     with the refined mask."""
     mask = method.mask
     rng = random.Random(ctx.seed)
-    subset = pairs if len(pairs) <= cfg.mask.refine_pairs else rng.sample(pairs, cfg.mask.refine_pairs)
+    subset = (
+        pairs if len(pairs) <= cfg.mask.refine_pairs else rng.sample(pairs, cfg.mask.refine_pairs)
+    )
     start, _ = first_token_eval(method, subset, bank, runner, ctx)
     best = start
     candidates = list(range(mask.param.numel()))
@@ -747,13 +890,18 @@ def train_and_score(
     return done
 
 
-@register("ravel", schema=RavelEvalConfig, needs_sae=lambda cfg: cfg.method in ("sae", "all"), saebench="saeravel.saebench:ravel_metrics", validate=validate)  # noqa: E501
+@register(
+    "ravel",
+    schema=RavelEvalConfig,
+    needs_sae=lambda cfg: cfg.method in ("sae", "all"),
+    saebench="saeravel.saebench:ravel_metrics",
+    validate=validate,
+)  # noqa: E501
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
     (``eval.checkpoint_every_s`` / ``eval.checkpoint_every_steps``), each finished (method,
     attribute) is kept in ``ctx.checkpoint`` and taken from there when the job runs again."""
     from saeravel.checkpoint import CheckpointStore, entry_name
-    from saeravel.pipeline import EvalOutput
 
     validate(cfg)
     store = getattr(ctx, "checkpoint", None) or CheckpointStore.disabled()
@@ -799,7 +947,9 @@ def run(cfg: Any, ctx: Any) -> Any:
         for name in _methods(cfg):
             done = store.load(entry_name("scored", name, attr))
             if done is None:
-                done = train_and_score(name, attr, pairs[attr], bank, runner, cfg, ctx, world, store)
+                done = train_and_score(
+                    name, attr, pairs[attr], bank, runner, cfg, ctx, world, store
+                )
             else:
                 log.info("%s/%s: trained and scored before the interruption", name, attr)
             r, curve, state = dict(done["score"]), list(done["curve"]), done["state"]

@@ -90,9 +90,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
+from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.evals.sparse_probing import (
     SPLITS,
     entity_features,
@@ -100,7 +99,6 @@ from saeravel.evals.sparse_probing import (
     linear_probe_weights,
     pooled_text_features,
 )
-from saeravel.pipeline import EvalContext, EvalOutput
 from saeravel.saes.base import SAE
 
 log = logging.getLogger(__name__)

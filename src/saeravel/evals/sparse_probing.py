@@ -32,10 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
-from saeravel.pipeline import EvalContext, EvalOutput
+from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.saes.base import SAE
 
 log = logging.getLogger(__name__)

@@ -58,9 +58,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
+from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.evals.scr import (
     ablate,
     accuracy,
@@ -85,7 +84,6 @@ from saeravel.evals.sparse_probing import (
     load_hf_task_texts,
     pooled_text_features,
 )
-from saeravel.pipeline import EvalContext, EvalOutput
 
 log = logging.getLogger(__name__)
 

@@ -51,12 +51,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.config import EvalConfig
 from saeravel.errors import UserError, choose
-from saeravel.evals import register
+from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.evals.autointerp import latent_firing_counts
 from saeravel.evals.core import counted_mask, dataset_texts, pack_token_batches, special_token_ids
-from saeravel.pipeline import EvalContext, EvalOutput
 from saeravel.results import atomic_write_json
 from saeravel.saes.base import SAE
 

@@ -322,7 +322,9 @@ class SuffixRunner:
                 )
             resid = block(resid, past_kv_cache_entry=entry)
         r, q = _last_positions([len(p.tokens) - 1 - p.entity_start for p in bases], n_last)
-        picked = resid[torch.tensor(r, device=vectors.device), torch.tensor(q, device=vectors.device)]
+        picked = resid[
+            torch.tensor(r, device=vectors.device), torch.tensor(q, device=vectors.device)
+        ]
         logits = model.unembed(model.ln_final(picked[:, None]))[:, 0]
         cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
         if cap is not None and cap > 0:  # as HookedTransformer.forward (Gemma-2: 30)

@@ -227,5 +227,7 @@ def make_pairs(
         seen.add((id(b), id(src)))
         target = lab_s if kind == "cause" else lab_b
         tids = ids_s if kind == "cause" else ids_b
-        pairs.append(Pair(b, src, intervened, kind, target, tids[0], list(tids), {"same_label": same}))
+        pairs.append(
+            Pair(b, src, intervened, kind, target, tids[0], list(tids), {"same_label": same})
+        )
     return pairs
