@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from saeravel.errors import UserError
+from saeravel.hub import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -252,4 +252,4 @@ def _looks_offline(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     markers = ("offline", "connection", "couldn't connect", "resolve", "cannot find the requested")
     markers += ("not found in cache", "local_files_only", "outgoing traffic", "max retries")
-    return os.environ.get("HF_HUB_OFFLINE") == "1" or any(m in text for m in markers)
+    return hub_offline() or any(m in text for m in markers)

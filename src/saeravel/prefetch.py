@@ -37,7 +37,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from saeravel.errors import UserError
+from saeravel.hub import hub_offline, hub_offline_mode
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,12 @@ EMBEDDED_MODEL = "saeravel.tiny_lm.EmbeddedModel"
 PLANTED_MODEL = "saeravel.planted.PlantedModel"
 PROBE_TIMEOUT_S = 10.0
 WANDB_DEFAULT_URL = "https://api.wandb.ai"
-_TRUE = ("1", "ON", "YES", "TRUE")
 # top-level files of a model repo that transformers reads besides the weights
 _MODEL_SMALL_FILES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
 _TOKENIZER_FILES = {"tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model"}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set to a true value in the environment."""
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
 def one_line(exc: BaseException) -> str:
@@ -138,25 +133,6 @@ def _probe(url: str, timeout: float) -> str | None:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return " ".join(str(getattr(exc, "reason", exc)).split())
     return None
-
-
-@contextlib.contextmanager
-def hub_offline_mode() -> Iterator[None]:
-    """``HF_HUB_OFFLINE=1`` for the block, also for libraries that read it at import."""
-    import huggingface_hub.constants as hub_constants
-
-    before_env = os.environ.get("HF_HUB_OFFLINE")
-    before = hub_constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = before
-        if before_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = before_env
 
 
 def _hub_endpoint() -> str:

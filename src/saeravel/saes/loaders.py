@@ -12,14 +12,13 @@ this module for every job, including those that need no SAE.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from saeravel.errors import UserError, choose
+from saeravel.hub import hub_offline, hub_offline_mode
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, CustomSAE, SAEIdentity, resid_layer_of_hook
 
@@ -221,22 +221,6 @@ def resolve_sae_lens_id(
     )
 
 
-@contextlib.contextmanager
-def _hub_offline_from_env() -> Iterator[None]:
-    """Honour ``HF_HUB_OFFLINE=1`` even when it was set after huggingface_hub was imported
-    (the hub library reads it once, at import; without it an offline load retries for ~30 s)."""
-    import huggingface_hub.constants as hub_constants
-
-    wanted = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    before = hub_constants.HF_HUB_OFFLINE
-    if wanted and not before:
-        hub_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = before
-
-
 def _looks_offline(exc: BaseException) -> bool:
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
@@ -263,7 +247,7 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
     repo_id = directory[release].repo_id
     log.info("loading sae_lens SAE %s / %s (%s)", release, sae_id, repo_id)
     try:
-        with _hub_offline_from_env(), warnings.catch_warnings():
+        with hub_offline_mode(hub_offline()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_KWARGS_WARNING)
             return SaeLensSAE.from_pretrained(release, sae_id, device=device)
     except (OSError, HfHubHTTPError) as exc:
