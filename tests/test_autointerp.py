@@ -446,8 +446,4 @@ def test_yaml_matches_schema_and_is_commented():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["eval=autointerp"])
     assert OmegaConf.to_container(cfg.eval) == asdict(AutoInterpEvalConfig())
-    lines = (ROOT / "conf/eval/autointerp.yaml").read_text().splitlines()
-    keys = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith(("#", "-"))]
-    keys = [ln for ln in keys if ln.strip() not in ("defaults:", "judge:")]
-    assert len(keys) == len(asdict(AutoInterpEvalConfig())) - 1 + len(asdict(JudgeConfig()))
-    assert all("#" in ln for ln in keys)
+    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

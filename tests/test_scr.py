@@ -13,22 +13,19 @@ import numpy as np
 import pytest
 import torch
 
+from saeravel.activations import model_space_latents
 from saeravel.errors import UserError
 from saeravel.evals.api import EvalContext
 from saeravel.evals.scr import (
     ScrEvalConfig,
-    ablate,
     choose_embedded_pairs,
-    effective_n_values,
     headline_direction,
-    latent_effects,
-    model_space_latents,
     ranking_scores,
     run,
     scr_score,
-    top_latents,
 )
 from saeravel.models import LoadedModel
+from saeravel.probing import ProbeConfig, ablate, effective_n_values, latent_effects, top_latents
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +76,7 @@ def test_ablation_is_the_reconstruction_difference_for_layer_norm_saes():
 
 @pytest.mark.parametrize("standardize", [True, False])
 def test_probe_weights_are_in_the_raw_activation_space(standardize):
-    from saeravel.evals.sparse_probing import fit_probe, linear_probe_weights
+    from saeravel.probing import fit_probe, linear_probe_weights
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, -2, 0, 1]
@@ -222,7 +219,7 @@ def planted_continent():
 
 @pytest.mark.parametrize("normalize", ["none", "layer_norm"])
 def test_ablating_the_planted_spurious_latents_removes_the_bias(planted, tmp_path, normalize):
-    cfg = ScrEvalConfig(n_values=[2, 500], c_grid=[0.01, 1.0], batch_size=256)
+    cfg = ScrEvalConfig(n_values=[2, 500], probe=ProbeConfig(c_grid=[0.01, 1.0]), batch_size=256)
     out = run(cfg, ctx_for(planted, identity_sae(normalize), tmp_path))
     [pair] = out.details
     assert pair["pair"] == ["Alpha", "Beta", "Lone", "Ltwo"]
@@ -262,7 +259,7 @@ def test_headline_is_dir2_when_the_biased_probe_follows_column1(planted_continen
     two continent latents makes it follow language, (1 - 0.5) / (1 - 0.5) = 1. dir1 has
     A_clean - A_orig = 0: 0 by SAEBench's denominator rule, NaN as a ratio."""
     sae = identity_sae()
-    base = {"n_values": [2], "c_grid": [0.01, 1.0], "batch_size": 256}
+    base = {"n_values": [2], "probe": ProbeConfig(c_grid=[0.01, 1.0]), "batch_size": 256}
     out = run(ScrEvalConfig(**base), ctx_for(planted_continent, sae, tmp_path))
     [pair] = out.details
     assert pair["original_accuracy"] == {"dir1": 1.0, "dir2": 0.5}
@@ -304,7 +301,7 @@ def test_absolute_ranking_and_nonzero_cap_on_the_planted_world(planted, tmp_path
     """Language probe effects (w_1 > 0, mean differences +-4 on axis 1): latents 1 and 65
     about +4 w_1, latent 128 about (+4) (-2 w_1) = -8 w_1, latent 129 exactly 0."""
     sae = _sae_with_extra_latents()
-    base = {"n_values": [2, 500], "c_grid": [0.01, 1.0], "batch_size": 256}
+    base = {"n_values": [2, 500], "probe": ProbeConfig(c_grid=[0.01, 1.0]), "batch_size": 256}
     out = run(ScrEvalConfig(**base), ctx_for(planted, sae, tmp_path))
     [pair] = out.details
     # SAEBench ranks by |effect|: latent 128 first.
@@ -335,7 +332,7 @@ def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
         (ScrEvalConfig(embedded_pairs=[["Alpha", "Betta", "Lone", "Ltwo"]]), "did you mean 'Beta'"),
         (ScrEvalConfig(embedded_pairs=[["Alpha", "Beta", "Lone"]]), "must be \\[Continent a1"),
         (ScrEvalConfig(min_entities_per_cell=11), "no two Continent values"),
-        (ScrEvalConfig(c_grid=[]), "c_grid is empty"),
+        (ScrEvalConfig(probe=ProbeConfig(c_grid=[])), "c_grid is empty"),
         (ScrEvalConfig(ranking="abs"), "unknown eval.ranking 'abs'"),
         (ScrEvalConfig(direction="first"), "unknown eval.direction 'first'"),
         (ScrEvalConfig(denominator="ratoi"), "did you mean 'ratio'"),
@@ -400,7 +397,4 @@ def test_yaml_matches_schema_and_is_commented():
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             with pytest.raises(ConfigCompositionException):
                 compose(config_name="config", overrides=["eval=scr", bad])
-    lines = (ROOT / "conf/eval/scr.yaml").read_text().splitlines()
-    keys = [ln for ln in lines if ln and not ln.startswith(("#", " ", "defaults"))]
-    assert len(keys) == len(asdict(ScrEvalConfig()))
-    assert all("#" in ln for ln in keys)
+    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

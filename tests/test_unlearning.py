@@ -339,7 +339,4 @@ def test_yaml_matches_schema_and_is_commented():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["eval=unlearning"])
     assert OmegaConf.to_container(cfg.eval) == asdict(UnlearningEvalConfig())
-    lines = (ROOT / "conf/eval/unlearning.yaml").read_text().splitlines()
-    keys = [ln for ln in lines if ln and not ln.startswith(("#", " ", "defaults"))]
-    assert len(keys) == len(asdict(UnlearningEvalConfig()))
-    assert all("#" in ln for ln in keys)
+    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

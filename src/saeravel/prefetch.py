@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 
 from saeravel.errors import UserError
 from saeravel.hub import hub_offline, hub_offline_mode
+from saeravel.taskdata import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -598,7 +599,7 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
     if spec.name == "ravel":
         if cfg.eval.data_dir:
             plan.skip("RAVEL data", f"read from eval.data_dir={cfg.eval.data_dir}")
-        elif cfg.eval.data_source == "ravel" or (cfg.eval.data_source == "auto" and not embedded):
+        elif resolve_source(cfg.eval.data_source, embedded, other="ravel") == "ravel":
             plan.add(RavelItem(cache_dir))
         else:
             plan.skip("RAVEL data", f"not needed: eval=ravel on {model_name} uses its own world")

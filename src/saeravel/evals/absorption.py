@@ -77,23 +77,27 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from saeravel.activations import (
+    hook_activations,
+    model_space_latents,
+    require_decoder,
+    sae_hook,
+)
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
-from saeravel.evals.scr import hook_of, model_space_latents, require_decoder
-from saeravel.evals.sparse_probing import (
-    SPLITS,
-    _stop_layer,
+from saeravel.probing import (
+    ProbeConfig,
     balanced_one_vs_rest,
-    entity_features,
-    fit_probe,
+    check_probe,
+    fit,
     linear_probe_weights,
     top_k_by_mean_difference,
 )
 from saeravel.saebench import REQUIRED_METRICS
+from saeravel.taskdata import SPLITS, data_source, entity_features, entity_splits
 
 log = logging.getLogger(__name__)
 
-DATA_SOURCES = ("auto", "embedded", "first_letter")
 WORD_RE = re.compile(r" ?[A-Za-z]+")
 MEAN_KEYS = REQUIRED_METRICS["absorption_first_letter"]["mean"]  # SAEBench's names, one place
 
@@ -125,9 +129,7 @@ class AbsorptionEvalConfig(EvalConfig):
     absorption_fraction_probe_cos_sim_threshold: float = 0.1
     probe_projection_proportion_threshold: float = 0.4
     absorption_fraction_max_absorbing_latents: int = 3
-    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
-    standardize: bool = False
-    max_iter: int = 1000
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     batch_size: int = 32
     seed: int = 42
 
@@ -183,13 +185,7 @@ def select_main_latents(
     k_main = 1
     for k in range(1, len(ranked) + 1):
         train, val = _dense(f["train"], cols=ranked[:k]), _dense(f["val"], cols=ranked[:k])
-        model, _, _ = fit_probe(
-            (train, y["train"]),
-            (val, y["val"]),
-            cfg.c_grid,
-            standardize=cfg.standardize,
-            max_iter=cfg.max_iter,
-        )
+        model, _, _ = fit(cfg.probe, (train, y["train"]), (val, y["val"]))
         f1s.append(f1_score(model.predict(val), y["val"]))
         if k > 1:
             if f1s[-1] - f1s[-2] > cfg.f1_jump_threshold:
@@ -259,12 +255,10 @@ def class_result(
     if min(int(y[s].sum()) for s in SPLITS) == 0:
         counts = {s: int(y[s].sum()) for s in SPLITS}
         return {**out, "passed": False, "reason": f"no rows in some split {counts}"}
-    probe, c, _ = fit_probe(
+    probe, c, _ = fit(
+        cfg.probe,
         (data.x["train"][idx["train"]], y["train"]),
         (data.x["val"][idx["val"]], y["val"]),
-        cfg.c_grid,
-        standardize=cfg.standardize,
-        max_iter=cfg.max_iter,
     )
     probe_f1 = f1_score(probe.predict(data.x["test"][idx["test"]]), y["test"])
     direction, _ = linear_probe_weights(probe)
@@ -348,7 +342,7 @@ def embedded_data(lm: Any, sae: Any, hook: str, cfg: Any) -> AbsorptionData:
     attrs = sorted(next(iter(world.entities.values())))
     choose("attribute", cfg.parent_attribute, attrs)
     choose("attribute", cfg.child_attribute, attrs)
-    split_of = {e: s for e, s in world.entity_split.items() if s in SPLITS}
+    split_of = entity_splits(world)
     entities = sorted(split_of)
     counts: dict[str, Counter] = defaultdict(Counter)
     for e in entities:
@@ -439,7 +433,6 @@ def first_letter_data(lm: Any, sae: Any, hook: str, cfg: Any) -> AbsorptionData:
     train_texts = [w for _, w in split["train"]]
     bos = tok.bos_token_id if getattr(model.cfg, "default_prepend_bos", True) else None
     pad = tok.pad_token_id if tok.pad_token_id is not None else (bos or 0)
-    stop = _stop_layer(hook)
     x, f, labels, groups = {}, {}, {}, {}
     for s in SPLITS:
         prompts = []
@@ -461,9 +454,10 @@ def first_letter_data(lm: Any, sae: Any, hook: str, cfg: Any) -> AbsorptionData:
             for r, (p, _) in enumerate(chunk):
                 toks[r, : len(p)] = torch.tensor(p)
             toks = toks.to(model.cfg.device)
-            _, cache = model.run_with_cache(toks, names_filter=[hook], stop_at_layer=stop)
             pos = torch.tensor([q for _, q in chunk], device=toks.device)
-            xb = cache[hook][torch.arange(len(chunk), device=toks.device), pos]
+            xb = hook_activations(model, hook, toks)[
+                torch.arange(len(chunk), device=toks.device), pos
+            ]
             xs.append(xb.float().cpu().numpy())
             # Sparse storage: words x d_sae would not fit densely for wide SAEs.
             fs.append(sp.csr_matrix(sae.encode(xb).float().cpu().numpy()))
@@ -496,8 +490,7 @@ def check_cfg(cfg: Any, d_sae: int) -> None:
     """Thresholds and sizes that would make the eval meaningless."""
     if not 1 <= cfg.max_k_value <= d_sae:
         raise UserError(f"eval.max_k_value={cfg.max_k_value} must be between 1 and d_sae={d_sae}")
-    if not cfg.c_grid:
-        raise UserError("eval.c_grid is empty; give at least one inverse regularisation C")
+    check_probe(cfg.probe)
     if not cfg.letters or not set(cfg.letters) <= set(string.ascii_lowercase):
         raise UserError(f"eval.letters must be lower-case letters a-z, got {cfg.letters!r}")
     if cfg.absorption_fraction_max_absorbing_latents < 1:
@@ -536,18 +529,10 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the absorption eval on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "absorption")
     assert ctx.sae is not None
-    choose("eval.data_source", cfg.data_source, DATA_SOURCES)
-    check_cfg(cfg, ctx.sae.d_sae)
     lm = ctx.model
-    source = cfg.data_source
-    if source == "auto":
-        source = "embedded" if lm.world is not None else "first_letter"
-    if source == "embedded" and lm.world is None:
-        raise UserError(
-            f"eval.data_source=embedded needs the embedded model (model=tiny-city-lm); "
-            f"{lm.name} has no city world: use eval.data_source=first_letter"
-        )
-    hook = hook_of(ctx)
+    source = data_source(cfg.data_source, lm, other="first_letter")
+    check_cfg(cfg, ctx.sae.d_sae)
+    hook = sae_hook(ctx.sae, ctx.hook_name)
     if source == "embedded":
         data = embedded_data(lm, ctx.sae, hook, cfg)
     else:

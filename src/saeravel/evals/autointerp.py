@@ -55,22 +55,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from saeravel.activations import (
+    counted_mask,
+    encode_latents,
+    hook_activations,
+    latent_firing_counts,
+    special_token_ids,
+)
 from saeravel.errors import UserError
 from saeravel.evals.api import EvalContext, EvalOutput, TextSourceConfig, register
-from saeravel.evals.core import (
-    counted_mask,
-    resolve_text_source,
-    special_token_ids,
-    token_batches,
-)
 from saeravel.saes.base import SAE
+from saeravel.taskdata import data_source, token_batches
 
 log = logging.getLogger(__name__)
 
 TOKEN_LIMIT_PARAMS = ("max_tokens", "max_completion_tokens")
 CHARS_PER_TOKEN = 4  # rough size of an English BPE token, for the cost estimate only
 NEWLINE_MARK = "\u21b5"
-_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
 
 Messages = list[dict[str, str]]
 
@@ -123,52 +124,6 @@ class AutoInterpEvalConfig(TextSourceConfig):
 # ----------------------------------------------------------------------------- activations
 
 
-def stop_layer(hook_name: str) -> int | None:
-    """Blocks needed to compute ``hook_name`` (None: run the whole model)."""
-    m = _BLOCK_RE.match(hook_name)
-    return int(m.group(1)) + 1 if m else None
-
-
-def encode_latents(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """``sae.encode(x)`` in the SAE's dtype."""
-    param = next(iter(sae.parameters()), None)
-    return sae.encode(x.to(param.dtype) if param is not None else x)
-
-
-@torch.no_grad()
-def hook_activations(model: Any, hook_name: str, tokens: torch.Tensor) -> torch.Tensor:
-    """The activation at ``hook_name`` for ``tokens`` [batch, pos]."""
-    _, cache = model.run_with_cache(
-        tokens, names_filter=[hook_name], stop_at_layer=stop_layer(hook_name)
-    )
-    return cache[hook_name]
-
-
-@torch.no_grad()
-def latent_firing_counts(
-    model: Any,
-    sae: SAE,
-    hook_name: str,
-    batches: Iterable[torch.Tensor],
-    special_ids: Sequence[int] = (),
-    *,
-    desc: str = "latent frequencies",
-    total: int | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Per latent, the number of counted tokens on which it is active (``> 0``), and the
-    number of counted tokens."""
-    counts = torch.zeros(sae.d_sae, dtype=torch.float64)
-    n_tokens = 0
-    device = model.cfg.device
-    for tokens in tqdm(batches, desc=desc, total=total, unit="batch", leave=False):
-        tokens = tokens.to(device)
-        mask = counted_mask(tokens, special_ids)
-        f = encode_latents(sae, hook_activations(model, hook_name, tokens))
-        counts += ((f > 0) & mask[..., None]).sum((0, 1)).double().cpu()
-        n_tokens += int(mask.sum())
-    return counts, n_tokens
-
-
 TEXT_KEYS = (
     "text_source", "dataset", "dataset_config", "data_files", "split", "text_column",
     "streaming", "shuffle_buffer", "context_size", "prepend_bos", "facts_per_sequence", "seed",
@@ -182,7 +137,7 @@ def collect_tokens(cfg: Any, ctx: EvalContext, n_rows: int) -> torch.Tensor:
     text_cfg.batch_size_prompts = cfg.batch_size
     rows: list[torch.Tensor] = []
     got = 0
-    for batch in token_batches(text_cfg, ctx, -(-n_rows // cfg.batch_size)):
+    for batch in token_batches(text_cfg, ctx.model, -(-n_rows // cfg.batch_size)):
         rows.append(batch.cpu())
         got += batch.shape[0]
         if got >= n_rows:
@@ -837,7 +792,7 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     lm, sae = ctx.model, ctx.sae
     if lm.tokenizer is None:
         raise UserError(f"model {lm.name} has no tokenizer; eval=autointerp needs one")
-    source = resolve_text_source(cfg.text_source, lm)
+    source = data_source(cfg.text_source, lm, key="eval.text_source")
     special = special_token_ids(lm.tokenizer)
     n_rows = max(1, cfg.total_tokens // cfg.context_size)
     tokens = collect_tokens(cfg, ctx, n_rows)

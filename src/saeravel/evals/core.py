@@ -30,25 +30,27 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from saeravel.errors import UserError, choose
+from saeravel.activations import (
+    counted_mask,
+    hook_activations,
+    latents_and_reconstruction,
+    special_token_ids,
+)
+from saeravel.errors import UserError
 from saeravel.evals.api import EvalContext, EvalOutput, TextSourceConfig, register
 from saeravel.saes.base import SAE
+from saeravel.taskdata import data_source, token_batches
 
 log = logging.getLogger(__name__)
 
-TEXT_SOURCES = ("auto", "hf", "embedded")
-SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")
 L2_NORM_FLOOR = 1e-4  # |x| below this counts as 1 in l2_ratio (as sae_lens does)
-_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
 
 
 @dataclass
@@ -68,164 +70,7 @@ class CoreEvalConfig(TextSourceConfig):
     seed: int = 42
 
 
-# ----------------------------------------------------------------------------- tokens
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """The structural special-token ids of ``tokenizer`` (BOS, EOS, pad, sep)."""
-    if tokenizer is None:
-        return []
-    ids = {getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS}
-    return sorted(i for i in ids if i is not None)
-
-
-def counted_mask(tokens: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
-    """Boolean mask [batch, pos]: True where the token is not special."""
-    mask = torch.ones_like(tokens, dtype=torch.bool)
-    for tok in special_ids:
-        mask &= tokens != tok
-    return mask
-
-
-def embedded_texts(world: Any, n: int, facts_per_sequence: int, seed: int) -> list[str]:
-    """``n`` fact sequences of the city world (1..``facts_per_sequence`` facts each)."""
-    from saeravel.tiny_lm import sample_sequence
-
-    rng = random.Random(seed)
-    attributes = list(world.templates)
-    return [sample_sequence(world, attributes, facts_per_sequence, rng) for _ in range(n)]
-
-
-def embedded_token_batches(
-    tokenizer: Any,
-    world: Any,
-    *,
-    n_batches: int,
-    batch_size: int,
-    width: int,
-    facts_per_sequence: int,
-    seed: int,
-) -> Iterator[torch.Tensor]:
-    """Batches of BOS + fact-sequence tokens, right-padded, cut to ``width`` positions."""
-    from saeravel.tiny_lm import encode_batch
-
-    texts = embedded_texts(world, n_batches * batch_size, facts_per_sequence, seed)
-    for i in range(n_batches):
-        toks, _ = encode_batch(tokenizer, texts[i * batch_size : (i + 1) * batch_size], "cpu")
-        yield toks[:, :width]
-
-
-def _dataset_error(dataset: str, split: str, exc: BaseException) -> UserError:
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return UserError(
-        f"dataset {dataset!r} (split {split!r}) could not be loaded ({type(exc).__name__}: "
-        f"{first}); if it is not in the local Hugging Face datasets cache and the hub cannot be "
-        "reached: on a machine with a network run this eval once with eval.streaming=false "
-        "(downloads the split into ~/.cache/huggingface/datasets), then set "
-        "HF_DATASETS_OFFLINE=1; or save some rows as JSON lines and use eval.dataset=json "
-        "eval.data_files=/path/to/text.jsonl; or use eval.text_source=embedded with "
-        "model=tiny-city-lm"
-    )
-
-
-_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, ConnectionError)
-
-
-def dataset_texts(
-    dataset: str,
-    *,
-    dataset_config: str | None = None,
-    data_files: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-    streaming: bool = True,
-    shuffle_buffer: int = 1,
-    seed: int = 42,
-) -> Iterator[str]:
-    """Texts of a Hugging Face dataset, optionally shuffled; a one-line error when it cannot
-    be loaded (offline, not cached, missing file, unknown name)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(
-            dataset, dataset_config, data_files=data_files, split=split, streaming=streaming
-        )
-        if shuffle_buffer > 0:
-            ds = (
-                ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-                if streaming
-                else ds.shuffle(seed=seed)
-            )
-        rows = iter(ds)
-        first = next(rows)
-    except StopIteration:
-        raise UserError(f"dataset {dataset!r} (split {split!r}) is empty") from None
-    except _LOAD_ERRORS as exc:
-        raise _dataset_error(dataset, split, exc) from exc
-    if text_column not in first:
-        raise UserError(
-            f"dataset {dataset!r} has no column {text_column!r}; valid: {', '.join(first)} "
-            "(set eval.text_column)"
-        )
-    yield first[text_column]
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except _LOAD_ERRORS as exc:
-            raise _dataset_error(dataset, split, exc) from exc
-        yield row[text_column]
-
-
-def pack_token_batches(
-    texts: Iterable[str],
-    tokenizer: Any,
-    *,
-    context_size: int,
-    batch_size: int,
-    prepend_bos: bool = True,
-) -> Iterator[torch.Tensor]:
-    """Concatenate tokenised texts (separated by BOS, else EOS) and cut them into rows of
-    ``context_size`` tokens, each starting with BOS when ``prepend_bos``."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    head = [bos] if prepend_bos and bos is not None else []
-    sep = bos if bos is not None else eos
-    body = context_size - len(head)
-    if body < 1:
-        raise UserError(f"context_size={context_size} leaves no room for text")
-    buf: list[int] = []
-    batch: list[list[int]] = []
-    for text in texts:
-        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            buf.append(sep)
-        start = 0
-        while len(buf) - start >= body:
-            batch.append(head + buf[start : start + body])
-            start += body
-            if len(batch) == batch_size:
-                yield torch.tensor(batch, dtype=torch.long)
-                batch = []
-        buf = buf[start:]
-
-
 # ----------------------------------------------------------------------------- SAE helpers
-
-
-def _sae_dtype(sae: SAE, fallback: torch.dtype) -> torch.dtype:
-    param = next(iter(sae.parameters()), None)
-    return param.dtype if param is not None else fallback
-
-
-def latents_and_reconstruction(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sae.encode(x), sae.reconstruct(x))`` with one encoder pass; ``x_hat`` is in model
-    space (layer-norm SAEs are de-normalised with ``x``'s own statistics)."""
-    xs = x.to(_sae_dtype(sae, x.dtype))
-    xn, stats = sae.normalize(xs)
-    f = sae.encode_normalized(xn)
-    x_hat = sae.denormalize(sae.decode_normalized(f), stats)
-    return f, x_hat
 
 
 def splice(act: torch.Tensor, replacement: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -481,11 +326,6 @@ class CoreResult:
         ]
 
 
-def _stop_layer(hook_name: str) -> int | None:
-    m = _BLOCK_RE.match(hook_name)
-    return int(m.group(1)) + 1 if m else None
-
-
 @torch.no_grad()
 def compute_core_metrics(
     model: Any,
@@ -534,10 +374,7 @@ def compute_core_metrics(
                 done[0] += 1
             if i < n_sparsity_variance_batches:
                 if not captured:
-                    _, cache = model.run_with_cache(
-                        tokens, names_filter=[hook_name], stop_at_layer=_stop_layer(hook_name)
-                    )
-                    x = cache[hook_name]
+                    x = hook_activations(model, hook_name, tokens)
                     f, x_hat = latents_and_reconstruction(sae, x)
                     captured.update(x=x, f=f, x_hat=x_hat)
                 sv.add(captured["x"], captured["f"], captured["x_hat"], mask)
@@ -580,57 +417,6 @@ def compute_core_metrics(
     )
 
 
-def resolve_text_source(text_source: str, model: Any) -> str:
-    """``auto`` -> ``embedded`` for the embedded model (it has a world), else ``hf``."""
-    choose("eval.text_source", text_source, TEXT_SOURCES)
-    if text_source == "auto":
-        return "embedded" if getattr(model, "world", None) is not None else "hf"
-    if text_source == "embedded" and getattr(model, "world", None) is None:
-        raise UserError(
-            f"eval.text_source=embedded needs the embedded model (model=tiny-city-lm); "
-            f"{model.name} has no city world: use eval.text_source=hf"
-        )
-    return text_source
-
-
-def token_batches(cfg: Any, ctx: EvalContext, n_batches: int) -> Iterator[torch.Tensor]:
-    """The eval's token batches for ``ctx.model`` (embedded city text or a HF dataset)."""
-    lm = ctx.model
-    tokenizer = lm.tokenizer
-    if tokenizer is None:
-        raise UserError(f"model {lm.name} has no tokenizer; eval=core needs one to make text")
-    n_ctx = lm.model.cfg.n_ctx
-    if resolve_text_source(cfg.text_source, lm) == "embedded":
-        return embedded_token_batches(
-            tokenizer,
-            lm.world,
-            n_batches=n_batches,
-            batch_size=cfg.batch_size_prompts,
-            width=min(cfg.context_size, n_ctx),
-            facts_per_sequence=cfg.facts_per_sequence,
-            seed=cfg.seed,
-        )
-    if cfg.context_size > n_ctx:
-        raise UserError(f"eval.context_size={cfg.context_size} exceeds {lm.name}'s n_ctx={n_ctx}")
-    texts = dataset_texts(
-        cfg.dataset,
-        dataset_config=cfg.dataset_config,
-        data_files=cfg.data_files,
-        split=cfg.split,
-        text_column=cfg.text_column,
-        streaming=cfg.streaming,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-    )
-    return pack_token_batches(
-        texts,
-        tokenizer,
-        context_size=cfg.context_size,
-        batch_size=cfg.batch_size_prompts,
-        prepend_bos=cfg.prepend_bos,
-    )
-
-
 def summarize(metrics: dict) -> str:
     """One line of the headline numbers."""
 
@@ -660,7 +446,7 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
         )
     if cfg.batch_size_prompts < 1 or cfg.context_size < 2:
         raise UserError("eval.batch_size_prompts must be >= 1 and eval.context_size >= 2")
-    source = resolve_text_source(cfg.text_source, ctx.model)
+    source = data_source(cfg.text_source, ctx.model, key="eval.text_source")
     special = special_token_ids(ctx.model.tokenizer) if cfg.exclude_special_tokens else []
     log.info(
         "core eval on %s text: %d reconstruction + %d sparsity/variance batches of %d; "
@@ -671,7 +457,7 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
         ctx.model.model,
         ctx.sae,
         ctx.hook_name,
-        token_batches(cfg, ctx, max(n_rec, n_sp)),
+        token_batches(cfg, ctx.model, max(n_rec, n_sp)),
         n_reconstruction_batches=n_rec,
         n_sparsity_variance_batches=n_sp,
         special_ids=special,

@@ -54,6 +54,7 @@ from saeravel.ravel.prompts import (
 )
 from saeravel.results import atomic_torch_save, atomic_write_json
 from saeravel.schema import StrEnum
+from saeravel.taskdata import data_source
 from saeravel.world import CityWorld
 
 log = logging.getLogger(__name__)
@@ -273,12 +274,7 @@ def _recipe_choice() -> str | None:
 
 def load_world(cfg: Any, ctx: Any) -> CityWorld:
     """The embedded world, or RAVEL's city files (``data_dir``, else downloaded)."""
-    has_world = ctx.model.world is not None
-    if cfg.data_source == "embedded" or (cfg.data_source == "auto" and has_world):
-        if not has_world:
-            raise UserError(
-                f"model {ctx.model.name} has no embedded world; use eval.data_source=ravel"
-            )
+    if data_source(cfg.data_source, ctx.model, other="ravel") == "embedded":
         if cfg.data_dir is not None:
             raise UserError(
                 f"eval.data_dir={cfg.data_dir} is not read: model {ctx.model.name} brings its own "

@@ -3,7 +3,7 @@
 Two binary concepts: ``column1`` (the target, e.g. profession professor/nurse) with values
 ``a1, a2`` and ``column2`` (the spurious one, e.g. gender male/female) with values ``b1, b2``,
 i.e. four cells ``(a, b)``. Every probe is a logistic regression on the activations ``x``
-at the SAE's hook (:func:`saeravel.evals.sparse_probing.fit_probe`): fit on the train split,
+at the SAE's hook (:func:`saeravel.probing.fit_probe`): fit on the train split,
 ``C`` chosen on the val split, accuracies reported on the test split only.
 
 * biased probe: ``(a1, b1) -> 1`` vs ``(a2, b2) -> 0`` (the two concepts perfectly
@@ -87,23 +87,34 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from saeravel.activations import (
+    model_space_latents,
+    pooled_text_features,
+    require_decoder,
+    sae_hook,
+)
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
-from saeravel.evals.sparse_probing import (
-    SPLITS,
-    entity_features,
-    fit_probe,
+from saeravel.probing import (
+    ProbeConfig,
+    ablate,
+    accuracy,
+    check_probe,
+    effective_n_values,
+    fit,
+    latent_effects,
+    latent_order,
     linear_probe_weights,
-    pooled_text_features,
+    n_selected,
+    nanmean,
 )
 from saeravel.saes.base import SAE
+from saeravel.taskdata import SPLITS, data_source, dataset_error, entity_features, world_entities
 
 log = logging.getLogger(__name__)
 
-DATA_SOURCES = ("auto", "embedded", "hf")
 EPS = 1e-12
 # SAEBench scores a direction 0 when its denominator A_clean - A_orig is below this.
 SAEBENCH_MIN_DENOMINATOR = 0.001
@@ -255,126 +266,18 @@ class ScrEvalConfig(EvalConfig):
     test_set_size: int = 1000
     context_length: int = 128
     n_values: list[int] = field(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500])
-    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
-    standardize: bool = False
-    max_iter: int = 1000
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     batch_size: int = 32
     seed: int = 42
 
 
-# ----------------------------------------------------------------------------- shared helpers
-# (also used by eval=tpp)
-
-
-def hook_of(ctx: EvalContext) -> str:
-    """The SAE's own hook (equal to ``ctx.hook_name`` up to resid_post/resid_pre naming)."""
-    return getattr(ctx.sae, "hook_name", None) or ctx.hook_name
-
-
-def require_decoder(sae: SAE | None, eval_name: str) -> np.ndarray:
-    """``W_dec`` [d_sae, d_in] as float64, or a one-line error."""
-    if sae is None:
-        raise UserError(f"eval={eval_name} needs an SAE; choose one with sae=... (not sae=none)")
-    w_dec = getattr(sae, "W_dec", None)
-    if not isinstance(w_dec, torch.Tensor):
-        raise UserError(
-            f"eval={eval_name} needs an SAE with a decoder matrix W_dec; "
-            f"{type(sae).__name__} ({sae.identity.family}) has none"
-        )
-    return w_dec.detach().float().cpu().numpy().astype(np.float64)
-
-
-def resolve_source(data_source: str, lm: Any) -> str:
-    """``auto`` -> embedded for the embedded model, else hf; embedded without a world fails."""
-    choose("eval.data_source", data_source, DATA_SOURCES)
-    source = data_source
-    if source == "auto":
-        source = "embedded" if lm.world is not None else "hf"
-    if source == "embedded" and lm.world is None:
-        raise UserError(
-            f"eval.data_source=embedded needs the embedded model (model=tiny-city-lm); "
-            f"{lm.name} has no city world: use eval.data_source=hf"
-        )
-    return source
-
-
-@torch.no_grad()
-def model_space_latents(sae: SAE, resid: np.ndarray, latents: np.ndarray) -> np.ndarray:
-    """Latents times the input's layer-norm std: the coefficients ``a`` with
-    ``reconstruct(x) = a @ W_dec + (b_dec * std + mu)``."""
-    std = sae.normalize(torch.as_tensor(resid, dtype=torch.float32))[1][1]
-    return latents * std.numpy()
-
-
-def latent_effects(
-    a: np.ndarray, y: np.ndarray, w: np.ndarray, w_dec: np.ndarray, clamp: bool = False
-) -> np.ndarray:
-    """``(mean(a | y=1) - mean(a | y=0)) * (W_dec @ w)``: each latent's mean effect on the
-    logit of a linear probe with raw-space weight ``w``; ``clamp`` sets negative mean
-    differences to 0 first (SAEBench's TPP: only latents more active on the class count)."""
-    diff = a[y == 1].mean(0) - a[y == 0].mean(0)
-    if clamp:
-        diff = np.maximum(diff, 0.0)
-    return diff * (w_dec @ w)
+# ----------------------------------------------------------------------------- rules
 
 
 def ranking_scores(effects: np.ndarray, ranking: Ranking | str) -> np.ndarray:
     """The scores latents are ranked by: ``|effects|`` (absolute) or ``effects`` (signed)."""
     rank = option(ranking, Ranking, "eval.ranking")
     return np.abs(effects) if rank is Ranking.absolute else effects
-
-
-def latent_order(scores: np.ndarray) -> np.ndarray:
-    """Latent indices by descending score (ties broken by lower index)."""
-    return np.argsort(-scores, kind="stable")
-
-
-def n_selected(scores: np.ndarray, n: int, only_nonzero: bool) -> int:
-    """How many of the top latents are ablated for ``N = n``: ``n``, or with
-    ``only_nonzero`` (SAEBench's rule) ``min(n, number of nonzero scores)``."""
-    return min(n, int(np.count_nonzero(scores))) if only_nonzero else n
-
-
-def top_latents(scores: np.ndarray, n: int, only_nonzero: bool = False) -> np.ndarray:
-    """The latents ablated for ``N = n``: the ``n_selected`` largest scores, largest first."""
-    return latent_order(scores)[: n_selected(scores, n, only_nonzero)]
-
-
-def ablate(x: np.ndarray, a: np.ndarray, w_dec: np.ndarray, latents: np.ndarray) -> np.ndarray:
-    """Zero-ablate ``latents`` keeping the SAE error: ``x - a[:, S] @ W_dec[S]``."""
-    if len(latents) == 0:
-        return x
-    return x - a[:, latents] @ w_dec[latents]
-
-
-def effective_n_values(n_values: Sequence[int], d_sae: int) -> tuple[list[tuple[int, int]], dict]:
-    """``[(N, min(N, d_sae))]`` and ``{N: d_sae}`` for every capped ``N``; N < 1 is an error."""
-    if not n_values:
-        raise UserError("eval.n_values is empty; give at least one number of latents to ablate")
-    bad = [n for n in n_values if n < 1]
-    if bad:
-        raise UserError(f"eval.n_values has {bad[0]}, but every N must be >= 1")
-    capped = {str(n): d_sae for n in n_values if n > d_sae}
-    if capped:
-        log.warning("n_values %s exceed d_sae=%d: capped at d_sae", sorted(capped), d_sae)
-    return [(n, min(n, d_sae)) for n in n_values], capped
-
-
-def check_probe_cfg(cfg: Any) -> None:
-    """Probe settings shared by scr and tpp."""
-    if not cfg.c_grid:
-        raise UserError("eval.c_grid is empty; give at least one inverse regularisation C")
-
-
-def accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of rows classified correctly."""
-    return float((model.predict(x) == y).mean()) if len(y) else math.nan
-
-
-def nanmean(values: Sequence[float]) -> float:
-    """Mean of the finite values (NaN if there are none)."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 # ----------------------------------------------------------------------------- data
@@ -444,12 +347,12 @@ def load_paired_texts(
         train_rows = datasets.load_dataset(spec.path, split="train").select_columns(cols)
         test_rows = datasets.load_dataset(spec.path, split=spec.test_split).select_columns(cols)
     except (OSError, ValueError, ConnectionError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(
-            f"dataset {spec.path!r} (for {name!r}) could not be loaded ({type(exc).__name__}: "
-            f"{first}); if it is not in the local Hugging Face datasets cache and the hub cannot "
-            "be reached: on a machine with a network run eval=scr once to cache it, then set "
-            "HF_DATASETS_OFFLINE=1; or use eval.data_source=embedded with model=tiny-city-lm"
+        raise dataset_error(
+            f"dataset {spec.path!r} (for {name!r})",
+            exc,
+            "if it is not in the local Hugging Face datasets cache and the hub cannot be "
+            "reached: on a machine with a network run eval=scr once to cache it, then set "
+            "HF_DATASETS_OFFLINE=1; or use eval.data_source=embedded with model=tiny-city-lm",
         ) from exc
     keys = {}
     for v1, v2 in cells:
@@ -491,7 +394,7 @@ def choose_embedded_pairs(
     """Up to ``max_pairs`` ``(a1, a2, b1, b2)`` whose four cells all have ``min_cell`` cities,
     the largest smallest cell first; ``(a1, b1)`` and ``(a2, b2)`` are the biased cells, the
     orientation whose smaller biased cell is larger."""
-    counts = Counter((e[attr1], e[attr2]) for e in _entities(world).values())
+    counts = Counter((e[attr1], e[attr2]) for e in world_entities(world).values())
     vals1 = sorted({k[0] for k in counts})
     vals2 = sorted({k[1] for k in counts})
     candidates = []
@@ -508,11 +411,6 @@ def choose_embedded_pairs(
     return [pair for _, pair in candidates[:max_pairs]]
 
 
-def _entities(world: Any) -> dict[str, dict[str, str]]:
-    few = set(world.few_shot_cities)
-    return {e: a for e, a in world.entities.items() if e not in few}
-
-
 def split_cells(
     world: Any,
     attr1: str,
@@ -522,7 +420,7 @@ def split_cells(
     seed: int,
 ) -> dict[str, str]:
     """Entity -> split, stratified within each cell (>= 1 city per split)."""
-    ents = _entities(world)
+    ents = world_entities(world)
     out = {}
     for cell in sorted(set(cells)):
         names = sorted(e for e, a in ents.items() if (a[attr1], a[attr2]) == cell)
@@ -564,7 +462,7 @@ def embedded_pairs(world: Any, cfg: Any) -> list[tuple[str, str, str, str]]:
             f"eval.embedded_attributes must be 2 different attributes, got {cfg.embedded_attributes}"
         )
     attr1, attr2 = cfg.embedded_attributes
-    ents = _entities(world)
+    ents = world_entities(world)
     for attr in (attr1, attr2):
         choose("attribute", attr, sorted(next(iter(ents.values()))))
     if cfg.min_entities_per_cell < 3:
@@ -671,12 +569,10 @@ def scr_pair(
         return {s: (vals[s][idx[s]] == pos).astype(int) for s in SPLITS}
 
     def train(idx: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[Any, float]:
-        model, c, _ = fit_probe(
+        model, c, _ = fit(
+            cfg.probe,
             (data.x["train"][idx["train"]], y["train"]),
             (data.x["val"][idx["val"]], y["val"]),
-            cfg.c_grid,
-            standardize=cfg.standardize,
-            max_iter=cfg.max_iter,
         )
         return model, c
 
@@ -774,11 +670,11 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run SCR on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "scr")
     assert ctx.sae is not None
-    source = resolve_source(cfg.data_source, ctx.model)
+    source = data_source(cfg.data_source, ctx.model)
     n_eff, capped = effective_n_values(cfg.n_values, ctx.sae.d_sae)
-    check_probe_cfg(cfg)
+    check_probe(cfg.probe)
     used_rules = rules(cfg)
-    hook = hook_of(ctx)
+    hook = sae_hook(ctx.sae, ctx.hook_name)
     rng = np.random.default_rng(cfg.seed)
     details: list[dict[str, Any]] = []
     plan: list[tuple[str, list[tuple[str, str, str, str]]]] = []

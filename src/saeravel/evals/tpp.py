@@ -2,10 +2,10 @@
 
 For every class ``i`` of a task, a balanced one-vs-rest logistic regression probe ``P_i`` is
 trained on the activations ``x`` at the SAE's hook (train split; ``C`` chosen on the val
-split; :func:`saeravel.evals.sparse_probing.fit_probe`). Its latents are ranked by
+split; :func:`saeravel.probing.fit_probe`). Its latents are ranked by
 ``effect_j = max(mean_{y=1} a_j - mean_{y=0} a_j, 0) * (w_i . W_dec[j])`` on its training
 rows (``a`` = latents times the input's layer-norm std, ``w_i`` the probe's raw-space
-weight; see :mod:`saeravel.evals.scr`): only latents more active on the class count
+weight; see :mod:`saeravel.probing`): only latents more active on the class count
 (``eval.clamp_mean_diff``, SAEBench's rule), largest signed effect first. For each ``N`` in
 ``n_values`` (capped at ``d_sae``, listed in ``eval_result_unstructured.n_values_capped``)
 the top ``k = min(N, number of latents with a nonzero effect)`` latents of class ``i``
@@ -24,7 +24,7 @@ records the rules the numbers were computed with.
 
 Data: the embedded model uses the city-token activation in every template, classes the
 most frequent values of ``attribute`` (default ``Continent``) with the world's entity split
-(:func:`saeravel.evals.sparse_probing.embedded_tasks`); real models use SAEBench's datasets
+(:func:`saeravel.taskdata.embedded_tasks`); real models use SAEBench's datasets
 (bias in bios class set 1, Amazon reviews categories), mean-pooled over non-special tokens.
 
 Differences from SAEBench (SAEBench ``sae_bench/evals/scr_and_tpp``; default = SAEBench's
@@ -58,32 +58,24 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from saeravel.activations import model_space_latents, require_decoder, sae_hook
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
-from saeravel.evals.scr import (
+from saeravel.probing import (
+    ProbeConfig,
     ablate,
     accuracy,
-    check_probe_cfg,
+    balanced_one_vs_rest,
+    check_probe,
     effective_n_values,
-    hook_of,
+    fit,
     latent_effects,
     latent_order,
-    model_space_latents,
+    linear_probe_weights,
     n_selected,
     nanmean,
-    require_decoder,
-    resolve_source,
 )
-from saeravel.evals.sparse_probing import (
-    HF_TASKS,
-    SPLITS,
-    balanced_one_vs_rest,
-    embedded_tasks,
-    fit_probe,
-    linear_probe_weights,
-    load_hf_task_texts,
-    pooled_text_features,
-)
+from saeravel.taskdata import HF_TASKS, SPLITS, ProbeTask, data_source, embedded_tasks, hf_task
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +100,14 @@ class TppEvalConfig(EvalConfig):
     test_set_size: int = 1000
     context_length: int = 128
     n_values: list[int] = field(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500])
-    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
-    standardize: bool = False
-    max_iter: int = 1000
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     batch_size: int = 32
     seed: int = 42
 
 
-@dataclass
-class TppTask:
-    """Per split: activations, model-space latents and class labels of one task."""
-
-    name: str
-    classes: list[str]
-    x: dict[str, np.ndarray]
-    a: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
+# One task of TPP: a ProbeTask whose ``latents`` are model-space latents (times the input's
+# layer-norm std), as the effects and ablations need.
+TppTask = ProbeTask
 
 
 def tpp_task(
@@ -141,25 +125,23 @@ def tpp_task(
             idx[split], y[split] = balanced_one_vs_rest(task.labels[split], cls, rng)
         if min(len(y[s]) for s in SPLITS) == 0:
             raise UserError(f"class {cls!r} of task {task.name} has no rows in some split")
-        model, _, _ = fit_probe(
-            (task.x["train"][idx["train"]], y["train"]),
-            (task.x["val"][idx["val"]], y["val"]),
-            cfg.c_grid,
-            standardize=cfg.standardize,
-            max_iter=cfg.max_iter,
+        model, _, _ = fit(
+            cfg.probe,
+            (task.resid["train"][idx["train"]], y["train"]),
+            (task.resid["val"][idx["val"]], y["val"]),
         )
         w, _ = linear_probe_weights(model)
         effects[cls] = latent_effects(
-            task.a["train"][idx["train"]], y["train"], w, w_dec, clamp=cfg.clamp_mean_diff
+            task.latents["train"][idx["train"]], y["train"], w, w_dec, clamp=cfg.clamp_mean_diff
         )
         order[cls] = latent_order(effects[cls])
         probes[cls], idx_test[cls], y_test[cls] = model, idx["test"], y["test"]
-        clean[cls] = accuracy(model, task.x["test"][idx["test"]], y["test"])
+        clean[cls] = accuracy(model, task.resid["test"][idx["test"]], y["test"])
 
     def chosen(cls: str, n: int) -> np.ndarray:
         return order[cls][: n_selected(effects[cls], n, cfg.only_nonzero_effects)]
 
-    xt, at = task.x["test"], task.a["test"]
+    xt, at = task.resid["test"], task.latents["test"]
     ablated: dict[str, dict[str, dict[str, float]]] = {}
     n_ablated: dict[str, dict[str, int]] = {}
     per_n: dict[str, dict[str, float]] = {}
@@ -241,21 +223,14 @@ def _embedded_task(ctx: EvalContext, hook: str, cfg: Any) -> TppTask:
 
 
 def _hf_task(ctx: EvalContext, hook: str, name: str, cfg: Any) -> TppTask:
-    data = load_hf_task_texts(
-        name, cfg.train_set_size, cfg.val_set_size, cfg.test_set_size, cfg.seed, eval_name="tpp"
-    )
-    classes = [c for c in data["train"] if all(data[s].get(c) for s in SPLITS)][: cfg.max_classes]
-    x, a, labels = {}, {}, {}
-    for split in SPLITS:
-        texts = [t for c in classes for t in data[split][c]]
-        labels[split] = np.array([c for c in classes for _ in data[split][c]])
-        x[split], a[split] = pooled_text_features(
-            ctx.model.model, ctx.sae, hook, texts, cfg.context_length, cfg.batch_size,
-            model_space=True,
-        )  # fmt: skip
-    if len(classes) < 2:
+    t = hf_task(
+        ctx.model.model, ctx.sae, hook, name, (cfg.train_set_size, cfg.val_set_size,
+        cfg.test_set_size), context_length=cfg.context_length, batch_size=cfg.batch_size,
+        seed=cfg.seed, max_classes=cfg.max_classes, model_space=True, eval_name="tpp",
+    )  # fmt: skip
+    if len(t.classes) < 2:
         raise UserError(f"dataset {name!r} has fewer than 2 classes with data in every split")
-    return TppTask(name, classes, x, a, labels)
+    return t
 
 
 @register("tpp", schema=TppEvalConfig, summarize=summarize)
@@ -263,12 +238,12 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run TPP on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "tpp")
     assert ctx.sae is not None
-    source = resolve_source(cfg.data_source, ctx.model)
+    source = data_source(cfg.data_source, ctx.model)
     n_eff, capped = effective_n_values(cfg.n_values, ctx.sae.d_sae)
-    check_probe_cfg(cfg)
+    check_probe(cfg.probe)
     if cfg.max_classes < 2:
         raise UserError("eval.max_classes must be >= 2 (TPP compares a class with the others)")
-    hook = hook_of(ctx)
+    hook = sae_hook(ctx.sae, ctx.hook_name)
     if source == "embedded":
         tasks = [_embedded_task(ctx, hook, cfg)]
     else:

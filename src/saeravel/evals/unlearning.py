@@ -42,7 +42,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,16 +51,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saeravel.activations import (
+    counted_mask,
+    latent_firing_counts,
+    sae_dtype,
+    special_token_ids,
+)
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
-from saeravel.evals.autointerp import latent_firing_counts
-from saeravel.evals.core import counted_mask, dataset_texts, pack_token_batches, special_token_ids
 from saeravel.results import atomic_write_json
 from saeravel.saes.base import SAE
+from saeravel.taskdata import (
+    data_source,
+    dataset_error,
+    dataset_texts,
+    fact_texts,
+    pack_token_batches,
+    world_token_batches,
+)
 
 log = logging.getLogger(__name__)
 
-DATA_SOURCES = ("auto", "embedded", "hf")
 LETTERS = "ABCD"
 FORGET_CORPUS_HINT = (
     "the WMDP bio forget corpus is gated: request access at "
@@ -156,8 +167,7 @@ def clamp_hook(
     idx = torch.tensor(list(features), dtype=torch.long)
 
     def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        param = next(iter(sae.parameters()), None)
-        x = act.to(param.dtype) if param is not None else act
+        x = act.to(sae_dtype(sae, act.dtype))
         xn, stats = sae.normalize(x)
         f = sae.encode_normalized(xn)
         sel = f[..., idx.to(f.device)]
@@ -320,11 +330,11 @@ def load_mcq_rows(path: str, config: str | None, split: str) -> list[dict[str, A
     try:
         ds = datasets.load_dataset(path, config, split=split)
     except (OSError, ValueError, ConnectionError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UserError(
-            f"multiple-choice dataset {path} ({config}, split {split}) could not be loaded "
-            f"({type(exc).__name__}: {first}); on a machine with a network run this eval once "
-            "to cache it, then set HF_DATASETS_OFFLINE=1"
+        raise dataset_error(
+            f"multiple-choice dataset {path} ({config}, split {split})",
+            exc,
+            "on a machine with a network run this eval once to cache it, then set "
+            "HF_DATASETS_OFFLINE=1",
         ) from exc
     rows = [r for r in ds if len(r["choices"]) == len(LETTERS)]
     if not rows:
@@ -333,40 +343,6 @@ def load_mcq_rows(path: str, config: str | None, split: str) -> list[dict[str, A
 
 
 # ----------------------------------------------------------------------------- corpora
-
-
-def fact_texts(
-    world: Any,
-    cities: Sequence[str],
-    attributes: Sequence[str],
-    n: int,
-    facts_per_sequence: int,
-    seed: int,
-) -> list[str]:
-    """``n`` sequences of ``facts_per_sequence`` fact sentences about ``cities``."""
-    from saeravel.tiny_lm import fact_sentence
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(facts_per_sequence):
-            attr = rng.choice(list(attributes))
-            city = rng.choice(list(cities))
-            parts.append(fact_sentence(world, city, attr, rng.choice(world.templates[attr])))
-        out.append(" ".join(parts))
-    return out
-
-
-def text_batches(
-    tokenizer: Any, texts: Sequence[str], batch_size: int, n_ctx: int
-) -> Iterator[torch.Tensor]:
-    """BOS + tokens of ``texts``, right-padded, cut to ``n_ctx``."""
-    from saeravel.tiny_lm import encode_batch
-
-    for i in range(0, len(texts), batch_size):
-        toks, _ = encode_batch(tokenizer, list(texts[i : i + batch_size]), "cpu")
-        yield toks[:, :n_ctx]
 
 
 def read_forget_corpus(path: str | None, min_chars: int) -> list[str]:
@@ -473,7 +449,7 @@ def embedded_data(cfg: Any, lm: Any) -> UnlearningData:
         texts = fact_texts(
             world, cities, cfg.attributes, cfg.dataset_size, cfg.facts_per_sequence, cfg.seed + i
         )
-        corpus[kind] = list(text_batches(tok, texts, cfg.batch_size, n_ctx))
+        corpus[kind] = list(world_token_batches(tok, texts, cfg.batch_size, n_ctx))
     rng = random.Random(cfg.seed)
     questions = {
         cont: _cap(
@@ -649,18 +625,10 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     if sae is None:
         raise UserError("eval=unlearning needs an SAE; choose one with sae=... (not sae=none)")
     check_config(cfg, sae.d_sae)
-    choose("eval.data_source", cfg.data_source, DATA_SOURCES)
     lm = ctx.model
+    source = data_source(cfg.data_source, lm)
     if lm.tokenizer is None:
         raise UserError(f"model {lm.name} has no tokenizer; eval=unlearning needs one")
-    source = cfg.data_source
-    if source == "auto":
-        source = "embedded" if lm.world is not None else "hf"
-    if source == "embedded" and lm.world is None:
-        raise UserError(
-            f"eval.data_source=embedded needs the embedded model (model=tiny-city-lm); {lm.name} "
-            "has no city world: use eval.data_source=hf"
-        )
     data = embedded_data(cfg, lm) if source == "embedded" else hf_data(cfg, lm)
     special = special_token_ids(lm.tokenizer)
     pad_id = next(

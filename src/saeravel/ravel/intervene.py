@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saeravel.activations import resid_post_hook as hook_name
 from saeravel.ravel.prompts import Prompt, pad
 
 # ----------------------------------------------------------------------------- methods
@@ -201,10 +202,6 @@ class FixedIntervention(Intervention):
 def _pad_id(model: Any) -> int:
     tok = getattr(model, "tokenizer", None)
     return (tok.pad_token_id or 0) if tok is not None else 0
-
-
-def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from saeravel.activations import resid_post_hook as resid_post_hook  # re-exported
+
 LN_EPS = 1e-5
 _HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
 
@@ -31,11 +33,6 @@ def resid_layer_of_hook(hook_name: str, n_layers: int) -> int | None:
     if block >= n_layers:
         return None
     return block if kind == "post" else block - 1
-
-
-def resid_post_hook(layer: int) -> str:
-    """Canonical hook name of the residual stream after block ``layer``."""
-    return f"blocks.{layer}.hook_resid_post"
 
 
 @dataclass

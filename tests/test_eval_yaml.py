@@ -1,0 +1,84 @@
+"""The SAEBench evals' YAML files set no value: the schema dataclass is the one source of every
+default, and the YAML documents each key (with its default) in a comment."""
+
+import dataclasses
+import re
+from enum import Enum
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saeravel.evals.api import discover
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
+# ravel.yaml is not covered: its recipe options set values on purpose (conf/eval/recipe/).
+NOT_COVERED = {"ravel"}
+# Values a YAML may set although the dataclass has a default: none today. A value set here would
+# have to differ from the dataclass default on purpose (say why beside it).
+INTENTIONAL: dict[str, dict[str, object]] = {}
+YAMLS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem not in NOT_COVERED)
+_DOC = re.compile(r"^#( *)([A-Za-z_]\w*):(?: (.*?))?(?:\s{2,}.*)?$")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _documented(path: Path) -> dict[str, str | None]:
+    """``key -> documented default`` of every ``# key: value  what it does`` line (nested keys
+    as ``parent.key``)."""
+    out: dict[str, str | None] = {}
+    parent = None
+    for line in path.read_text().splitlines():
+        m = _DOC.match(line)
+        if not m:
+            continue
+        indent, key, value = len(m.group(1)), m.group(2), m.group(3)
+        if indent == 1:
+            parent = key
+            out[key] = value
+        elif indent == 3 and parent is not None:
+            out[f"{parent}.{key}"] = value
+    return out
+
+
+def test_every_saebench_eval_has_a_yaml():
+    names = set(discover()) - NOT_COVERED
+    assert names == set(YAMLS) and len(names) == 7
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_yaml_sets_no_value_and_documents_every_default(name):
+    schema = discover()[name].schema
+    defaults = _plain(dataclasses.asdict(schema()))
+    data = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    assert data.pop("defaults") == [f"schema_{name}", "_self_"]
+    extra = INTENTIONAL.get(name, {})
+    for key, value in data.items():
+        assert key in extra, (
+            f"{name}.yaml sets {key}={value!r}: "
+            + ("a duplicate of the dataclass default" if defaults.get(key) == value else
+               "a value the dataclass does not have; change the dataclass instead")
+        )  # fmt: skip
+    documented = _documented(CONF / f"{name}.yaml")
+    for field in dataclasses.fields(schema):
+        assert field.name in documented, f"{name}.yaml does not document {field.name}"
+        nested = defaults[field.name]
+        if isinstance(nested, dict) and dataclasses.is_dataclass(field.default_factory()):
+            for sub in nested:
+                assert f"{field.name}.{sub}" in documented, f"{name}.yaml: {field.name}.{sub}"
+    # the default written in each comment is the dataclass's (documentation cannot go stale)
+    for key, text in documented.items():
+        if not text or key.split(".")[0] not in defaults:
+            continue  # a block documented below its key, or prose such as the column header
+        want: object = defaults
+        for part in key.split("."):
+            want = want[part]  # type: ignore[index]
+        assert yaml.safe_load(text) == want, f"{name}.yaml documents {key}: {text}, not {want!r}"
