@@ -515,3 +515,60 @@ def hf_task(
             model, sae, hook_name, texts, context_length, batch_size, model_space=model_space
         )
     return ProbeTask(name, classes, resid, lat, labels)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """The classification tasks an eval asks for, in either world: ``attributes`` (embedded:
+    one task per city attribute, its ``max_classes`` most frequent values with
+    ``min_train_entities`` training cities) or ``dataset_names`` (hub: one task per SAEBench
+    probing dataset, ``sizes`` train/val/test texts, the first ``hub_max_classes`` classes)."""
+
+    attributes: Sequence[str]
+    dataset_names: Sequence[str]
+    max_classes: int
+    min_train_entities: int
+    sizes: tuple[int, int, int]
+    context_length: int
+    batch_size: int
+    seed: int
+    hub_max_classes: int | None = None
+    model_space: bool = False  # latents times the input's layer-norm std (see activations)
+    eval_name: str = "sparse_probing"
+
+
+def classification_tasks(
+    source: str, lm: Any, sae: Any, hook_name: str, req: TaskRequest
+) -> list[ProbeTask]:
+    """The tasks of ``req`` from the embedded world (``source == "embedded"``) or the hub."""
+    from tqdm.auto import tqdm
+
+    from saeravel.activations import model_space_latents
+
+    if source == EMBEDDED:
+        tasks = embedded_tasks(
+            lm.model, sae, hook_name, lm.world, req.attributes, req.max_classes,
+            req.min_train_entities, req.batch_size,
+        )  # fmt: skip
+        if req.model_space:
+            for t in tasks:
+                t.latents = {s: model_space_latents(sae, t.resid[s], t.latents[s]) for s in SPLITS}
+        return tasks
+    for name in req.dataset_names:
+        choose("probing dataset", name, HF_TASK_NAMES)
+    return [
+        hf_task(
+            lm.model,
+            sae,
+            hook_name,
+            name,
+            req.sizes,
+            context_length=req.context_length,
+            batch_size=req.batch_size,
+            seed=req.seed,
+            max_classes=req.hub_max_classes,
+            model_space=req.model_space,
+            eval_name=req.eval_name,
+        )  # fmt: skip
+        for name in tqdm(req.dataset_names, desc="probing datasets", leave=False)
+    ]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from saeravel.errors import UserError, choose
+from saeravel.errors import UserError
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.probing import (
     ProbeConfig,
@@ -38,14 +38,7 @@ from saeravel.probing import (
     fit,
     top_k_by_mean_difference,
 )
-from saeravel.taskdata import (
-    HF_TASK_NAMES,
-    SPLITS,
-    ProbeTask,
-    data_source,
-    embedded_tasks,
-    hf_task,
-)
+from saeravel.taskdata import SPLITS, ProbeTask, TaskRequest, classification_tasks, data_source
 
 log = logging.getLogger(__name__)
 
@@ -166,28 +159,17 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     source = data_source(cfg.data_source, lm)
     check_k_values(cfg.k_values, ctx.sae.d_sae, ctx.model.d_model)
     check_probe(cfg.probe)
-    if source == "embedded":
-        tasks = embedded_tasks(
-            lm.model, ctx.sae, ctx.hook_name, lm.world, cfg.attributes,
-            cfg.max_classes_per_task, cfg.min_train_entities, cfg.batch_size,
-        )  # fmt: skip
-    else:
-        for name in cfg.dataset_names:
-            choose("probing dataset", name, HF_TASK_NAMES)
-        sizes = (cfg.probe_train_set_size, cfg.probe_val_set_size, cfg.probe_test_set_size)
-        tasks = [
-            hf_task(
-                lm.model,
-                ctx.sae,
-                ctx.hook_name,
-                name,
-                sizes,
-                context_length=cfg.context_length,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-            )  # fmt: skip
-            for name in tqdm(cfg.dataset_names, desc="probing datasets", leave=False)
-        ]
+    request = TaskRequest(
+        attributes=cfg.attributes,
+        dataset_names=cfg.dataset_names,
+        max_classes=cfg.max_classes_per_task,
+        min_train_entities=cfg.min_train_entities,
+        sizes=(cfg.probe_train_set_size, cfg.probe_val_set_size, cfg.probe_test_set_size),
+        context_length=cfg.context_length,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    tasks = classification_tasks(source, lm, ctx.sae, ctx.hook_name, request)
     if not tasks:
         raise UserError("no probing task has enough data; lower eval.min_train_entities")
     rng = np.random.default_rng(cfg.seed)

@@ -24,7 +24,7 @@ records the rules the numbers were computed with.
 
 Data: the embedded model uses the city-token activation in every template, classes the
 most frequent values of ``attribute`` (default ``Continent``) with the world's entity split
-(:func:`saeravel.taskdata.embedded_tasks`); real models use SAEBench's datasets
+(:func:`saeravel.taskdata.classification_tasks`, the seam shared with sparse_probing); real models use SAEBench's datasets
 (bias in bios class set 1, Amazon reviews categories), mean-pooled over non-special tokens.
 
 Differences from SAEBench (SAEBench ``sae_bench/evals/scr_and_tpp``; default = SAEBench's
@@ -49,6 +49,7 @@ rule unless said otherwise):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from saeravel.activations import model_space_latents, require_decoder, sae_hook
+from saeravel.activations import require_decoder, sae_hook
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.probing import (
@@ -75,7 +76,14 @@ from saeravel.probing import (
     n_selected,
     nanmean,
 )
-from saeravel.taskdata import HF_TASKS, SPLITS, ProbeTask, data_source, embedded_tasks, hf_task
+from saeravel.taskdata import (
+    HF_TASKS,
+    SPLITS,
+    ProbeTask,
+    TaskRequest,
+    classification_tasks,
+    data_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,33 +214,6 @@ def summarize(metrics: dict) -> str:
     return "tpp: total metric " + (", ".join(shown) or "n/a")
 
 
-def _embedded_task(ctx: EvalContext, hook: str, cfg: Any) -> TppTask:
-    assert ctx.sae is not None
-    tasks = embedded_tasks(
-        ctx.model.model, ctx.sae, hook, ctx.model.world, [cfg.attribute], cfg.max_classes,
-        cfg.min_train_entities, cfg.batch_size,
-    )  # fmt: skip
-    if not tasks or len(tasks[0].classes) < 2:
-        raise UserError(
-            f"eval=tpp needs >= 2 {cfg.attribute} values with >= {cfg.min_train_entities} "
-            "training cities (and a val and a test city); lower eval.min_train_entities"
-        )
-    t = tasks[0]
-    a = {s: model_space_latents(ctx.sae, t.resid[s], t.latents[s]) for s in SPLITS}
-    return TppTask(f"embedded:{cfg.attribute}", t.classes, t.resid, a, t.labels)
-
-
-def _hf_task(ctx: EvalContext, hook: str, name: str, cfg: Any) -> TppTask:
-    t = hf_task(
-        ctx.model.model, ctx.sae, hook, name, (cfg.train_set_size, cfg.val_set_size,
-        cfg.test_set_size), context_length=cfg.context_length, batch_size=cfg.batch_size,
-        seed=cfg.seed, max_classes=cfg.max_classes, model_space=True, eval_name="tpp",
-    )  # fmt: skip
-    if len(t.classes) < 2:
-        raise UserError(f"dataset {name!r} has fewer than 2 classes with data in every split")
-    return t
-
-
 @register("tpp", schema=TppEvalConfig, summarize=summarize)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run TPP on the job's model, SAE and layer."""
@@ -244,15 +225,33 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     if cfg.max_classes < 2:
         raise UserError("eval.max_classes must be >= 2 (TPP compares a class with the others)")
     hook = sae_hook(ctx.sae, ctx.hook_name)
-    if source == "embedded":
-        tasks = [_embedded_task(ctx, hook, cfg)]
-    else:
+    if source != "embedded":
         for name in cfg.dataset_names:
             choose("TPP dataset", name, sorted(HF_TASKS))
-        tasks = [
-            _hf_task(ctx, hook, name, cfg)
-            for name in tqdm(cfg.dataset_names, desc="TPP datasets", leave=False)
-        ]
+    request = TaskRequest(
+        attributes=[cfg.attribute],
+        dataset_names=cfg.dataset_names,
+        max_classes=cfg.max_classes,
+        min_train_entities=cfg.min_train_entities,
+        sizes=(cfg.train_set_size, cfg.val_set_size, cfg.test_set_size),
+        context_length=cfg.context_length,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        hub_max_classes=cfg.max_classes,
+        model_space=True,
+        eval_name="tpp",
+    )
+    tasks = classification_tasks(source, ctx.model, ctx.sae, hook, request)
+    if source == "embedded":
+        if not tasks or len(tasks[0].classes) < 2:
+            raise UserError(
+                f"eval=tpp needs >= 2 {cfg.attribute} values with >= {cfg.min_train_entities} "
+                "training cities (and a val and a test city); lower eval.min_train_entities"
+            )
+        tasks = [dataclasses.replace(tasks[0], name=f"embedded:{cfg.attribute}")]
+    for t in tasks:
+        if len(t.classes) < 2:
+            raise UserError(f"dataset {t.name!r} has fewer than 2 classes with data in every split")
     rng = np.random.default_rng(cfg.seed)
     details = [
         tpp_task(t, w_dec, n_eff, cfg, rng) for t in tqdm(tasks, desc="TPP tasks", leave=False)
