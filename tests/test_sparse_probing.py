@@ -208,3 +208,27 @@ def test_yaml_matches_schema_and_is_commented():
         cfg = compose(config_name="config", overrides=["eval=sparse_probing"])
     assert OmegaConf.to_container(cfg.eval) == asdict(SparseProbingEvalConfig())
     # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.
+
+
+def test_hub_tasks_through_the_shared_seam(city, monkeypatch):
+    """classification_tasks on the hub side: the first hub_max_classes classes with data in
+    every split, one mean-pooled row per text, model-space latents when asked."""
+    from saeravel import taskdata
+    from saeravel.taskdata import TaskRequest, classification_tasks
+
+    cities = sorted(city.world.entities)
+    data = {
+        s: {c: [f"{x} is in the country of" for x in cities[i : i + 3]] for c, i in (("a", 0), ("b", 3), ("c", 6))}
+        for s in ("train", "val", "test")
+    }  # fmt: skip
+    data["val"].pop("b")
+    monkeypatch.setattr(taskdata, "load_hf_task_texts", lambda *a, **k: data)
+    req = TaskRequest(
+        attributes=[], dataset_names=["fancyzhx/ag_news"], max_classes=5, min_train_entities=1,
+        sizes=(6, 6, 6), context_length=8, batch_size=4, seed=0, hub_max_classes=2,
+        model_space=True,
+    )  # fmt: skip
+    [task] = classification_tasks("hf", city, make_sae(), HOOK0, req)
+    assert task.name == "fancyzhx/ag_news" and task.classes == ["a", "c"]
+    assert task.labels["train"].tolist() == ["a"] * 3 + ["c"] * 3
+    assert task.resid["test"].shape == (6, D) and task.latents["test"].shape == (6, 2 * D)

@@ -486,33 +486,21 @@ def embedded_tasks(
     return tasks
 
 
-def hf_task(
-    model: Any,
-    sae: Any,
-    hook_name: str,
-    name: str,
-    sizes: tuple[int, int, int],
-    *,
-    context_length: int,
-    batch_size: int,
-    seed: int,
-    max_classes: int | None = None,
-    model_space: bool = False,
-    eval_name: str = "sparse_probing",
-) -> ProbeTask:
-    """Mean-pooled features of one SAEBench probing dataset (``sizes``: train, val and test
-    texts; the first ``max_classes`` classes with data in every split; ``model_space``: see
-    :func:`~saeravel.activations.pooled_text_features`)."""
+def hf_task(model: Any, sae: Any, hook_name: str, name: str, req: TaskRequest) -> ProbeTask:
+    """Mean-pooled features of one SAEBench probing dataset: ``req.sizes`` train, val and
+    test texts, the first ``req.hub_max_classes`` classes with data in every split
+    (``req.model_space``: see :func:`~saeravel.activations.pooled_text_features`)."""
     from saeravel.activations import pooled_text_features
 
-    data = load_hf_task_texts(name, *sizes, seed, eval_name=eval_name)
-    classes = [c for c in data["train"] if all(data[s].get(c) for s in SPLITS)][:max_classes]
+    data = load_hf_task_texts(name, *req.sizes, req.seed, eval_name=req.eval_name)
+    classes = [c for c in data["train"] if all(data[s].get(c) for s in SPLITS)]
+    classes = classes[: req.hub_max_classes]
     resid, lat, labels = {}, {}, {}
     for split in SPLITS:
         texts = [t for c in classes for t in data[split][c]]
         labels[split] = np.array([c for c in classes for _ in data[split][c]])
         resid[split], lat[split] = pooled_text_features(
-            model, sae, hook_name, texts, context_length, batch_size, model_space=model_space
+            model, sae, hook_name, texts, req.context_length, req.batch_size, req.model_space
         )
     return ProbeTask(name, classes, resid, lat, labels)
 
@@ -557,18 +545,6 @@ def classification_tasks(
     for name in req.dataset_names:
         choose("probing dataset", name, HF_TASK_NAMES)
     return [
-        hf_task(
-            lm.model,
-            sae,
-            hook_name,
-            name,
-            req.sizes,
-            context_length=req.context_length,
-            batch_size=req.batch_size,
-            seed=req.seed,
-            max_classes=req.hub_max_classes,
-            model_space=req.model_space,
-            eval_name=req.eval_name,
-        )  # fmt: skip
+        hf_task(lm.model, sae, hook_name, name, req)
         for name in tqdm(req.dataset_names, desc="probing datasets", leave=False)
     ]
