@@ -16,17 +16,11 @@ import torch
 from saeravel.activations import model_space_latents
 from saeravel.errors import UserError
 from saeravel.evals.api import EvalContext
-from saeravel.evals.scr import (
-    ScrEvalConfig,
-    choose_embedded_pairs,
-    headline_direction,
-    ranking_scores,
-    run,
-    scr_score,
-)
+from saeravel.evals.scr import ScrEvalConfig, headline_direction, ranking_scores, run, scr_score
 from saeravel.models import LoadedModel
 from saeravel.probing import ProbeConfig, ablate, effective_n_values, latent_effects, top_latents
 from saeravel.saes.base import SAE, SAEIdentity
+from saeravel.taskdata import choose_embedded_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 64
@@ -356,7 +350,7 @@ def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
 
 def test_hf_dataset_offline_is_a_one_line_error():
     code = (
-        "from saeravel.evals.scr import load_paired_texts\n"
+        "from saeravel.taskdata import load_paired_texts\n"
         "from saeravel.errors import UserError\n"
         "for name, cell in (('LabHC/bias_in_bios_class_set1', ('professor', 'male')),\n"
         "                   ('canrager/amazon_reviews_mcauley_1and5', ('Books', '5.0'))):\n"
@@ -398,3 +392,30 @@ def test_yaml_matches_schema_and_is_commented():
             with pytest.raises(ConfigCompositionException):
                 compose(config_name="config", overrides=["eval=scr", bad])
     # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.
+
+
+def test_hub_pairs_through_the_shared_seam(planted, monkeypatch):
+    """paired_cells on the hub side: texts read once per dataset (a quarter of each size per
+    cell), then per pair the four cells' mean-pooled rows with both labels."""
+    from saeravel import taskdata
+    from saeravel.taskdata import PairRequest, paired_cells
+
+    cities = sorted(planted.world.entities)
+    calls = []
+
+    def fake(name, cells, n_train, n_val, n_test, seed):
+        calls.append((name, tuple(cells), n_train, n_val, n_test))
+        return {
+            s: {c: [f"{x} is a city" for x in cities[i : i + n]] for i, c in enumerate(cells)}
+            for s, n in (("train", n_train), ("val", n_val), ("test", n_test))
+        }
+
+    monkeypatch.setattr(taskdata, "load_paired_texts", fake)
+    pairs = [("p", "q", "m", "f"), ("r", "q", "m", "f")]
+    req = PairRequest(("Continent", "Language"), [0.5, 0.2, 0.3], (8, 4, 4), 8, 4, 0)
+    out = list(paired_cells("hf", planted, identity_sae(), HOOK0, [("ds", pairs)], req))
+    assert len(calls) == 1 and calls[0][2:] == (2, 1, 1)
+    assert [(n, p) for n, p, _ in out] == [("ds", pairs[0]), ("ds", pairs[1])]
+    data = out[1][2]
+    assert sorted(set(data.v1["train"])) == ["q", "r"] and len(data.v1["train"]) == 8
+    assert data.x["test"].shape == (4, D) and data.a["test"].shape == (4, identity_sae().d_sae)

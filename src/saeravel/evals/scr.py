@@ -79,7 +79,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,8 +89,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from saeravel.activations import (
-    model_space_latents,
-    pooled_text_features,
     require_decoder,
     sae_hook,
 )
@@ -110,8 +107,16 @@ from saeravel.probing import (
     n_selected,
     nanmean,
 )
-from saeravel.saes.base import SAE
-from saeravel.taskdata import SPLITS, data_source, dataset_error, entity_features, world_entities
+from saeravel.taskdata import (
+    PAIRED_DATASETS,
+    SPLITS,
+    CellData,
+    PairRequest,
+    choose_embedded_pairs,
+    data_source,
+    paired_cells,
+    world_entities,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,65 +153,6 @@ def option(value: Any, kind: type[Enum], name: str) -> Enum:
     text = value.value if isinstance(value, Enum) else str(value)
     choose(name, text, [m.value for m in kind])
     return kind(text)
-
-
-# LabHC/bias_in_bios: ``profession`` (ClassLabel, alphabetical) and ``gender`` (0 male, 1 female).
-BIOS_PROFESSIONS = (
-    "accountant", "architect", "attorney", "chiropractor", "comedian", "composer", "dentist",
-    "dietitian", "dj", "filmmaker", "interior_designer", "journalist", "model", "nurse",
-    "painter", "paralegal", "pastor", "personal_trainer", "photographer", "physician", "poet",
-    "professor", "psychologist", "rapper", "software_engineer", "surgeon", "teacher",
-    "yoga_teacher",
-)  # fmt: skip
-# canrager/amazon_reviews_mcauley_1and5 categories (SAEBench's integer codes); a row matches
-# a category by its name or by its code.
-AMAZON_CATEGORIES = (
-    "All_Beauty", "Toys_and_Games", "Cell_Phones_and_Accessories", "Industrial_and_Scientific",
-    "Gift_Cards", "Musical_Instruments", "Electronics", "Handmade_Products",
-    "Arts_Crafts_and_Sewing", "Baby_Products", "Health_and_Household", "Office_Products",
-    "Digital_Music", "Grocery_and_Gourmet_Food", "Sports_and_Outdoors", "Home_and_Kitchen",
-    "Subscription_Boxes", "Tools_and_Home_Improvement", "Pet_Supplies", "Video_Games",
-    "Kindle_Store", "Clothing_Shoes_and_Jewelry", "Patio_Lawn_and_Garden", "Unknown", "Books",
-    "Automotive", "CDs_and_Vinyl", "Beauty_and_Personal_Care", "Amazon_Fashion",
-    "Magazine_Subscriptions", "Software", "Health_and_Personal_Care", "Appliances",
-    "Movies_and_TV",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class PairedDatasetSpec:
-    """A Hugging Face dataset with two label columns; ``codes*`` map value names to stored codes."""
-
-    path: str
-    text: str
-    column1: str
-    column2: str
-    codes1: dict[str, str]
-    codes2: dict[str, str]
-    test_split: str = "test"
-
-
-_BIOS = PairedDatasetSpec(
-    "LabHC/bias_in_bios",
-    "hard_text",
-    "profession",
-    "gender",
-    {name: str(i) for i, name in enumerate(BIOS_PROFESSIONS)},
-    {"male": "0", "female": "1"},
-)
-PAIRED_DATASETS: dict[str, PairedDatasetSpec] = {
-    "LabHC/bias_in_bios_class_set1": _BIOS,
-    "LabHC/bias_in_bios_class_set2": _BIOS,
-    "LabHC/bias_in_bios_class_set3": _BIOS,
-    "canrager/amazon_reviews_mcauley_1and5": PairedDatasetSpec(
-        "canrager/amazon_reviews_mcauley_1and5",
-        "text",
-        "category",
-        "rating",
-        {name: str(i) for i, name in enumerate(AMAZON_CATEGORIES)},
-        {"1.0": "1.0", "5.0": "5.0"},
-    ),
-}
 
 
 def _bios_pairs() -> list[list[str]]:
@@ -283,24 +229,6 @@ def ranking_scores(effects: np.ndarray, ranking: Ranking | str) -> np.ndarray:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class CellData:
-    """Rows of one data source, per split: activations, model-space latents, both labels."""
-
-    x: dict[str, np.ndarray]
-    a: dict[str, np.ndarray]
-    v1: dict[str, np.ndarray]
-    v2: dict[str, np.ndarray]
-
-
-def _norm(value: Any) -> str:
-    """Numbers compare by value (``5``, ``5.0`` and ``"5.0"`` are equal), the rest as text."""
-    try:
-        return f"{float(value):g}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def check_pairs(name: str, pairs: Sequence[Sequence[str]], col2: Sequence[str]) -> None:
     """Class pairs of a dataset: two known values each."""
     spec = PAIRED_DATASETS[name]
@@ -315,144 +243,6 @@ def check_pairs(name: str, pairs: Sequence[Sequence[str]], col2: Sequence[str]) 
             raise UserError(f"eval.column1_vals_lookup[{name}] has {list(pair)}; need 2 values")
         for v in pair:
             choose(f"{spec.column1} value", v, spec.codes1)
-
-
-def _collect(
-    rows: Any, spec: PairedDatasetSpec, keys: dict[tuple[str, str], tuple[str, str]], n: int
-) -> dict[tuple[str, str], list[str]]:
-    out: dict[tuple[str, str], list[str]] = {cell: [] for cell in set(keys.values())}
-    full = 0
-    for row in rows:
-        cell = keys.get((_norm(row[spec.column1]), _norm(row[spec.column2])))
-        if cell is None or len(out[cell]) >= n:
-            continue
-        out[cell].append(row[spec.text])
-        full += len(out[cell]) == n
-        if full == len(out):
-            break
-    return out
-
-
-def load_paired_texts(
-    name: str, cells: Sequence[tuple[str, str]], n_train: int, n_val: int, n_test: int, seed: int
-) -> dict[str, dict[tuple[str, str], list[str]]]:
-    """``{split: {(value1, value2): texts}}``: up to ``n_*`` texts per cell; val is carved
-    from the training split, disjoint from train."""
-    import datasets
-
-    choose("SCR dataset", name, PAIRED_DATASETS)
-    spec = PAIRED_DATASETS[name]
-    try:
-        cols = [spec.text, spec.column1, spec.column2]
-        train_rows = datasets.load_dataset(spec.path, split="train").select_columns(cols)
-        test_rows = datasets.load_dataset(spec.path, split=spec.test_split).select_columns(cols)
-    except (OSError, ValueError, ConnectionError) as exc:
-        raise dataset_error(
-            f"dataset {spec.path!r} (for {name!r})",
-            exc,
-            "if it is not in the local Hugging Face datasets cache and the hub cannot be "
-            "reached: on a machine with a network run eval=scr once to cache it, then set "
-            "HF_DATASETS_OFFLINE=1; or use eval.data_source=embedded with model=tiny-city-lm",
-        ) from exc
-    keys = {}
-    for v1, v2 in cells:
-        for k1 in {_norm(v1), _norm(spec.codes1[v1])}:
-            for k2 in {_norm(v2), _norm(spec.codes2[v2])}:
-                keys[(k1, k2)] = (v1, v2)
-    trainval = _collect(train_rows.shuffle(seed=seed), spec, keys, n_train + n_val)
-    test = _collect(test_rows.shuffle(seed=seed), spec, keys, n_test)
-    for cell, texts in {**trainval, **test}.items():
-        if not texts:
-            raise UserError(f"dataset {spec.path!r} has no row with {spec.column1}, "
-                            f"{spec.column2} = {cell}")  # fmt: skip
-    return {
-        "train": {c: t[:n_train] for c, t in trainval.items()},
-        "val": {c: t[n_train:] for c, t in trainval.items()},
-        "test": test,
-    }
-
-
-def hf_cell_data(
-    model: Any, sae: SAE, hook: str, texts: dict[str, dict[tuple[str, str], list[str]]], cfg: Any
-) -> CellData:
-    """Mean-pooled activations and model-space latents of every text."""
-    data = CellData({}, {}, {}, {})
-    for split in SPLITS:
-        cells = list(texts[split])
-        flat = [t for c in cells for t in texts[split][c]]
-        data.x[split], data.a[split] = pooled_text_features(
-            model, sae, hook, flat, cfg.context_length, cfg.batch_size, model_space=True
-        )
-        data.v1[split] = np.array([c[0] for c in cells for _ in texts[split][c]])
-        data.v2[split] = np.array([c[1] for c in cells for _ in texts[split][c]])
-    return data
-
-
-def choose_embedded_pairs(
-    world: Any, attr1: str, attr2: str, min_cell: int, max_pairs: int
-) -> list[tuple[str, str, str, str]]:
-    """Up to ``max_pairs`` ``(a1, a2, b1, b2)`` whose four cells all have ``min_cell`` cities,
-    the largest smallest cell first; ``(a1, b1)`` and ``(a2, b2)`` are the biased cells, the
-    orientation whose smaller biased cell is larger."""
-    counts = Counter((e[attr1], e[attr2]) for e in world_entities(world).values())
-    vals1 = sorted({k[0] for k in counts})
-    vals2 = sorted({k[1] for k in counts})
-    candidates = []
-    for a1, a2 in itertools.combinations(vals1, 2):
-        for b1, b2 in itertools.combinations(vals2, 2):
-            cells = [counts[(a1, b1)], counts[(a2, b2)], counts[(a1, b2)], counts[(a2, b1)]]
-            if min(cells) < min_cell:
-                continue
-            if min(cells[2:]) > min(cells[:2]):
-                b1, b2 = b2, b1
-                cells = cells[2:] + cells[:2]
-            candidates.append(((-min(cells), -min(cells[:2])), (a1, a2, b1, b2)))
-    candidates.sort()
-    return [pair for _, pair in candidates[:max_pairs]]
-
-
-def split_cells(
-    world: Any,
-    attr1: str,
-    attr2: str,
-    cells: Sequence[tuple[str, str]],
-    fractions: Sequence[float],
-    seed: int,
-) -> dict[str, str]:
-    """Entity -> split, stratified within each cell (>= 1 city per split)."""
-    ents = world_entities(world)
-    out = {}
-    for cell in sorted(set(cells)):
-        names = sorted(e for e, a in ents.items() if (a[attr1], a[attr2]) == cell)
-        random.Random(f"{seed}-{cell}").shuffle(names)
-        n = len(names)
-        n_val = max(1, round(fractions[1] * n))
-        n_test = max(1, round(fractions[2] * n))
-        n_train = n - n_val - n_test
-        for i, e in enumerate(names):
-            out[e] = "train" if i < n_train else ("val" if i < n_train + n_val else "test")
-    return out
-
-
-def embedded_cell_data(
-    lm: Any, sae: SAE, hook: str, pairs: Sequence[tuple[str, str, str, str]], cfg: Any
-) -> CellData:
-    """City-token activations of every city in the cells of ``pairs``, in every template."""
-    attr1, attr2 = cfg.embedded_attributes
-    cells = [c for p in pairs for c in _cells(p)]
-    split = split_cells(lm.world, attr1, attr2, cells, cfg.entity_split_fractions, cfg.seed)
-    cities = sorted(split)
-    resid, lat, row_entity = entity_features(lm.model, sae, hook, lm.world, cities, cfg.batch_size)
-    a = model_space_latents(sae, resid, lat)
-    row_split = np.array([split[e] for e in row_entity])
-    v1 = np.array([lm.world.entities[e][attr1] for e in row_entity])
-    v2 = np.array([lm.world.entities[e][attr2] for e in row_entity])
-    return CellData(
-        {s: resid[row_split == s] for s in SPLITS},
-        {s: a[row_split == s] for s in SPLITS},
-        {s: v1[row_split == s] for s in SPLITS},
-        {s: v2[row_split == s] for s in SPLITS},
-    )
 
 
 def embedded_pairs(world: Any, cfg: Any) -> list[tuple[str, str, str, str]]:
@@ -504,11 +294,6 @@ def embedded_pairs(world: Any, cfg: Any) -> list[tuple[str, str, str, str]]:
 
 
 # ----------------------------------------------------------------------------- SCR proper
-
-
-def _cells(pair: Sequence[str]) -> list[tuple[str, str]]:
-    """The four (value1, value2) cells of ``(a1, a2, b1, b2)``."""
-    return [(pair[i], pair[j]) for i in (0, 1) for j in (2, 3)]
 
 
 def _balanced(
@@ -679,11 +464,9 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     details: list[dict[str, Any]] = []
     plan: list[tuple[str, list[tuple[str, str, str, str]]]] = []
     if source == "embedded":
-        name = "embedded:" + "x".join(cfg.embedded_attributes)
-        plan.append((name, embedded_pairs(ctx.model.world, cfg)))
-        data = embedded_cell_data(ctx.model, ctx.sae, hook, plan[0][1], cfg)
-        for pair in tqdm(plan[0][1], desc="SCR pairs", leave=False):
-            details.append({"dataset_name": name, **scr_pair(data, pair, w_dec, n_eff, cfg, rng)})
+        plan.append(
+            ("embedded:" + "x".join(cfg.embedded_attributes), embedded_pairs(ctx.model.world, cfg))
+        )
     else:
         for key in ("train_set_size", "val_set_size", "test_set_size"):
             if getattr(cfg, key) < 4:
@@ -698,18 +481,19 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
             col1, col2 = cfg.column1_vals_lookup[name], list(cfg.column2_vals_lookup[name])
             check_pairs(name, col1, col2)
             plan.append((name, [(p[0], p[1], col2[0], col2[1]) for p in col1]))
-        for name, pairs in tqdm(plan, desc="SCR datasets", leave=False):
-            texts = load_paired_texts(
-                name, sorted({c for p in pairs for c in _cells(p)}), cfg.train_set_size // 4,
-                cfg.val_set_size // 4, cfg.test_set_size // 4, cfg.seed,
-            )  # fmt: skip
-            for pair in tqdm(pairs, desc=f"SCR pairs ({name})", leave=False):
-                # Features per pair (its four cells only) bound the memory: rows x d_sae.
-                sub = {s: {c: texts[s][c] for c in _cells(pair)} for s in SPLITS}
-                data = hf_cell_data(ctx.model.model, ctx.sae, hook, sub, cfg)
-                details.append(
-                    {"dataset_name": name, **scr_pair(data, pair, w_dec, n_eff, cfg, rng)}
-                )
+    request = PairRequest(
+        attributes=tuple(cfg.embedded_attributes),
+        split_fractions=cfg.entity_split_fractions,
+        sizes=(cfg.train_set_size, cfg.val_set_size, cfg.test_set_size),
+        context_length=cfg.context_length,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
+    rows = paired_cells(source, ctx.model, ctx.sae, hook, plan, request)
+    for name, pair, data in tqdm(
+        rows, desc="SCR pairs", total=sum(len(p) for _, p in plan), leave=False
+    ):
+        details.append({"dataset_name": name, **scr_pair(data, pair, w_dec, n_eff, cfg, rng)})
     keys = metric_keys(cfg.n_values)
     metrics = {"scr_metrics": {k: nanmean([d["scores"][k] for d in details]) for k in keys}}
     undefined = {
