@@ -632,28 +632,19 @@ class PairedDatasetSpec:
     test_split: str = "test"
 
 
-_BIOS = PairedDatasetSpec(
-    "LabHC/bias_in_bios",
-    "hard_text",
-    "profession",
-    "gender",
-    {name: str(i) for i, name in enumerate(BIOS_PROFESSIONS)},
-    {"male": "0", "female": "1"},
-)
+def _codes(names: Sequence[str]) -> dict[str, str]:
+    return {name: str(i) for i, name in enumerate(names)}
 
 
+_BIOS = PairedDatasetSpec("LabHC/bias_in_bios", "hard_text", "profession", "gender",
+                          _codes(BIOS_PROFESSIONS), {"male": "0", "female": "1"})  # fmt: skip
+_AMAZON = PairedDatasetSpec("canrager/amazon_reviews_mcauley_1and5", "text", "category", "rating",
+                            _codes(AMAZON_CATEGORIES), {"1.0": "1.0", "5.0": "5.0"})  # fmt: skip
 PAIRED_DATASETS: dict[str, PairedDatasetSpec] = {
     "LabHC/bias_in_bios_class_set1": _BIOS,
     "LabHC/bias_in_bios_class_set2": _BIOS,
     "LabHC/bias_in_bios_class_set3": _BIOS,
-    "canrager/amazon_reviews_mcauley_1and5": PairedDatasetSpec(
-        "canrager/amazon_reviews_mcauley_1and5",
-        "text",
-        "category",
-        "rating",
-        {name: str(i) for i, name in enumerate(AMAZON_CATEGORIES)},
-        {"1.0": "1.0", "5.0": "5.0"},
-    ),
+    "canrager/amazon_reviews_mcauley_1and5": _AMAZON,
 }
 
 

@@ -228,19 +228,12 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     if source != "embedded":
         for name in cfg.dataset_names:
             choose("TPP dataset", name, sorted(HF_TASKS))
+    sizes = (cfg.train_set_size, cfg.val_set_size, cfg.test_set_size)
     request = TaskRequest(
-        attributes=[cfg.attribute],
-        dataset_names=cfg.dataset_names,
-        max_classes=cfg.max_classes,
-        min_train_entities=cfg.min_train_entities,
-        sizes=(cfg.train_set_size, cfg.val_set_size, cfg.test_set_size),
-        context_length=cfg.context_length,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        hub_max_classes=cfg.max_classes,
-        model_space=True,
-        eval_name="tpp",
-    )
+        [cfg.attribute], cfg.dataset_names, cfg.max_classes, cfg.min_train_entities, sizes,
+        cfg.context_length, cfg.batch_size, cfg.seed, hub_max_classes=cfg.max_classes,
+        model_space=True, eval_name="tpp",
+    )  # fmt: skip
     tasks = classification_tasks(source, ctx.model, ctx.sae, hook, request)
     if source == "embedded":
         if not tasks or len(tasks[0].classes) < 2:
