@@ -61,8 +61,36 @@ def test_unknown_key_added_with_plus_is_one_line(tmp_path):
 def test_unknown_group_option_lists_valid_choices(tmp_path):
     proc = _run(["sae=opneai_v5_32k"], tmp_path)
     assert proc.returncode != 0
-    assert "openai_v5_32k" in proc.stderr  # Hydra lists the available options
+    assert "openai_v5_32k" in proc.stderr  # the available options are listed
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "args,group,hint",
+    [
+        (["sae=no_such"], "sae", None),
+        (["model=gpt3"], "model", None),
+        (["eval=rave"], "eval", "ravel"),
+        (["logger=wandbb"], "logger", "wandb"),
+        (["sae=schema_trained"], "sae", "trained"),  # a schema is not an option
+        (["-m", "sae=jbloom,opneai_v5_32k", "layer=1"], "sae", "openai_v5_32k"),  # a sweep's list
+    ],
+)
+def test_unknown_group_option_is_one_line_with_the_real_options(tmp_path, args, group, hint):
+    proc = _run(args, tmp_path, timeout=60)
+    msg = _one_line_error(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1
+    value = next(a for a in args if a.startswith(f"{group}=")).split("=")[1].split(",")[-1]
+    assert msg.startswith(f"error: unknown {group} option {value!r}")
+    assert ("did you mean" in msg) == (hint is not None)
+    if hint:
+        assert f"(did you mean {hint!r}?)" in msg
+    assert msg.endswith("valid: " + ", ".join(_options(group)))
+    assert "schema" not in msg.split("; valid: ")[1] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -63,6 +64,50 @@ def test_layer_interpolates_into_the_sae():
 def test_typos_fail_at_composition(override):
     with pytest.raises(ConfigCompositionException):
         _compose([override])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.dtype=float33"],  # DType
+        ["model=planted-city-lm", "sae=planted", "model.basis=rotatd"],  # PlantedBasis
+        ["model=planted-city-lm", "sae=planted", "sae.dictionary=randm"],  # PlantedDictionary
+        ["logger=wandb", "logger.mode=onlin"],  # WandbMode
+        ["eval.protocol=ravell"],  # the eval's own StrEnum
+        ["sae.k=many"],  # an int field of the sae schema
+    ],
+)
+def test_enum_typos_fail_at_composition(overrides):
+    """The schemas still type every option after moving out of the option groups."""
+    with pytest.raises(ConfigCompositionException):
+        _compose(overrides)
+
+
+def test_schemas_are_not_options_of_any_group():
+    """The schemas are extended by absolute path (``/schema_<group>_<kind>@_here_``), in no
+    config group: a group's options (what --help, TAB completion and errors list) are its
+    YAML files only, and selecting a schema is an unknown option."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    from saeravel.config import unknown_option_error
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        groups = loader.get_group_options("", results_filter=ObjectType.GROUP)
+        assert "schema" not in groups
+        for group in ("model", "sae", "eval", "logger"):
+            assert loader.get_group_options(group) == _options(group)
+    for override in ("sae=schema_trained", "model=schema_embedded", "eval=schema_ravel"):
+        with pytest.raises(ConfigCompositionException):
+            _compose([override])
+        assert "unknown" in unknown_option_error([override], CONF)
+    assert unknown_option_error(["sae=jbloom", "model=gpt2-small", "layer=1"], CONF) is None
+    for path in sorted(CONF.glob("*/*.yaml")):
+        if path.parent.name in ("model", "sae", "eval", "logger"):
+            first = yaml.safe_load(path.read_text())["defaults"][0]
+            assert first.startswith(f"/schema_{path.parent.name}_"), path
+            assert first.endswith("@_here_"), path
 
 
 def test_wrong_type_fails_at_composition():
