@@ -130,3 +130,39 @@ def test_every_yaml_key_has_a_comment():
                 assert "#" in line or prev.startswith("#") or line.startswith(" "), (
                     f"{path.name}: {line}"
                 )
+
+
+LOCAL = """# @package _global_
+device: cuda
+seed: 7
+paths:
+  cache_dir: /shared/cache
+"""
+
+
+def test_optional_local_site_settings(tmp_path):
+    """``- optional local: default``: a conf/local/default.yaml is picked up when present (after
+    the config and the experiment, before the command line), and nothing happens without it."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf, ignore=shutil.ignore_patterns("local"))
+
+    def compose_in(overrides):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+
+    absent = compose_in([])
+    assert (absent.device, absent.seed) == ("auto", 0)
+    assert absent.paths.cache_dir != "/shared/cache"
+    (conf / "local").mkdir()
+    (conf / "local" / "default.yaml").write_text(LOCAL)
+    (conf / "local" / "other.yaml").write_text("# @package _global_\nseed: 9\n")
+    present = compose_in([])
+    assert (present.device, present.seed, present.paths.cache_dir) == ("cuda", 7, "/shared/cache")
+    assert compose_in(["seed=3"]).seed == 3  # the command line wins
+    assert compose_in(["experiment=paper_grid"]).device == "cuda"  # and over an experiment
+    assert compose_in(["local=other"]).seed == 9
+    (conf / "local" / "default.yaml").write_text("devise: cuda\n")  # a typo fails at composition
+    with pytest.raises(ConfigCompositionException):
+        compose_in([])
