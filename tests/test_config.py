@@ -34,7 +34,11 @@ def test_every_sae_composes(sae):
     extra = {
         "sae_lens": ["sae.release=gpt2-small-res-jb"],
         "local": ["sae.path=/nonexistent"],
-        "custom": ["sae.target=x.Y", "sae.hook_name=blocks.1.hook_resid_post", "sae.d_in=128"],
+        "custom": [
+            "sae.object._target_=x.Y",
+            "sae.hook_name=blocks.1.hook_resid_post",
+            "sae.d_in=128",
+        ],
     }.get(sae, [])
     cfg = _compose([f"sae={sae}", *extra])
     assert cfg.sae.layer == cfg.layer

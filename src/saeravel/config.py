@@ -173,11 +173,13 @@ class LocalSAEConfig(SAEConfig):
 
 @dataclass
 class CustomSAEConfig(SAEConfig):
-    """Any object with ``encode``/``decode``, built by ``target`` with ``kwargs``."""
+    """Any object with ``encode``/``decode``: ``object`` is a Hydra ``_target_`` node
+    (``sae.object._target_=mypkg.saes.MySAE``, its keyword arguments beside it), built by the
+    source after its checks (``_recursive_`` false: Hydra does not build it first)."""
 
     _target_: str = "saeravel.saes.loaders.CustomSource"
-    target: str = MISSING
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    _recursive_: bool = False
+    object: dict[str, Any] = field(default_factory=lambda: {"_target_": MISSING})
     hook_name: str = MISSING
     d_in: int = MISSING
 

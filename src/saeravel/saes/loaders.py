@@ -96,34 +96,47 @@ def _jsonable(value: Any) -> Any:
 # what each required (``???``) SAE field is, for the error when it is not given
 _FIELD_HINTS = {
     "path": "a saved sae_lens folder or an OpenAI sparse_autoencoder .pt file",
-    "target": "the import path of a class or factory, e.g. mypkg.saes.MySAE",
+    "_target_": "the import path of a class or factory, e.g. sae.object._target_=mypkg.saes.MySAE",
     "hook_name": "the hook it reads, e.g. blocks.5.hook_resid_post",
     "d_in": "its input width, the model's d_model",
     "release": "an sae_lens release name or regex",
 }
 
 
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """The ``???`` keys under ``node``, as paths relative to it (``object._target_``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    out = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            out.append(f"{prefix}{key}")
+        elif isinstance(value := node[key], DictConfig):
+            out += _missing_keys(value, f"{prefix}{key}.")
+    return out
+
+
 def build_sae_source(cfg: Any) -> Any:
-    """``hydra.utils.instantiate(cfg.sae)`` with one-line errors: a required field not given
-    (``???``) is named with what it should be, and a :class:`UserError` raised by a source's
-    constructor (which Hydra wraps in an ``InstantiationException``) is re-raised as is."""
+    """``saeravel.config.instantiate(cfg.sae)`` with one-line errors: a required field not given
+    (``???``) is named by its path with what it should be, a source constructor's
+    :class:`UserError` is itself (``instantiate`` unwraps it), any other failure one line."""
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    missing = sorted(k.rsplit(".", 1)[-1] for k in OmegaConf.missing_keys(cfg))
+    from saeravel.config import instantiate
+
+    missing = sorted(_missing_keys(cfg))
     if missing:
         family = cfg.get("family", "?") if not OmegaConf.is_missing(cfg, "family") else "?"
-        needs = "; ".join(f"sae.{k} ({_FIELD_HINTS.get(k, 'required')})" for k in missing)
+        needs = "; ".join(
+            f"sae.{k} ({_FIELD_HINTS.get(k.rsplit('.', 1)[-1], 'required')})" for k in missing
+        )
         raise UserError(f"SAE {family} needs {needs}")
     try:
         return instantiate(cfg)
     except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
         raise UserError(
-            f"SAE {cfg.get('family', '?')}: {_first_line(cause or exc, limit=300)}"
+            f"SAE {cfg.get('family', '?')}: {_first_line(exc.__cause__ or exc, limit=300)}"
         ) from exc
 
 
@@ -995,51 +1008,58 @@ def import_object(path: str) -> Any:
 
 
 class CustomSource:
-    """Any object with ``encode``/``decode``: ``target(**kwargs)``, wrapped in :class:`CustomSAE`.
+    """Any object with ``encode``/``decode``, built by Hydra's own ``_target_`` from the
+    ``sae.object`` node (``sae.object._target_=mypkg.saes.MySAE +sae.object.d_sae=4096``; nested
+    ``_target_``s, ``_args_`` and ``_partial_`` work as anywhere in Hydra) and wrapped in
+    :class:`CustomSAE`.
 
     The target is imported in the constructor; the object is built and probed with a zero
     input of width ``d_in`` by :meth:`required_model_kwargs`, i.e. before the model loads.
+    (``sae=custom``'s schema sets ``_recursive_: false``, so Hydra hands the node to this source
+    instead of building the user's object before these checks.)
     """
 
     def __init__(
         self,
         family: str,
         layer: int,
-        target: str,
-        kwargs: Mapping[str, Any] | None = None,
+        object: Mapping[str, Any] | None = None,  # noqa: A002 (the config key)
         hook_name: str = "",
         d_in: int = 0,
     ) -> None:
         self.family = family
         self.layer = int(layer)
-        self.target = str(target or "").strip()
-        self.kwargs = dict(_plain(kwargs) or {})
+        self.object = dict(_plain(object) or {})
+        self.target = str(self.object.get("_target_") or "").strip()
+        self.kwargs = {k: v for k, v in self.object.items() if k != "_target_"}
         self.hook_name = hook_name
         self.d_in = int(d_in)
         if not self.target:
             raise UserError(
-                "sae=custom needs sae.target, the import path of a class or factory "
-                "(e.g. sae.target=mypkg.saes.MySAE)"
+                "sae=custom needs sae.object._target_, the import path of a class or factory "
+                "(e.g. sae.object._target_=mypkg.saes.MySAE)"
             )
+        self.object["_target_"] = self.target
         if self.d_in < 1:
             raise UserError(f"sae.d_in={self.d_in}: the custom SAE's input width must be >= 1")
-        self._factory = self._import()
-        self._sae: CustomSAE | None = None
-
-    def _import(self) -> Any:
-        factory = import_object(self.target)
+        factory = import_object(self.target)  # one line naming what is missing
         if not callable(factory):
             raise UserError(f"custom SAE target {self.target!r} is a {type(factory).__name__}")
-        return factory
+        self._sae: CustomSAE | None = None
 
     def _build(self) -> CustomSAE:
+        from hydra.errors import InstantiationException
+
+        from saeravel.config import instantiate
+
         if self._sae is not None:
             return self._sae
         try:
-            obj = self._factory(**self.kwargs)
-        except Exception as exc:  # the user's constructor: any exception
+            obj = instantiate(self.object)
+        except InstantiationException as exc:  # the user's constructor raised
             raise UserError(
-                f"custom SAE {self.target}(**{self.kwargs}) raised {_first_line(exc)}"
+                f"custom SAE {self.target}(**{self.kwargs}) raised "
+                f"{_first_line(exc.__cause__ or exc)}"
             ) from None
         for name in ("encode", "decode"):
             if not callable(getattr(obj, name, None)):
