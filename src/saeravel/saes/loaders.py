@@ -455,6 +455,71 @@ class SaeLensSource:
             self._sae = load_pretrained_sae_lens(*self.resolve())
         return self._sae
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Its files in the release's Hugging Face repo: sae_lens' own layout (cfg.json,
+        weights, optional sparsity) file by file; other layouts by one load through sae_lens,
+        which caches what it reads. ``verify`` loads it offline."""
+        from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        from saeravel.offline import Need, hub_cache, hub_endpoint, hub_offline_mode, repo_cache
+
+        release, sae_id = self.resolve()
+        directory = get_pretrained_saes_directory()
+        if release not in directory or sae_id not in directory[release].saes_map:
+            raise UserError(f"sae_lens has no SAE {sae_id!r} in release {release!r}")
+        lookup = directory[release]
+        repo, path = lookup.repo_id, lookup.saes_map[sae_id]
+        native = lookup.conversion_func in (None, "sae_lens")
+        needed = [f"{path}/{SAE_CFG_FILENAME}", f"{path}/{SAE_WEIGHTS_FILENAME}"]
+        optional = f"{path}/{SPARSITY_FILENAME}"
+
+        def load() -> None:
+            load_pretrained_sae_lens(release, sae_id)
+
+        def check() -> list[Path]:
+            from huggingface_hub import try_to_load_from_cache
+
+            if not native:
+                with hub_offline_mode():
+                    load()
+                return [repo_cache(repo)]
+            paths = []
+            for filename in [*needed, optional]:
+                got = try_to_load_from_cache(repo, filename)
+                if isinstance(got, str):
+                    paths.append(Path(got))
+                elif filename != optional:
+                    raise UserError(f"{filename} of {repo} is not in the Hugging Face cache")
+            return paths
+
+        def fetch() -> list[Path]:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            if not native:
+                load()
+                return [repo_cache(repo)]
+            paths = [Path(hf_hub_download(repo, f)) for f in needed]
+            try:
+                paths.append(Path(hf_hub_download(repo, optional)))
+            except EntryNotFoundError:
+                pass  # not every SAE has a sparsity file; sae_lens does without it
+            return paths
+
+        def verify() -> None:
+            with hub_offline_mode():
+                load()
+
+        endpoint = hub_endpoint()
+        where = f"{path}/" if native else f"{path} (via sae_lens)"
+        return [
+            Need(
+                "sae_lens", f"{release} {sae_id}", f"{endpoint}/{repo} {where}",
+                str(hub_cache()), check, fetch, verify, hosts=(endpoint,),
+            )
+        ]  # fmt: skip
+
     def required_model_kwargs(self) -> dict[str, Any]:
         """The SAE's ``cfg.metadata.model_from_pretrained_kwargs`` ({} = TL defaults)."""
         return _sae_lens_model_kwargs(self._sae_lens())
@@ -587,6 +652,37 @@ class ApolloWandbSource:
             log.warning("unreadable download marker %s; downloading again", marker)
             return None
         return ckpt if ckpt.is_file() else None
+
+    def cached_checkpoint(self) -> Path | None:
+        """The run's latest checkpoint if it is in the cache (no network), else None."""
+        return self._cached(self.run_dir())
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """The run's config and latest checkpoint in ``cache_dir/apollo/<run>`` (fetching
+        needs WANDB_API_KEY; with it, the wandb host is probed first)."""
+        from saeravel.offline import Need
+
+        run_path = f"{self.project}/{self.run_id()}"
+        dest = self.run_dir()
+
+        def check() -> list[Path]:
+            ckpt = self.cached_checkpoint()
+            if ckpt is None:
+                hint = (
+                    "" if os.environ.get("WANDB_API_KEY") else "; fetching it needs WANDB_API_KEY"
+                )
+                raise UserError(f"not in the cache ({dest}){hint}")
+            return [ckpt.parent]
+
+        hosts = ()
+        if os.environ.get("WANDB_API_KEY"):  # without it, fetch fails at once with the route
+            hosts = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai",)
+        return [
+            Need(
+                "apollo", run_path, f"wandb {run_path}", str(dest), check,
+                lambda: [self.fetch().parent], hosts=hosts,
+            )
+        ]  # fmt: skip
 
     def fetch(self) -> Path:
         """Path of the latest checkpoint, downloading the run's files on first use."""
@@ -914,6 +1010,13 @@ class LocalSource:
         self._d_in = int(state_dict["encoder.weight"].shape[1])
         self._checked = True
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing to fetch: it is read from disk at run time."""
+        from saeravel.offline import Skip
+
+        where = "" if self.path.exists() else " (it does not exist here)"
+        return [Skip(f"sae={self.family}", f"read from disk at run time: {self.path}{where}")]
+
     def known_d_in(self) -> int | None:
         """The SAE's input width from its file (after :meth:`check`), else None."""
         return self._d_in
@@ -1094,6 +1197,13 @@ class CustomSource:
         self._sae = CustomSAE(obj, d_in=self.d_in, hook_name=self.hook_name, identity=identity)
         return self._sae
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing to fetch: user code builds it."""
+        from saeravel.offline import Skip
+
+        why = f"built by user code ({self.target}), nothing to download"
+        return [Skip(f"sae={self.family}", why)]
+
     def known_d_in(self) -> int:
         """``sae.d_in`` (probed against the object by :meth:`required_model_kwargs`)."""
         return self.d_in
@@ -1121,6 +1231,12 @@ class NoSource:
     def required_model_kwargs(self) -> dict[str, Any]:
         """{}: TL defaults."""
         return {}
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing."""
+        from saeravel.offline import Skip
+
+        return [Skip(f"sae={self.family}", "no SAE")]
 
     def load(self, model: LoadedModel) -> SAE | None:
         """None."""
