@@ -111,3 +111,37 @@ def test_default_job_end_to_end(tmp_path):
         assert m["baselines"]["swap"][attr]["cause"] >= 0.9
         assert set(m["ravel"]) >= {"sae", "neurons", "das"}
     assert "disentangle" in proc.stdout + proc.stderr  # the summary table is printed
+
+
+TOY_SAE = """
+import torch
+
+
+class Toy:
+    def __init__(self, d_in, d_sae, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+
+    def encode(self, x):
+        return torch.relu(x @ self.W)
+
+    def decode(self, f):
+        return f @ self.W.T
+"""
+
+
+def test_custom_sae_through_hydras_target(tmp_path):
+    """sae=custom builds the user's object from its _target_ node (kwargs beside it) and the
+    job runs with it; the result records the target and its arguments."""
+    (tmp_path / "toy_sae.py").write_text(TOY_SAE)
+    args = ["model=planted-city-lm", "eval=core", "sae=custom", "sae.object._target_=toy_sae.Toy",
+            "+sae.object.d_in=80", "+sae.object.d_sae=160", "sae.hook_name=blocks.0.hook_resid_post",
+            "sae.d_in=80", "eval.n_eval_reconstruction_batches=1",
+            "eval.n_eval_sparsity_variance_batches=1"]  # fmt: skip
+    path = os.pathsep.join([str(ROOT / "src"), str(tmp_path)])
+    proc = _run(args, tmp_path, env={"PYTHONPATH": path}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((tmp_path / "out" / "result.json").read_text())
+    extra = rec["saeravel"]["sae_identity"]["extra"]
+    assert extra == {"target": "toy_sae.Toy", "kwargs": {"d_in": 80, "d_sae": 160}}
+    assert rec["eval_result_metrics"]["sparsity"]["l0"] > 0

@@ -5,8 +5,8 @@ group: ``--help``, TAB completion and Hydra's errors list every group and its op
 schema inside a group (``sae/schema_trained`` or a ``schema/sae`` group) would be listed as if
 it were an option. Each YAML option in ``conf/<group>/`` extends its schema from its defaults
 list (``- /schema_sae_trained@_here_``: the absolute path, merged at the option's own
-package), so a misspelt key or Enum value in a YAML file or on the
-command line fails when the config is composed, not an hour into a job.
+package), so a misspelt key or Enum value in a YAML file or on the command line fails when
+the config is composed, not an hour into a job.
 """
 
 from __future__ import annotations
