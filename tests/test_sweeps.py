@@ -240,18 +240,18 @@ def test_launcher_configs_compose(launcher: str, target: str) -> None:
 
 
 def test_site_override_from_conf_local(tmp_path: Path) -> None:
-    """A git-ignored conf/local/site.yaml, selected with +local=site, sets cluster fields."""
+    """A git-ignored conf/local/site.yaml, selected with local=site, sets cluster fields."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf, ignore=shutil.ignore_patterns("local"))
     (conf / "local").mkdir()
     shutil.copy(REPO / "launchers" / "site.example.yaml", conf / "local" / "site.yaml")
-    cfg = _compose(["hydra/launcher=slurm", "+local=site"], conf_dir=conf, hydra_cfg=True)
+    cfg = _compose(["hydra/launcher=slurm", "local=site"], conf_dir=conf, hydra_cfg=True)
     assert cfg.hydra.launcher.partition == "cpu"
     assert cfg.hydra.launcher.setup == ["source ~/venvs/saeravel/bin/activate"]
     assert cfg.hydra.launcher.timeout_min == 120
     # The command line still wins over the site file.
     cfg = _compose(
-        ["hydra/launcher=slurm", "+local=site", "hydra.launcher.partition=gpu"],
+        ["hydra/launcher=slurm", "local=site", "hydra.launcher.partition=gpu"],
         conf_dir=conf,
         hydra_cfg=True,
     )

@@ -92,7 +92,7 @@ def check_known_keys(cfg: DictConfig) -> None:
     """Every key of a schema-typed node must be a field of its schema. Hydra's ``+`` adds any
     key, even to a typed node (``+eval.epoch=2`` would run the default 20 epochs): a one-line
     :class:`UserError` naming the key and its closest valid names. Free-form dict fields
-    (``model.from_pretrained_kwargs``, ``sae.kwargs``) take any key."""
+    (``model.from_pretrained_kwargs``, ``sae.object``) take any key."""
 
     def walk(node: DictConfig, prefix: str) -> None:
         schema = OmegaConf.get_type(node)
