@@ -65,6 +65,28 @@ def test_unknown_group_option_lists_valid_choices(tmp_path):
     assert not (tmp_path / "out" / "result.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval.method=dsa"], "eval.method=dsa: Invalid value 'dsa', expected one of [sae,"),
+        (["eval.protocol=ravl"], "eval.protocol=ravl: Invalid value 'ravl'"),
+        (["eval.match=prefx"], "eval.match=prefx: Invalid value 'prefx'"),
+        (["eval.optimizer=adm"], "eval.optimizer=adm: Invalid value 'adm'"),
+        (["eval.epochs=abc"], "eval.epochs=abc: Value 'abc' of type 'str' could not be converted"),
+        (["eval.epoch=3"], "Key 'epoch' not in 'RavelEvalConfig'"),
+        # every value of a sweep is checked, not just the first
+        (["-m", "eval.method=das,dsa"], "eval.method=dsa: Invalid value 'dsa'"),
+    ],
+    ids=["method", "protocol", "match", "optimizer", "int", "key", "sweep"],
+)
+def test_bad_value_is_one_line_before_anything_loads(tmp_path, args, expected):
+    """Hydra's own message for a value the schema rejects is 5 lines and exit 1; ours is one
+    line, exit 2, before any model loads (no run folder, no log)."""
+    msg = _one_line_error(_run(args, tmp_path))
+    assert expected in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 

@@ -358,7 +358,8 @@ _HYDRA_FLAGS_WITH_OWN_SEARCH_PATH = (
 def unknown_option_error(argv: Sequence[str], conf_dir: str | Path) -> str | None:
     """The first command-line choice of a config group that is not one of the group's options
     (``sae=no_such``, ``model=gpt3``, ``eval=rave,ravel``), as one line naming the group's real
-    options with a "did you mean"; None if every choice exists.
+    options with a "did you mean"; then the first value or key the schemas reject
+    (``eval.method=dsa``); None if all is well.
 
     Checked through Hydra's public API (its override parser and the config loader's group
     options, ConfigStore groups included) before ``hydra.main`` composes, whose own message is
@@ -407,12 +408,51 @@ def unknown_option_error(argv: Sequence[str], conf_dir: str | Path) -> str | Non
                     choose(f"{group} option", value, options)
                 except UserError as exc:
                     return str(exc)
+        return _value_error(overrides)
+    return None
+
+
+def _value_error(overrides: Sequence[Any]) -> str | None:
+    """Compose the job (each value of a sweep in turn) and return Hydra's complaint about a
+    value or a key (``eval.method=dsa``: not one of the Enum's members) as one line, or None."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def line(o: Any, value: Any) -> str:
+        return f"{o.get_key_element()}={value}"
+
+    base = []
+    for o in overrides:
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+        except HydraException:
+            return None  # glob(), range(): left to Hydra's sweeper
+        base.append([line(o, v) for v in values] if values is not None else [o.input_line])
+    jobs = [[vs[0] for vs in base]]
+    jobs += [
+        [*(vs[0] for vs in base[:i]), v, *(vs[0] for vs in base[i + 1 :])]
+        for i, vs in enumerate(base)
+        for v in vs[1:]
+    ]
+    for job in jobs:
+        try:
+            compose("config", overrides=job, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as exc:
+            cause = exc.__cause__ or exc
+            what = (
+                str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            )
+            head = str(exc).strip().splitlines()[0] if cause is not exc else ""
+            bad = head.removeprefix("Error merging override ").strip().rstrip(".")
+            return f"{bad}: {what}" if bad and bad != what else what
     return None
 
 
 def exit_on_unknown_option(argv: Sequence[str], conf_dir: str | Path) -> None:
-    """``run.py``'s check before Hydra composes: an unknown option of a config group is one
-    line on stderr and exit code 2 (the exit code of every other bad input)."""
+    """``run.py``'s check before Hydra composes: an unknown option of a config group, or a value
+    or key the schema rejects (each value of a sweep), is one line on stderr and exit code 2
+    (the exit code of every other bad input)."""
     if (message := unknown_option_error(argv, conf_dir)) is not None:
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
