@@ -169,3 +169,13 @@ def test_mdas_on_one_attribute_trains_exactly_as_das():
             opt.step()
     assert torch.allclose(das.rot.weight, mdas.rot.weight, atol=1e-6)
     assert torch.allclose(das.mask.param, mdas.masks["Country"].param, atol=1e-6)
+
+
+def test_fixed_basis_ignores_float32_noise_directions():
+    """A float32 projector of rank 3 (noise singular values ~1e-7): the swap is that rank-3
+    projection, not a near-identity from inverting the noise."""
+    q, _ = torch.linalg.qr(torch.randn(10, 3))
+    P = (q @ q.T).float()
+    swap = BasisSwap(P)
+    assert swap.rank() == 3
+    assert torch.allclose(swap.projector, P, atol=1e-5)

@@ -291,13 +291,17 @@ def rank_latents_by_probe(
 class BasisSwap(Intervention):
     """A given basis, no fitting: swap the source's component in the span of ``basis`` [k, d]
     (rows need not be orthonormal): ``b + (s - b) P`` with ``P`` the orthogonal projector onto
-    the row space (``pinv(B) B``). The identity basis swaps everything; rows ``e_i`` for
-    ``i`` in S equal the neuron swap on S."""
+    the row space (``pinv(B) B``). Singular values below ``rtol`` times the largest count as
+    zero (a float32 file holding a projector has noise singular values ~1e-7 that an exact
+    pseudo-inverse would blow up into extra swapped directions). The identity basis swaps
+    everything; rows ``e_i`` for ``i`` in S equal the neuron swap on S."""
+
+    RTOL = 1e-4
 
     def __init__(self, basis: torch.Tensor) -> None:
         super().__init__()
         B = basis.double()
-        P = torch.linalg.pinv(B) @ B
+        P = torch.linalg.pinv(B, rtol=self.RTOL) @ B
         self.register_buffer("projector", P.float())
         self.register_buffer("basis", basis.float().clone())
 
@@ -305,4 +309,4 @@ class BasisSwap(Intervention):
         return b + (s - b) @ self.projector.to(b.dtype)
 
     def rank(self) -> int:
-        return int(torch.linalg.matrix_rank(self.basis.double()))
+        return int(torch.linalg.matrix_rank(self.basis.double(), rtol=self.RTOL))
