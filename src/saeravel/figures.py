@@ -160,6 +160,7 @@ def ravel_layer_figure(
                 by_layer: dict[int, tuple[float, float, float, int]] = {}
                 for layer in sorted({int(r["layer"]) for r in mine}):
                     by_layer[layer] = point([r for r in mine if r["layer"] == layer], score)
+                ref = is_reference(method_of[lab])
                 shift = (k - (len(labels) - 1) / 2) * dx
                 xs = [g + shift for g in grid]
                 ys = _on_grid(grid, {lay: p[0] for lay, p in by_layer.items()})
@@ -169,7 +170,8 @@ def ravel_layer_figure(
                     ax.errorbar(
                         [e[0] for e in err], [e[1] for e in err],
                         yerr=[[e[2] for e in err], [e[3] for e in err]],
-                        fmt="none", ecolor=styles[lab]["color"], elinewidth=1, capsize=2.5,
+                        fmt="none", ecolor=styles[lab]["color"], capsize=2.5,
+                        elinewidth=0.8 if ref else 1.1, alpha=0.45 if ref else 0.9,
                     )  # fmt: skip
             base_col = "baseline" if score == "disentangle" else f"baseline_{score}"
             base = {

@@ -630,9 +630,10 @@ def attach_l0(table: Table, core: Table | None) -> str:
             own += 1
         r["l0"] = v
     missing = len(table.rows) - own - joined
+    hint = " (run eval=core for those SAEs)" if missing else ""
     return (
         f"L0: {own} rows from their own record, {joined} from eval=core's record of the same "
-        f"model, layer and SAE, {missing} without (run eval=core for those SAEs)"
+        f"model, layer and SAE, {missing} without{hint}"
     )
 
 
