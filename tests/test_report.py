@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from saeravel import report
+from saeravel import figures, report
 from saeravel.results import atomic_write_json, build_record, job_hash
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -212,6 +212,18 @@ def test_ravel_figure_has_attribute_panels_gaps_error_bars_and_reference_styles(
     assert "split=entity" in title
 
 
+def test_a_reference_method_under_two_saes_is_one_seed(tmp_path: Path) -> None:
+    """famA and famB jobs at layer 0 share seed 0: their DAS result is one measurement, so
+    its error bar is the bootstrap interval, not a zero std over two copies."""
+    ax = _ravel_sweep(tmp_path).figures["ravel_vs_layer.png"].axes[0]
+    grey = matplotlib.colors.to_rgb(_line(ax, "das").get_color())
+    das = [c for c in ax.containers if tuple(c.lines[2][0].get_colors()[0][:3]) == grey]
+    assert len(das) == 1
+    seg = next(s for s in das[0].lines[2][0].get_segments() if s[0][0] < 0.5)  # layer 0
+    assert seg[1][1] - seg[0][1] == pytest.approx(0.07)
+    assert figures.SEED_COLUMNS == report.SEED_KEYS
+
+
 def test_no_intervention_baseline_is_visible_with_one_layer(tmp_path: Path) -> None:
     rec = _ravel_record("famA", 2)
     atomic_write_json(tmp_path / "a" / "result.json", rec, strict=True)
@@ -348,3 +360,12 @@ def test_core_and_sparse_probing_get_headline_first_tables_and_l0_figures(
     fam_a = next(c.lines[0] for c in sp_ax.containers if c.get_label() == "famA")
     assert list(fam_a.get_ydata()) == [0.7, 0.8, 0.9]  # joined to core's L0 per SAE
     assert "3 from eval=core" in rep.markdown or "5 from eval=core" in rep.markdown
+
+
+def test_seed_identity_ignores_sae_seeds_only_for_reference_methods() -> None:
+    def row(method: str | None, sae_seed: int) -> dict[str, Any]:
+        return {"method": method, "seed": 0, "sae.seed": sae_seed}
+
+    assert figures.seed_of(row("das", 1)) == figures.seed_of(row("das", 2))
+    assert figures.seed_of(row("sae", 1)) != figures.seed_of(row("sae", 2))
+    assert figures.seed_of(row(None, 1)) != figures.seed_of(row(None, 2))  # core etc.

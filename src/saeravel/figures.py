@@ -54,11 +54,27 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return out
 
 
+SEED_COLUMNS = ("seed", "model.train_seed", "sae.seed", "eval.seed")  # report.SEED_KEYS
+
+
+def seed_of(row: Mapping[str, Any]) -> tuple:
+    """The seed identity of a row: a reference method's result does not depend on the SAE, so
+    its ``sae.*`` seeds are left out (the same DAS job under two SAEs is one seed)."""
+    method = row.get("method")  # None: a row of an SAE eval (core, ...), the SAE's own seed
+    ref = method is not None and is_reference(str(method))
+    keys = [k for k in SEED_COLUMNS if not (ref and k.startswith("sae."))]
+    return tuple(str(row.get(k)) for k in keys)
+
+
 def point(rows: Sequence[Mapping[str, Any]], score: str) -> tuple[float, float, float, int]:
-    """(mean, lower error, upper error, n seeds) of ``score`` over ``rows`` (one per seed):
-    the seeds' standard deviation when there are two or more, else the row's bootstrap
-    interval (``<score>_lo`` / ``<score>_hi``), else no error bar (NaN)."""
-    vals = _finite([r.get(score) for r in rows])
+    """(mean, lower error, upper error, n seeds) of ``score`` over ``rows``: rows of one seed
+    (:func:`seed_of`) are averaged first; then the seeds' standard deviation when there are
+    two or more, else the row's bootstrap interval (``<score>_lo`` / ``<score>_hi``), else no
+    error bar (NaN)."""
+    by_seed: dict[tuple, list[float]] = {}
+    for r in rows:
+        by_seed.setdefault(seed_of(r), []).extend(_finite([r.get(score)]))
+    vals = [sum(v) / len(v) for v in by_seed.values() if v]
     if not vals:
         return math.nan, math.nan, math.nan, 0
     mean = sum(vals) / len(vals)

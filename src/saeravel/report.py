@@ -4,16 +4,18 @@
 ``<folder>`` (``result.json`` files of a sweep, or the job-hash index
 ``<results_dir>/<eval>/<hash>.json``), and writes:
 
-* ``ravel.csv``: one row per (job, method, attribute intervened) with cause, isolation,
-  disentangle and the no-intervention baseline's disentangle;
+* ``ravel.csv``: one row per (job, method, attribute intervened) with disentangle, cause,
+  isolation and the no-intervention baseline's disentangle (CSV only: each score's bootstrap
+  interval, the none / swap baselines' components, protocol / match / split, kept entries);
 * ``ravel_over_seeds.csv``: mean, standard deviation and n of each score over the seeds of
   otherwise identical jobs (:data:`SEED_KEYS` are the keys that count as seeds);
 * ``<eval>.csv`` for every other eval: one row per job, one column per metric
-  (``group.metric``);
-* ``report.md``: the same tables in markdown (the CLI prints it too);
-* figures (PNG): ``disentangle_<attribute>.png`` (disentangle vs layer, one line per
-  method and setting, SAE lines labelled by family, the baseline dashed) and
-  ``cause_vs_isolation.png``.
+  (``group.metric``), the eval's :data:`HEADLINE_METRICS` first;
+* ``neuronpedia.csv``: the kept latents of every SAE with a ``neuronpedia_id``, with URLs;
+* ``report.md``: the same tables in markdown (the CLI prints it too), and the links;
+* figures (PNG, saeravel.figures): ``ravel_vs_layer.png`` (disentangle, cause and isolation
+  vs layer, a panel per attribute), ``cause_vs_isolation.png`` (a panel per method line) and
+  ``<eval>_vs_l0.png`` (the SAEBench evals' headline metrics vs L0 per SAE family).
 
 Rows are keyed by job hash (saeravel.results.job_hash), so two different jobs are never
 merged: the config values that differ between the records (``pandas.json_normalize`` of
