@@ -163,8 +163,10 @@ def ravel_layer_figure(
         len(PANEL_SCORES), len(attrs), figsize=(width, height), sharex=True, sharey=True,
         squeeze=False,
     )  # fmt: skip
-    span = (grid[-1] - grid[0]) if len(grid) > 1 else 1
-    dx = 0.012 * span  # small offset per line so error bars of equal scores do not hide each other
+    # Lines side by side within a fifth of a layer step, so error bars of equal scores do not
+    # hide each other and every marker stays next to its tick.
+    step = min((b - a for a, b in zip(grid, grid[1:], strict=False)), default=1)
+    dx = 0.2 * step / max(len(labels) - 1, 1)
     for j, attr in enumerate(attrs):
         sub = [r for r in rows if r["attribute"] == attr]
         for i, score in enumerate(PANEL_SCORES):

@@ -748,7 +748,7 @@ def neuronpedia_markdown(table: Table, per_line: int = 16) -> list[str]:
         kept = rows[0]["mask_kept"]
         lines.append(
             f"- {model} layer {layer} `{npid}` seed {seed}, {method} / {attr} "
-            f"({kept} kept): {links}{more}"
+            f"({kept} kept, the top {len(rows)} recorded by eval.report_top_latents): {links}{more}"
         )
     return lines
 
