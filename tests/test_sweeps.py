@@ -195,16 +195,16 @@ def test_report_collects_ravel_results_and_skips_foreign_files(
     assert header[: len(report.RAVEL_COLUMNS)] == list(report.RAVEL_COLUMNS)
     assert len((out / "ravel.csv").read_text().splitlines()) == 13
     assert (out / "core.csv").exists()
-    for name in ("disentangle_Country.png", "disentangle_Continent.png", "cause_vs_isolation.png"):
+    for name in ("ravel_vs_layer.png", "cause_vs_isolation.png", "core_vs_l0.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     md = (out / "report.md").read_text()
     assert md == rep.markdown
     assert (
-        "| model | sae | layer | method | attribute | seed | cause | isolation | disentangle | baseline |"
+        "| model | sae | layer | method | attribute | seed | disentangle | cause | isolation | baseline |"
         in md
     )
-    assert "| tiny-city-lm | trained | 0 | sae | Country |  | 0.900 |" in md
+    assert "| tiny-city-lm | trained | 0 | sae | Country |  | 0.725 | 0.900 | 0.550 |" in md
 
 
 def test_report_cli(results_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
