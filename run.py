@@ -1,9 +1,12 @@
 """Entry point: compose the Hydra config and run one job (see README)."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from saeravel.config import register_configs
+from saeravel.config import exit_on_unknown_option, register_configs
 from saeravel.pipeline import main_guarded
 
 register_configs()
@@ -15,4 +18,5 @@ def main(cfg: DictConfig) -> object:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_option(sys.argv[1:], Path(__file__).with_name("conf"))  # one line, exit 2
     main()

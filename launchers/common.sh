@@ -15,7 +15,7 @@ set_mode() {
     slurm)
       LAUNCHER=(hydra/launcher=slurm)
       # Site settings (partition, account, setup lines) from the git-ignored conf/local/site.yaml.
-      if [[ -f conf/local/site.yaml ]]; then LAUNCHER+=(+local=site); fi
+      if [[ -f conf/local/site.yaml ]]; then LAUNCHER+=(local=site); fi
       # The cluster of scripts/slurm_local.sh, when no other is configured.
       if [[ -z ${SLURM_CONF:-} && ! -e /etc/slurm/slurm.conf ]]; then
         local conf=${SAERAVEL_SLURM_DIR:-/tmp/saeravel-slurm}/etc/slurm.conf

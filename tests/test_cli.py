@@ -61,8 +61,58 @@ def test_unknown_key_added_with_plus_is_one_line(tmp_path):
 def test_unknown_group_option_lists_valid_choices(tmp_path):
     proc = _run(["sae=opneai_v5_32k"], tmp_path)
     assert proc.returncode != 0
-    assert "openai_v5_32k" in proc.stderr  # Hydra lists the available options
+    assert "openai_v5_32k" in proc.stderr  # the available options are listed
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["eval.method=dsa"], "eval.method=dsa: Invalid value 'dsa', expected one of [sae,"),
+        (["eval.protocol=ravl"], "eval.protocol=ravl: Invalid value 'ravl'"),
+        (["eval.match=prefx"], "eval.match=prefx: Invalid value 'prefx'"),
+        (["eval.optimizer=adm"], "eval.optimizer=adm: Invalid value 'adm'"),
+        (["eval.epochs=abc"], "eval.epochs=abc: Value 'abc' of type 'str' could not be converted"),
+        (["eval.epoch=3"], "Key 'epoch' not in 'RavelEvalConfig'"),
+        # every value of a sweep is checked, not just the first
+        (["-m", "eval.method=das,dsa"], "eval.method=dsa: Invalid value 'dsa'"),
+    ],
+    ids=["method", "protocol", "match", "optimizer", "int", "key", "sweep"],
+)
+def test_bad_value_is_one_line_before_anything_loads(tmp_path, args, expected):
+    """Hydra's own message for a value the schema rejects is 5 lines and exit 1; ours is one
+    line, exit 2, before any model loads (no run folder, no log)."""
+    msg = _one_line_error(_run(args, tmp_path))
+    assert expected in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "args,group,hint",
+    [
+        (["sae=no_such"], "sae", None),
+        (["model=gpt3"], "model", None),
+        (["eval=rave"], "eval", "ravel"),
+        (["logger=wandbb"], "logger", "wandb"),
+        (["sae=schema_trained"], "sae", "trained"),  # a schema is not an option
+        (["-m", "sae=jbloom,opneai_v5_32k", "layer=1"], "sae", "openai_v5_32k"),  # a sweep's list
+    ],
+)
+def test_unknown_group_option_is_one_line_with_the_real_options(tmp_path, args, group, hint):
+    proc = _run(args, tmp_path, timeout=60)
+    msg = _one_line_error(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1
+    value = next(a for a in args if a.startswith(f"{group}=")).split("=")[1].split(",")[-1]
+    assert msg.startswith(f"error: unknown {group} option {value!r}")
+    assert ("did you mean" in msg) == (hint is not None)
+    if hint:
+        assert f"(did you mean {hint!r}?)" in msg
+    assert msg.endswith("valid: " + ", ".join(_options(group)))
+    assert "schema" not in msg.split("; valid: ")[1] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -83,3 +133,37 @@ def test_default_job_end_to_end(tmp_path):
         assert m["baselines"]["swap"][attr]["cause"] >= 0.9
         assert set(m["ravel"]) >= {"sae", "neurons", "das"}
     assert "disentangle" in proc.stdout + proc.stderr  # the summary table is printed
+
+
+TOY_SAE = """
+import torch
+
+
+class Toy:
+    def __init__(self, d_in, d_sae, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+
+    def encode(self, x):
+        return torch.relu(x @ self.W)
+
+    def decode(self, f):
+        return f @ self.W.T
+"""
+
+
+def test_custom_sae_through_hydras_target(tmp_path):
+    """sae=custom builds the user's object from its _target_ node (kwargs beside it) and the
+    job runs with it; the result records the target and its arguments."""
+    (tmp_path / "toy_sae.py").write_text(TOY_SAE)
+    args = ["model=planted-city-lm", "eval=core", "sae=custom", "sae.object._target_=toy_sae.Toy",
+            "+sae.object.d_in=80", "+sae.object.d_sae=160", "sae.hook_name=blocks.0.hook_resid_post",
+            "sae.d_in=80", "eval.n_eval_reconstruction_batches=1",
+            "eval.n_eval_sparsity_variance_batches=1"]  # fmt: skip
+    path = os.pathsep.join([str(ROOT / "src"), str(tmp_path)])
+    proc = _run(args, tmp_path, env={"PYTHONPATH": path}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads((tmp_path / "out" / "result.json").read_text())
+    extra = rec["saeravel"]["sae_identity"]["extra"]
+    assert extra == {"target": "toy_sae.Toy", "kwargs": {"d_in": 80, "d_sae": 160}}
+    assert rec["eval_result_metrics"]["sparsity"]["l0"] > 0

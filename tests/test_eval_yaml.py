@@ -59,7 +59,7 @@ def test_yaml_sets_no_value_and_documents_every_default(name):
     schema = discover()[name].schema
     defaults = _plain(dataclasses.asdict(schema()))
     data = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    assert data.pop("defaults") == [f"schema_{name}", "_self_"]
+    assert data.pop("defaults") == [f"/schema_eval_{name}@_here_", "_self_"]
     extra = INTENTIONAL.get(name, {})
     for key, value in data.items():
         assert key in extra, (

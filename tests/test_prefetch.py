@@ -17,10 +17,11 @@ import huggingface_hub
 import huggingface_hub.constants as hub_constants
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
 from saeravel import prefetch
+from saeravel.models import TransformerLensModel
 from saeravel.ravel import data as ravel_data
+from saeravel.saes.loaders import SaeLensSource
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GRID = "experiment=paper_grid,paper_grid_baselines,paper_grid_apollo"
@@ -364,8 +365,11 @@ def test_model_and_sae_fetch_download_only_the_needed_files(
     reach = prefetch.Reachability()
     reach._seen[hub_constants.ENDPOINT] = None  # the hub "answers"
 
-    model = prefetch.ModelItem(OmegaConf.create({"name": "gpt2-small", "hf_name": "gpt2"}))
-    paths = model.fetch(reach)
+    gpt2 = TransformerLensModel("gpt2-small", "gpt2", 12, 768, 5, device="cpu")
+    ctx = prefetch.OfflineContext(tmp_path / "cache", model=gpt2)
+    (model,) = gpt2.offline_needs(ctx)  # the source says what it needs
+    assert model.hosts == (hub_constants.ENDPOINT,)  # probed before it is fetched
+    paths = model.fetch()
     want = [
         "config.json", "generation_config.json", "merges.txt", "tokenizer.json",
         "tokenizer_config.json", "vocab.json", "model.safetensors",
@@ -373,9 +377,13 @@ def test_model_and_sae_fetch_download_only_the_needed_files(
     assert calls["snapshot"] == ("gpt2", want)
     assert [p.name for p in paths] == want
 
-    sae = prefetch.SaeLensItem(JB, "blocks.1.hook_resid_pre")
-    assert sae.repo == "jbloom/GPT2-Small-SAEs-Reformatted" and sae.native
-    assert prefetch.disk_size(sae.fetch(reach)) == 2
+    (sae,) = SaeLensSource("jbloom", 1, JB, sae_ids={1: "blocks.1.hook_resid_pre"}).offline_needs(
+        ctx
+    )
+    # the release's repo, in sae_lens' own layout (fetched file by file)
+    assert sae.source.split()[0].endswith("/jbloom/GPT2-Small-SAEs-Reformatted")
+    assert sae.source.split()[1] == "blocks.1.hook_resid_pre/"
+    assert prefetch.disk_size(sae.fetch()) == 2
     assert calls["files"] == [
         "blocks.1.hook_resid_pre/cfg.json",
         "blocks.1.hook_resid_pre/sae_weights.safetensors",
@@ -396,3 +404,51 @@ def test_model_and_sae_fetch_download_only_the_needed_files(
     assert prefetch.model_folder_missing(snap) == "model-00002-of-00002.safetensors"
     (snap / "model-00002-of-00002.safetensors").write_text("{}")
     assert prefetch.model_folder_missing(snap) is None
+
+
+# ----------------------------------------------------------------------------- sources answer
+
+
+def test_sweep_expansion_is_the_basic_sweepers() -> None:
+    """``expand_sweep`` (public parser API) gives the jobs Hydra's basic sweeper would run."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the reference only
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    cases = [
+        ["sae=openai_v5_32k,jbloom", "layer=1,1,2", "model=gpt2-small"],
+        ["layer=1,5", "sae=jbloom", "layer=3,4", "eval.method=sae"],  # a key given twice
+        ["layer=range(0,3)", "eval.attributes=[Country,Continent]", "+x=choice(a,b)"],
+        [],
+    ]
+    for lines in cases:
+        overrides = parser.parse_overrides(lines)
+        (theirs,) = BasicSweeper.split_arguments(overrides, None)
+        assert prefetch.expand_sweep(overrides) == theirs, lines
+    with pytest.raises(prefetch.UserError, match="interval"):
+        prefetch.expand_sweep(parser.parse_overrides(["eval.lr=interval(0,1)"]))
+
+
+def test_prefetch_asks_the_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What a job needs is its sources' answer (``offline_needs``), not a list of classes in
+    prefetch: a source that answers differently changes the plan."""
+    from saeravel.saes.loaders import NoSource
+
+    made = tmp_path / "thing"
+
+    def needs(self: NoSource, ctx: prefetch.OfflineContext) -> list:
+        assert ctx.model.name == "tiny-city-lm" and not ctx.train
+        return [
+            prefetch.Need("apollo", "probe", "", str(made), check=lambda: [made],
+                          fetch=lambda: [made]),
+            prefetch.Skip("sae=none", "asked"),
+        ]  # fmt: skip
+
+    monkeypatch.setattr(NoSource, "offline_needs", needs)
+    _, jobs = prefetch.compose_jobs(["sae=none", "eval.method=das,neurons"])
+    plan = prefetch.plan_jobs(jobs)
+    assert not plan.errors  # the das/neurons jobs load no SAE: the source is not asked
+    assert _names(plan) == [] and "sae=none" not in plan.skipped
+    _, jobs = prefetch.compose_jobs(["sae=none", "eval=core"])  # core loads the (no) SAE
+    plan = prefetch.plan_jobs(jobs)
+    assert _names(plan) == [("apollo", "probe")] and plan.skipped["sae=none"] == "asked"

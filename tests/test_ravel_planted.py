@@ -20,7 +20,8 @@ SMALL = ["model.n_entities=120", "model.n_country=20", "model.n_continent=6",
 def _run(tmp: Path, basis: str, extra: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=[
-            "model=planted-city-lm", f"model.basis={basis}", "sae=planted", "device=cpu", *SMALL,
+            "model=planted-city-lm", f"model.basis={basis}", "device=cpu", *SMALL,
+            *([] if any(x.startswith("sae=") for x in extra) else ["sae=planted"]),
             f"paths.cache_dir={tmp / 'cache'}", f"paths.output_dir={tmp / 'out'}",
             f"paths.results_dir={tmp / 'results'}", *extra,
         ])  # fmt: skip
@@ -85,3 +86,55 @@ def test_training_entities_cover_every_value():
     train = [e for e, s in world.entity_split.items() if s == "train"]
     for a in ATTRIBUTES:
         assert {world.entities[e][a] for e in train} == set(values[a]), a
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("basis", ["aligned", "rotated", "mixed"])
+def test_the_other_featurizers_on_every_basis(results, basis):
+    """PCA (masked components), boundless DAS and MDAS can all represent the oracle's swap:
+    near DAS. The planted SAE's probe-ranked latents are the value atoms: sae_probe near 1.0,
+    and ``fixed`` (under ``all``: the decoder directions of those latents) the same swap."""
+    m = results[basis]
+    das = min(_dis(m, "das"))
+    for method in ("pca", "boundless_das", "mdas"):
+        assert min(_dis(m, method)) >= min(0.9, das - 0.05), (method, _dis(m, method))
+    assert min(_dis(m, "sae_probe")) >= 0.95, _dis(m, "sae_probe")
+    assert min(_dis(m, "fixed")) >= 0.95, _dis(m, "fixed")
+    for a in ("Country", "Continent"):
+        sel = m["ravel"]["sae_probe"][a]["selection"]
+        assert sel["split"] == "val" and sel["best_count"] in [r["count"] for r in sel["curve"]]
+        assert m["ravel"]["fixed"][a]["basis"]["from"] == "sae_probe"
+        assert m["ravel"]["mdas"][a]["mdas"]["attributes"] == ["Country", "Continent"]
+        assert 0 < m["ravel"]["boundless_das"][a]["mask_kept"] <= 48
+
+
+@pytest.mark.slow
+def test_sae_probe_with_a_random_dictionary_is_low(tmp_path):
+    """A random orthonormal dictionary of the planted subspace: every latent mixes attributes,
+    so no set of latents swaps one attribute alone."""
+    m = _run(tmp_path, "rotated", ["sae.dictionary=random", "eval.method=sae_probe"])
+    assert max(_dis(m, "sae_probe")) <= 0.8, _dis(m, "sae_probe")
+    assert max(_dis(m, "sae_probe")) <= min(_dis(m, "oracle")) - 0.2
+
+
+def test_fixed_with_the_oracles_basis_is_the_oracle(tmp_path):
+    """A basis file holding the planted Country block (its projector: ``fixed`` takes any
+    spanning rows): ``fixed`` is then the oracle's swap on Country; scored as Continent's
+    intervention it moves exactly the wrong attribute (cause 0: Continent's block stays;
+    isolation 0: every Country answer follows the source)."""
+    import torch
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["model=planted-city-lm", "model.basis=rotated",
+                                            "device=cpu", *SMALL, "paths.output_dir=unused"])  # fmt: skip
+    truth = instantiate(cfg.model).load().truth
+    path = tmp_path / "country.pt"
+    torch.save(truth.projector("Country"), path)
+    m = _run(
+        tmp_path, "rotated", ["sae=none", "eval.method=fixed", f"eval.fixed.basis_file={path}"]
+    )
+    country, continent = m["ravel"]["fixed"]["Country"], m["ravel"]["fixed"]["Continent"]
+    assert country["disentangle"] == m["baselines"]["oracle"]["Country"]["disentangle"] >= 0.98
+    assert continent["cause"] == 0.0 and continent["isolation"] == 0.0
+    assert country["basis"]["from"] == "basis_file" and country["basis"]["rank"] == 20

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from saeravel import report
+from saeravel import figures, report
 from saeravel.results import atomic_write_json, build_record, job_hash
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -110,3 +111,261 @@ def test_saebench_copies_and_null_scores_are_read_right(tmp_path: Path) -> None:
     assert not rep.skipped  # the SAEBench copy is not read as a saeravel record
     ravel = rep.tables[0]
     assert all(r["cause"] != r["cause"] for r in ravel.rows)  # null -> NaN
+
+
+# ----------------------------------------------------------------------------- figures
+# Records of a sweep the way eval=ravel writes them (src/saeravel/evals/ravel.py): per method
+# and attribute the scores, their ``ci95`` bootstrap interval, the mask's kept entries; the
+# no-training baselines ``none`` / ``swap`` under ``baselines`` and ``ravel.baseline``.
+PLANTED = ["model=planted-city-lm", "sae=planted", "model.n_layers=5"]
+ATTRS = ("Country", "Continent")
+NPID = "gpt2-small/8-res-jb"
+
+
+def _scores(cause: float, isolation: float, kept: list[int] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "cause": cause, "isolation": isolation, "disentangle": (cause + isolation) / 2,
+        "ci95": {"cause": [cause - 0.05, cause + 0.02], "isolation": [isolation - 0.1, isolation],
+                 "disentangle": [(cause + isolation) / 2 - 0.04, (cause + isolation) / 2 + 0.03]},
+    }  # fmt: skip
+    if kept is not None:
+        out.update(kept_top=kept, mask_kept=len(kept), mask_size=64)
+    return out
+
+
+def _ravel_record(family: str, layer: int, seed: int = 0, npid: str | None = None) -> dict:
+    overrides = [*PLANTED, f"sae.family={family}", f"layer={layer}", f"seed={seed}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=/x", *overrides])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    c = 0.5 + 0.1 * layer + 0.05 * seed
+    metrics: dict[str, Any] = {"ravel": {
+        "sae": {a: _scores(c, 0.9, kept=[7 + layer, 3, 41]) for a in ATTRS},
+        "neurons": {a: _scores(0.3 + 0.1 * layer, 0.8, kept=[1, 2]) for a in ATTRS},
+        "das": {a: _scores(0.9, 0.95, kept=[0]) for a in ATTRS},
+    }, "baselines": {"none": {a: _scores(0.0, 1.0) for a in ATTRS},
+                     "swap": {a: _scores(1.0, 0.1) for a in ATTRS}}}  # fmt: skip
+    metrics["ravel"]["baseline"] = metrics["baselines"]["none"]
+    ident = {"family": family, "release": None, "sae_id": None, "path": None, "extra": {},
+             "neuronpedia_id": npid}  # fmt: skip
+    return build_record(
+        eval_name="ravel", eval_cfg=resolved["eval"], metrics=metrics, details=None,
+        unstructured=None, sae_identity=ident, sae_cfg={"d_sae": 64}, model_name=cfg.model.name,
+        model_info={}, layer=layer, hook_name=f"blocks.{layer}.hook_resid_post",
+        resolved_config=resolved, job_id=job_hash(resolved), runtime_s=1.0,
+    )  # fmt: skip
+
+
+def _ravel_sweep(tmp: Path) -> report.Report:
+    """famA at layers 0, 1, 3 (two seeds at layer 1; has a Neuronpedia id), famB at layers 0
+    and 3 only (its layer 1 is missing), each job with sae, neurons and das."""
+    jobs = [("famA", 0, 0), ("famA", 1, 0), ("famA", 1, 1), ("famA", 3, 0),
+            ("famB", 0, 0), ("famB", 3, 0)]  # fmt: skip
+    for fam, layer, seed in jobs:
+        rec = _ravel_record(fam, layer, seed, NPID if fam == "famA" else None)
+        atomic_write_json(tmp / f"{fam}-{layer}-{seed}" / "result.json", rec, strict=True)
+    return report.build_report(tmp, tmp / "report")
+
+
+def _line(ax: Any, label: str) -> Any:
+    found = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    assert len(found) == 1, [ln.get_label() for ln in ax.get_lines()]
+    return found[0]
+
+
+def _finite_x(line: Any) -> list[int]:
+    return [round(x) for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if y == y]
+
+
+def test_ravel_figure_has_attribute_panels_gaps_error_bars_and_reference_styles(
+    tmp_path: Path,
+) -> None:
+    rep = _ravel_sweep(tmp_path)
+    assert (tmp_path / "report" / "ravel_vs_layer.png").stat().st_size > 0
+    fig = rep.figures["ravel_vs_layer.png"]
+    axes = fig.axes
+    assert len(axes) == 3 * len(ATTRS)  # disentangle / cause / isolation x attributes
+    assert {ax.get_title() for ax in axes} >= {f"{a} intervened" for a in ATTRS}
+    assert all(ax.get_shared_y_axes().joined(axes[0], ax) for ax in axes)
+    assert len({ax.get_ylim() for ax in axes}) == 1
+    for ax in axes:
+        a_line, b_line = _line(ax, "sae: famA"), _line(ax, "sae: famB")
+        assert _finite_x(a_line) == [0, 1, 3]  # markers only where measured
+        assert _finite_x(b_line) == [0, 3]
+        ys = list(b_line.get_ydata())
+        assert len(ys) == 3 and ys[1] != ys[1]  # NaN at layer 1: the line is broken there
+        assert a_line.get_marker() == "o" and a_line.get_linestyle() == "-"
+        for ref in ("das", "neurons"):
+            line = _line(ax, ref)
+            assert line.get_linestyle() != "-"  # references are dashed / dotted ...
+            r, g, b, _ = matplotlib.colors.to_rgba(line.get_color())
+            assert r == g == b  # ... and grey
+        assert len(ax.containers) >= 4  # error bars for every line
+    # famA at layer 1 has two seeds: its bar is their std; elsewhere the bootstrap interval.
+    segs = [seg for c in axes[0].containers for coll in c.lines[2] for seg in coll.get_segments()]
+    heights = [float(seg[1][1] - seg[0][1]) for seg in segs]
+    two_seeds = 2 * 0.025 / 2**0.5  # disentangle 0.75 and 0.775: +- their std
+    assert any(h == pytest.approx(two_seeds) for h in heights)
+    assert any(h == pytest.approx(0.07) for h in heights)  # the interval [d - 0.04, d + 0.03]
+    title = fig.get_suptitle()
+    assert "protocol=saeravel" in title and "match=first_token" in title
+    assert "split=entity" in title
+
+
+def test_a_reference_method_under_two_saes_is_one_seed(tmp_path: Path) -> None:
+    """famA and famB jobs at layer 0 share seed 0: their DAS result is one measurement, so
+    its error bar is the bootstrap interval, not a zero std over two copies."""
+    ax = _ravel_sweep(tmp_path).figures["ravel_vs_layer.png"].axes[0]
+    grey = matplotlib.colors.to_rgb(_line(ax, "das").get_color())
+    das = [c for c in ax.containers if tuple(c.lines[2][0].get_colors()[0][:3]) == grey]
+    assert len(das) == 1
+    seg = next(s for s in das[0].lines[2][0].get_segments() if s[0][0] < 0.5)  # layer 0
+    assert seg[1][1] - seg[0][1] == pytest.approx(0.07)
+    assert figures.SEED_COLUMNS == report.SEED_KEYS
+
+
+def test_no_intervention_baseline_is_visible_with_one_layer(tmp_path: Path) -> None:
+    rec = _ravel_record("famA", 2)
+    atomic_write_json(tmp_path / "a" / "result.json", rec, strict=True)
+    fig = report.build_report(tmp_path).figures["ravel_vs_layer.png"]
+    base = _line(fig.axes[0], "no intervention")
+    assert _finite_x(base) == [2]
+    assert base.get_marker() == "_" and base.get_markersize() >= 10  # a visible tick
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "no intervention" in labels
+
+
+def test_cause_vs_isolation_has_a_panel_per_method_line_and_references(tmp_path: Path) -> None:
+    rep = _ravel_sweep(tmp_path)
+    fig = rep.figures["cause_vs_isolation.png"]
+    titled = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert sorted(ax.get_title() for ax in titled) == [
+        "das (reference)",
+        "neurons (reference)",
+        "sae: famA (SAE)",
+        "sae: famB (SAE)",
+    ]
+    for ax in titled:
+        assert not ax.get_legend()  # the legend is the figure's, outside the panels
+        iso = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+        assert len(iso) == 5  # cause + isolation = const lines
+        offsets = [tuple(p) for coll in ax.collections for p in coll.get_offsets()]
+        assert (1.0, 0.0) in offsets and (0.1, 1.0) in offsets  # none and swap points
+    fam_a = next(ax for ax in titled if ax.get_title() == "sae: famA (SAE)")
+    n_points = sum(len(c.get_offsets()) for c in fam_a.collections[-len(ATTRS) :])
+    assert n_points == 3 * len(ATTRS)  # one point per (layer, attribute): seeds averaged
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert "no intervention (none)" in labels and "swap (whole vector)" in labels
+    fig.canvas.draw()
+    leg_box = fig.legends[0].get_window_extent()
+    assert all(not leg_box.overlaps(ax.get_window_extent()) for ax in titled)
+
+
+def test_neuronpedia_links_only_for_saes_with_an_id(tmp_path: Path) -> None:
+    rep = _ravel_sweep(tmp_path)
+    links = next(t for t in rep.tables if t.name == "neuronpedia")
+    assert {r["sae"] for r in links.rows} == {"famA"}
+    assert {r["method"] for r in links.rows} == {"sae"}  # neuron / DAS indices are not latents
+    layer3 = [r for r in links.rows if r["layer"] == 3 and r["attribute"] == "Country"]
+    assert [r["latent"] for r in layer3] == [10, 3, 41]  # kept_top order kept
+    assert layer3[0]["url"] == f"https://www.neuronpedia.org/{NPID}/10"
+    assert f"[10](https://www.neuronpedia.org/{NPID}/10)" in rep.markdown
+    assert (tmp_path / "report" / "neuronpedia.csv").exists()
+    ravel = rep.tables[0]
+    assert {r["neuronpedia_id"] for r in ravel.rows if r["sae"] == "famB"} == {None}
+    assert json.loads(next(r["kept_top"] for r in ravel.rows if r["method"] == "das")) == [0]
+
+
+def test_no_neuronpedia_section_without_ids(tmp_path: Path) -> None:
+    atomic_write_json(tmp_path / "a" / "result.json", _ravel_record("famB", 0), strict=True)
+    rep = report.build_report(tmp_path)
+    assert "neuronpedia.org" not in rep.markdown and "## Neuronpedia" not in rep.markdown
+    assert not (tmp_path / "report" / "neuronpedia.csv").exists()
+
+
+def test_ravel_table_puts_disentangle_first_and_keeps_intervals_in_the_csv(
+    tmp_path: Path,
+) -> None:
+    rep = _ravel_sweep(tmp_path)
+    ravel = rep.tables[0]
+    start = ravel.columns.index("disentangle")
+    assert ravel.columns[start : start + 3] == ["disentangle", "cause", "isolation"]
+    header = rep.markdown.split("## ravel (")[1].splitlines()[4]
+    assert header.index("disentangle") < header.index("cause") < header.index("isolation")
+    assert "disentangle_lo" not in header  # interval columns are CSV-only
+    csv_header = (tmp_path / "report" / "ravel.csv").read_text().splitlines()[0].split(",")
+    assert {"disentangle_lo", "disentangle_hi", "swap_cause", "kept_top"} <= set(csv_header)
+    row = next(r for r in ravel.rows if r["method"] == "das")
+    assert row["disentangle_lo"] == pytest.approx(row["disentangle"] - 0.04)
+
+
+# Core and sparse-probing records (their metric groups as the evals write them); L0 comes from
+# core, joined to the other evals by model, layer and SAE identity.
+def _generic_record(eval_name: str, family: str, k: int, metrics: dict[str, Any]) -> dict:
+    overrides = [*PLANTED, f"sae.family={family}", f"sae.seed={k}", f"eval={eval_name}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=/x", *overrides])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    ident = {"family": family, "release": None, "sae_id": f"{family}-{k}", "path": None,
+             "extra": {}, "neuronpedia_id": None}  # fmt: skip
+    return build_record(
+        eval_name=eval_name, eval_cfg=resolved["eval"], metrics=metrics, details=None,
+        unstructured=None, sae_identity=ident, sae_cfg={"d_sae": 64}, model_name=cfg.model.name,
+        model_info={}, layer=cfg.layer, hook_name="blocks.0.hook_resid_post",
+        resolved_config=resolved, job_id=job_hash(resolved), runtime_s=1.0,
+    )  # fmt: skip
+
+
+def _core_metrics(l0: float, ce: float) -> dict[str, Any]:
+    return {
+        "sparsity": {"l0": l0, "l1": 2 * l0},
+        "model_performance_preservation": {"ce_loss_score": ce, "ce_loss_with_sae": 3.0,
+                                           "ce_loss_without_sae": 2.5, "ce_loss_with_ablation": 9},
+        "reconstruction_quality": {"explained_variance": ce - 0.1, "mse": 0.1, "cossim": 0.9},
+        "misc_metrics": {"frac_alive": 1.0, "freq_over_1_percent": 0.2},
+        "shrinkage": {"l2_ratio": 0.9},
+    }  # fmt: skip
+
+
+def test_core_and_sparse_probing_get_headline_first_tables_and_l0_figures(
+    tmp_path: Path,
+) -> None:
+    sizes = {"famA": [(40.0, 0.9), (10.0, 0.7), (20.0, 0.8)], "famB": [(15.0, 0.6), (30, 0.75)]}
+    for fam, pts in sizes.items():
+        for k, (l0, ce) in enumerate(pts):
+            core = _generic_record("core", fam, k, _core_metrics(l0, ce))
+            atomic_write_json(tmp_path / f"core-{fam}-{k}" / "result.json", core, strict=True)
+            probe = _generic_record("sparse_probing", fam, k, {
+                "llm": {"llm_test_accuracy": 0.95},
+                "sae": {"sae_test_accuracy": ce, "sae_top_1_test_accuracy": ce / 2}})  # fmt: skip
+            atomic_write_json(tmp_path / f"sp-{fam}-{k}" / "result.json", probe, strict=True)
+    rep = report.build_report(tmp_path)
+    core = next(t for t in rep.tables if t.name == "core")
+    metric_cols = [c for c in core.columns if "." in c and c != "sae.seed"]
+    assert metric_cols[:4] == ["sparsity.l0", "model_performance_preservation.ce_loss_score",
+                               "model_performance_preservation.ce_loss_with_sae",
+                               "reconstruction_quality.explained_variance"]  # fmt: skip
+    md_header = rep.markdown.split("## core (")[1].splitlines()[4]
+    assert md_header.index("sparsity.l0") < md_header.index("misc_metrics.frac_alive")
+    for name, n_panels in (("core_vs_l0.png", 2), ("sparse_probing_vs_l0.png", 2)):
+        assert (tmp_path / "report" / name).exists()
+        fig = rep.figures[name]
+        assert len(fig.axes) == n_panels
+        ax = fig.axes[0]
+        assert "L0" in ax.get_xlabel()
+        lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: label on container
+        assert set(lines) == {"famA", "famB"}
+        assert list(lines["famA"].get_xdata()) == [10.0, 20.0, 40.0]  # sorted by L0
+    sp_ax = rep.figures["sparse_probing_vs_l0.png"].axes[1]  # all-latent probe accuracy
+    fam_a = next(c.lines[0] for c in sp_ax.containers if c.get_label() == "famA")
+    assert list(fam_a.get_ydata()) == [0.7, 0.8, 0.9]  # joined to core's L0 per SAE
+    assert "3 from eval=core" in rep.markdown or "5 from eval=core" in rep.markdown
+
+
+def test_seed_identity_ignores_sae_seeds_only_for_reference_methods() -> None:
+    def row(method: str | None, sae_seed: int) -> dict[str, Any]:
+        return {"method": method, "seed": 0, "sae.seed": sae_seed}
+
+    assert figures.seed_of(row("das", 1)) == figures.seed_of(row("das", 2))
+    assert figures.seed_of(row("sae", 1)) != figures.seed_of(row("sae", 2))
+    assert figures.seed_of(row(None, 1)) != figures.seed_of(row(None, 2))  # core etc.

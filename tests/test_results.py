@@ -36,7 +36,11 @@ GROUPS = ("model", "sae", "eval")
 NEEDS = {
     ("sae", "sae_lens"): ["sae.release=gpt2-small-res-jb"],
     ("sae", "local"): ["sae.path=/nonexistent"],
-    ("sae", "custom"): ["sae.target=x.Y", "sae.hook_name=blocks.1.hook_resid_post", "sae.d_in=128"],
+    ("sae", "custom"): [
+        "sae.object._target_=x.Y",
+        "sae.hook_name=blocks.1.hook_resid_post",
+        "sae.d_in=128",
+    ],
 }
 
 

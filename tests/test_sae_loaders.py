@@ -476,7 +476,6 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         "layer": 5,
         "cache_dir": str(tmp_path),
         "path": str(tmp_path),
-        "target": "collections.OrderedDict",
         "hook_name": "blocks.5.hook_resid_post",
         "d_in": 64,
         "release": "gpt2-small-res-jb",
@@ -490,7 +489,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
     }
     seen = set()
     for name, raw in sae_yamls().items():
-        schema = raw.defaults[0]
+        schema = "schema_" + raw.defaults[0].split("@")[0].removeprefix("/schema_sae_")
         if schema not in schemas:
             continue  # e.g. the trained family, which lives elsewhere
         body = OmegaConf.masked_copy(raw, [k for k in raw if k != "defaults"])
@@ -500,6 +499,8 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
                 key in ("layer", "cache_dir") or OmegaConf.is_missing(cfg, key)
             ):
                 cfg[key] = value
+        if "object" in cfg.keys() and OmegaConf.is_missing(cfg.object, "_target_"):
+            cfg.object._target_ = "collections.OrderedDict"  # sae=custom's object
         src = instantiate(cfg)
         assert isinstance(src, expected[schema]), name
         assert src.layer == 5 and src.family == raw.get("family", "none")
@@ -609,8 +610,7 @@ def test_custom_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = CustomSource(
         family="custom",
         layer=5,
-        target="toy_sae_module.ToySAE",
-        kwargs=OmegaConf.create({"d_in": D_IN, "d_sae": 96}),
+        object=OmegaConf.create({"_target_": "toy_sae_module.ToySAE", "d_in": D_IN, "d_sae": 96}),
         hook_name="blocks.5.hook_resid_post",
         d_in=D_IN,
     )
@@ -622,11 +622,11 @@ def test_custom_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(sae.reconstruct(x), torch.relu(x @ W) @ W.T)
 
     with pytest.raises(UserError, match="cannot be imported"):
-        CustomSource("custom", 5, "toy_sae_module.Missing", {}, HOOK, D_IN).load(None)
+        CustomSource("custom", 5, {"_target_": "toy_sae_module.Missing"}, HOOK, D_IN).load(None)
     with pytest.raises(UserError, match="cannot be imported"):
-        CustomSource("custom", 5, "no_such_package.SAE", {}, HOOK, D_IN).load(None)
+        CustomSource("custom", 5, {"_target_": "no_such_package.SAE"}, HOOK, D_IN).load(None)
     with pytest.raises(UserError, match="no callable decode"):
-        CustomSource("custom", 5, "toy_sae_module.NoDecode", {}, HOOK, D_IN).load(None)
+        CustomSource("custom", 5, {"_target_": "toy_sae_module.NoDecode"}, HOOK, D_IN).load(None)
 
 
 def test_no_source() -> None:
@@ -782,7 +782,8 @@ def test_local_format_and_path_mismatches(tmp_path: Path) -> None:
 
 
 def custom(target: str, d_in: int = 128, kwargs: dict[str, Any] | None = None) -> CustomSource:
-    return CustomSource("custom", 1, target, kwargs or {}, "blocks.1.hook_resid_post", d_in)
+    node = {"_target_": target, **(kwargs or {})}
+    return CustomSource("custom", 1, node, "blocks.1.hook_resid_post", d_in)
 
 
 @pytest.fixture()
@@ -795,7 +796,7 @@ def bad_toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_custom_problems_are_one_line_before_the_model(bad_toy: Path) -> None:
     cases = {
-        "": "needs sae.target",
+        "": "needs sae.object._target_",
         "bad_toy_sae.Missing": "cannot be imported: bad_toy_sae has no 'Missing'",
         "no_such_package.SAE": "cannot be imported: no module named 'no_such_package'",
         "bad toy": "is not a dotted import path",
@@ -894,11 +895,11 @@ def test_cli_bad_local_file(tmp_path: Path, case: str) -> None:
         (["sae=local"], "needs sae.path (a saved sae_lens folder or an OpenAI"),
         (["sae=local", "sae.path=/tmp", "sae.format=npz"], "unknown local SAE format 'npz'"),
         (["sae=custom", "sae.hook_name=blocks.1.hook_resid_post", "sae.d_in=128"],
-         "needs sae.target"),
-        (["sae=custom", "sae.target=bad_toy_sae.Boom", "sae.hook_name=blocks.1.hook_resid_post",
+         "needs sae.object._target_"),
+        (["sae=custom", "sae.object._target_=bad_toy_sae.Boom", "sae.hook_name=blocks.1.hook_resid_post",
           "sae.d_in=128"], "raised ValueError: boom"),
-        (["sae=custom", "sae.target=bad_toy_sae.Square", "sae.hook_name=blocks.1.hook_resid_post",
-          "sae.d_in=64", "+sae.kwargs.d_in=128"], "zero input of width sae.d_in=64 failed"),
+        (["sae=custom", "sae.object._target_=bad_toy_sae.Square",
+          "sae.hook_name=blocks.1.hook_resid_post", "sae.d_in=64", "+sae.object.d_in=128"], "zero input of width sae.d_in=64 failed"),
         (["sae=apollo_e2e", "layer=1"], "needs WANDB_API_KEY"),
         # a hub model that is not cached: the cheap SAE checks come first
         (["model=gpt2-small", "sae=apollo_e2e", "layer=3"], "apollo_e2e has no SAE for layer 3"),

@@ -195,16 +195,16 @@ def test_report_collects_ravel_results_and_skips_foreign_files(
     assert header[: len(report.RAVEL_COLUMNS)] == list(report.RAVEL_COLUMNS)
     assert len((out / "ravel.csv").read_text().splitlines()) == 13
     assert (out / "core.csv").exists()
-    for name in ("disentangle_Country.png", "disentangle_Continent.png", "cause_vs_isolation.png"):
+    for name in ("ravel_vs_layer.png", "cause_vs_isolation.png", "core_vs_l0.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     md = (out / "report.md").read_text()
     assert md == rep.markdown
     assert (
-        "| model | sae | layer | method | attribute | seed | cause | isolation | disentangle | baseline |"
+        "| model | sae | layer | method | attribute | seed | disentangle | cause | isolation | baseline |"
         in md
     )
-    assert "| tiny-city-lm | trained | 0 | sae | Country |  | 0.900 |" in md
+    assert "| tiny-city-lm | trained | 0 | sae | Country |  | 0.725 | 0.900 | 0.550 |" in md
 
 
 def test_report_cli(results_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -240,18 +240,18 @@ def test_launcher_configs_compose(launcher: str, target: str) -> None:
 
 
 def test_site_override_from_conf_local(tmp_path: Path) -> None:
-    """A git-ignored conf/local/site.yaml, selected with +local=site, sets cluster fields."""
+    """A git-ignored conf/local/site.yaml, selected with local=site, sets cluster fields."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf, ignore=shutil.ignore_patterns("local"))
     (conf / "local").mkdir()
     shutil.copy(REPO / "launchers" / "site.example.yaml", conf / "local" / "site.yaml")
-    cfg = _compose(["hydra/launcher=slurm", "+local=site"], conf_dir=conf, hydra_cfg=True)
+    cfg = _compose(["hydra/launcher=slurm", "local=site"], conf_dir=conf, hydra_cfg=True)
     assert cfg.hydra.launcher.partition == "cpu"
     assert cfg.hydra.launcher.setup == ["source ~/venvs/saeravel/bin/activate"]
     assert cfg.hydra.launcher.timeout_min == 120
     # The command line still wins over the site file.
     cfg = _compose(
-        ["hydra/launcher=slurm", "+local=site", "hydra.launcher.partition=gpu"],
+        ["hydra/launcher=slurm", "local=site", "hydra.launcher.partition=gpu"],
         conf_dir=conf,
         hydra_cfg=True,
     )

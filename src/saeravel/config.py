@@ -1,14 +1,21 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
-Each YAML option in ``conf/<group>/`` starts its defaults list with one of these schemas
-(``schema_<kind>``), so a misspelt key in a YAML file or on the command line fails when the
-config is composed, not an hour into a job.
+The schemas are stored at the ConfigStore's root (``schema_<group>_<kind>``), in no config
+group: ``--help``, TAB completion and Hydra's errors list every group and its options, so a
+schema inside a group (``sae/schema_trained`` or a ``schema/sae`` group) would be listed as if
+it were an option. Each YAML option in ``conf/<group>/`` extends its schema from its defaults
+list (``- /schema_sae_trained@_here_``: the absolute path, merged at the option's own
+package), so a misspelt key or Enum value in a YAML file or on the command line fails when
+the config is composed, not an hour into a job.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -166,11 +173,13 @@ class LocalSAEConfig(SAEConfig):
 
 @dataclass
 class CustomSAEConfig(SAEConfig):
-    """Any object with ``encode``/``decode``, built by ``target`` with ``kwargs``."""
+    """Any object with ``encode``/``decode``: ``object`` is a Hydra ``_target_`` node
+    (``sae.object._target_=mypkg.saes.MySAE``, its keyword arguments beside it), built by the
+    source after its checks (``_recursive_`` false: Hydra does not build it first)."""
 
     _target_: str = "saeravel.saes.loaders.CustomSource"
-    target: str = MISSING
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    _recursive_: bool = False
+    object: dict[str, Any] = field(default_factory=lambda: {"_target_": MISSING})
     hook_name: str = MISSING
     d_in: int = MISSING
 
@@ -299,22 +308,22 @@ def register_configs() -> None:
         return
     cs = ConfigStore.instance()
     cs.store(name="schema_config", node=Config)
-    cs.store(group="model", name="schema_transformer_lens", node=TransformerLensModelConfig)
-    cs.store(group="model", name="schema_embedded", node=EmbeddedModelConfig)
-    cs.store(group="model", name="schema_planted", node=PlantedModelConfig)
-    cs.store(group="sae", name="schema_sae_lens", node=SaeLensSAEConfig)
-    cs.store(group="sae", name="schema_apollo", node=ApolloSAEConfig)
-    cs.store(group="sae", name="schema_local", node=LocalSAEConfig)
-    cs.store(group="sae", name="schema_custom", node=CustomSAEConfig)
-    cs.store(group="sae", name="schema_trained", node=TrainedSAEConfig)
-    cs.store(group="sae", name="schema_none", node=NoSAEConfig)
-    cs.store(group="sae", name="schema_planted", node=PlantedSAEConfig)
-    cs.store(group="logger", name="schema_none", node=NoLoggerConfig)
-    cs.store(group="logger", name="schema_wandb", node=WandbLoggerConfig)
+    cs.store(name="schema_model_transformer_lens", node=TransformerLensModelConfig)
+    cs.store(name="schema_model_embedded", node=EmbeddedModelConfig)
+    cs.store(name="schema_model_planted", node=PlantedModelConfig)
+    cs.store(name="schema_sae_sae_lens", node=SaeLensSAEConfig)
+    cs.store(name="schema_sae_apollo", node=ApolloSAEConfig)
+    cs.store(name="schema_sae_local", node=LocalSAEConfig)
+    cs.store(name="schema_sae_custom", node=CustomSAEConfig)
+    cs.store(name="schema_sae_trained", node=TrainedSAEConfig)
+    cs.store(name="schema_sae_none", node=NoSAEConfig)
+    cs.store(name="schema_sae_planted", node=PlantedSAEConfig)
+    cs.store(name="schema_logger_none", node=NoLoggerConfig)
+    cs.store(name="schema_logger_wandb", node=WandbLoggerConfig)
     from saeravel.evals.api import discover
 
     for spec in discover().values():
-        cs.store(group="eval", name=f"schema_{spec.name}", node=spec.schema)
+        cs.store(name=f"schema_eval_{spec.name}", node=spec.schema)
     _REGISTERED = True
 
 
@@ -334,3 +343,116 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         raise
+
+
+_HYDRA_FLAGS_WITH_OWN_SEARCH_PATH = (
+    "--config-dir",
+    "-cd",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+)
+
+
+def unknown_option_error(argv: Sequence[str], conf_dir: str | Path) -> str | None:
+    """The first command-line choice of a config group that is not one of the group's options
+    (``sae=no_such``, ``model=gpt3``, ``eval=rave,ravel``), as one line naming the group's real
+    options with a "did you mean"; then the first value or key the schemas reject
+    (``eval.method=dsa``); None if all is well.
+
+    Checked through Hydra's public API (its override parser and the config loader's group
+    options, ConfigStore groups included) before ``hydra.main`` composes, whose own message is
+    several lines long. Flags that change the search path or primary config, shell completion
+    and overrides Hydra cannot parse are left to Hydra.
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from saeravel.errors import UserError, choose
+
+    if any(a.split("=")[0] in _HYDRA_FLAGS_WITH_OWN_SEARCH_PATH or a.startswith("-sc") or
+           a.startswith("--shell-completion") for a in argv):  # fmt: skip
+        return None
+    lines = [a for a in argv if "=" in a and not a.startswith("-")]
+    if not lines or GlobalHydra.instance().is_initialized():
+        return None
+    register_configs()
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except HydraException:
+        return None  # a malformed override: Hydra's own message says where
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for o in overrides:
+            group = o.key_or_group
+            if o.is_delete() or group.startswith("hydra.") or "." in group:
+                continue  # a key, not a group
+            options = loader.get_group_options(group, results_filter=ObjectType.CONFIG)
+            if not options:
+                continue  # not a group (or one with no options): Hydra decides
+            if o.is_sweep_override():
+                try:
+                    values = list(o.sweep_string_iterator())
+                except HydraException:
+                    continue  # glob(), range(): Hydra expands them
+            else:
+                values = [o.value()]
+            for value in values:
+                if not isinstance(value, str) or "${" in value:
+                    continue  # null (no option) or an interpolation
+                try:
+                    choose(f"{group} option", value, options)
+                except UserError as exc:
+                    return str(exc)
+        return _value_error(overrides)
+    return None
+
+
+def _value_error(overrides: Sequence[Any]) -> str | None:
+    """Compose the job (each value of a sweep in turn) and return Hydra's complaint about a
+    value or a key (``eval.method=dsa``: not one of the Enum's members) as one line, or None."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    def line(o: Any, value: Any) -> str:
+        return f"{o.get_key_element()}={value}"
+
+    base = []
+    for o in overrides:
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+        except HydraException:
+            return None  # glob(), range(): left to Hydra's sweeper
+        base.append([line(o, v) for v in values] if values is not None else [o.input_line])
+    jobs = [[vs[0] for vs in base]]
+    jobs += [
+        [*(vs[0] for vs in base[:i]), v, *(vs[0] for vs in base[i + 1 :])]
+        for i, vs in enumerate(base)
+        for v in vs[1:]
+    ]
+    for job in jobs:
+        try:
+            compose("config", overrides=job, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as exc:
+            cause = exc.__cause__ or exc
+            what = (
+                str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            )
+            head = str(exc).strip().splitlines()[0] if cause is not exc else ""
+            bad = head.removeprefix("Error merging override ").strip().rstrip(".")
+            return f"{bad}: {what}" if bad and bad != what else what
+    return None
+
+
+def exit_on_unknown_option(argv: Sequence[str], conf_dir: str | Path) -> None:
+    """``run.py``'s check before Hydra composes: an unknown option of a config group, or a value
+    or key the schema rejects (each value of a sweep), is one line on stderr and exit code 2
+    (the exit code of every other bad input)."""
+    if (message := unknown_option_error(argv, conf_dir)) is not None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

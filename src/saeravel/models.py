@@ -174,6 +174,8 @@ def offline_hint(model_name: str, hf_name: str) -> str:
 class TransformerLensModel:
     """A pretrained model through ``HookedTransformer.from_pretrained``."""
 
+    own_world = False  # its RAVEL data and SAE training text come from elsewhere
+
     def __init__(
         self,
         name: str,
@@ -232,6 +234,18 @@ class TransformerLensModel:
             ),
         }
         return LoadedModel(model=model, name=self.name, processing=processing, info=info)
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Its Hugging Face repo (config, tokenizer, one set of weights) in the hub cache;
+        ``verify`` loads it offline as a job would."""
+        from saeravel.offline import hub_model_need, hub_offline_mode
+
+        def verify() -> None:
+            with hub_offline_mode():
+                self.load({})
+
+        label = f"model {self.repo_id} (model={self.name})"
+        return [hub_model_need(self.repo_id, label, verify)]
 
 
 def official_repo(model_name: str, hf_name: str) -> str:

@@ -41,6 +41,7 @@ from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
     atomic_write_json,
     build_record,
+    file_lock,
     git_commit,
     job_hash,
     load_stored,
@@ -91,7 +92,7 @@ def check_known_keys(cfg: DictConfig) -> None:
     """Every key of a schema-typed node must be a field of its schema. Hydra's ``+`` adds any
     key, even to a typed node (``+eval.epoch=2`` would run the default 20 epochs): a one-line
     :class:`UserError` naming the key and its closest valid names. Free-form dict fields
-    (``model.from_pretrained_kwargs``, ``sae.kwargs``) take any key."""
+    (``model.from_pretrained_kwargs``, ``sae.object``) take any key."""
 
     def walk(node: DictConfig, prefix: str) -> None:
         schema = OmegaConf.get_type(node)
@@ -173,15 +174,51 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     )  # fmt: skip
     _check_writable(out_dir)
     _check_writable(index)
-    if not cfg.force:
-        done, why = load_stored(store, jid, resolved)
-        if done is not None:
-            log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
-            _write_result(out_dir, done, spec)  # this sweep's folder is complete too
-            checkpoint.clear()  # left over if a job stopped between its result and this cleanup
+    if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint)):
+        return done
+    # One process at a time computes a job: an identical job started at the same moment (two
+    # sweeps, a requeue) waits here, then returns the result the first one wrote. The lock is
+    # the kernel's (flock), so a job killed with -9 releases it.
+    busy = f"job {jid} is running in another process; waiting for it"
+    with file_lock(index / ".locks" / f"{jid}.lock", busy=busy):
+        if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint)):
             return done
-        if why is not None:
-            log.warning("stored result %s is not this job's (%s); recomputing", store, why)
+        return _compute(cfg, resolved, jid, spec, uses_sae, job_logger, checkpoint, start)
+
+
+def _stored(
+    store: Path,
+    jid: str,
+    resolved: Mapping[str, Any],
+    out_dir: Path,
+    spec: EvalSpec,
+    checkpoint: CheckpointStore,
+) -> dict[str, Any] | None:
+    """This job's checked stored record (also copied into this run's folder), or None."""
+    done, why = load_stored(store, jid, resolved)
+    if done is not None:
+        log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
+        _write_result(out_dir, done, spec)  # this sweep's folder is complete too
+        checkpoint.clear()  # left over if a job stopped between its result and this cleanup
+        return done
+    if why is not None:
+        log.warning("stored result %s is not this job's (%s); recomputing", store, why)
+    return None
+
+
+def _compute(
+    cfg: DictConfig,
+    resolved: dict[str, Any],
+    jid: str,
+    spec: EvalSpec,
+    uses_sae: bool,
+    job_logger: Any,
+    checkpoint: CheckpointStore,
+    start: float,
+) -> dict[str, Any]:
+    """Load the model and SAE, run the eval, write the result (the job lock is held)."""
+    out_dir = Path(cfg.paths.output_dir)
+    index = Path(cfg.paths.results_dir) / cfg.eval.name
     job_logger.start(resolved, jid, out_dir)  # never raises: a logging failure is one warning
     checkpoint.claim({"job_hash": jid, "saeravel": __version__, "git_commit": git_commit()})
     if checkpoint.names():

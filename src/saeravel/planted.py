@@ -373,10 +373,19 @@ class PlantedModel:
     (first thing in :meth:`load` and :meth:`key`), not in ``__init__``: Hydra's ``instantiate``
     would wrap a :class:`UserError` raised there into a multi-line traceback."""
 
+    own_world = True  # the planted world: RAVEL data and SAE training text offline
+
     def __init__(self, name: str, **kwargs: Any) -> None:
         self.name = name
         self._kwargs = kwargs
         self._valid = False
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing: it is built analytically at run time."""
+        from saeravel.offline import Skip
+
+        why = "planted: built analytically at run time, nothing to fetch"
+        return [Skip(f"model={self.name}", why)]
 
     def validate(self) -> None:
         """One-line :class:`UserError` for a config that cannot be built (nothing heavy)."""
@@ -564,6 +573,13 @@ class PlantedSAESource:
 
     def required_model_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing: it is built from the planted world at run time."""
+        from saeravel.offline import Skip
+
+        why = "built from the planted world at run time, nothing to fetch"
+        return [Skip(f"sae={self.family}", why)]
 
     def load(self, model: LoadedModel) -> SAE:
         if self.dictionary not in DICTIONARIES:

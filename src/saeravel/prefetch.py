@@ -16,6 +16,12 @@ The embedded model and ``sae=trained`` are trained on first use, not downloaded
 Items already in the cache are not downloaded again. With ``--check`` (implied by
 ``HF_HUB_OFFLINE=1``) nothing is downloaded: the cache is checked and what is missing is listed.
 
+What a job needs is its sources' answer: prefetch composes each job with ``hydra.compose``
+(the sweep expanded with Hydra's public override parser, as its basic sweeper does), builds the
+job's model source and, if the eval loads one, its SAE source, and asks each
+``offline_needs(ctx)`` (:mod:`saeravel.offline`: a ``Need`` to check or fetch, or a ``Skip``
+saying why nothing is needed); it knows no source class by name.
+
 A comma list of experiments is expanded one experiment at a time, each with its own swept
 values (as ``launchers/paper_grid.sh`` runs them), so
 ``experiment=paper_grid,paper_grid_baselines,paper_grid_apollo`` covers the paper's grid.
@@ -28,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import itertools
 import logging
-import os
-import re
 import stat
 import sys
 import urllib.error
@@ -45,20 +49,21 @@ from typing import Any
 from omegaconf import DictConfig
 
 from saeravel.errors import UserError
-from saeravel.hub import hub_offline, hub_offline_mode
+from saeravel.hub import hub_offline
+from saeravel.offline import (  # noqa: F401 (part of this module's interface)
+    Need,
+    OfflineContext,
+    Skip,
+    hub_offline_mode,
+    model_folder_missing,
+    select_model_files,
+)
 from saeravel.taskdata import resolve_source
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-TL_MODEL = "saeravel.models.TransformerLensModel"
-EMBEDDED_MODEL = "saeravel.tiny_lm.EmbeddedModel"
-PLANTED_MODEL = "saeravel.planted.PlantedModel"
 PROBE_TIMEOUT_S = 10.0
-WANDB_DEFAULT_URL = "https://api.wandb.ai"
-# top-level files of a model repo that transformers reads besides the weights
-_MODEL_SMALL_FILES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
-_TOKENIZER_FILES = {"tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -136,331 +141,6 @@ def _probe(url: str, timeout: float) -> str | None:
     return None
 
 
-def _hub_endpoint() -> str:
-    import huggingface_hub.constants as hub_constants
-
-    return hub_constants.ENDPOINT
-
-
-def _hub_cache() -> Path:
-    import huggingface_hub.constants as hub_constants
-
-    return Path(hub_constants.HF_HUB_CACHE)
-
-
-def _repo_cache(repo: str) -> Path:
-    return _hub_cache() / f"models--{repo.replace('/', '--')}"
-
-
-# ----------------------------------------------------------------------------- items
-
-
-class Item:
-    """One thing to fetch. ``check`` looks in the cache only (no network) and returns the
-    files, or raises a :class:`UserError` saying what is missing; ``fetch`` downloads."""
-
-    kind = ""
-
-    def __init__(self, name: str, source: str, dest: str) -> None:
-        self.name = name
-        self.source = source
-        self.dest = dest
-        self.jobs = 0
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        return (self.kind, self.name, self.dest)
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind} {self.name}"
-
-    def check(self) -> list[Path]:
-        raise NotImplementedError
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        raise NotImplementedError
-
-    def cached(self) -> bool:
-        """Whether it is in the cache (no network)."""
-        try:
-            self.check()
-        except Exception:  # a missing or unreadable cache entry both mean "fetch it"
-            return False
-        return True
-
-    def verify(self) -> None:
-        """Load it offline as a job would (``--verify``); a no-op where ``check`` suffices."""
-
-
-def select_model_files(files: Iterable[str]) -> list[str]:
-    """The files of a model repo ``HookedTransformer.from_pretrained`` needs: top-level
-    config and tokenizer files and one set of weights (safetensors, else PyTorch ``.bin``)."""
-    top = sorted(f for f in files if "/" not in f)
-    small = [f for f in top if f.endswith(_MODEL_SMALL_FILES)]
-    weights = [f for f in top if f.endswith(".safetensors")]
-    weights = weights or [f for f in top if re.fullmatch(r"pytorch_model.*\.bin", f)]
-    weights = weights or [f for f in top if f.endswith((".pth", ".pt", ".bin"))]
-    return small + weights
-
-
-def model_folder_missing(folder: Path) -> str | None:
-    """What a cached model snapshot lacks (config, complete weights, tokenizer), or None."""
-    names = {p.name for p in folder.iterdir() if p.exists()} if folder.is_dir() else set()
-    if "config.json" not in names:
-        return "config.json"
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if index in names:
-            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
-            if missing := sorted(shards - names):
-                return ", ".join(missing)
-            break
-    else:
-        if not any(
-            n.endswith(".safetensors") or re.fullmatch(r"pytorch_model.*\.bin", n) for n in names
-        ):
-            return "weights (*.safetensors or pytorch_model.bin)"
-    if not names & _TOKENIZER_FILES:
-        return "tokenizer files"
-    return None
-
-
-class ModelItem(Item):
-    """A transformer_lens model's Hugging Face repo (files selected by :func:`select_model_files`)."""
-
-    kind = "model"
-
-    def __init__(self, model_cfg: DictConfig) -> None:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-
-        try:
-            repo = get_official_model_name(model_cfg.hf_name)
-        except ValueError:
-            raise UserError(
-                f"model {model_cfg.name}: transformer_lens knows no model {model_cfg.hf_name!r}"
-            ) from None
-        super().__init__(repo, f"{_hub_endpoint()}/{repo}", str(_hub_cache()))
-        self.model_cfg = model_cfg
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        return (self.kind, self.name)
-
-    @property
-    def label(self) -> str:
-        return f"model {self.name} (model={self.model_cfg.name})"
-
-    def check(self) -> list[Path]:
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(self.name, local_files_only=True))
-        except Exception:  # LocalEntryNotFoundError, or a broken cache entry
-            raise UserError(f"not in the Hugging Face cache ({_hub_cache()})") from None
-        if (missing := model_folder_missing(folder)) is not None:
-            raise UserError(f"incomplete in the Hugging Face cache ({folder}): no {missing}")
-        return [folder]
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        from huggingface_hub import HfApi, snapshot_download
-
-        reach.require(_hub_endpoint())
-        wanted = select_model_files(HfApi().list_repo_files(self.name))
-        folder = Path(snapshot_download(self.name, allow_patterns=wanted))
-        return [folder / f for f in wanted]
-
-    def verify(self) -> None:
-        from hydra.utils import instantiate
-
-        with hub_offline_mode():
-            instantiate(self.model_cfg, device="cpu").load({})
-
-
-class SaeLensItem(Item):
-    """An SAE of sae_lens' pretrained directory: its files in the release's Hugging Face repo."""
-
-    kind = "sae_lens"
-
-    def __init__(self, release: str, sae_id: str) -> None:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-        directory = get_pretrained_saes_directory()
-        if release not in directory or sae_id not in directory[release].saes_map:
-            raise UserError(f"sae_lens has no SAE {sae_id!r} in release {release!r}")
-        lookup = directory[release]
-        self.release, self.sae_id = release, sae_id
-        self.repo, self.path = lookup.repo_id, lookup.saes_map[sae_id]
-        # sae_lens' own layout (cfg.json + weights in a folder) is downloaded file by file;
-        # other layouts are loaded once through sae_lens, which caches what it reads
-        self.native = lookup.conversion_func in (None, "sae_lens")
-        where = f"{self.path}/" if self.native else f"{self.path} (via sae_lens)"
-        super().__init__(
-            f"{release} {sae_id}", f"{_hub_endpoint()}/{self.repo} {where}", str(_hub_cache())
-        )
-
-    def _files(self) -> tuple[list[str], str]:
-        from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
-
-        needed = [f"{self.path}/{SAE_CFG_FILENAME}", f"{self.path}/{SAE_WEIGHTS_FILENAME}"]
-        return needed, f"{self.path}/{SPARSITY_FILENAME}"
-
-    def _load(self) -> None:
-        from saeravel.saes.loaders import load_pretrained_sae_lens
-
-        load_pretrained_sae_lens(self.release, self.sae_id)
-
-    def check(self) -> list[Path]:
-        from huggingface_hub import try_to_load_from_cache
-
-        if not self.native:
-            with hub_offline_mode():
-                self._load()
-            return [_repo_cache(self.repo)]
-        needed, optional = self._files()
-        paths = []
-        for filename in [*needed, optional]:
-            got = try_to_load_from_cache(self.repo, filename)
-            if isinstance(got, str):
-                paths.append(Path(got))
-            elif filename != optional:
-                raise UserError(f"{filename} of {self.repo} is not in the Hugging Face cache")
-        return paths
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        reach.require(_hub_endpoint())
-        if not self.native:
-            self._load()
-            return [_repo_cache(self.repo)]
-        needed, optional = self._files()
-        paths = [Path(hf_hub_download(self.repo, f)) for f in needed]
-        try:
-            paths.append(Path(hf_hub_download(self.repo, optional)))
-        except EntryNotFoundError:
-            pass  # not every SAE has a sparsity file; sae_lens does without it
-        return paths
-
-    def verify(self) -> None:
-        with hub_offline_mode():
-            self._load()
-
-
-class ApolloItem(Item):
-    """An Apollo e2e SAE's wandb run (latest checkpoint and config), via ApolloWandbSource."""
-
-    kind = "apollo"
-
-    def __init__(self, source: Any) -> None:
-        self.loader = source
-        run_path = f"{source.project}/{source.run_id()}"
-        super().__init__(run_path, f"wandb {run_path}", str(source.run_dir()))
-
-    def check(self) -> list[Path]:
-        ckpt = self.loader._cached(self.loader.run_dir())
-        if ckpt is None:
-            hint = "" if os.environ.get("WANDB_API_KEY") else "; fetching it needs WANDB_API_KEY"
-            raise UserError(f"not in the cache ({self.dest}){hint}")
-        return [ckpt.parent]
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        if os.environ.get("WANDB_API_KEY"):  # without it, fetch fails at once with the route
-            reach.require(os.environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_URL)
-        return [self.loader.fetch().parent]
-
-
-class RavelItem(Item):
-    """RAVEL's city files (``download_ravel``) in ``paths.cache_dir/ravel``."""
-
-    kind = "ravel"
-
-    def __init__(self, cache_dir: Path) -> None:
-        from saeravel.ravel import data
-
-        self.cache_dir = cache_dir
-        super().__init__("city data", data.RAVEL_URL, str(cache_dir / "ravel"))
-
-    def check(self) -> list[Path]:
-        from saeravel.ravel.data import CITY_FILES
-
-        dest = Path(self.dest)
-        missing = [f for f in CITY_FILES.values() if not (dest / f).is_file()]
-        if missing:
-            n = f"{len(missing)} of {len(CITY_FILES)}"
-            raise UserError(f"not in the cache ({dest} lacks {n} city files)")
-        return [dest]
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        from saeravel.ravel import data
-
-        reach.require(data.RAVEL_URL)
-        return [data.download_ravel(self.cache_dir, url=data.RAVEL_URL)]
-
-
-class EmbeddedModelItem(Item):
-    """``--train-embedded``: the embedded model, trained and cached here (no download)."""
-
-    kind = "train"
-
-    def __init__(self, source: Any) -> None:
-        self.loader = source
-        self._loaded: Any = None
-        super().__init__(f"model={source.name}", "", str(source.folder()))
-
-    def check(self) -> list[Path]:
-        if not (Path(self.dest) / "meta.json").is_file():  # written last: marks it complete
-            raise UserError(f"not trained yet ({self.dest})")
-        return [Path(self.dest)]
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} (embedded)"
-
-    def loaded(self) -> Any:
-        """The model, trained first if it is not cached (once per run)."""
-        if self._loaded is None:
-            self._loaded = self.loader.load()
-        return self._loaded
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        self.loaded()
-        return [Path(self.dest)]
-
-
-class TrainedSaeItem(Item):
-    """``--train-embedded``: ``sae=trained`` on the embedded model at one layer."""
-
-    kind = "train"
-
-    def __init__(self, source: Any, model_item: EmbeddedModelItem) -> None:
-        self.loader = source
-        self.model_item = model_item
-        name = f"sae=trained on {model_item.loader.name} layer {source.layer}"
-        super().__init__(name, "", str(Path(source.cache_dir) / "saes"))
-        self._key = json.dumps([model_item.dest, source.layer, source.hparams], sort_keys=True)
-
-    @property
-    def key(self) -> tuple[str, ...]:
-        return (self.kind, self._key)
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-    def check(self) -> list[Path]:
-        self.model_item.check()
-        folder = self.loader._folder(self.model_item.loaded())
-        if not (folder / "meta.json").is_file():  # written last: marks it complete
-            raise UserError(f"not trained yet ({folder})")
-        return [folder]
-
-    def fetch(self, reach: Reachability) -> list[Path]:
-        model = self.model_item.loaded()
-        self.loader.load(model)
-        return [self.loader._folder(model)]
-
-
 # ----------------------------------------------------------------------------- plan
 
 
@@ -474,24 +154,37 @@ class Job:
 
 @dataclass
 class Plan:
-    """What the jobs need (each item once), what needs nothing and why, and planning errors."""
+    """What the jobs need (each need once), what needs nothing and why, and planning errors."""
 
     n_jobs: int = 0
     sweeps: list[list[str]] = field(default_factory=list)
-    items: dict[tuple[str, ...], Item] = field(default_factory=dict)
+    items: dict[tuple[str, ...], Need] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
-    def add(self, item: Item) -> Item:
-        """``item``, or the equal one already planned; counts the job."""
-        item = self.items.setdefault(item.key, item)
-        item.jobs += 1
-        return item
+    def add(self, need: Need) -> Need:
+        """``need``, or the equal one already planned; counts the job."""
+        need = self.items.setdefault(need.key, need)
+        need.jobs += 1
+        return need
 
-    def ordered(self) -> list[Item]:
-        """The items grouped by kind (models, SAEs, Apollo runs, data, training), stable."""
+    def take(self, answers: Iterable[Need | Skip]) -> list[Need]:
+        """A source's answer: its needs planned (as :meth:`add`), its skips noted."""
+        needs = []
+        for answer in answers:
+            if isinstance(answer, Skip):
+                self.skip(answer.what, answer.why)
+            else:
+                needs.append(self.add(answer))
+        return needs
+
+    def ordered(self) -> list[Need]:
+        """The needs grouped by kind (models, SAEs, Apollo runs, data, training), stable."""
         order = ["model", "sae_lens", "apollo", "ravel", "train"]
-        return sorted(self.items.values(), key=lambda i: order.index(i.kind))
+        return sorted(
+            self.items.values(),
+            key=lambda i: order.index(i.kind) if i.kind in order else len(order),
+        )
 
     def skip(self, what: str, why: str) -> None:
         self.skipped.setdefault(what, why)
@@ -511,17 +204,32 @@ def sweeps_of(overrides: Sequence[str], parser: Any) -> list[list[str]]:
     return [lines]
 
 
+def expand_sweep(overrides: Sequence[Any]) -> list[list[str]]:
+    """The jobs of parsed ``overrides`` as Hydra's basic sweeper expands them: each override
+    is one key (a key given twice keeps its first place and its last values), a sweep
+    (``a,b``, ``range(...)``, ``choice(...)``) its values; the jobs are the product."""
+    per_key: dict[str, list[str]] = {}
+    for o in overrides:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                raise UserError(f"{o.input_line}: Hydra's basic sweeper expands no interval sweeps")
+            per_key[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            per_key[key] = [f"{key}={o.get_value_element_as_str()}"]
+    return [list(job) for job in itertools.product(*per_key.values())]
+
+
 def compose_jobs(
     overrides: Sequence[str], conf_dir: Path = CONF_DIR
 ) -> tuple[list[list[str]], list[Job]]:
-    """The sweeps and the jobs of ``python run.py -m <overrides>``, composed.
+    """The sweeps and the jobs of ``python run.py -m <overrides>``, composed with
+    ``hydra.compose``.
 
     As Hydra's basic sweeper: the experiment's ``hydra.sweeper.params`` first, then the
     command line (a key given on both keeps the command line's values), product of the lists.
     """
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from saeravel.config import register_configs
@@ -530,8 +238,8 @@ def compose_jobs(
         raise UserError(f"no config.yaml in {conf_dir}; pass --config-dir <repo>/conf")
     register_configs()
     jobs: list[Job] = []
+    parser = OverridesParser.create()
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base="1.3"):
-        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         sweeps = sweeps_of(overrides, parser)
         for sweep in sweeps:
             fixed = [
@@ -539,14 +247,13 @@ def compose_jobs(
             ]
             base = compose("config", overrides=fixed, return_hydra_config=True)
             params = [f"{k}={v}" for k, v in (base.hydra.sweeper.get("params") or {}).items()]
-            batches = BasicSweeper.split_arguments(parser.parse_overrides([*params, *sweep]), None)
-            for job in (list(j) for batch in batches for j in batch):
+            for job in expand_sweep(parser.parse_overrides([*params, *sweep])):
                 jobs.append(Job(job, compose("config", overrides=job)))
     return sweeps, jobs
 
 
 def plan_jobs(jobs: Sequence[Job], train_embedded: bool = False) -> Plan:
-    """What ``jobs`` need, each item once (nothing is downloaded or loaded)."""
+    """What ``jobs`` need, each need once (nothing is downloaded or loaded)."""
     plan = Plan(n_jobs=len(jobs))
     for job in jobs:
         try:
@@ -557,109 +264,40 @@ def plan_jobs(jobs: Sequence[Job], train_embedded: bool = False) -> Plan:
 
 
 def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
-    from hydra.utils import instantiate
-
+    """Ask the job's model source, then its SAE source (if the eval loads one), what they
+    need offline; then the RAVEL data ``eval=ravel`` reads."""
+    from saeravel.config import instantiate
     from saeravel.evals.api import get_eval
+    from saeravel.ravel import data as ravel_data
+    from saeravel.saes.loaders import build_sae_source
 
-    model_name = cfg.model.name
-    target = cfg.model._target_
-    embedded = target in (EMBEDDED_MODEL, PLANTED_MODEL)  # both carry their own world
-    model_item: Item | None = None
-    if target == TL_MODEL:
-        if Path(cfg.model.hf_name).expanduser().exists():
-            plan.skip(f"model={model_name}", f"a local folder ({cfg.model.hf_name})")
-        else:
-            model_item = plan.add(ModelItem(cfg.model))
-    elif target == PLANTED_MODEL:
-        plan.skip(
-            f"model={model_name}", "planted: built analytically at run time, nothing to fetch"
-        )
-    elif embedded:
-        if train_embedded:
-            model_item = plan.add(EmbeddedModelItem(instantiate(cfg.model)))
-        else:
-            plan.skip(
-                f"model={model_name}",
-                "embedded: trained here on first use (~2 min on CPU) and cached, nothing to "
-                "download (--train-embedded trains it now)",
-            )
-    else:
-        plan.skip(f"model={model_name}", f"{target} is not a source prefetch knows")
+    cache_dir = Path(cfg.paths.cache_dir).expanduser()
+    model = instantiate(cfg.model, device="cpu")  # where it would run does not matter here
+    ctx = OfflineContext(cache_dir, train=train_embedded, model=model)
+    ctx.model_needs = plan.take(model.offline_needs(ctx))
 
     spec = get_eval(cfg.eval.name)
     family = cfg.sae.get("family", "?")
     if spec.needs_sae(cfg.eval):
-        _plan_sae(cfg, plan, model_item, train_embedded)
+        plan.take(build_sae_source(cfg.sae).offline_needs(ctx))
     elif family != "none":
         method = cfg.eval.get("method")
         jobs = f"eval={spec.name}" + (f" eval.method={method}" if method else "")
         plan.skip(f"sae={family} ({jobs} jobs)", "not loaded: these jobs use no SAE")
 
-    cache_dir = Path(cfg.paths.cache_dir).expanduser()
     if spec.name == "ravel":
         if cfg.eval.data_dir:
             plan.skip("RAVEL data", f"read from eval.data_dir={cfg.eval.data_dir}")
-        elif resolve_source(cfg.eval.data_source, embedded, other="ravel") == "ravel":
-            plan.add(RavelItem(cache_dir))
+        elif resolve_source(cfg.eval.data_source, model.own_world, other="ravel") == "ravel":
+            plan.add(ravel_data.offline_need(cache_dir))
         else:
-            plan.skip("RAVEL data", f"not needed: eval=ravel on {model_name} uses its own world")
-    elif not embedded:
+            plan.skip("RAVEL data", f"not needed: eval=ravel on {model.name} uses its own world")
+    elif not model.own_world:
         plan.skip(
             f"eval={spec.name} data",
-            f"the Hugging Face datasets eval={spec.name} reads on {model_name} are not "
+            f"the Hugging Face datasets eval={spec.name} reads on {model.name} are not "
             "prefetched (download them with `datasets` here, then HF_DATASETS_OFFLINE=1)",
         )
-
-
-def _plan_sae(cfg: DictConfig, plan: Plan, model_item: Item | None, train_embedded: bool) -> None:
-    from saeravel.planted import PlantedSAESource
-    from saeravel.saes.loaders import (
-        ApolloWandbSource,
-        CustomSource,
-        LocalSource,
-        NoSource,
-        SaeLensSource,
-        build_sae_source,
-    )
-    from saeravel.saes.train import TrainedSource
-
-    source = build_sae_source(cfg.sae)  # a source's UserError unwrapped from Hydra's
-    family = source.family
-    if isinstance(source, SaeLensSource):
-        plan.add(SaeLensItem(*source.resolve()))
-    elif isinstance(source, ApolloWandbSource):
-        plan.add(ApolloItem(source))
-    elif isinstance(source, PlantedSAESource):
-        plan.skip(f"sae={family}", "built from the planted world at run time, nothing to fetch")
-    elif isinstance(source, TrainedSource) and cfg.model._target_ == PLANTED_MODEL:
-        plan.skip(
-            f"sae={family} on {cfg.model.name}",
-            "trained here on the planted world's fact sentences on first use, nothing to download",
-        )
-    elif isinstance(source, TrainedSource):
-        if cfg.model._target_ != EMBEDDED_MODEL:
-            plan.skip(
-                f"sae={family} on {cfg.model.name}",
-                f"trained at run time on text streamed from {source.hparams['dataset']}: the job "
-                "needs network (or train it where there is network); not prefetchable",
-            )
-        elif isinstance(model_item, EmbeddedModelItem):
-            plan.add(TrainedSaeItem(source, model_item))
-        else:
-            plan.skip(
-                f"sae={family} on {cfg.model.name}",
-                "trained here on first use and cached, nothing to download "
-                "(--train-embedded trains it now)",
-            )
-    elif isinstance(source, NoSource):
-        plan.skip(f"sae={family}", "no SAE")
-    elif isinstance(source, LocalSource):
-        where = "" if source.path.exists() else " (it does not exist here)"
-        plan.skip(f"sae={family}", f"read from disk at run time: {source.path}{where}")
-    elif isinstance(source, CustomSource):
-        plan.skip(f"sae={family}", f"built by user code ({source.target}), nothing to download")
-    else:
-        plan.skip(f"sae={family}", f"{type(source).__name__} is not a source prefetch knows")
 
 
 # ----------------------------------------------------------------------------- run
@@ -669,14 +307,14 @@ def _plan_sae(cfg: DictConfig, plan: Plan, model_item: Item | None, train_embedd
 class Outcome:
     """What happened to one item: ``fetched``, ``cached``, ``failed`` or ``planned`` (dry run)."""
 
-    item: Item
+    item: Need
     status: str
     size: int | None = None
     error: str = ""
 
 
 def run_items(
-    items: Iterable[Item],
+    items: Iterable[Need],
     *,
     dry_run: bool = False,
     check_only: bool = False,
@@ -704,7 +342,9 @@ def run_items(
                     log.info("fetching %s from %s", item.label, item.source)
                 else:
                     log.info("training %s (cached for the jobs)", item.label)
-                paths, status = item.fetch(reach), "fetched"
+                for host in item.hosts:  # fail at once on a node without network
+                    reach.require(host)
+                paths, status = item.fetch(), "fetched"
             if verify:
                 item.verify()
             outcomes.append(Outcome(item, status, disk_size(paths)))

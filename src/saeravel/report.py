@@ -4,16 +4,18 @@
 ``<folder>`` (``result.json`` files of a sweep, or the job-hash index
 ``<results_dir>/<eval>/<hash>.json``), and writes:
 
-* ``ravel.csv``: one row per (job, method, attribute intervened) with cause, isolation,
-  disentangle and the no-intervention baseline's disentangle;
+* ``ravel.csv``: one row per (job, method, attribute intervened) with disentangle, cause,
+  isolation and the no-intervention baseline's disentangle (CSV only: each score's bootstrap
+  interval, the none / swap baselines' components, protocol / match / split, kept entries);
 * ``ravel_over_seeds.csv``: mean, standard deviation and n of each score over the seeds of
   otherwise identical jobs (:data:`SEED_KEYS` are the keys that count as seeds);
 * ``<eval>.csv`` for every other eval: one row per job, one column per metric
-  (``group.metric``);
-* ``report.md``: the same tables in markdown (the CLI prints it too);
-* figures (PNG): ``disentangle_<attribute>.png`` (disentangle vs layer, one line per
-  method and setting, SAE lines labelled by family, the baseline dashed) and
-  ``cause_vs_isolation.png``.
+  (``group.metric``), the eval's :data:`HEADLINE_METRICS` first;
+* ``neuronpedia.csv``: the kept latents of every SAE with a ``neuronpedia_id``, with URLs;
+* ``report.md``: the same tables in markdown (the CLI prints it too), and the links;
+* figures (PNG, saeravel.figures): ``ravel_vs_layer.png`` (disentangle, cause and isolation
+  vs layer, a panel per attribute), ``cause_vs_isolation.png`` (a panel per method line) and
+  ``<eval>_vs_l0.png`` (the SAEBench evals' headline metrics vs L0 per SAE family).
 
 Rows are keyed by job hash (saeravel.results.job_hash), so two different jobs are never
 merged: the config values that differ between the records (``pandas.json_normalize`` of
@@ -32,7 +34,6 @@ import csv
 import json
 import logging
 import math
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +49,50 @@ log = logging.getLogger(__name__)
 RAVEL_EVAL = "ravel"
 RAVEL_GROUP = "ravel"
 BASELINE_METHOD = "baseline"
-SCORES = ("cause", "isolation", "disentangle")
+SCORES = ("disentangle", "cause", "isolation")  # the headline first
 KEY_COLUMNS = ("model", "sae", "layer", "method", "attribute", "seed")
 RAVEL_COLUMNS = (*KEY_COLUMNS, *SCORES, "baseline")
+# In the CSV, not the markdown: each score's bootstrap interval, the none / swap baselines'
+# components, the protocol, matching rule and split, the kept mask entries, the SAE's ids.
+RAVEL_DETAIL_COLUMNS = (
+    *[f"{s}_{k}" for s in SCORES for k in ("lo", "hi")],
+    "baseline_cause", "baseline_isolation", "swap_cause", "swap_isolation",
+    "protocol", "match", "split_by", "mask_kept", "kept_top", "neuronpedia_id",
+)  # fmt: skip
 PROVENANCE_COLUMNS = ("job_hash", "eval_id", "finished", "file")
+HIDDEN_COLUMNS = (*PROVENANCE_COLUMNS, *RAVEL_DETAIL_COLUMNS, "sae_identity")
+# Each eval's headline metrics (``group.metric`` columns), first in its table in this order;
+# the other metrics follow alphabetically. The SAEBench-style figure plots PLOTTED vs L0.
+HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
+    "core": ("sparsity.l0", "model_performance_preservation.ce_loss_score",
+             "model_performance_preservation.ce_loss_with_sae", "reconstruction_quality.explained_variance",
+             "model_behavior_preservation.kl_div_score", "reconstruction_quality.mse",
+             "reconstruction_quality.cossim", "misc_metrics.frac_alive"),
+    "sparse_probing": ("llm.llm_test_accuracy", "sae.sae_test_accuracy",
+                       "sae.sae_top_1_test_accuracy", "sae.sae_top_5_test_accuracy"),
+    "absorption": ("mean.mean_absorption_fraction_score", "mean.mean_full_absorption_score",
+                   "mean.mean_num_split_features"),
+    "scr": tuple(f"scr_metrics.scr_metric_threshold_{n}" for n in (2, 5, 10, 20, 50, 100, 500)),
+    "tpp": tuple(f"tpp_metrics.tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100, 500)),
+    "autointerp": ("autointerp.autointerp_score", "autointerp.autointerp_std_dev"),
+    "unlearning": ("unlearning.unlearning_score",),
+}  # fmt: skip
+PLOTTED: dict[str, tuple[tuple[str, str], ...]] = {
+    "core": (("model_performance_preservation.ce_loss_score", "CE loss score"),
+             ("reconstruction_quality.explained_variance", "explained variance")),
+    "sparse_probing": (("sae.sae_top_1_test_accuracy", "top-1 latent probe accuracy"),
+                       ("sae.sae_test_accuracy", "all-latent probe accuracy")),
+    "absorption": (("mean.mean_absorption_fraction_score", "mean absorption fraction"),
+                   ("mean.mean_full_absorption_score", "mean full absorption")),
+    "scr": tuple((f"scr_metrics.scr_metric_threshold_{n}", f"SCR, top {n} latents")
+                 for n in (2, 10, 50)),
+    "tpp": tuple((f"tpp_metrics.tpp_threshold_{n}_total_metric", f"TPP, top {n} latents")
+                 for n in (2, 10, 50)),
+    "autointerp": (("autointerp.autointerp_score", "autointerp score"),),
+    "unlearning": (("unlearning.unlearning_score", "unlearning score"),),
+}  # fmt: skip
+L0_METRIC = "sparsity.l0"  # core's L0: the x axis of the SAEBench-style figures
+NEURONPEDIA_URL = "https://www.neuronpedia.org/{neuronpedia_id}/{index}"
 GENERIC_KEY_COLUMNS = ("model", "sae", "layer")
 NO_SAE = "none"
 # Config keys that count as seeds: jobs that differ only in these are repetitions of one
@@ -153,6 +194,8 @@ class Report:
     skipped: list[tuple[Path, str]]
     files: list[Path]
     markdown: str
+    # The matplotlib figure behind each PNG written (closed; kept for inspection in tests).
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -256,8 +299,9 @@ def _flatten_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def varying_settings(records: Sequence[Record]) -> list[str]:
-    """Config paths whose values differ across ``records`` (seed keys and paths already shown
-    as key columns excluded), sorted."""
+    """Config paths whose values differ across ``records``, sorted; seed keys, paths already
+    shown as key columns and paths equal to each record's layer (interpolated ``${layer}``)
+    excluded."""
     import pandas as pd
 
     if len(records) < 2:
@@ -265,7 +309,9 @@ def varying_settings(records: Sequence[Record]) -> list[str]:
     frame = pd.DataFrame([r.config for r in records]).astype(object)
     frame = frame.where(frame.notna(), None).astype(str)
     out = [c for c in frame.columns if frame[c].nunique(dropna=False) > 1]
-    return sorted(c for c in out if c not in _SHOWN and c not in SEED_KEYS)
+    layers = [str(r.layer) for r in records]
+    is_layer = {c for c in out if frame[c].tolist() == layers}  # e.g. model.site_layer=${layer}
+    return sorted(c for c in out if c not in _SHOWN and c not in SEED_KEYS and c not in is_layer)
 
 
 def varying_seeds(records: Sequence[Record]) -> list[str]:
@@ -290,7 +336,11 @@ def ravel_rows(
     if not isinstance(group, Mapping):
         return []
     base = group.get(BASELINE_METHOD) or {}
+    swap = (rec.data["eval_result_metrics"].get("baselines") or {}).get("swap") or {}
     extra = _setting_columns(rec, settings, seeds)
+    cfg = rec.config
+    setup = {k: cfg.get(f"eval.{k}") for k in ("protocol", "match", "split_by")}
+    npid = (rec.data["saeravel"].get("sae_identity") or {}).get("neuronpedia_id")
     rows = []
     for method, by_attr in group.items():
         if method == BASELINE_METHOD or not isinstance(by_attr, Mapping):
@@ -299,6 +349,10 @@ def ravel_rows(
             if not isinstance(scores, Mapping):
                 continue
             b = base.get(attribute) if isinstance(base, Mapping) else None
+            b = b if isinstance(b, Mapping) else {}
+            sw = swap.get(attribute) if isinstance(swap, Mapping) else None
+            sw = sw if isinstance(sw, Mapping) else {}
+            kept = scores.get("kept_top")
             row = {
                 "model": rec.model,
                 "sae": rec.sae,
@@ -307,12 +361,39 @@ def ravel_rows(
                 "attribute": str(attribute),
                 "seed": rec.seed,
                 **{s: _num(scores.get(s)) for s in SCORES},
-                "baseline": _num(b.get("disentangle")) if isinstance(b, Mapping) else math.nan,
+                "baseline": _num(b.get("disentangle")),
                 **extra,
+                **_interval(scores),
+                "baseline_cause": _num(b.get("cause")),
+                "baseline_isolation": _num(b.get("isolation")),
+                "swap_cause": _num(sw.get("cause")),
+                "swap_isolation": _num(sw.get("isolation")),
+                **setup,
+                "mask_kept": scores.get("mask_kept"),
+                "kept_top": json.dumps(kept) if isinstance(kept, list) else None,
+                "neuronpedia_id": npid,
             }
             row.update(rec.provenance())
             rows.append(row)
     return rows
+
+
+def _interval(scores: Mapping[str, Any]) -> dict[str, float]:
+    """``<score>_lo`` / ``<score>_hi`` from the result's bootstrap interval (the first
+    ``ci*`` field holding per-score ``[lo, hi]`` pairs, e.g. ``ci95``); NaN without one."""
+    ci = next((v for k, v in scores.items() if k.startswith("ci") and isinstance(v, Mapping)), {})
+    out = {}
+    for s in SCORES:
+        pair = ci.get(s)
+        ok = isinstance(pair, list | tuple) and len(pair) == 2
+        out[f"{s}_lo"] = _num(pair[0]) if ok else math.nan
+        out[f"{s}_hi"] = _num(pair[1]) if ok else math.nan
+    return out
+
+
+def sae_key(rec: Record) -> str:
+    """The record's SAE identity as JSON text (sorted keys): records of one SAE share it."""
+    return json.dumps(rec.data["saeravel"].get("sae_identity") or {}, sort_keys=True)
 
 
 def generic_rows(
@@ -322,8 +403,17 @@ def generic_rows(
     row: dict[str, Any] = {"model": rec.model, "sae": rec.sae, "layer": rec.layer, "seed": rec.seed}
     row.update(_setting_columns(rec, settings, seeds))
     row.update(_flatten(rec.data["eval_result_metrics"]))
+    row["sae_identity"] = sae_key(rec)
     row.update(rec.provenance())
     return [row]
+
+
+def headline_first(eval_name: str, columns: Iterable[str]) -> list[str]:
+    """``columns`` with the eval's :data:`HEADLINE_METRICS` first (in their order), the rest
+    after, sorted."""
+    cols = set(columns)
+    head = [c for c in HEADLINE_METRICS.get(eval_name, ()) if c in cols]
+    return head + sorted(cols - set(head))
 
 
 def _newest_per_job(recs: list[Record]) -> tuple[list[Record], list[str]]:
@@ -399,7 +489,7 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
                     *[str(r.get(c)) for c in extra_cols], r["seed"] or 0,
                 )
             )  # fmt: skip
-            columns = [*RAVEL_COLUMNS, *extra_cols, *PROVENANCE_COLUMNS]
+            columns = [*RAVEL_COLUMNS, *extra_cols, *RAVEL_DETAIL_COLUMNS, *PROVENANCE_COLUMNS]
             tables.append(Table(name, columns, rows, notes, list(settings), note))
             tables.append(seed_spread(rows, settings))
             continue
@@ -409,8 +499,8 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
             key=lambda r: (r["model"], r["sae"], r["layer"], *[str(r.get(c)) for c in extra_cols])
         )
         keys = [*GENERIC_KEY_COLUMNS, "seed", *extra_cols]
-        metric_cols = sorted({c for r in rows for c in r} - set(keys) - set(PROVENANCE_COLUMNS))
-        columns = [*keys, *metric_cols, *PROVENANCE_COLUMNS]
+        present = {c for r in rows for c in r} - set(keys) - set(HIDDEN_COLUMNS)
+        columns = [*keys, *headline_first(name, present), "sae_identity", *PROVENANCE_COLUMNS]
         tables.append(Table(name, columns, rows, notes, list(settings), note))
     return tables
 
@@ -459,8 +549,9 @@ def _fmt(value: Any) -> str:
 
 
 def to_markdown(table: Table, columns: Sequence[str] | None = None) -> str:
-    """A markdown table of ``table`` (without the provenance columns by default)."""
-    cols = list(columns or [c for c in table.columns if c not in PROVENANCE_COLUMNS])
+    """A markdown table of ``table`` (without the provenance and CSV-only detail columns by
+    default)."""
+    cols = list(columns or [c for c in table.columns if c not in HIDDEN_COLUMNS])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in table.rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)).replace("|", "\\|") for c in cols) + " |")
@@ -478,10 +569,6 @@ def write_csv(table: Table, path: str | Path) -> Path:
     return path
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
-
-
 def line_label(row: Mapping[str, Any], settings: Sequence[str] = ()) -> str:
     """Legend label of a row: SAE masks by family, other methods by name, then the row's value
     of every differing setting (SAE settings only on SAE lines); seeds are averaged."""
@@ -496,83 +583,174 @@ def _legend_title(settings: Sequence[str]) -> str:
     return "differs: " + ", ".join(settings) if settings else "mean over seeds"
 
 
-def _mean(values: list[float]) -> float:
-    good = [v for v in values if not math.isnan(v)]
-    return sum(good) / len(good) if good else math.nan
-
-
-def ravel_figures(table: Table, out_dir: str | Path) -> list[Path]:
-    """Disentangle vs layer per attribute (per model if several), and cause vs isolation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def ravel_figures(table: Table, out_dir: str | Path) -> dict[Path, Any]:
+    """Per model: ``ravel_vs_layer.png`` (disentangle, cause and isolation vs layer, one
+    panel per attribute, shared y) and ``cause_vs_isolation.png`` (one panel per method
+    line); see saeravel.figures for the conventions."""
+    from saeravel import figures
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     st = table.settings
     models = sorted({r["model"] for r in table.rows})
-    written: list[Path] = []
+    written: dict[Path, Any] = {}
     for model in models:
         rows = [r for r in table.rows if r["model"] == model]
-        suffix = "" if len(models) == 1 else f"_{_slug(model)}"
-        for attribute in sorted({r["attribute"] for r in rows}):
-            sub = [r for r in rows if r["attribute"] == attribute]
-            fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            # One line per method and setting; jobs differing only in seeds are averaged.
-            for label in sorted({line_label(r, st) for r in sub}):
-                pts = _by_layer([r for r in sub if line_label(r, st) == label], "disentangle")
-                ax.plot(list(pts), list(pts.values()), marker="o", label=label)
-            base = _by_layer(sub, "baseline")
-            if any(not math.isnan(v) for v in base.values()):
-                ax.plot(list(base), list(base.values()), "k--", label="baseline (no intervention)")
-            ax.set(xlabel="layer", ylabel="disentangle", ylim=(0, 1.02))
-            ax.set_title(f"{model}: {attribute} intervened")
-            ax.set_xticks(sorted({r["layer"] for r in sub}))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, title=_legend_title(st), title_fontsize=7)
-            fig.tight_layout()
-            path = out / f"disentangle_{_slug(attribute)}{suffix}.png"
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
-        fig, ax = plt.subplots(figsize=(5.4, 5.0))
-        markers = "osD^v<>"
-        attrs = sorted({r["attribute"] for r in rows})
-        for i, label in enumerate(sorted({line_label(r, st) for r in rows})):
-            for j, attribute in enumerate(attrs):
-                pts = [
-                    r for r in rows if line_label(r, st) == label and r["attribute"] == attribute
-                ]
-                if pts:
-                    ax.scatter(
-                        [r["isolation"] for r in pts],
-                        [r["cause"] for r in pts],
-                        color=f"C{i % 10}",
-                        marker=markers[j % len(markers)],
-                        label=f"{label} / {attribute}",
-                        alpha=0.8,
-                    )
-                    for r in pts:
-                        ax.annotate(
-                            str(r["layer"]), (r["isolation"], r["cause"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points",
-                        )  # fmt: skip
-        ax.set(xlabel="isolation", ylabel="cause", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
-        ax.set_title(f"{model}: cause vs isolation (points labelled by layer)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, title=_legend_title(st), title_fontsize=7)
-        fig.tight_layout()
-        path = out / f"cause_vs_isolation{suffix}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        suffix = "" if len(models) == 1 else f"_{figures.slug(model)}"
+        setup = figures.ravel_title(rows)
+        bars = "error bars: std over seeds (n>1), else the 95% bootstrap interval"
+        path, fig = figures.ravel_layer_figure(
+            rows, lambda r: line_label(r, st), out / f"ravel_vs_layer{suffix}.png",
+            f"{model}: RAVEL scores vs layer ({setup})\n{bars}; mean over seeds",
+            _legend_title(st) if st else "",
+        )  # fmt: skip
+        written[path] = fig
+        path, fig = figures.cause_isolation_figure(
+            rows, lambda r: line_label(r, st), out / f"cause_vs_isolation{suffix}.png",
+            f"{model}: cause vs isolation ({setup}); mean over seeds",
+        )  # fmt: skip
+        written[path] = fig
     return written
 
 
-def _by_layer(rows: list[dict[str, Any]], column: str) -> dict[int, float]:
-    layers = sorted({r["layer"] for r in rows})
-    return {layer: _mean([r[column] for r in rows if r["layer"] == layer]) for layer in layers}
+def attach_l0(table: Table, core: Table | None) -> str:
+    """Give every row of ``table`` an ``l0`` value: its own :data:`L0_METRIC` if it has one,
+    else the mean L0 of the core rows of the same model, layer and SAE identity. Returns
+    where the L0 came from (one line for the report)."""
+    lookup: dict[tuple, list[float]] = {}
+    for r in core.rows if core is not None else []:
+        v = _num(r.get(L0_METRIC))
+        if not math.isnan(v):
+            lookup.setdefault((r["model"], r["layer"], r.get("sae_identity")), []).append(v)
+    own = joined = 0
+    for r in table.rows:
+        v = _num(r.get(L0_METRIC))
+        if math.isnan(v):
+            vals = lookup.get((r["model"], r["layer"], r.get("sae_identity")), [])
+            v = sum(vals) / len(vals) if vals else math.nan
+            joined += not math.isnan(v)
+        else:
+            own += 1
+        r["l0"] = v
+    missing = len(table.rows) - own - joined
+    hint = " (run eval=core for those SAEs)" if missing else ""
+    return (
+        f"L0: {own} rows from their own record, {joined} from eval=core's record of the same "
+        f"model, layer and SAE, {missing} without{hint}"
+    )
+
+
+def l0_figures(tables: Sequence[Table], out_dir: str | Path) -> tuple[dict[Path, Any], list[str]]:
+    """SAEBench-style figures: per eval with :data:`PLOTTED` metrics, the headline metric(s)
+    vs L0, one line per SAE family and layer (and differing non-SAE setting), one point per
+    SAE (seeds averaged). Returns the files and one note per eval."""
+    from saeravel import figures
+
+    core = next((t for t in tables if t.name == "core"), None)
+    written: dict[Path, Any] = {}
+    notes: list[str] = []
+    for table in tables:
+        if table.name not in PLOTTED or not table.rows:
+            continue
+        note = attach_l0(table, core)
+        metrics = [(c, lab) for c, lab in PLOTTED[table.name] if c in table.columns]
+        rows = [r for r in table.rows if not math.isnan(r["l0"])]
+        if not metrics or not rows:
+            notes.append(f"{table.name}: no figure ({note}; metrics found: {len(metrics)})")
+            continue
+        st = table.settings
+        other = [k for k in st if not k.startswith("sae.")]
+        layers = len({r["layer"] for r in rows}) > 1
+
+        def line_of(r: Mapping[str, Any], other: list[str] = other, layers: bool = layers) -> str:
+            lab = str(r["sae"]) + (f" (layer {r['layer']})" if layers else "")
+            if other:
+                lab += " [" + ", ".join(f"{k}={_fmt(r.get(k))}" for k in other) + "]"
+            return lab
+
+        def point_of(r: Mapping[str, Any], st: list[str] = st) -> str:
+            return json.dumps([r.get("sae_identity"), *[str(r.get(k)) for k in st]])
+
+        models = sorted({r["model"] for r in rows})
+        for model in models:
+            mine = [r for r in rows if r["model"] == model]
+            suffix = "" if len(models) == 1 else f"_{figures.slug(model)}"
+            path, fig = figures.metric_vs_l0_figure(
+                mine, metrics, line_of, point_of, Path(out_dir) / f"{table.name}_vs_l0{suffix}.png",
+                f"{model}: {table.name} vs L0 (one point per SAE, mean over seeds, bars: std)",
+            )  # fmt: skip
+            written[path] = fig
+        notes.append(f"{table.name}: {note}")
+    return written, notes
+
+
+def neuronpedia_url(neuronpedia_id: str, index: int) -> str:
+    """The Neuronpedia page of one latent: ``neuronpedia_id`` is sae_lens' ``<model>/<sae>``
+    (e.g. ``gpt2-small/8-res-jb``)."""
+    return NEURONPEDIA_URL.format(neuronpedia_id=neuronpedia_id.strip("/"), index=int(index))
+
+
+def _latent_method(rec: Record, method: str, scores: Mapping[str, Any]) -> bool:
+    """Whether a method's kept entries index SAE latents: an ``sae*`` method whose mask is as
+    wide as the SAE's dictionary (when the record states ``d_sae``)."""
+    if not method.startswith("sae"):
+        return False
+    d_sae = (rec.data.get("sae_cfg_dict") or {}).get("d_sae")
+    size = scores.get("mask_size")
+    return not (isinstance(d_sae, int) and d_sae > 0 and isinstance(size, int) and size != d_sae)
+
+
+def neuronpedia_table(records: Iterable[Record]) -> Table:
+    """One row per kept SAE latent (``kept_top``, most confident first) of every ravel record
+    whose SAE has a ``neuronpedia_id``, with its Neuronpedia URL. SAEs without an id get no
+    rows."""
+    cols = ["model", "sae", "layer", "seed", "neuronpedia_id", "method", "attribute",
+            "rank", "latent", "mask_kept", "url", "job_hash"]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        npid = (rec.data["saeravel"].get("sae_identity") or {}).get("neuronpedia_id")
+        group = rec.data["eval_result_metrics"].get(RAVEL_GROUP)
+        if not npid or not isinstance(group, Mapping):
+            continue
+        for method, by_attr in group.items():
+            if method == BASELINE_METHOD or not isinstance(by_attr, Mapping):
+                continue
+            for attribute, scores in by_attr.items():
+                kept = scores.get("kept_top") if isinstance(scores, Mapping) else None
+                if not isinstance(kept, list) or not _latent_method(rec, str(method), scores):
+                    continue
+                for rank, idx in enumerate(kept):
+                    rows.append({
+                        "model": rec.model, "sae": rec.sae, "layer": rec.layer, "seed": rec.seed,
+                        "neuronpedia_id": str(npid), "method": str(method),
+                        "attribute": str(attribute), "rank": rank, "latent": int(idx),
+                        "mask_kept": scores.get("mask_kept"),
+                        "url": neuronpedia_url(str(npid), int(idx)),
+                        "job_hash": rec.data["saeravel"].get("job_hash", ""),
+                    })  # fmt: skip
+    rows.sort(key=lambda r: (r["model"], r["neuronpedia_id"], r["layer"], r["method"],
+                             r["attribute"], r["seed"] or 0, r["job_hash"], r["rank"]))  # fmt: skip
+    about = "kept SAE latents (most confident mask entries first) on neuronpedia.org"
+    return Table("neuronpedia", cols, rows, [], [], about)
+
+
+def neuronpedia_markdown(table: Table, per_line: int = 16) -> list[str]:
+    """The links of :func:`neuronpedia_table` as one markdown list item per (job, method,
+    attribute), the first ``per_line`` latents linked (all are in ``neuronpedia.csv``)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in table.rows:
+        key = (r["model"], r["neuronpedia_id"], r["layer"], r["seed"], r["method"],
+               r["attribute"], r["job_hash"])  # fmt: skip
+        groups.setdefault(key, []).append(r)
+    lines = []
+    for (model, npid, layer, seed, method, attr, _), rows in groups.items():
+        links = ", ".join(f"[{r['latent']}]({r['url']})" for r in rows[:per_line])
+        more = f" (+{len(rows) - per_line} in neuronpedia.csv)" if len(rows) > per_line else ""
+        kept = rows[0]["mask_kept"]
+        lines.append(
+            f"- {model} layer {layer} `{npid}` seed {seed}, {method} / {attr} "
+            f"({kept} kept, the top {len(rows)} recorded by eval.report_top_latents): {links}{more}"
+        )
+    return lines
 
 
 def build_report(folder: str | Path, out_dir: str | Path | None = None) -> Report:
@@ -584,6 +762,7 @@ def build_report(folder: str | Path, out_dir: str | Path | None = None) -> Repor
     tables = build_tables(records)
     files: list[Path] = []
     parts = [f"# saeravel report: {folder}", "", f"{len(records)} result records."]
+    figs, l0_notes = l0_figures(tables, out)
     for table in tables:
         files.append(write_csv(table, out / f"{table.name}.csv"))
         parts += ["", f"## {table.name} ({len(table.rows)} rows)", ""]
@@ -593,14 +772,24 @@ def build_report(folder: str | Path, out_dir: str | Path | None = None) -> Repor
         if table.notes:
             parts += ["", *[f"- {n}" for n in table.notes]]
         if table.name == RAVEL_EVAL and table.rows:
-            files += ravel_figures(table, out)
+            figs.update(ravel_figures(table, out))
+    links = neuronpedia_table(r for r in records if has_ravel_metrics(r))
+    if links.rows:
+        files.append(write_csv(links, out / "neuronpedia.csv"))
+        parts += ["", "## Neuronpedia: kept SAE latents", "", links.about, ""]
+        parts += neuronpedia_markdown(links)
+        tables.append(links)
+    files += list(figs)
+    if l0_notes:
+        parts += ["", "## figures vs L0", "", *[f"- {n}" for n in l0_notes]]
     if skipped:
         parts += ["", "## skipped files", ""] + [f"- {p}: {why}" for p, why in skipped]
     markdown = "\n".join(parts) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     files.append(out / "report.md")
-    return Report(tables=tables, skipped=skipped, files=files, markdown=markdown)
+    named = {p.name: f for p, f in figs.items()}
+    return Report(tables=tables, skipped=skipped, files=files, markdown=markdown, figures=named)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

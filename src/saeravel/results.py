@@ -166,17 +166,22 @@ def job_hash(resolved_cfg: Mapping[str, Any]) -> str:
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, busy: str | None = None) -> Iterator[None]:
     """Hold an exclusive advisory lock (``fcntl.flock``) on ``path`` (created if missing).
     Jobs of a sweep that share a cache take it before building an entry (training the embedded
     model or an SAE), so one job builds it and the others wait and then load it, instead of
-    several writing the same files at once."""
+    several writing the same files at once. ``busy``: a line logged when another process holds
+    the lock (then this one waits for it)."""
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            log.info("%s (%s)", busy, path)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
         finally:

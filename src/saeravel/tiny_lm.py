@@ -365,6 +365,8 @@ def check_embedded_config(**v: Any) -> None:
 class EmbeddedModel:
     """Model source for ``model=tiny-city-lm``: loads from the cache or trains (~2 min)."""
 
+    own_world = True  # the embedded city world: RAVEL data and SAE training text offline
+
     def __init__(
         self,
         name: str,
@@ -435,6 +437,37 @@ class EmbeddedModel:
 
     def folder(self) -> Path:
         return self.cache_dir / "models" / f"{self.name}-{self.key()}"
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing to download; with ``ctx.train`` (``--train-embedded``) the trained model in
+        its cache folder (``product`` is the loaded model, for the SAEs trained on it)."""
+        from saeravel.offline import Need, Skip, once
+
+        if not ctx.train:
+            why = (
+                "embedded: trained here on first use (~2 min on CPU) and cached, nothing to "
+                "download (--train-embedded trains it now)"
+            )
+            return [Skip(f"model={self.name}", why)]
+        dest = self.folder()
+
+        def check() -> list[Path]:
+            if not (dest / "meta.json").is_file():  # written last: marks it complete
+                raise UserError(f"not trained yet ({dest})")
+            return [dest]
+
+        loaded = once(self.load)
+
+        def fetch() -> list[Path]:
+            loaded()  # trains it when it is not cached
+            return [dest]
+
+        return [
+            Need(
+                "train", f"model={self.name}", "", str(dest), check, fetch,
+                label=f"model={self.name} (embedded)", product=loaded,
+            )
+        ]  # fmt: skip
 
     def load(self, sae_kwargs: dict[str, Any] | None = None) -> LoadedModel:
         """Load the cached model, training it first if it is not cached."""

@@ -26,6 +26,16 @@ from tqdm.auto import tqdm
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalOutput, register
 from saeravel.ravel.data import download_ravel, load_ravel_city
+from saeravel.ravel.featurizers import (
+    BasisSwap,
+    BoundlessDAS,
+    LatentSwap,
+    MultiTaskDAS,
+    PCASwap,
+    principal_components,
+    rank_latents_by_probe,
+    sae_latents,
+)
 from saeravel.ravel.intervene import (
     DAS,
     FixedIntervention,
@@ -71,6 +81,11 @@ class RavelMethod(StrEnum):
     sae = "sae"
     neurons = "neurons"
     das = "das"
+    pca = "pca"
+    boundless_das = "boundless_das"
+    mdas = "mdas"
+    sae_probe = "sae_probe"
+    fixed = "fixed"
     all = "all"
 
 
@@ -122,6 +137,11 @@ class DASMode(StrEnum):
     fixed = "fixed"
 
 
+class PCAMode(StrEnum):
+    mask = "mask"
+    fixed = "fixed"
+
+
 @dataclass
 class MaskConfig:
     """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
@@ -145,6 +165,50 @@ class DASConfig:
 
     mode: DASMode = DASMode.mask
     k: int = 16
+
+
+@dataclass
+class PCAConfig:
+    """PCA of the site's activations on the training entities: ``mode=mask`` (learned mask over
+    the top ``components``, MIB's DBM+PCA) or ``mode=fixed`` (the first ``k``)."""
+
+    mode: PCAMode = PCAMode.mask
+    k: int = 16
+    components: int | None = None
+
+
+@dataclass
+class BoundlessConfig:
+    """Boundless DAS: a learned boundary (fraction of d_model) instead of k or a mask."""
+
+    init: float = 0.5
+    boundary_lr_scale: float = 10.0
+
+
+@dataclass
+class MDASConfig:
+    """Multi-task DAS: one rotation shared by ``attributes`` (null = every eval.attributes)."""
+
+    attributes: list[str] | None = None
+
+
+@dataclass
+class SAEProbeConfig:
+    """SAE latents ranked by a value probe; the top ``counts[i]`` swapped, best on validation."""
+
+    counts: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+    steps: int = 300
+    lr: float = 0.05
+    l1: float = 0.01
+
+
+@dataclass
+class FixedConfig:
+    """A given basis: ``basis_file`` (torch tensor [k, d_model]) or the decoder directions of
+    the SAE ``latents``; neither: the latents ``sae_probe`` picks for the attribute."""
+
+    basis_file: str | None = None
+    latents: list[int] | None = None
 
 
 @dataclass
@@ -174,6 +238,11 @@ class RavelEvalConfig(EvalConfig):
     optimizer: Optimizer = Optimizer.adam
     mask: MaskConfig = field(default_factory=MaskConfig)
     das: DASConfig = field(default_factory=DASConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    boundless: BoundlessConfig = field(default_factory=BoundlessConfig)
+    mdas: MDASConfig = field(default_factory=MDASConfig)
+    sae_probe: SAEProbeConfig = field(default_factory=SAEProbeConfig)
+    fixed: FixedConfig = field(default_factory=FixedConfig)
     bootstrap: int = 1000
     confidence: float = 0.95
     report_top_latents: int = 32
@@ -185,13 +254,104 @@ class RavelEvalConfig(EvalConfig):
 
 # ----------------------------------------------------------------------------- eval
 
-METHODS = ("sae", "neurons", "das")
+METHODS = ("sae", "neurons", "das", "pca", "boundless_das", "mdas", "sae_probe", "fixed")
+TRAINED = ("sae", "neurons", "das", "pca", "boundless_das", "mdas")  # the rest fit no parameters
+SAE_METHODS = ("sae", "sae_probe")  # need an SAE (and ``fixed`` without a basis file)
 PROTOCOLS = ("saeravel", "ravel")
 FILTER_FORMAT = 2  # knowledge-filter cache entries: {"format", "key", "n", "known"}
 
 
 def _methods(cfg: Any) -> list[str]:
     return list(METHODS) if cfg.method == "all" else [cfg.method]
+
+
+def _mdas_attributes(cfg: Any) -> list[str]:
+    return list(cfg.mdas.attributes) if cfg.mdas.attributes is not None else list(cfg.attributes)
+
+
+def needs_sae(cfg: Any) -> bool:
+    """Whether the chosen methods use the SAE (``fixed`` only without a basis file)."""
+    methods = _methods(cfg)
+    fixed_sae = "fixed" in methods and not cfg.fixed.basis_file
+    return fixed_sae or any(m in methods for m in SAE_METHODS)
+
+
+def _sae_family(cfg: Any) -> str | None:
+    """The job's ``sae.family`` when ``cfg`` is the eval node of a composed job config (or the
+    ``sae`` choice under Hydra), else None (unknown: the check is left to the run)."""
+    try:
+        root = cfg._get_root()
+    except AttributeError:
+        root = None
+    if root is not None and root is not cfg and "sae" in root:
+        return root.sae.get("family")
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("sae")
+    return None
+
+
+def _validate_methods(cfg: Any) -> None:
+    """The new featurizers' values; SAE-less jobs asking for SAE methods; the basis file."""
+    methods = _methods(cfg)
+    choose("eval.pca.mode", cfg.pca.mode, ("mask", "fixed"))
+    if cfg.pca.components is not None and cfg.pca.components < 1:
+        raise UserError(f"eval.pca.components={cfg.pca.components} must be >= 1 or null (all)")
+    if cfg.pca.mode == "fixed" and (
+        cfg.pca.k < 1 or (cfg.pca.components is not None and cfg.pca.k > cfg.pca.components)
+    ):
+        raise UserError(
+            f"eval.pca.k={cfg.pca.k} must be >= 1 and <= eval.pca.components={cfg.pca.components}"
+        )
+    if not 0 < cfg.boundless.init <= 1 or not cfg.boundless.boundary_lr_scale > 0:
+        raise UserError(
+            f"eval.boundless.init={cfg.boundless.init} must be in (0, 1] and "
+            f"eval.boundless.boundary_lr_scale={cfg.boundless.boundary_lr_scale} > 0"
+        )
+    if "mdas" in methods:
+        attrs = _mdas_attributes(cfg)
+        if len(attrs) < 2 or len(set(attrs)) != len(attrs):
+            raise UserError(
+                f"eval.mdas.attributes={attrs} needs at least two distinct attributes (one "
+                "rotation shared across them); for one attribute use eval.method=das"
+            )
+        if not set(attrs) <= set(cfg.attributes):
+            raise UserError(
+                f"eval.mdas.attributes={attrs} must be among eval.attributes={list(cfg.attributes)}"
+            )
+    counts = list(cfg.sae_probe.counts)
+    if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
+        raise UserError(f"eval.sae_probe.counts={counts} must be a non-empty list of integers >= 1")
+    if cfg.sae_probe.steps < 1 or not cfg.sae_probe.lr > 0 or cfg.sae_probe.l1 < 0:
+        raise UserError(
+            f"eval.sae_probe.steps={cfg.sae_probe.steps} must be >= 1, lr={cfg.sae_probe.lr} > 0 "
+            f"and l1={cfg.sae_probe.l1} >= 0"
+        )
+    fx = cfg.fixed
+    if fx.basis_file and fx.latents is not None:
+        raise UserError(
+            "eval.fixed.basis_file and eval.fixed.latents are two bases; give one (or neither: "
+            "the latents sae_probe picks)"
+        )
+    if fx.latents is not None and (
+        not list(fx.latents) or any(not isinstance(j, int) or j < 0 for j in fx.latents)
+    ):
+        raise UserError(f"eval.fixed.latents={list(fx.latents)} must be SAE latent indices >= 0")
+    if "fixed" in methods and fx.basis_file and not Path(fx.basis_file).is_file():
+        raise UserError(
+            f"eval.fixed.basis_file={fx.basis_file} does not exist (a torch tensor [k, d_model])"
+        )
+    if _sae_family(cfg) == "none":
+        need = [m for m in methods if m in SAE_METHODS]
+        if "fixed" in methods and not fx.basis_file:
+            need.append("fixed (SAE decoder directions: no eval.fixed.basis_file)")
+        if need:
+            raise UserError(
+                f"eval.method={cfg.method} runs {', '.join(need)}, which need an SAE; choose "
+                "sae=<family>, or a method without one (neurons, das, pca, boundless_das, mdas, "
+                "fixed with eval.fixed.basis_file)"
+            )
 
 
 def validate(cfg: Any) -> None:
@@ -255,6 +415,7 @@ def validate(cfg: Any) -> None:
         )
     if not 0 < cfg.confidence < 1:
         raise UserError(f"eval.confidence={cfg.confidence} must be in (0, 1)")
+    _validate_methods(cfg)
     chosen = _recipe_choice()
     if chosen is not None and chosen != cfg.recipe:
         raise UserError(
@@ -431,8 +592,10 @@ def build_pairs(
     if cfg.split_by == "entity":
         split = split_entities(kept_entities, world, list(cfg.split_fractions), ctx.seed)
         ent_in = {s: [e for e in kept_entities if split[e] == s] for s in ("train", "test")}
+        val_entities = [e for e in kept_entities if split[e] == "val"]
     else:
         ent_in = {"train": kept_entities, "test": kept_entities}
+        val_entities = []
 
     def template_ok(p: Prompt, s: str) -> bool:
         if cfg.protocol != "ravel" or not world.template_split:
@@ -441,32 +604,33 @@ def build_pairs(
         return world.template_split.get(p.template, want) == want
 
     pairs: dict[str, dict[str, list[Pair]]] = {}
+
+    def split_pairs(a: str, s: str, ents: set[str], rng: random.Random) -> list[Pair]:
+        bases = [p for p in kept if p.entity in ents and template_ok(p, s)]
+        cause_b = [p for p in bases if p.attribute == a]
+        iso_b = [p for p in bases if p.attribute != a]
+        srcs = {e: [q for q in by_entity[e] if template_ok(q, s)] for e in ents}
+        if cfg.protocol == "saeravel":  # source shares the base's template
+            ps = []
+            for kind_bases in (cause_b, iso_b):
+                for tmpl_attr in {p.attribute for p in kind_bases}:
+                    same = {
+                        e: [q for q in qs if q.attribute == tmpl_attr] for e, qs in srcs.items()
+                    }
+                    ps += make_pairs(
+                        [p for p in kind_bases if p.attribute == tmpl_attr], same, world, a,
+                        model.tokenizer, cfg.max_pairs_per_split // max(1, len({p.attribute for p in kind_bases})),
+                        rng, cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys,
+                    )  # fmt: skip
+        else:
+            ps = make_pairs(cause_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
+                            cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
+            ps += make_pairs(iso_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
+                             cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
+        return ps
+
     for a in attrs:
-        pairs[a] = {}
-        for s in ("train", "test"):
-            ents = set(ent_in[s])
-            bases = [p for p in kept if p.entity in ents and template_ok(p, s)]
-            cause_b = [p for p in bases if p.attribute == a]
-            iso_b = [p for p in bases if p.attribute != a]
-            srcs = {e: [q for q in by_entity[e] if template_ok(q, s)] for e in ents}
-            if cfg.protocol == "saeravel":  # source shares the base's template
-                ps = []
-                for kind_bases in (cause_b, iso_b):
-                    for tmpl_attr in {p.attribute for p in kind_bases}:
-                        same = {
-                            e: [q for q in qs if q.attribute == tmpl_attr] for e, qs in srcs.items()
-                        }
-                        ps += make_pairs(
-                            [p for p in kind_bases if p.attribute == tmpl_attr], same, world, a,
-                            model.tokenizer, cfg.max_pairs_per_split // max(1, len({p.attribute for p in kind_bases})),
-                            rng, cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys,
-                        )  # fmt: skip
-            else:
-                ps = make_pairs(cause_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
-                                cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
-                ps += make_pairs(iso_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
-                                 cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
-            pairs[a][s] = ps
+        pairs[a] = {s: split_pairs(a, s, set(ent_in[s]), rng) for s in ("train", "test")}
     if cfg.split_by == "pair":  # the paper's leaky split: one pool, split by pair
         for a in attrs:
             pool = pairs[a]["train"]
@@ -477,6 +641,14 @@ def build_pairs(
                 / (cfg.split_fractions[0] + cfg.split_fractions[2])
             )
             pairs[a] = {"train": pool[:n_tr], "test": pool[n_tr:]}
+    # Validation pairs (selection among fitted variants, e.g. sae_probe's count) from the
+    # validation entities, drawn from their own RNG so train and test are as without them.
+    val_rng = random.Random(f"{ctx.seed}-val")
+    for a in attrs:
+        ps = []
+        if cfg.split_by == "entity" and len(val_entities) >= 2:
+            ps = split_pairs(a, "val", set(val_entities), val_rng)
+        pairs[a]["val"] = ps
     stats = {
         "n_prompts": len(prompts),
         "n_known_prompts": len(kept),
@@ -501,13 +673,41 @@ def build_pairs(
 # ----------------------------------------------------------------------------- train & score
 
 
-def make_method(name: str, cfg: Any, ctx: Any) -> Intervention:
+@dataclass
+class FitData:
+    """What a featurizer may be fit on before training: the residual vectors of every
+    training-split prompt (base or source, any attribute) and, per attribute, their values."""
+
+    vectors: torch.Tensor
+    prompts: list[Prompt]
+    pca: tuple[torch.Tensor, torch.Tensor] | None = None  # (components, variance), fit once
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pca is None:
+            self.pca = principal_components(self.vectors.float().cpu())
+        return self.pca
+
+
+def make_method(name: str, cfg: Any, ctx: Any, fit: FitData | None = None) -> Intervention:
+    """A fresh (untrained) intervention of the trained methods (``TRAINED``)."""
     d = ctx.model.d_model
     ste = cfg.mask.estimator == "straight_through"
     if name == "neurons":
         return NeuronMask(d, cfg.mask.init, ste)
     if name == "das":
         return DAS(d, cfg.das.mode, cfg.das.k, cfg.mask.init, ste)
+    if name == "pca":
+        if fit is None:
+            raise ValueError("pca needs the training activations (FitData)")
+        comps, _ = fit.components()
+        n = min(cfg.pca.components or d, d)
+        if cfg.pca.mode == "fixed" and cfg.pca.k > n:
+            raise UserError(f"eval.pca.k={cfg.pca.k} exceeds the {n} principal components")
+        return PCASwap(comps[:n], cfg.pca.mode, cfg.pca.k, cfg.mask.init, ste)
+    if name == "boundless_das":
+        return BoundlessDAS(d, cfg.boundless.init, cfg.boundless.boundary_lr_scale)
+    if name == "mdas":
+        return MultiTaskDAS(d, _mdas_attributes(cfg), cfg.mask.init, ste)
     if ctx.sae is None:
         raise UserError(
             "eval.method=sae needs an SAE; choose sae=<family> (sae=none has no latents)"
@@ -579,7 +779,8 @@ def train_method(
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[
         str(cfg.optimizer)
     ]
-    opt = opt_cls(params, lr=cfg.lr)
+    groups = method.param_groups(cfg.lr) if hasattr(method, "param_groups") else params
+    opt = opt_cls(groups, lr=cfg.lr)
     rng = random.Random(ctx.seed)
     steps_per_epoch = len(
         batches_by_prefix(pairs, lambda q: q.base.prefix, cfg.batch_size, random.Random(0))
@@ -627,17 +828,16 @@ def train_method(
         for i, batch in enumerate(batches):
             if epoch == first_epoch and i < skip:
                 continue  # done before the checkpoint
-            if method.mask is not None:
-                method.mask.temperature = temperature(
-                    step,
-                    total,
-                    cfg.mask.t_start,
-                    cfg.mask.t_end,
-                    str(cfg.mask.schedule),
-                    cfg.mask.anneal_fraction,
-                )
+            t = temperature(step, total, cfg.mask.t_start, cfg.mask.t_end,
+                            str(cfg.mask.schedule), cfg.mask.anneal_fraction)  # fmt: skip
+            if hasattr(method, "set_temperature"):  # several masks (mdas)
+                method.set_temperature(t)
+            elif method.mask is not None:
+                method.mask.temperature = t
             b = bank([q.base for q in batch])
             s = bank([q.source for q in batch])
+            if hasattr(method, "route"):  # per-pair masks (mdas): each pair's attribute's
+                method.route(batch)
             v = method(b, s)
             if forced is None:
                 logits = _logits(runner, ctx, [q.base for q in batch], v)
@@ -854,19 +1054,12 @@ def _summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
     return line
 
 
-def train_and_score(
-    name: str, attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
-    cfg: Any, ctx: Any, world: CityWorld, store: Any,
-) -> dict[str, Any]:  # fmt: skip
-    """One (method, attribute): train, score on test, train-split score, convergence, and the
-    refined mask's scores beside the trained one."""
-    from saeravel.checkpoint import entry_name
-
-    torch.manual_seed(ctx.seed)
-    method = make_method(name, cfg, ctx).to(ctx.device)
-    train_name = entry_name("train", name, attr) if store.enabled else None
-    desc = f"{name}/{attr}"
-    curve = train_method(method, pairs["train"], bank, runner, cfg, ctx, desc, train_name)
+def _score_fitted(
+    method: Intervention, attr: str, pairs: dict[str, list[Pair]], bank: VectorBank,
+    runner: SuffixRunner | None, cfg: Any, ctx: Any, world: CityWorld, curve: list[float], desc: str,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:  # fmt: skip
+    """Score a fitted method on test, the train split's first-token scores, convergence, and
+    the refined mask's scores beside the trained one (masks whose entries are free bits)."""
     r = score(method, pairs["test"], bank, cfg, ctx, world)
     train_ce, train_ok = first_token_eval(method, pairs["train"], bank, runner, ctx)
     r["train"] = {**_rates(train_ok, pairs["train"]), "ce_first_token": train_ce,
@@ -874,11 +1067,35 @@ def train_and_score(
     r["training"] = convergence(curve)
     r["recipe"] = {"name": str(cfg.recipe), "label": cfg.recipe_label}
     state = method.own_state()
-    if cfg.mask.refine and method.mask is not None:
+    if cfg.mask.refine and method.mask is not None and getattr(method.mask, "refinable", True):
         info = refine_mask(method, pairs["train"], bank, runner, cfg, ctx, desc)
         refined = score(method, pairs["test"], bank, cfg, ctx, world)
         keep = ("cause", "isolation", "disentangle", "mask_kept", "first_token", "prefix")
         r["refined"] = {**{k: refined[k] for k in keep}, **info}
+    return r, state
+
+
+def train_and_score(
+    name: str, attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
+    cfg: Any, ctx: Any, world: CityWorld, store: Any, fit: FitData | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One (method, attribute): train, score on test, train-split score, convergence, and the
+    refined mask's scores beside the trained one."""
+    from saeravel.checkpoint import entry_name
+
+    torch.manual_seed(ctx.seed)
+    method = make_method(name, cfg, ctx, fit).to(ctx.device)
+    train_name = entry_name("train", name, attr) if store.enabled else None
+    desc = f"{name}/{attr}"
+    curve = train_method(method, pairs["train"], bank, runner, cfg, ctx, desc, train_name)
+    r, state = _score_fitted(method, attr, pairs, bank, runner, cfg, ctx, world, curve, desc)
+    if isinstance(method, PCASwap):
+        _, var = fit.components()
+        n = method.components.shape[0]
+        r["pca"] = {"mode": str(cfg.pca.mode), "components": n,
+                    "explained_variance": float(var[:n].sum() / var.sum().clamp_min(1e-12))}  # fmt: skip
+    if isinstance(method, BoundlessDAS):
+        r["boundary"] = float(method.mask.param.detach().clamp(1e-3, 1.0))
     done = {"score": r, "curve": curve, "state": state}
     store.save(entry_name("scored", name, attr), done)
     if train_name is not None:
@@ -886,10 +1103,180 @@ def train_and_score(
     return done
 
 
+def fit_mdas(
+    pairs: dict[str, dict[str, list[Pair]]], bank: VectorBank, runner: SuffixRunner | None,
+    cfg: Any, ctx: Any, store: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Train the one multi-task DAS of ``eval.mdas.attributes`` on all their training pairs
+    together (checkpointed as ``train-mdas-joint``, kept as ``fitted-mdas-joint``)."""
+    from saeravel.checkpoint import entry_name
+
+    fitted = entry_name("fitted", "mdas", "joint")
+    saved = store.load(fitted)
+    if saved is not None:
+        log.info("mdas: trained before the interruption")
+        return saved
+    torch.manual_seed(ctx.seed)
+    method = make_method("mdas", cfg, ctx).to(ctx.device)
+    joint = [q for a in _mdas_attributes(cfg) for q in pairs[a]["train"]]
+    train_name = entry_name("train", "mdas", "joint") if store.enabled else None
+    curve = train_method(method, joint, bank, runner, cfg, ctx, "mdas/joint", train_name)
+    done = {"state": method.own_state(), "curve": curve}
+    store.save(fitted, done)
+    if train_name is not None:
+        store.remove(train_name)
+    return done
+
+
+def score_mdas(
+    attr: str, fitted: dict[str, Any], pairs: dict[str, list[Pair]], bank: VectorBank,
+    runner: SuffixRunner | None, cfg: Any, ctx: Any, world: CityWorld, store: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """The jointly trained MDAS scored on ``attr`` with ``attr``'s mask."""
+    from saeravel.checkpoint import entry_name
+
+    method = make_method("mdas", cfg, ctx).to(ctx.device)
+    method.load_state_dict(fitted["state"], strict=False)
+    method.active = attr
+    curve = list(fitted["curve"])
+    r, state = _score_fitted(
+        method, attr, pairs, bank, runner, cfg, ctx, world, curve, f"mdas/{attr}"
+    )
+    r["mdas"] = {"attributes": _mdas_attributes(cfg), "trained_on": "joint"}
+    done = {"score": r, "curve": curve, "state": state}
+    store.save(entry_name("scored", "mdas", attr), done)
+    return done
+
+
+def probe_selection(
+    attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
+    cfg: Any, ctx: Any, world: CityWorld, fit: FitData,
+) -> dict[str, Any]:  # fmt: skip
+    """``sae_probe``'s selection: SAE latents of every training prompt ranked by a value probe
+    (:func:`~saeravel.ravel.featurizers.rank_latents_by_probe`), then for each count in
+    ``eval.sae_probe.counts`` (capped at the ranked latents) the top latents swapped on the
+    validation pairs (the training pairs when there are none), first-token rule; the best
+    disentangle wins (ties: fewer latents). The test split's first-token curve is reported
+    beside, never used."""
+    sae = ctx.sae
+    lat = sae_latents(sae, fit.vectors.to(ctx.device)).float().cpu()
+    labels = [world.entities[p.entity][attr] for p in fit.prompts]
+    p = cfg.sae_probe
+    ranked, info = rank_latents_by_probe(lat, labels, p.steps, p.lr, p.l1, ctx.seed)
+    counts = sorted({min(c, len(ranked)) for c in p.counts})
+    split = "val" if pairs.get("val") else "train"
+    rows = []
+    for n in counts:
+        m = LatentSwap(sae, ranked[:n], cfg.add_error)
+        ce, ok = first_token_eval(m, pairs[split], bank, runner, ctx)
+        _, ok_test = first_token_eval(m, pairs["test"], bank, runner, ctx)
+        rows.append({"count": n, "ce_first_token": ce, **_rates(ok, pairs[split]),
+                     "test": _rates(ok_test, pairs["test"])})  # fmt: skip
+    best = max(rows, key=lambda r: (r["disentangle"], -r["count"]))
+    log.info("sae_probe/%s: best count %d of %s on %s (disentangle %.3f)", attr, best["count"],
+             counts, split, best["disentangle"])  # fmt: skip
+    return {"latents": ranked[: best["count"]], "best_count": best["count"], "split": split,
+            "rule": "first_token", "curve": rows, "ranked_top": ranked[: cfg.report_top_latents],
+            **info}  # fmt: skip
+
+
+def score_sae_probe(
+    attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
+    cfg: Any, ctx: Any, world: CityWorld, store: Any, fit: FitData,
+) -> dict[str, Any]:  # fmt: skip
+    from saeravel.checkpoint import entry_name
+
+    sel = probe_selection(attr, pairs, bank, runner, cfg, ctx, world, fit)
+    method = LatentSwap(ctx.sae, sel["latents"], cfg.add_error)
+    r, state = _score_fitted(
+        method, attr, pairs, bank, runner, cfg, ctx, world, [], f"sae_probe/{attr}"
+    )
+    r["selection"] = sel
+    r["mask_kept"], r["mask_size"] = len(sel["latents"]), ctx.sae.d_sae
+    r["kept_top"] = sel["latents"][: cfg.report_top_latents]
+    done = {"score": r, "curve": [], "state": state}
+    store.save(entry_name("scored", "sae_probe", attr), done)
+    return done
+
+
+def fixed_basis(
+    attr: str, given: torch.Tensor | None, probe_latents: dict[str, list[int]],
+    pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None, cfg: Any,
+    ctx: Any, world: CityWorld, fit: FitData,
+) -> tuple[torch.Tensor | None, dict[str, Any]]:  # fmt: skip
+    """``fixed``'s basis for ``attr``: the basis file; else the SAE decoder directions of
+    ``eval.fixed.latents``; else of the latents ``sae_probe`` picked for ``attr`` (its
+    selection is run when ``sae_probe`` itself is not); with no SAE either: none (skipped)."""
+    if given is not None:
+        return given, {"from": "basis_file", "path": cfg.fixed.basis_file}
+    if ctx.sae is None:
+        return None, {"skipped": "no eval.fixed.basis_file and no SAE to take directions from"}
+    if cfg.fixed.latents is not None:
+        latents, origin = list(cfg.fixed.latents), "latents"
+    else:
+        latents = probe_latents.get(attr)
+        if latents is None:
+            latents = probe_selection(attr, pairs, bank, runner, cfg, ctx, world, fit)["latents"]
+        origin = "sae_probe"
+    if not latents:
+        return None, {"skipped": "sae_probe selected no latents"}
+    return decoder_directions(ctx.sae, latents), {"from": origin, "latents": latents}
+
+
+def load_basis(path: str, d_model: int) -> torch.Tensor:
+    """``eval.fixed.basis_file``: a torch tensor [k, d_model] (one-line error otherwise)."""
+    try:
+        basis = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (any unreadable file is the user's to fix)
+        raise UserError(f"eval.fixed.basis_file={path} is not a torch tensor file ({exc})") from exc
+    if not isinstance(basis, torch.Tensor) or basis.ndim != 2 or basis.shape[1] != d_model:
+        shape = tuple(basis.shape) if isinstance(basis, torch.Tensor) else type(basis).__name__
+        raise UserError(
+            f"eval.fixed.basis_file={path} holds {shape}; it must be a tensor [k, d_model] "
+            f"with d_model={d_model}"
+        )
+    if not 1 <= basis.shape[0] <= d_model or not torch.isfinite(basis).all():
+        raise UserError(
+            f"eval.fixed.basis_file={path}: k={basis.shape[0]} rows must be in 1..{d_model}, finite"
+        )
+    return basis.float()
+
+
+def decoder_directions(sae: Any, latents: list[int]) -> torch.Tensor:
+    """The SAE's decoder directions of ``latents`` [k, d_in]: ``decode(e_j) - decode(0)`` in
+    the SAE's (normalised) space; under per-input normalisation that is the direction up to
+    each input's scale, so the span the swap uses is the same."""
+    bad = [j for j in latents if not 0 <= j < sae.d_sae]
+    if bad:
+        raise UserError(f"eval.fixed.latents has {bad} outside the SAE's 0..{sae.d_sae - 1}")
+    dev = next((t.device for t in sae.parameters()), torch.device("cpu"))
+    eye = torch.zeros(len(latents) + 1, sae.d_sae, device=dev)
+    eye[torch.arange(1, len(latents) + 1), torch.tensor(latents, dtype=torch.long)] = 1.0
+    with torch.no_grad():
+        dec = sae.decode_normalized(eye)
+    return (dec[1:] - dec[:1]).float().cpu()
+
+
+def score_fixed(
+    attr: str, basis: torch.Tensor, source: dict[str, Any], pairs: dict[str, list[Pair]],
+    bank: VectorBank, runner: SuffixRunner | None, cfg: Any, ctx: Any, world: CityWorld, store: Any,
+) -> dict[str, Any]:  # fmt: skip
+    from saeravel.checkpoint import entry_name
+
+    method = BasisSwap(basis).to(ctx.device)
+    r, state = _score_fitted(
+        method, attr, pairs, bank, runner, cfg, ctx, world, [], f"fixed/{attr}"
+    )
+    r["basis"] = {**source, "k": int(basis.shape[0]), "rank": method.rank()}
+    done = {"score": r, "curve": [], "state": state}
+    store.save(entry_name("scored", "fixed", attr), done)
+    return done
+
+
 @register(
     "ravel",
     schema=RavelEvalConfig,
-    needs_sae=lambda cfg: cfg.method in ("sae", "all"),
+    needs_sae=needs_sae,
     saebench="saeravel.saebench:ravel_metrics",
     validate=validate,
 )  # noqa: E501
@@ -900,6 +1287,9 @@ def run(cfg: Any, ctx: Any) -> Any:
     from saeravel.checkpoint import CheckpointStore, entry_name
 
     validate(cfg)
+    given = None
+    if "fixed" in _methods(cfg) and cfg.fixed.basis_file:  # its shape needs d_model: first thing
+        given = load_basis(cfg.fixed.basis_file, ctx.model.d_model)
     store = getattr(ctx, "checkpoint", None) or CheckpointStore.disabled()
     if cfg.checkpoint_every_s == 0 and cfg.checkpoint_every_steps == 0:
         store = CheckpointStore.disabled()
@@ -932,6 +1322,15 @@ def run(cfg: Any, ctx: Any) -> Any:
         details["planted"] = truth.describe()
         if ctx.sae is not None:
             details["planted"]["atom_recovery"] = truth.atom_recovery(ctx.sae)
+    methods = _methods(cfg)
+    if ctx.sae is None and "sae_probe" in methods:
+        raise UserError("eval.method=sae_probe needs an SAE; choose sae=<family>")
+    train_prompts = list(
+        {id(p): p for d in pairs.values() for q in d["train"] for p in (q.base, q.source)}.values()
+    )
+    fit = FitData(bank(train_prompts), train_prompts)  # pca and sae_probe fit on these only
+    mdas_fit: dict[str, Any] | None = None
+    probe_latents: dict[str, list[int]] = {}
     for attr in cfg.attributes:
         test = pairs[attr]["test"]
         for b in baselines:
@@ -940,14 +1339,32 @@ def run(cfg: Any, ctx: Any) -> Any:
             details["per_template"][f"{b}/{attr}"] = r.pop("per_template")
             metrics["baselines"].setdefault(b, {})[attr] = r
             summary.append(_summary_row(b, attr, r))
-        for name in _methods(cfg):
+        for name in methods:
+            if name == "mdas" and attr not in _mdas_attributes(cfg):
+                continue
             done = store.load(entry_name("scored", name, attr))
-            if done is None:
-                done = train_and_score(
-                    name, attr, pairs[attr], bank, runner, cfg, ctx, world, store
-                )
-            else:
+            if done is not None:
                 log.info("%s/%s: trained and scored before the interruption", name, attr)
+            elif name == "mdas":
+                mdas_fit = mdas_fit or fit_mdas(pairs, bank, runner, cfg, ctx, store)
+                done = score_mdas(attr, mdas_fit, pairs[attr], bank, runner, cfg, ctx, world, store)
+            elif name == "sae_probe":
+                done = score_sae_probe(attr, pairs[attr], bank, runner, cfg, ctx, world, store, fit)
+            elif name == "fixed":
+                basis, source = fixed_basis(attr, given, probe_latents, pairs[attr], bank, runner,
+                                            cfg, ctx, world, fit)  # fmt: skip
+                if basis is None:
+                    log.info("fixed/%s: skipped (%s)", attr, source["skipped"])
+                    details.setdefault("skipped", {})[f"fixed/{attr}"] = source["skipped"]
+                    continue
+                done = score_fixed(attr, basis, source, pairs[attr], bank, runner, cfg, ctx, world,
+                                   store)  # fmt: skip
+            else:
+                done = train_and_score(
+                    name, attr, pairs[attr], bank, runner, cfg, ctx, world, store, fit
+                )
+            if name == "sae_probe":
+                probe_latents[attr] = list(done["score"]["selection"]["latents"])
             r, curve, state = dict(done["score"]), list(done["curve"]), done["state"]
             details["per_template"][f"{name}/{attr}"] = r.pop("per_template")
             details["training_curves"][f"{name}/{attr}"] = curve

@@ -12,6 +12,7 @@ import logging
 import tarfile
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from saeravel.errors import UserError
 from saeravel.world import CityWorld
@@ -76,3 +77,24 @@ def download_ravel(cache_dir: str | Path, url: str = RAVEL_URL) -> Path:
                     tmp.write_bytes(data.read())
                     tmp.replace(dest / name)
     return dest
+
+
+def offline_need(cache_dir: str | Path) -> Any:
+    """RAVEL's city files in ``cache_dir/ravel`` as an :class:`saeravel.offline.Need`: ``check``
+    looks in the cache only, ``fetch`` is :func:`download_ravel`."""
+    from saeravel.offline import Need
+
+    dest = Path(cache_dir) / "ravel"
+
+    def check() -> list[Path]:
+        missing = [f for f in CITY_FILES.values() if not (dest / f).is_file()]
+        if missing:
+            n = f"{len(missing)} of {len(CITY_FILES)}"
+            raise UserError(f"not in the cache ({dest} lacks {n} city files)")
+        return [dest]
+
+    url = RAVEL_URL
+    return Need(
+        "ravel", "city data", url, str(dest), check,
+        lambda: [download_ravel(cache_dir, url=url)], hosts=(url,),
+    )  # fmt: skip

@@ -96,34 +96,47 @@ def _jsonable(value: Any) -> Any:
 # what each required (``???``) SAE field is, for the error when it is not given
 _FIELD_HINTS = {
     "path": "a saved sae_lens folder or an OpenAI sparse_autoencoder .pt file",
-    "target": "the import path of a class or factory, e.g. mypkg.saes.MySAE",
+    "_target_": "the import path of a class or factory, e.g. sae.object._target_=mypkg.saes.MySAE",
     "hook_name": "the hook it reads, e.g. blocks.5.hook_resid_post",
     "d_in": "its input width, the model's d_model",
     "release": "an sae_lens release name or regex",
 }
 
 
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """The ``???`` keys under ``node``, as paths relative to it (``object._target_``)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    out = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            out.append(f"{prefix}{key}")
+        elif isinstance(value := node[key], DictConfig):
+            out += _missing_keys(value, f"{prefix}{key}.")
+    return out
+
+
 def build_sae_source(cfg: Any) -> Any:
-    """``hydra.utils.instantiate(cfg.sae)`` with one-line errors: a required field not given
-    (``???``) is named with what it should be, and a :class:`UserError` raised by a source's
-    constructor (which Hydra wraps in an ``InstantiationException``) is re-raised as is."""
+    """``saeravel.config.instantiate(cfg.sae)`` with one-line errors: a required field not given
+    (``???``) is named by its path with what it should be, a source constructor's
+    :class:`UserError` is itself (``instantiate`` unwraps it), any other failure one line."""
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    missing = sorted(k.rsplit(".", 1)[-1] for k in OmegaConf.missing_keys(cfg))
+    from saeravel.config import instantiate
+
+    missing = sorted(_missing_keys(cfg))
     if missing:
         family = cfg.get("family", "?") if not OmegaConf.is_missing(cfg, "family") else "?"
-        needs = "; ".join(f"sae.{k} ({_FIELD_HINTS.get(k, 'required')})" for k in missing)
+        needs = "; ".join(
+            f"sae.{k} ({_FIELD_HINTS.get(k.rsplit('.', 1)[-1], 'required')})" for k in missing
+        )
         raise UserError(f"SAE {family} needs {needs}")
     try:
         return instantiate(cfg)
     except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
         raise UserError(
-            f"SAE {cfg.get('family', '?')}: {_first_line(cause or exc, limit=300)}"
+            f"SAE {cfg.get('family', '?')}: {_first_line(exc.__cause__ or exc, limit=300)}"
         ) from exc
 
 
@@ -426,6 +439,71 @@ class SaeLensSource:
             self._sae = load_pretrained_sae_lens(*self.resolve())
         return self._sae
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Its files in the release's Hugging Face repo: sae_lens' own layout (cfg.json,
+        weights, optional sparsity) file by file; other layouts by one load through sae_lens,
+        which caches what it reads. ``verify`` loads it offline."""
+        from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, SPARSITY_FILENAME
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        from saeravel.offline import Need, hub_cache, hub_endpoint, hub_offline_mode, repo_cache
+
+        release, sae_id = self.resolve()
+        directory = get_pretrained_saes_directory()
+        if release not in directory or sae_id not in directory[release].saes_map:
+            raise UserError(f"sae_lens has no SAE {sae_id!r} in release {release!r}")
+        lookup = directory[release]
+        repo, path = lookup.repo_id, lookup.saes_map[sae_id]
+        native = lookup.conversion_func in (None, "sae_lens")
+        needed = [f"{path}/{SAE_CFG_FILENAME}", f"{path}/{SAE_WEIGHTS_FILENAME}"]
+        optional = f"{path}/{SPARSITY_FILENAME}"
+
+        def load() -> None:
+            load_pretrained_sae_lens(release, sae_id)
+
+        def check() -> list[Path]:
+            from huggingface_hub import try_to_load_from_cache
+
+            if not native:
+                with hub_offline_mode():
+                    load()
+                return [repo_cache(repo)]
+            paths = []
+            for filename in [*needed, optional]:
+                got = try_to_load_from_cache(repo, filename)
+                if isinstance(got, str):
+                    paths.append(Path(got))
+                elif filename != optional:
+                    raise UserError(f"{filename} of {repo} is not in the Hugging Face cache")
+            return paths
+
+        def fetch() -> list[Path]:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            if not native:
+                load()
+                return [repo_cache(repo)]
+            paths = [Path(hf_hub_download(repo, f)) for f in needed]
+            try:
+                paths.append(Path(hf_hub_download(repo, optional)))
+            except EntryNotFoundError:
+                pass  # not every SAE has a sparsity file; sae_lens does without it
+            return paths
+
+        def verify() -> None:
+            with hub_offline_mode():
+                load()
+
+        endpoint = hub_endpoint()
+        where = f"{path}/" if native else f"{path} (via sae_lens)"
+        return [
+            Need(
+                "sae_lens", f"{release} {sae_id}", f"{endpoint}/{repo} {where}",
+                str(hub_cache()), check, fetch, verify, hosts=(endpoint,),
+            )
+        ]  # fmt: skip
+
     def required_model_kwargs(self) -> dict[str, Any]:
         """The SAE's ``cfg.metadata.model_from_pretrained_kwargs`` ({} = TL defaults)."""
         return _sae_lens_model_kwargs(self._sae_lens())
@@ -558,6 +636,37 @@ class ApolloWandbSource:
             log.warning("unreadable download marker %s; downloading again", marker)
             return None
         return ckpt if ckpt.is_file() else None
+
+    def cached_checkpoint(self) -> Path | None:
+        """The run's latest checkpoint if it is in the cache (no network), else None."""
+        return self._cached(self.run_dir())
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """The run's config and latest checkpoint in ``cache_dir/apollo/<run>`` (fetching
+        needs WANDB_API_KEY; with it, the wandb host is probed first)."""
+        from saeravel.offline import Need
+
+        run_path = f"{self.project}/{self.run_id()}"
+        dest = self.run_dir()
+
+        def check() -> list[Path]:
+            ckpt = self.cached_checkpoint()
+            if ckpt is None:
+                hint = (
+                    "" if os.environ.get("WANDB_API_KEY") else "; fetching it needs WANDB_API_KEY"
+                )
+                raise UserError(f"not in the cache ({dest}){hint}")
+            return [ckpt.parent]
+
+        hosts = ()
+        if os.environ.get("WANDB_API_KEY"):  # without it, fetch fails at once with the route
+            hosts = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai",)
+        return [
+            Need(
+                "apollo", run_path, f"wandb {run_path}", str(dest), check,
+                lambda: [self.fetch().parent], hosts=hosts,
+            )
+        ]  # fmt: skip
 
     def fetch(self) -> Path:
         """Path of the latest checkpoint, downloading the run's files on first use."""
@@ -885,6 +994,13 @@ class LocalSource:
         self._d_in = int(state_dict["encoder.weight"].shape[1])
         self._checked = True
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing to fetch: it is read from disk at run time."""
+        from saeravel.offline import Skip
+
+        where = "" if self.path.exists() else " (it does not exist here)"
+        return [Skip(f"sae={self.family}", f"read from disk at run time: {self.path}{where}")]
+
     def known_d_in(self) -> int | None:
         """The SAE's input width from its file (after :meth:`check`), else None."""
         return self._d_in
@@ -979,51 +1095,58 @@ def import_object(path: str) -> Any:
 
 
 class CustomSource:
-    """Any object with ``encode``/``decode``: ``target(**kwargs)``, wrapped in :class:`CustomSAE`.
+    """Any object with ``encode``/``decode``, built by Hydra's own ``_target_`` from the
+    ``sae.object`` node (``sae.object._target_=mypkg.saes.MySAE +sae.object.d_sae=4096``; nested
+    ``_target_``s, ``_args_`` and ``_partial_`` work as anywhere in Hydra) and wrapped in
+    :class:`CustomSAE`.
 
     The target is imported in the constructor; the object is built and probed with a zero
     input of width ``d_in`` by :meth:`required_model_kwargs`, i.e. before the model loads.
+    (``sae=custom``'s schema sets ``_recursive_: false``, so Hydra hands the node to this source
+    instead of building the user's object before these checks.)
     """
 
     def __init__(
         self,
         family: str,
         layer: int,
-        target: str,
-        kwargs: Mapping[str, Any] | None = None,
+        object: Mapping[str, Any] | None = None,  # noqa: A002 (the config key)
         hook_name: str = "",
         d_in: int = 0,
     ) -> None:
         self.family = family
         self.layer = int(layer)
-        self.target = str(target or "").strip()
-        self.kwargs = dict(_plain(kwargs) or {})
+        self.object = dict(_plain(object) or {})
+        self.target = str(self.object.get("_target_") or "").strip()
+        self.kwargs = {k: v for k, v in self.object.items() if k != "_target_"}
         self.hook_name = hook_name
         self.d_in = int(d_in)
         if not self.target:
             raise UserError(
-                "sae=custom needs sae.target, the import path of a class or factory "
-                "(e.g. sae.target=mypkg.saes.MySAE)"
+                "sae=custom needs sae.object._target_, the import path of a class or factory "
+                "(e.g. sae.object._target_=mypkg.saes.MySAE)"
             )
+        self.object["_target_"] = self.target
         if self.d_in < 1:
             raise UserError(f"sae.d_in={self.d_in}: the custom SAE's input width must be >= 1")
-        self._factory = self._import()
-        self._sae: CustomSAE | None = None
-
-    def _import(self) -> Any:
-        factory = import_object(self.target)
+        factory = import_object(self.target)  # one line naming what is missing
         if not callable(factory):
             raise UserError(f"custom SAE target {self.target!r} is a {type(factory).__name__}")
-        return factory
+        self._sae: CustomSAE | None = None
 
     def _build(self) -> CustomSAE:
+        from hydra.errors import InstantiationException
+
+        from saeravel.config import instantiate
+
         if self._sae is not None:
             return self._sae
         try:
-            obj = self._factory(**self.kwargs)
-        except Exception as exc:  # the user's constructor: any exception
+            obj = instantiate(self.object)
+        except InstantiationException as exc:  # the user's constructor raised
             raise UserError(
-                f"custom SAE {self.target}(**{self.kwargs}) raised {_first_line(exc)}"
+                f"custom SAE {self.target}(**{self.kwargs}) raised "
+                f"{_first_line(exc.__cause__ or exc)}"
             ) from None
         for name in ("encode", "decode"):
             if not callable(getattr(obj, name, None)):
@@ -1058,6 +1181,13 @@ class CustomSource:
         self._sae = CustomSAE(obj, d_in=self.d_in, hook_name=self.hook_name, identity=identity)
         return self._sae
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing to fetch: user code builds it."""
+        from saeravel.offline import Skip
+
+        why = f"built by user code ({self.target}), nothing to download"
+        return [Skip(f"sae={self.family}", why)]
+
     def known_d_in(self) -> int:
         """``sae.d_in`` (probed against the object by :meth:`required_model_kwargs`)."""
         return self.d_in
@@ -1085,6 +1215,12 @@ class NoSource:
     def required_model_kwargs(self) -> dict[str, Any]:
         """{}: TL defaults."""
         return {}
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing."""
+        from saeravel.offline import Skip
+
+        return [Skip(f"sae={self.family}", "no SAE")]
 
     def load(self, model: LoadedModel) -> SAE | None:
         """None."""

@@ -236,6 +236,45 @@ class TrainedSource:
         """Trained on the model as loaded: no requirement."""
         return {}
 
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """Nothing to download. On a model with its own world and ``ctx.train``
+        (``--train-embedded``): this SAE trained now, on the model its need trains."""
+        from saeravel.offline import Need, Skip
+
+        on = f"sae={self.family} on {ctx.model.name}"
+        if not ctx.model.own_world:
+            why = (
+                f"trained at run time on text streamed from {self.hparams['dataset']}: the job "
+                "needs network (or train it where there is network); not prefetchable"
+            )
+            return [Skip(on, why)]
+        trains = [n for n in ctx.model_needs if n.product is not None]
+        if not trains:
+            why = "trained here on first use and cached, nothing to download"
+            return [Skip(on, why + ("" if ctx.train else " (--train-embedded trains it now)"))]
+        model_need = trains[0]
+
+        def check() -> list[Path]:
+            model_need.check()
+            folder = self._folder(model_need.product())
+            if not (folder / "meta.json").is_file():  # written last: marks it complete
+                raise UserError(f"not trained yet ({folder})")
+            return [folder]
+
+        def fetch() -> list[Path]:
+            model = model_need.product()
+            self.load(model)
+            return [self._folder(model)]
+
+        name = f"sae=trained on {ctx.model.name} layer {self.layer}"
+        key = json.dumps([model_need.dest, self.layer, self.hparams], sort_keys=True)
+        return [
+            Need(
+                "train", name, "", str(self.cache_dir / "saes"), check, fetch, label=name,
+                key=("train", key),
+            )
+        ]  # fmt: skip
+
     def _folder(self, model: LoadedModel) -> Path:
         model_key = model.info.get("cache_folder_key") or json.dumps(
             model.processing, sort_keys=True

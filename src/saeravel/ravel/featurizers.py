@@ -1,0 +1,312 @@
+"""Featurizers beyond masks over latents / neurons and DAS (``ravel.intervene``): PCA, boundless
+DAS, multi-task DAS, probe-selected SAE latents and a given basis.
+
+Each is an :class:`~saeravel.ravel.intervene.Intervention`: ``forward(base, source)`` maps the
+base's and the source's residual vectors at the entity token to the vector patched in. Facts
+taken from the references (code read, not copied):
+
+* PCA (RAVEL ``src/methods/pca.py``; MIB's DBM+PCA): the featurizer is the orthogonal matrix of
+  principal components of the site's activations; the features swapped are either selected by
+  a learned mask (DBM over the components) or the first ``k``.
+* Boundless DAS (pyvene ``BoundlessRotatedSpaceIntervention``): a learned rotation and ONE
+  learned boundary ``b`` (a fraction of ``d``, clamped to [1e-3, 1], init 0.5); the mask over
+  rotated dim ``i`` is a sigmoid of ``(b * d - i) / T`` with ``T`` annealed. pyvene multiplies in
+  a second factor ``sigmoid((i - 0) / T)`` (a lower boundary fixed at 0), which caps dim 0's
+  weight at 0.5 whatever ``T``; it is dropped here, so the mask is monotone non-increasing in
+  ``i`` and its hard form keeps exactly the dims ``i < b * d``.
+* MDAS: see :class:`MultiTaskDAS`.
+* SAE probe (SAEBench's RAVEL latent selection, ``evals/ravel/uniprobe.py``): a linear probe on
+  SAE latents at the entity token (there: an L1 linear SVC telling the target attribute's
+  prompts from the others', its coefficient sweep setting how many latents survive). Here:
+  see :func:`rank_latents_by_probe`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from saeravel.ravel.intervene import Intervention, LearnedMask
+
+# ----------------------------------------------------------------------------- PCA
+
+
+def principal_components(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal directions of the rows of ``x`` [n, d]: (components [d, d] as rows, most
+    variance first; explained variance [d]). Mean-centred; signs fixed so each component's
+    largest-magnitude entry is positive (deterministic)."""
+    x = x.double()
+    xc = x - x.mean(0, keepdim=True)
+    cov = xc.T @ xc / max(1, x.shape[0] - 1)
+    var, vec = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(var, descending=True)
+    var, comps = var[order], vec[:, order].T
+    sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return comps.float(), var.clamp_min(0).float()
+
+
+class PCASwap(Intervention):
+    """Swap the source's coordinates on principal components: ``b + ((s - b) C^T * m) C`` for
+    the top ``n`` components ``C`` [n, d] (fit beforehand on training activations) and either a
+    learned mask ``m`` over them (``mode=mask``) or ``m = 1`` on the first ``k`` (``mode=fixed``).
+    The components outside the top ``n`` are never swapped."""
+
+    def __init__(
+        self, components: torch.Tensor, mode: str = "mask", k: int = 16, init: float = 0.0,
+        straight_through: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        n = components.shape[0]
+        self.register_buffer("components", components.float().clone())
+        self.mode = mode
+        if mode == "mask":
+            self.mask = LearnedMask(n, init, straight_through)
+        elif mode == "fixed":
+            if not 0 < k <= n:
+                raise ValueError(f"pca.k={k} must be in 1..{n}")
+            self.register_buffer("fixed", (torch.arange(n) < k).float())
+        else:
+            raise ValueError(f"unknown pca.mode {mode!r}; valid: mask, fixed")
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        C = self.components.to(b.dtype)
+        m = self.mask() if self.mask is not None else self.fixed
+        return b + (((s - b) @ C.T) * m) @ C
+
+    def penalty(self) -> torch.Tensor:
+        return self.mask().mean() if self.mask is not None else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------- boundless DAS
+
+
+class BoundaryMask(nn.Module):
+    """A mask over ``size`` ordered dims set by one learned boundary ``b`` (a fraction of
+    ``size``, clamped to [1e-3, 1]): ``sigmoid((b * size - i) / T)`` while training; hard
+    (``i < b * size``) at test time. The interface of :class:`LearnedMask` (``hard``,
+    ``temperature``, ``kept``, ``top``, ``param``) so training and scoring treat it alike; not
+    refinable (its entries are not free bits)."""
+
+    refinable = False
+
+    def __init__(self, size: int, init: float = 0.5) -> None:
+        super().__init__()
+        self.size = size
+        self.param = nn.Parameter(torch.tensor([float(init)]))
+        self.register_buffer("index", torch.arange(size).float())
+        self.temperature = 1.0
+        self.hard = False
+        self.straight_through = False
+
+    def edge(self) -> torch.Tensor:
+        return self.param.clamp(1e-3, 1.0)[0] * self.size
+
+    def forward(self) -> torch.Tensor:
+        edge = self.edge()
+        if self.hard:
+            return (self.index < edge).to(self.param.dtype)
+        return torch.sigmoid((edge - self.index) / self.temperature)
+
+    def kept(self) -> int:
+        return int((self.index < self.edge()).sum())
+
+    def top(self, n: int) -> list[int]:
+        return list(range(min(n, self.kept())))
+
+
+class BoundlessDAS(Intervention):
+    """DAS whose swapped subspace is the rotated dims below a learned boundary (pyvene's
+    boundless rotated-space intervention; see the module docstring for the one difference).
+    The boundary trains at ``boundary_lr`` (pyvene's tutorials: 10x the rotation's)."""
+
+    def __init__(self, d_model: int, init: float = 0.5, boundary_lr_scale: float = 10.0) -> None:
+        super().__init__()
+        lin = nn.Linear(d_model, d_model, bias=False)
+        self.rot = nn.utils.parametrizations.orthogonal(lin)
+        self.mask = BoundaryMask(d_model, init)
+        self.boundary_lr_scale = boundary_lr_scale
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        R = self.rot.weight
+        rb, rs = b @ R, s @ R
+        return (rb + self.mask() * (rs - rb)) @ R.T
+
+    def penalty(self) -> torch.Tensor:
+        return self.mask.param.clamp(1e-3, 1.0).sum()
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        rot = [p for n, p in self.named_parameters() if not n.startswith("mask.")]
+        return [{"params": rot, "lr": lr},
+                {"params": [self.mask.param], "lr": lr * self.boundary_lr_scale}]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- MDAS
+
+
+class MultiTaskDAS(Intervention):
+    """Multi-task DAS: ONE rotation shared by every attribute in ``attributes`` and one learned
+    mask over the rotated dims per attribute, trained jointly on all their (cause and isolation)
+    training pairs; each pair uses the mask of the attribute it intervenes on. Scored per
+    attribute with that attribute's mask (:attr:`active`).
+
+    RAVEL's code (``scripts/train_intervention.py``) calls "multi-task" the training of one
+    attribute's intervention on that attribute's cause task plus the other attributes'
+    isolation tasks (``match_base``); saeravel's ``das`` already trains on exactly that. This
+    method is the further step the name suggests: the featurizer (rotation) is shared across
+    the attributes' tasks, only the feature selection (mask) is per attribute. With one
+    attribute it IS :class:`~saeravel.ravel.intervene.DAS` (mode=mask): same parameters, created
+    in the same order, so the same seed trains the same intervention."""
+
+    def __init__(
+        self, d_model: int, attributes: list[str], init: float = 0.0, straight_through: bool = False
+    ) -> None:
+        super().__init__()
+        lin = nn.Linear(d_model, d_model, bias=False)
+        self.rot = nn.utils.parametrizations.orthogonal(lin)
+        self.attributes = list(attributes)
+        self.masks = nn.ModuleDict(
+            {a: LearnedMask(d_model, init, straight_through) for a in self.attributes}
+        )
+        self.active = self.attributes[0]
+        self._rows: list[str] | None = None
+
+    @property
+    def mask(self) -> LearnedMask:  # the active attribute's mask (scoring, refinement)
+        return self.masks[self.active]
+
+    @mask.setter
+    def mask(self, value: Any) -> None:  # Intervention.__init__ assigns None
+        if value is not None:
+            raise AttributeError("MultiTaskDAS's masks are per attribute")
+
+    def route(self, pairs: list[Any]) -> None:
+        """Use each pair's intervened attribute's mask in the next forward call."""
+        self._rows = [q.intervened for q in pairs]
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        R = self.rot.weight
+        rb, rs = b @ R, s @ R
+        rows, self._rows = self._rows, None
+        if rows is not None and len(rows) == len(b) and len(set(rows)) > 1:
+            by_attr = {a: self.masks[a]() for a in set(rows)}
+            m = torch.stack([by_attr[a] for a in rows])
+        else:
+            m = self.masks[rows[0] if rows else self.active]()
+        return (rb + m * (rs - rb)) @ R.T
+
+    def penalty(self) -> torch.Tensor:
+        return torch.stack([m().mean() for m in self.masks.values()]).mean()
+
+    def set_temperature(self, t: float) -> None:
+        for m in self.masks.values():
+            m.temperature = t
+
+
+# ----------------------------------------------------------------------------- SAE latents
+
+
+class LatentSwap(Intervention):
+    """Swap the chosen SAE latents from the source (the rest from the base) and decode, with
+    the normalisation of :class:`~saeravel.ravel.intervene.SAEMask`; ``add_error`` adds the
+    base's reconstruction error back. No parameters."""
+
+    def __init__(self, sae: Any, latents: list[int], add_error: bool = False) -> None:
+        super().__init__()
+        self.sae = sae
+        self.latents = list(latents)
+        m = torch.zeros(sae.d_sae)
+        m[self.latents] = 1.0
+        self.register_buffer("chosen", m)
+        self.add_error = add_error
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        zb, stats = self.sae.normalize(b)
+        zs, _ = self.sae.normalize(s)
+        fb, fs = self.sae.encode_normalized(zb), self.sae.encode_normalized(zs)
+        m = self.chosen.to(fb.dtype)
+        out = self.sae.denormalize(self.sae.decode_normalized(fb + m * (fs - fb)), stats)
+        if self.add_error:
+            out = out + (b - self.sae.reconstruct(b))
+        return out
+
+
+@torch.no_grad()
+def sae_latents(sae: Any, x: torch.Tensor) -> torch.Tensor:
+    """SAE latents of residual vectors ``x`` (in the SAE's normalised space)."""
+    return sae.encode_normalized(sae.normalize(x)[0])
+
+
+def rank_latents_by_probe(
+    latents: torch.Tensor, labels: list[str], steps: int = 300, lr: float = 0.05,
+    l1: float = 0.01, seed: int = 0,
+) -> tuple[list[int], dict[str, Any]]:  # fmt: skip
+    """Rank SAE latents by a probe trained on them to predict the attribute's value.
+
+    A multinomial logistic regression on the standardised latents [n, d_sae] (latents that are
+    constant on the data get zero weight), full batch, Adam, with an L1 penalty so weight
+    concentrates on few latents; a latent's score is its largest absolute weight over the
+    values. Returns the latents in descending score (only those with a nonzero score) and the
+    probe's training accuracy.
+
+    SAEBench's selection differs in its label: it probes "is this prompt one of the target
+    attribute's" (target vs a balanced mix of the other attributes' prompts), with an L1 linear
+    SVC whose coefficient sweep sets the count. At the entity token of a causal model the
+    prompt's attribute is only visible through the words before the entity, so that label
+    ranks template detectors, not value carriers (on the planted world it is not learnable at
+    all); the value label is RAVEL's own feature-selection classifier's (``select_features``)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = sorted(set(labels))
+    y = torch.tensor([values.index(v) for v in labels])
+    x = latents.float()
+    mu, sd = x.mean(0), x.std(0)
+    live = sd > 1e-8
+    z = torch.where(live, (x - mu) / sd.clamp_min(1e-8), torch.zeros_like(x))
+    w = torch.zeros(x.shape[1], len(values))
+    w.normal_(0, 1e-3, generator=gen)
+    w.requires_grad_(True)
+    bias = torch.zeros(len(values), requires_grad=True)
+    opt = torch.optim.Adam([w, bias], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            logits = z @ w + bias
+            loss = torch.nn.functional.cross_entropy(logits, y) + l1 * w.abs().sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = float(((z @ w + bias).argmax(1) == y).float().mean())
+        score = w.abs().max(1).values * live
+    order = torch.argsort(score, descending=True)
+    ranked = [int(j) for j in order if score[j] > 0]
+    return ranked, {"probe_train_accuracy": acc, "n_values": len(values), "n_examples": len(labels),
+                    "n_live_latents": int(live.sum())}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- given basis
+
+
+class BasisSwap(Intervention):
+    """A given basis, no fitting: swap the source's component in the span of ``basis`` [k, d]
+    (rows need not be orthonormal): ``b + (s - b) P`` with ``P`` the orthogonal projector onto
+    the row space (``pinv(B) B``). Singular values below ``rtol`` times the largest count as
+    zero (a float32 file holding a projector has noise singular values ~1e-7 that an exact
+    pseudo-inverse would blow up into extra swapped directions). The identity basis swaps
+    everything; rows ``e_i`` for ``i`` in S equal the neuron swap on S."""
+
+    RTOL = 1e-4
+
+    def __init__(self, basis: torch.Tensor) -> None:
+        super().__init__()
+        B = basis.double()
+        P = torch.linalg.pinv(B, rtol=self.RTOL) @ B
+        self.register_buffer("projector", P.float())
+        self.register_buffer("basis", basis.float().clone())
+
+    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return b + (s - b) @ self.projector.to(b.dtype)
+
+    def rank(self) -> int:
+        return int(torch.linalg.matrix_rank(self.basis.double(), rtol=self.RTOL))

@@ -1,0 +1,181 @@
+"""The algebra of each featurizer in saeravel.ravel.featurizers (no model needed), and MDAS
+trained on one attribute equals DAS through the real training loop."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saeravel.ravel.featurizers import (
+    BasisSwap,
+    BoundaryMask,
+    BoundlessDAS,
+    MultiTaskDAS,
+    PCASwap,
+    principal_components,
+    rank_latents_by_probe,
+)
+from saeravel.ravel.intervene import DAS, NeuronMask
+
+
+def _axis_set(n: int = 2000, d: int = 8) -> torch.Tensor:
+    """Points whose variance lies on axes 2, 5, 0 (in that order of size), none elsewhere, the
+    three coordinates exactly uncorrelated (so the axes are THE principal directions)."""
+    z = torch.randn(n, 3, dtype=torch.float64)
+    q, _ = torch.linalg.qr(z - z.mean(0))  # centred, orthonormal columns
+    x = torch.zeros(n, d, dtype=torch.float64)
+    x[:, [2, 5, 0]] = q * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * n**0.5
+    return (x + torch.randn(d, dtype=torch.float64)).float()  # an offset: PCA centres
+
+
+def test_pca_on_an_axis_aligned_set_recovers_the_axes():
+    comps, var = principal_components(_axis_set())
+    for row, axis in zip(comps[:3], (2, 5, 0), strict=True):
+        assert row[axis] == pytest.approx(1.0, abs=1e-3)  # sign fixed: largest entry positive
+        assert row.abs().sum() == pytest.approx(1.0, abs=1e-2)
+    assert var[0] > var[1] > var[2] > 10 * var[3]
+    assert torch.allclose(comps @ comps.T, torch.eye(8), atol=1e-5)
+
+
+def test_pca_swap_of_the_top_components_is_the_neuron_swap_on_their_axes():
+    comps, _ = principal_components(_axis_set())
+    b, s = torch.randn(5, 8), torch.randn(5, 8)
+    pca = PCASwap(comps, mode="fixed", k=2)
+    neurons = NeuronMask(8)
+    neurons.mask.param.data[:] = -1.0
+    neurons.mask.param.data[[2, 5]] = 1.0
+    neurons.mask.hard = True
+    assert torch.allclose(pca(b, s), neurons(b, s), atol=1e-3)
+    assert torch.allclose(PCASwap(comps, mode="fixed", k=8)(b, s), s, atol=1e-5)
+    masked = PCASwap(comps[:3], mode="mask")
+    masked.mask.hard = True
+    masked.mask.param.data[:] = 1.0  # all three kept: the offset axes' part moves, the rest stays
+    out = masked(b, s)
+    assert torch.allclose(out[:, [0, 2, 5]], s[:, [0, 2, 5]], atol=1e-3)
+    assert torch.allclose(out[:, [1, 3, 4, 6, 7]], b[:, [1, 3, 4, 6, 7]], atol=1e-3)
+
+
+@pytest.mark.parametrize("boundary", [0.05, 0.3, 0.5, 0.97])
+@pytest.mark.parametrize("temp", [50.0, 1.0, 0.1])
+def test_boundary_mask_is_monotone_and_its_hard_form_keeps_the_dims_below(boundary, temp):
+    m = BoundaryMask(20, init=boundary)
+    m.temperature = temp
+    soft = m()
+    assert (soft[1:] <= soft[:-1] + 1e-7).all()  # non-increasing in the rotated dim's index
+    assert ((soft >= 0) & (soft <= 1)).all()
+    m.hard = True
+    hard = m()
+    assert (hard[1:] <= hard[:-1]).all()
+    assert hard.sum() == m.kept() == sum(i < boundary * 20 for i in range(20))
+    assert m.top(100) == list(range(m.kept()))
+
+
+def test_boundless_das_at_full_and_empty_boundary():
+    torch.manual_seed(0)
+    b, s = torch.randn(4, 12), torch.randn(4, 12)
+    full = BoundlessDAS(12, init=1.0)
+    full.mask.hard = True
+    assert torch.allclose(full(b, s), s, atol=1e-5)
+    empty = BoundlessDAS(12, init=1e-3)
+    empty.mask.hard = True
+    assert empty.mask.kept() == 1 and torch.allclose(empty.mask(), torch.eye(12)[0])
+    groups = full.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    assert groups[1]["params"] == [full.mask.param]
+
+
+def test_mdas_with_one_attribute_is_das():
+    torch.manual_seed(3)
+    das = DAS(10, mode="mask")
+    torch.manual_seed(3)
+    mdas = MultiTaskDAS(10, ["Country"])
+    assert torch.allclose(das.rot.weight, mdas.rot.weight)
+    b, s = torch.randn(6, 10), torch.randn(6, 10)
+    for hard in (False, True):
+        das.mask.hard = mdas.mask.hard = hard
+        assert torch.allclose(das(b, s), mdas(b, s))
+
+
+def test_mdas_routes_each_pair_to_its_attributes_mask():
+    torch.manual_seed(0)
+    m = MultiTaskDAS(8, ["Country", "Continent"])
+    m.masks["Country"].param.data[:] = torch.linspace(-2, 2, 8)
+    m.masks["Continent"].param.data[:] = torch.linspace(2, -2, 8)
+    b, s = torch.randn(4, 8), torch.randn(4, 8)
+    rows = ["Country", "Continent", "Continent", "Country"]
+    m.route([SimpleNamespace(intervened=a) for a in rows])
+    mixed = m(b, s)
+    for attr in ("Country", "Continent"):
+        m.active = attr
+        alone = m(b, s)
+        for i, a in enumerate(rows):
+            if a == attr:
+                assert torch.allclose(mixed[i], alone[i])
+    m.active = "Country"
+    m.route([SimpleNamespace(intervened=a) for a in rows])
+    m(b, s)
+    m.active = "Continent"  # the routing was used once: the next call takes the active mask
+    assert torch.allclose(m(b, s)[0], alone[0]) and not torch.allclose(m(b, s)[0], mixed[0])
+
+
+def test_fixed_identity_basis_is_the_neuron_swap():
+    b, s = torch.randn(5, 6), torch.randn(5, 6)
+    assert torch.allclose(BasisSwap(torch.eye(6))(b, s), s, atol=1e-6)
+    chosen = [1, 4]
+    neurons = NeuronMask(6)
+    neurons.mask.param.data[:] = -1.0
+    neurons.mask.param.data[chosen] = 1.0
+    neurons.mask.hard = True
+    assert torch.allclose(BasisSwap(torch.eye(6)[chosen])(b, s), neurons(b, s), atol=1e-6)
+    # Any basis of the same span swaps the same thing (rows need not be orthonormal).
+    skew = torch.tensor([[2.0, 1.0], [0.5, -3.0]]) @ torch.eye(6)[chosen]
+    assert torch.allclose(BasisSwap(skew)(b, s), neurons(b, s), atol=1e-5)
+    assert BasisSwap(skew).rank() == 2
+
+
+def test_probe_ranks_the_latent_that_carries_the_value_first():
+    gen = torch.Generator().manual_seed(0)
+    n, d = 300, 12
+    values = [random.Random(i).choice("abc") for i in range(n)]
+    x = torch.rand(n, d, generator=gen)  # noise latents
+    x[:, 7] = torch.tensor([{"a": 0.0, "b": 1.0, "c": 2.0}[v] for v in values]) + 0.05 * x[:, 0]
+    x[:, 3] = 0.0  # dead latent: never ranked
+    ranked, info = rank_latents_by_probe(x, values, steps=300, seed=0)
+    assert ranked[0] == 7
+    assert 3 not in ranked
+    assert info["probe_train_accuracy"] >= 0.95 and info["n_live_latents"] == d - 1
+
+
+def test_mdas_on_one_attribute_trains_exactly_as_das():
+    """Same seed, same data, same optimiser: the one-attribute MDAS and DAS stay equal step by
+    step (the parameters correspond one to one, created in the same order)."""
+    torch.manual_seed(1)
+    das = DAS(8, mode="mask")
+    torch.manual_seed(1)
+    mdas = MultiTaskDAS(8, ["Country"])
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (das, mdas)]
+    target = torch.randn(8)
+    for step in range(25):
+        gen = torch.Generator().manual_seed(step)
+        b, s = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
+        for m, opt in zip((das, mdas), opts, strict=True):
+            m.mask.temperature = 10.0 / (step + 1)
+            loss = ((m(b, s) - target) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert torch.allclose(das.rot.weight, mdas.rot.weight, atol=1e-6)
+    assert torch.allclose(das.mask.param, mdas.masks["Country"].param, atol=1e-6)
+
+
+def test_fixed_basis_ignores_float32_noise_directions():
+    """A float32 projector of rank 3 (noise singular values ~1e-7): the swap is that rank-3
+    projection, not a near-identity from inverting the noise."""
+    q, _ = torch.linalg.qr(torch.randn(10, 3))
+    P = (q @ q.T).float()
+    swap = BasisSwap(P)
+    assert swap.rank() == 3
+    assert torch.allclose(swap.projector, P, atol=1e-5)
