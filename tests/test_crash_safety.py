@@ -61,9 +61,7 @@ def reference(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["loading", "training", "scoring", "writing"])
-def test_kill_9_at_any_phase_then_rerun_gives_the_uninterrupted_result(
-    tmp_path, reference, phase
-):
+def test_kill_9_at_any_phase_then_rerun_gives_the_uninterrupted_result(tmp_path, reference, phase):
     extra = ["sae=planted", "eval.method=neurons"]
     code, _, err = _finish(_job(tmp_path, "run", extra, kill_at=phase))
     assert code == -signal.SIGKILL, (phase, code, err[-2000:])
