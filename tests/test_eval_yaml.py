@@ -1,5 +1,6 @@
-"""The SAEBench evals' YAML files set no value: the schema dataclass is the one source of every
-default, and the YAML documents each key (with its default) in a comment."""
+"""The evals' YAML files set no value: the schema dataclass is the one source of every default,
+and the YAML documents each key (with its default) in a comment. RAVEL's default recipe is the
+dataclass's defaults too; only a reproduction preset (recipe/paper.yaml) pins values."""
 
 import dataclasses
 import re
@@ -12,8 +13,9 @@ import yaml
 from saeravel.evals.api import discover
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
-# ravel.yaml is not covered: its recipe options set values on purpose (conf/eval/recipe/).
-NOT_COVERED = {"ravel"}
+NOT_COVERED: set[str] = set()
+# Defaults-list entries beyond the schema and _self_: RAVEL's training-recipe group.
+EXTRA_DEFAULTS = {"ravel": [{"recipe": "saeravel"}]}
 # Values a YAML may set although the dataclass has a default: none today. A value set here would
 # have to differ from the dataclass default on purpose (say why beside it).
 INTENTIONAL: dict[str, dict[str, object]] = {}
@@ -51,7 +53,7 @@ def _documented(path: Path) -> dict[str, str | None]:
 
 def test_every_saebench_eval_has_a_yaml():
     names = set(discover()) - NOT_COVERED
-    assert names == set(YAMLS) and len(names) == 7
+    assert names == set(YAMLS) and len(names) == 8
 
 
 @pytest.mark.parametrize("name", YAMLS)
@@ -59,7 +61,8 @@ def test_yaml_sets_no_value_and_documents_every_default(name):
     schema = discover()[name].schema
     defaults = _plain(dataclasses.asdict(schema()))
     data = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    assert data.pop("defaults") == [f"/schema_eval_{name}@_here_", "_self_"]
+    want_defaults = [f"/schema_eval_{name}@_here_", "_self_", *EXTRA_DEFAULTS.get(name, [])]
+    assert data.pop("defaults") == want_defaults
     extra = INTENTIONAL.get(name, {})
     for key, value in data.items():
         assert key in extra, (
@@ -82,3 +85,15 @@ def test_yaml_sets_no_value_and_documents_every_default(name):
         for part in key.split("."):
             want = want[part]  # type: ignore[index]
         assert yaml.safe_load(text) == want, f"{name}.yaml documents {key}: {text}, not {want!r}"
+
+
+def test_the_default_ravel_recipe_sets_nothing_the_paper_recipe_pins_its_values():
+    from saeravel.evals.ravel import RavelEvalConfig
+
+    assert yaml.safe_load((CONF / "recipe" / "saeravel.yaml").read_text()) is None
+    paper = yaml.safe_load((CONF / "recipe" / "paper.yaml").read_text())
+    defaults = _plain(dataclasses.asdict(RavelEvalConfig()))
+    assert paper["recipe"] == "paper" and paper["epochs"] != defaults["epochs"]
+    # every training setting the paper's result depends on is pinned, not inherited
+    assert {"epochs", "batch_size", "lr", "mask"} <= set(paper)
+    assert set(paper["mask"]) == {"schedule", "t_start", "t_end", "anneal_fraction", "estimator"}

@@ -218,7 +218,9 @@ class RavelEvalConfig(EvalConfig):
     name: str = "ravel"
     version: str = "2.0"
     recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
-    recipe_label: str = ""
+    recipe_label: str = (
+        "saeravel's default: the paper's annealing, then 10 epochs at the final temperature"
+    )
     protocol: RavelProtocol = RavelProtocol.saeravel
     method: RavelMethod = RavelMethod.all
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
