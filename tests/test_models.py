@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from saeravel.config import DType, instantiate
-from saeravel.errors import UserError
+from saeravel.config import DType
+from saeravel.errors import UserError, instantiate
 from saeravel.models import (
     TransformerLensModel,
     hub_revision,
@@ -72,7 +72,7 @@ def test_unknown_hf_name_fails_in_the_constructor():
 
 
 def test_constructor_errors_surface_as_user_errors():
-    """Hydra wraps a constructor's exception; saeravel.config.instantiate unwraps UserError."""
+    """Hydra wraps a constructor's exception; saeravel.errors.instantiate unwraps UserError."""
     with pytest.raises(UserError, match="sae.k=0 must be a positive integer"):
         instantiate(_compose("sae.k=0").sae)
     with pytest.raises(UserError, match="device=bogus|unknown device 'bogus'"):

@@ -327,24 +327,6 @@ def register_configs() -> None:
     _REGISTERED = True
 
 
-def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, but a :class:`saeravel.errors.UserError` raised by the
-    target's constructor (a source's cheap checks: device, ranges, names) propagates as
-    itself, so the entrypoint prints its one line instead of Hydra's multi-line wrapper."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-
-    from saeravel.errors import UserError
-
-    try:
-        return hydra_instantiate(node, *args, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise
-
-
 _HYDRA_FLAGS_WITH_OWN_SEARCH_PATH = (
     "--config-dir",
     "-cd",

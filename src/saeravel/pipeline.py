@@ -33,8 +33,10 @@ from omegaconf.errors import MissingMandatoryValue
 
 from saeravel import __version__
 from saeravel.checkpoint import CheckpointStore
-from saeravel.config import instantiate  # re-raises a constructor's UserError as is
-from saeravel.errors import UserError
+from saeravel.errors import (
+    UserError,
+    instantiate,  # re-raises a constructor's UserError as is
+)
 from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, get_eval
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device

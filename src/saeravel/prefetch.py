@@ -266,7 +266,7 @@ def plan_jobs(jobs: Sequence[Job], train_embedded: bool = False) -> Plan:
 def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
     """Ask the job's model source, then its SAE source (if the eval loads one), what they
     need offline; then the RAVEL data ``eval=ravel`` reads."""
-    from saeravel.config import instantiate
+    from saeravel.errors import instantiate
     from saeravel.evals.api import get_eval
     from saeravel.ravel import data as ravel_data
     from saeravel.saes.loaders import build_sae_source

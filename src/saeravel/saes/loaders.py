@@ -117,13 +117,13 @@ def _missing_keys(node: Any, prefix: str = "") -> list[str]:
 
 
 def build_sae_source(cfg: Any) -> Any:
-    """``saeravel.config.instantiate(cfg.sae)`` with one-line errors: a required field not given
+    """``saeravel.errors.instantiate(cfg.sae)`` with one-line errors: a required field not given
     (``???``) is named by its path with what it should be, a source constructor's
     :class:`UserError` is itself (``instantiate`` unwraps it), any other failure one line."""
     from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
 
-    from saeravel.config import instantiate
+    from saeravel.errors import instantiate
 
     missing = sorted(_missing_keys(cfg))
     if missing:
@@ -1137,7 +1137,7 @@ class CustomSource:
     def _build(self) -> CustomSAE:
         from hydra.errors import InstantiationException
 
-        from saeravel.config import instantiate
+        from saeravel.errors import instantiate
 
         if self._sae is not None:
             return self._sae
