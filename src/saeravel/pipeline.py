@@ -176,7 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     )  # fmt: skip
     _check_writable(out_dir)
     _check_writable(index)
-    if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint)):
+    if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint, False)):
         return done
     # One process at a time computes a job: an identical job started at the same moment (two
     # sweeps, a requeue) waits here, then returns the result the first one wrote. The lock is
@@ -195,15 +195,17 @@ def _stored(
     out_dir: Path,
     spec: EvalSpec,
     checkpoint: CheckpointStore,
+    warn: bool = True,
 ) -> dict[str, Any] | None:
-    """This job's checked stored record (also copied into this run's folder), or None."""
+    """This job's checked stored record (also copied into this run's folder), or None (with a
+    warning saying why a stored record is not this job's when ``warn``)."""
     done, why = load_stored(store, jid, resolved)
     if done is not None:
         log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
         _write_result(out_dir, done, spec)  # this sweep's folder is complete too
         checkpoint.clear()  # left over if a job stopped between its result and this cleanup
         return done
-    if why is not None:
+    if why is not None and warn:
         log.warning("stored result %s is not this job's (%s); recomputing", store, why)
     return None
 
