@@ -73,8 +73,8 @@ def one(mode: str, layer: int, steps: int, ctx: int, tail: int, batch: int, smal
         runner = SuffixRunner(model, layer)
         runner.prepare(bases + sources)
         with torch.no_grad():
-            vec_b = torch.stack([runner.suffix[id(p)][0] for p in bases])
-            vec_s = torch.stack([runner.suffix[id(p)][0] for p in sources])
+            vec_b = torch.stack([runner.suffix(p)[0] for p in bases])
+            vec_s = torch.stack([runner.suffix(p)[0] for p in sources])
     setup = time.perf_counter() - setup_start
 
     def step() -> float:

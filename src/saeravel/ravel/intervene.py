@@ -270,9 +270,9 @@ class SuffixRunner:
         self.layer = layer
         self.batch_size = batch_size
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.suffix: dict[
-            int, torch.Tensor
-        ] = {}  # id(prompt) -> resid after layer, from entity_start
+        # id(prompt) -> (prompt, resid after layer from entity_start); the prompt is kept so
+        # that a dead prompt's id, reused by a new one, is recognised as another prompt
+        self._suffix: dict[int, tuple[Prompt, torch.Tensor]] = {}
 
     @torch.no_grad()
     def prepare(self, prompts: list[Prompt]) -> None:
@@ -289,9 +289,18 @@ class SuffixRunner:
             self.prefix_kv[prefix] = [
                 (cache[f"blocks.{i}.attn.hook_k"], cache[f"blocks.{i}.attn.hook_v"]) for i in later
             ]
-        todo = [p for p in prompts if id(p) not in self.suffix]
+        todo = list({id(p): p for p in prompts if not self.prepared(p)}.values())
         for p, r in zip(todo, resid_at(model, todo, L, self.batch_size), strict=True):
-            self.suffix[id(p)] = r[p.entity_start :]
+            self._suffix[id(p)] = (p, r[p.entity_start :])
+
+    def prepared(self, p: Prompt) -> bool:
+        return self._suffix.get(id(p), (None,))[0] is p
+
+    def suffix(self, p: Prompt) -> torch.Tensor:
+        """The residual after ``layer`` of ``p``'s entity and later tokens (prepared)."""
+        if not self.prepared(p):
+            raise KeyError("SuffixRunner: prompt not prepared (call prepare first)")
+        return self._suffix[id(p)][1]
 
     def logits(
         self, bases: list[Prompt], vectors: torch.Tensor, n_last: list[int] | None = None
@@ -307,7 +316,7 @@ class SuffixRunner:
         width = max(len(p.tokens) - p.entity_start for p in bases)
         resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=vectors.dtype)
         for i, p in enumerate(bases):
-            s = self.suffix[id(p)]
+            s = self.suffix(p)
             resid[i, : len(s)] = s
         rows = torch.arange(n, device=vectors.device)
         ent = torch.tensor([p.entity_pos - p.entity_start for p in bases], device=vectors.device)
