@@ -40,7 +40,7 @@ def _check(
     g = torch.Generator().manual_seed(0)
     for layer in layers:
         vecs = [torch.randn(len(prompts), model.cfg.d_model, generator=g) * scale for _ in range(3)]
-        dec = CachedDecoder(model, layer, batch_size=8)
+        dec = CachedDecoder(model, layer, batch_size=8, rows=24)
         got = dec.generate(prompts, n_tokens, [*vecs, None])
         for v, fast in zip([*vecs, None], got, strict=True):
             ref = naive_generate(model, prompts, n_tokens, layer, v, batch_size=5)

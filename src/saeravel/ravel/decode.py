@@ -66,13 +66,14 @@ class CachedDecoder:
     """Greedy decoding after block ``layer``'s entity patch, through cached keys/values (see
     the module docstring); equals :func:`naive_generate` token for token."""
 
-    def __init__(self, model: Any, layer: int, batch_size: int = 64) -> None:
+    def __init__(self, model: Any, layer: int, batch_size: int = 64, rows: int = 256) -> None:
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         self._entry = TransformerLensKeyValueCacheEntry
         self.model = model
         self.layer = layer
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # prompts per forward when preparing
+        self.rows = rows  # rows per decoding pass (bases x vector sets)
         self.prefix_kv: dict[tuple[int, ...], list[KV]] = {}  # every block, [1, pos, h, d]
         # id(prompt) -> (prompt, clean kv of blocks 0..L, resid after L), from the entity on
         self.clean: dict[int, tuple[Prompt, list[KV], torch.Tensor]] = {}
@@ -125,7 +126,7 @@ class CachedDecoder:
         groups: dict[tuple[tuple[int, ...], int], list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             groups[(p.prefix, len(p.tokens))].append(i)
-        per = max(1, self.batch_size // max(1, len(vector_sets)))
+        per = max(1, self.rows // max(1, len(vector_sets)))
         for idx in groups.values():
             for k in range(0, len(idx), per):
                 rows = idx[k : k + per]
