@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from saeravel.ravel.intervene import _pad_id, hook_name, naive_logits
+from saeravel.ravel.intervene import _pad_id, hook_name, logits_at, naive_logits
 from saeravel.ravel.prompts import Prompt, pad
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -197,12 +197,4 @@ class CachedDecoder:
 
     def _next(self, last: torch.Tensor) -> torch.Tensor:
         """Greedy next token from the final residual at the last position [rows, d]."""
-        model = self.model
-        x = last[:, None]
-        if model.cfg.normalization_type is not None:
-            x = model.ln_final(x)
-        logits = model.unembed(x)[:, 0]
-        cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
-        if cap is not None and cap > 0:  # as HookedTransformer.forward (Gemma-2: 30)
-            logits = cap * torch.tanh(logits / cap)
-        return logits.argmax(-1)
+        return logits_at(self.model, last).argmax(-1)
