@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalOutput, register
 from saeravel.ravel.data import download_ravel, load_ravel_city
+from saeravel.ravel.decode import CachedDecoder, naive_generate
 from saeravel.ravel.featurizers import (
     BasisSwap,
     BoundlessDAS,
@@ -58,7 +59,6 @@ from saeravel.ravel.prompts import (
     label_ids,
     make_pairs,
     matches,
-    pad,
     split_entities,
     tokenize_prompt,
 )
@@ -451,34 +451,18 @@ def load_world(cfg: Any, ctx: Any) -> CityWorld:
 # ----------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
 def generate(
-    model: Any, prompts: list[Prompt], n_tokens: int, layer: int | None = None, vectors: torch.Tensor | None = None,
-    batch_size: int = 64,
+    model: Any, prompts: list[Prompt], n_tokens: int, layer: int | None = None,
+    vectors: torch.Tensor | None = None, batch_size: int = 64, fast: bool = True,
 ) -> list[list[int]]:  # fmt: skip
     """Greedy continuation (token ids) of ``n_tokens`` per prompt, optionally with ``vectors``
-    patched in after block ``layer`` at each prompt's entity token."""
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        vec = vectors[i : i + batch_size] if vectors is not None else None
-        cur = [
-            Prompt(p.template, p.entity, p.attribute, list(p.tokens), p.entity_start, p.entity_pos)
-            for p in chunk
-        ]
-        new: list[list[int]] = [[] for _ in chunk]
-        for _ in range(n_tokens):
-            if vec is None:
-                toks, last = pad(cur, model.tokenizer.pad_token_id or 0, model.cfg.device)
-                logits = model(toks)[torch.arange(len(cur)), last]
-            else:
-                logits = naive_logits(model, cur, vec, layer)
-            nxt = logits.argmax(-1).tolist()
-            for j, t in enumerate(nxt):
-                cur[j].tokens.append(t)
-                new[j].append(t)
-        out.extend(new)
-    return out
+    patched in after block ``layer`` at each prompt's entity token: through key/value caches
+    (:class:`CachedDecoder`), or with ``fast=False`` by one full forward per token (the
+    reference :func:`naive_generate`)."""
+    if not fast:
+        return naive_generate(model, prompts, n_tokens, layer, vectors, batch_size)
+    split = model.cfg.n_layers - 1 if layer is None else layer
+    return CachedDecoder(model, split, batch_size).generate(prompts, n_tokens, [vectors])[0]
 
 
 def label_for(world: CityWorld, p: Prompt) -> str:
@@ -527,7 +511,7 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
     log.info(
         "knowledge filter: %d prompts, %d generated tokens each", len(prompts), cfg.match_tokens
     )
-    gens = generate(model.model, prompts, cfg.match_tokens)
+    gens = generate(model.model, prompts, cfg.match_tokens, fast=cfg.fast)
     known = [
         matches(g, prompt_label_ids(model.model, world, p), cfg.match)
         for g, p in zip(gens, prompts, strict=True)
@@ -1003,20 +987,45 @@ def ravel_aggregate(ok: list[bool], pairs: list[Pair], intervened: str) -> dict[
 
 
 @torch.no_grad()
-def score(
-    method: Intervention, pairs: list[Pair], bank: VectorBank, cfg: Any, ctx: Any, world: CityWorld
-) -> dict[str, Any]:
-    """Cause, isolation and disentangle on ``pairs`` under both matching rules (token ids), a
-    bootstrap interval over entities and RAVEL's per-template aggregate (under ``cfg.match``),
-    and per-template accuracy."""
+def intervened(
+    method: Intervention, pairs: list[Pair], bank: VectorBank, cfg: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The vectors ``method`` patches into each pair's base (the mask as ``cfg.mask.eval``
+    says) and the mask's size and kept entries at that moment."""
     if method.mask is not None:
         method.mask.hard = cfg.mask.eval == "hard"
-    model = ctx.model.model
     vecs = torch.cat(
         [method(bank([q.base for q in pairs[i : i + 256]]), bank([q.source for q in pairs[i : i + 256]]))
          for i in range(0, len(pairs), 256)]
     )  # fmt: skip
-    gens = generate(model, [q.base for q in pairs], cfg.match_tokens, ctx.layer, vecs)
+    info: dict[str, Any] = {}
+    if method.mask is not None:
+        info = {"mask_kept": method.mask.kept(), "mask_size": method.mask.param.numel(),
+                "kept_top": method.mask.top(cfg.report_top_latents)}  # fmt: skip
+        method.mask.hard = False
+    return vecs, info
+
+
+def generations(
+    vector_sets: list[torch.Tensor], pairs: list[Pair], cfg: Any, ctx: Any,
+    decoder: CachedDecoder | None = None,
+) -> list[list[list[int]]]:  # fmt: skip
+    """Per vector set, the greedy generations of ``cfg.match_tokens`` per base: all sets
+    decoded together through the key/value caches (``decoder``, made here when ``cfg.fast``),
+    or one full forward per token and set (``eval.fast=false``, the reference)."""
+    model, bases = ctx.model.model, [q.base for q in pairs]
+    if not cfg.fast:
+        return [naive_generate(model, bases, cfg.match_tokens, ctx.layer, v) for v in vector_sets]
+    decoder = decoder or CachedDecoder(model, ctx.layer)
+    return decoder.generate(bases, cfg.match_tokens, list(vector_sets))
+
+
+def scores(
+    gens: list[list[int]], pairs: list[Pair], cfg: Any, ctx: Any, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Cause, isolation and disentangle of generations on ``pairs`` under both matching rules
+    (token ids), a bootstrap interval over entities and RAVEL's per-template aggregate (under
+    ``cfg.match``), per-template accuracy, and the mask's ``info``."""
     out: dict[str, Any] = {}
     per_template: dict[str, list[int]] = {}
     chosen: list[bool] = []
@@ -1036,12 +1045,29 @@ def score(
     out["n_cause"] = sum(q.kind == "cause" for q in pairs)
     out["n_isolation"] = sum(q.kind == "isolation" for q in pairs)
     out["n_entities"] = len({q.base.entity for q in pairs})
-    if method.mask is not None:
-        out["mask_kept"] = method.mask.kept()
-        out["mask_size"] = method.mask.param.numel()
-        out["kept_top"] = method.mask.top(cfg.report_top_latents)
-        method.mask.hard = False
+    out.update(info)
     return out
+
+
+@torch.no_grad()
+def score_many(
+    methods: list[Intervention], pairs: list[Pair], bank: VectorBank, cfg: Any, ctx: Any,
+    decoder: CachedDecoder | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """:func:`scores` of each method on ``pairs``; the methods' interventions are decoded
+    together (stacked along the batch)."""
+    sets = [intervened(m, pairs, bank, cfg) for m in methods]
+    gens = generations([v for v, _ in sets], pairs, cfg, ctx, decoder)
+    return [scores(g, pairs, cfg, ctx, info) for g, (_, info) in zip(gens, sets, strict=True)]
+
+
+@torch.no_grad()
+def score(
+    method: Intervention, pairs: list[Pair], bank: VectorBank, cfg: Any, ctx: Any, world: CityWorld,
+    decoder: CachedDecoder | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`scores` of one method on ``pairs``."""
+    return score_many([method], pairs, bank, cfg, ctx, decoder)[0]
 
 
 def _summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
@@ -1059,19 +1085,27 @@ def _summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
 def _score_fitted(
     method: Intervention, attr: str, pairs: dict[str, list[Pair]], bank: VectorBank,
     runner: SuffixRunner | None, cfg: Any, ctx: Any, world: CityWorld, curve: list[float], desc: str,
+    decoder: CachedDecoder | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:  # fmt: skip
     """Score a fitted method on test, the train split's first-token scores, convergence, and
-    the refined mask's scores beside the trained one (masks whose entries are free bits)."""
-    r = score(method, pairs["test"], bank, cfg, ctx, world)
+    the refined mask's scores beside the trained one (masks whose entries are free bits; both
+    decoded in one pass)."""
+    test = pairs["test"]
+    sets = [intervened(method, test, bank, cfg)]  # the trained mask's, before any refinement
     train_ce, train_ok = first_token_eval(method, pairs["train"], bank, runner, ctx)
+    state = method.own_state()
+    info = None
+    if cfg.mask.refine and method.mask is not None and getattr(method.mask, "refinable", True):
+        info = refine_mask(method, pairs["train"], bank, runner, cfg, ctx, desc)
+        sets.append(intervened(method, test, bank, cfg))
+    gens = generations([v for v, _ in sets], test, cfg, ctx, decoder)  # decoded together
+    r = scores(gens[0], test, cfg, ctx, sets[0][1])
     r["train"] = {**_rates(train_ok, pairs["train"]), "ce_first_token": train_ce,
                   "rule": "first_token"}  # fmt: skip
     r["training"] = convergence(curve)
     r["recipe"] = {"name": str(cfg.recipe), "label": cfg.recipe_label}
-    state = method.own_state()
-    if cfg.mask.refine and method.mask is not None and getattr(method.mask, "refinable", True):
-        info = refine_mask(method, pairs["train"], bank, runner, cfg, ctx, desc)
-        refined = score(method, pairs["test"], bank, cfg, ctx, world)
+    if info is not None:
+        refined = scores(gens[1], test, cfg, ctx, sets[1][1])
         keep = ("cause", "isolation", "disentangle", "mask_kept", "first_token", "prefix")
         r["refined"] = {**{k: refined[k] for k in keep}, **info}
     return r, state
@@ -1080,6 +1114,7 @@ def _score_fitted(
 def train_and_score(
     name: str, attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
     cfg: Any, ctx: Any, world: CityWorld, store: Any, fit: FitData | None = None,
+    decoder: CachedDecoder | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One (method, attribute): train, score on test, train-split score, convergence, and the
     refined mask's scores beside the trained one."""
@@ -1090,7 +1125,9 @@ def train_and_score(
     train_name = entry_name("train", name, attr) if store.enabled else None
     desc = f"{name}/{attr}"
     curve = train_method(method, pairs["train"], bank, runner, cfg, ctx, desc, train_name)
-    r, state = _score_fitted(method, attr, pairs, bank, runner, cfg, ctx, world, curve, desc)
+    r, state = _score_fitted(
+        method, attr, pairs, bank, runner, cfg, ctx, world, curve, desc, decoder
+    )
     if isinstance(method, PCASwap):
         _, var = fit.components()
         n = method.components.shape[0]
@@ -1133,6 +1170,7 @@ def fit_mdas(
 def score_mdas(
     attr: str, fitted: dict[str, Any], pairs: dict[str, list[Pair]], bank: VectorBank,
     runner: SuffixRunner | None, cfg: Any, ctx: Any, world: CityWorld, store: Any,
+    decoder: CachedDecoder | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The jointly trained MDAS scored on ``attr`` with ``attr``'s mask."""
     from saeravel.checkpoint import entry_name
@@ -1142,7 +1180,7 @@ def score_mdas(
     method.active = attr
     curve = list(fitted["curve"])
     r, state = _score_fitted(
-        method, attr, pairs, bank, runner, cfg, ctx, world, curve, f"mdas/{attr}"
+        method, attr, pairs, bank, runner, cfg, ctx, world, curve, f"mdas/{attr}", decoder
     )
     r["mdas"] = {"attributes": _mdas_attributes(cfg), "trained_on": "joint"}
     done = {"score": r, "curve": curve, "state": state}
@@ -1185,13 +1223,14 @@ def probe_selection(
 def score_sae_probe(
     attr: str, pairs: dict[str, list[Pair]], bank: VectorBank, runner: SuffixRunner | None,
     cfg: Any, ctx: Any, world: CityWorld, store: Any, fit: FitData,
+    decoder: CachedDecoder | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from saeravel.checkpoint import entry_name
 
     sel = probe_selection(attr, pairs, bank, runner, cfg, ctx, world, fit)
     method = LatentSwap(ctx.sae, sel["latents"], cfg.add_error)
     r, state = _score_fitted(
-        method, attr, pairs, bank, runner, cfg, ctx, world, [], f"sae_probe/{attr}"
+        method, attr, pairs, bank, runner, cfg, ctx, world, [], f"sae_probe/{attr}", decoder
     )
     r["selection"] = sel
     r["mask_kept"], r["mask_size"] = len(sel["latents"]), ctx.sae.d_sae
@@ -1262,12 +1301,13 @@ def decoder_directions(sae: Any, latents: list[int]) -> torch.Tensor:
 def score_fixed(
     attr: str, basis: torch.Tensor, source: dict[str, Any], pairs: dict[str, list[Pair]],
     bank: VectorBank, runner: SuffixRunner | None, cfg: Any, ctx: Any, world: CityWorld, store: Any,
+    decoder: CachedDecoder | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from saeravel.checkpoint import entry_name
 
     method = BasisSwap(basis).to(ctx.device)
     r, state = _score_fitted(
-        method, attr, pairs, bank, runner, cfg, ctx, world, [], f"fixed/{attr}"
+        method, attr, pairs, bank, runner, cfg, ctx, world, [], f"fixed/{attr}", decoder
     )
     r["basis"] = {**source, "k": int(basis.shape[0]), "rank": method.rank()}
     done = {"score": r, "curve": [], "state": state}
@@ -1306,10 +1346,11 @@ def run(cfg: Any, ctx: Any) -> Any:
     all_prompts = [q.base for d in pairs.values() for ps in d.values() for q in ps]
     all_prompts += [q.source for d in pairs.values() for ps in d.values() for q in ps]
     bank = VectorBank(model, ctx.layer, all_prompts, 64)
-    runner = None
+    runner, decoder = None, None
     if cfg.fast:
         runner = SuffixRunner(model, ctx.layer)
         runner.prepare([q.base for d in pairs.values() for ps in d.values() for q in ps])
+        decoder = CachedDecoder(model, ctx.layer)
 
     metrics: dict[str, Any] = {"ravel": {}, "baselines": {}}
     details: dict[str, Any] = {"data": stats, "training_curves": {}, "per_template": {}}
@@ -1335,9 +1376,9 @@ def run(cfg: Any, ctx: Any) -> Any:
     probe_latents: dict[str, list[int]] = {}
     for attr in cfg.attributes:
         test = pairs[attr]["test"]
-        for b in baselines:
-            proj = truth.projector(attr) if b == "oracle" else None
-            r = score(FixedIntervention(b, ctx.sae, proj), test, bank, cfg, ctx, world)
+        refs = [FixedIntervention(b, ctx.sae, truth.projector(attr) if b == "oracle" else None)
+                for b in baselines]  # fmt: skip
+        for b, r in zip(baselines, score_many(refs, test, bank, cfg, ctx, decoder), strict=True):
             details["per_template"][f"{b}/{attr}"] = r.pop("per_template")
             metrics["baselines"].setdefault(b, {})[attr] = r
             summary.append(_summary_row(b, attr, r))
@@ -1349,9 +1390,11 @@ def run(cfg: Any, ctx: Any) -> Any:
                 log.info("%s/%s: trained and scored before the interruption", name, attr)
             elif name == "mdas":
                 mdas_fit = mdas_fit or fit_mdas(pairs, bank, runner, cfg, ctx, store)
-                done = score_mdas(attr, mdas_fit, pairs[attr], bank, runner, cfg, ctx, world, store)
+                done = score_mdas(attr, mdas_fit, pairs[attr], bank, runner, cfg, ctx, world, store,
+                                  decoder)  # fmt: skip
             elif name == "sae_probe":
-                done = score_sae_probe(attr, pairs[attr], bank, runner, cfg, ctx, world, store, fit)
+                done = score_sae_probe(attr, pairs[attr], bank, runner, cfg, ctx, world, store, fit,
+                                       decoder)  # fmt: skip
             elif name == "fixed":
                 basis, source = fixed_basis(attr, given, probe_latents, pairs[attr], bank, runner,
                                             cfg, ctx, world, fit)  # fmt: skip
@@ -1360,10 +1403,10 @@ def run(cfg: Any, ctx: Any) -> Any:
                     details.setdefault("skipped", {})[f"fixed/{attr}"] = source["skipped"]
                     continue
                 done = score_fixed(attr, basis, source, pairs[attr], bank, runner, cfg, ctx, world,
-                                   store)  # fmt: skip
+                                   store, decoder)  # fmt: skip
             else:
                 done = train_and_score(
-                    name, attr, pairs[attr], bank, runner, cfg, ctx, world, store, fit
+                    name, attr, pairs[attr], bank, runner, cfg, ctx, world, store, fit, decoder
                 )
             if name == "sae_probe":
                 probe_latents[attr] = list(done["score"]["selection"]["latents"])

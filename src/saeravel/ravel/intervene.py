@@ -15,10 +15,12 @@ and unembeds only the last position. :func:`naive_logits` is the reference it mu
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from saeravel.activations import resid_post_hook as hook_name
@@ -255,6 +257,36 @@ def naive_logits(
     return logits[torch.tensor(r, device=toks.device), torch.tensor(q, device=toks.device)]
 
 
+_W_U_T: dict[int, tuple[Any, int, torch.Tensor]] = {}  # id(W_U) -> (weakref, version, W_U.T)
+
+
+def unembed(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``model.unembed(x)`` (the same ``F.linear`` on the same layout) without its copy of
+    ``W_U.T`` on every call (GPT-2: 154 MB, ~20% of a suffix step); the transposed copy is
+    kept per weight and remade when the weight changes."""
+    W = model.unembed.W_U
+    hit = _W_U_T.get(id(W))
+    if hit is None or hit[0]() is not W or hit[1] != W._version:
+        for k in [k for k, v in _W_U_T.items() if v[0]() is None]:
+            del _W_U_T[k]  # weights that no longer exist
+        hit = (weakref.ref(W), W._version, W.detach().T.contiguous())
+        _W_U_T[id(W)] = hit
+    return F.linear(x, hit[2], model.unembed.b_U)
+
+
+def logits_at(model: Any, last: torch.Tensor) -> torch.Tensor:
+    """Logits from the final residual at given positions [rows, d]: final norm, unembedding
+    and the output soft-cap, as ``HookedTransformer.forward``."""
+    x = last[:, None]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    logits = unembed(model, x)[:, 0]
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
+    if cap is not None and cap > 0:  # Gemma-2: 30
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
 class SuffixRunner:
     """Caches the frozen parts of the base runs and recomputes only what an intervention
     changes (see module docstring)."""
@@ -267,9 +299,9 @@ class SuffixRunner:
         self.layer = layer
         self.batch_size = batch_size
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.suffix: dict[
-            int, torch.Tensor
-        ] = {}  # id(prompt) -> resid after layer, from entity_start
+        # id(prompt) -> (prompt, resid after layer from entity_start); the prompt is kept so
+        # that a dead prompt's id, reused by a new one, is recognised as another prompt
+        self._suffix: dict[int, tuple[Prompt, torch.Tensor]] = {}
 
     @torch.no_grad()
     def prepare(self, prompts: list[Prompt]) -> None:
@@ -286,9 +318,18 @@ class SuffixRunner:
             self.prefix_kv[prefix] = [
                 (cache[f"blocks.{i}.attn.hook_k"], cache[f"blocks.{i}.attn.hook_v"]) for i in later
             ]
-        todo = [p for p in prompts if id(p) not in self.suffix]
+        todo = list({id(p): p for p in prompts if not self.prepared(p)}.values())
         for p, r in zip(todo, resid_at(model, todo, L, self.batch_size), strict=True):
-            self.suffix[id(p)] = r[p.entity_start :]
+            self._suffix[id(p)] = (p, r[p.entity_start :])
+
+    def prepared(self, p: Prompt) -> bool:
+        return self._suffix.get(id(p), (None,))[0] is p
+
+    def suffix(self, p: Prompt) -> torch.Tensor:
+        """The residual after ``layer`` of ``p``'s entity and later tokens (prepared)."""
+        if not self.prepared(p):
+            raise KeyError("SuffixRunner: prompt not prepared (call prepare first)")
+        return self._suffix[id(p)][1]
 
     def logits(
         self, bases: list[Prompt], vectors: torch.Tensor, n_last: list[int] | None = None
@@ -304,7 +345,7 @@ class SuffixRunner:
         width = max(len(p.tokens) - p.entity_start for p in bases)
         resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=vectors.dtype)
         for i, p in enumerate(bases):
-            s = self.suffix[id(p)]
+            s = self.suffix(p)
             resid[i, : len(s)] = s
         rows = torch.arange(n, device=vectors.device)
         ent = torch.tensor([p.entity_pos - p.entity_start for p in bases], device=vectors.device)
@@ -322,11 +363,7 @@ class SuffixRunner:
         picked = resid[
             torch.tensor(r, device=vectors.device), torch.tensor(q, device=vectors.device)
         ]
-        logits = model.unembed(model.ln_final(picked[:, None]))[:, 0]
-        cap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
-        if cap is not None and cap > 0:  # as HookedTransformer.forward (Gemma-2: 30)
-            logits = cap * torch.tanh(logits / cap)
-        return logits
+        return logits_at(model, picked)
 
 
 def batches_by_prefix(items: list[Any], key: Any, batch_size: int, rng: Any) -> list[list[Any]]:
