@@ -77,3 +77,20 @@ def gpt2_bpe_tokenizer(tmp_path_factory):
     from bpe import gpt2_tokenizer
 
     return gpt2_tokenizer(tmp_path_factory.mktemp("gpt2_bpe"))
+
+
+@pytest.fixture(scope="session")
+def capped_rotary():
+    """A random 3-layer rotary, RMS-normed model with attention and output soft-caps (Gemma-2's
+    features), for the exact-cache tests."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32,
+        act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary",
+        output_logits_soft_cap=5.0, attn_scores_soft_cap=20.0, device="cpu",
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
 import torch
 
 from saeravel.ravel.decode import CachedDecoder, naive_generate
@@ -54,21 +53,6 @@ def _check(
 def test_cached_decoding_equals_naive_on_tiny_model(tiny_model):
     # untrained: its greedy tokens hardly depend on the patch (the other models' tests do)
     _check(tiny_model.model, _tiny_prompts(tiny_model), [0, 1], scale=30.0, must_differ=False)
-
-
-@pytest.fixture(scope="module")
-def capped_rotary():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32,
-        act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary",
-        output_logits_soft_cap=5.0, attn_scores_soft_cap=20.0, device="cpu",
-    )  # fmt: skip
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
 
 
 def test_cached_decoding_equals_naive_with_soft_caps_and_rotary(capped_rotary):

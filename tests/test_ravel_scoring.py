@@ -109,21 +109,6 @@ def test_pairs_are_unique_and_cause_targets_are_known():
 # ----------------------------------------------------------------------------- suffix forward
 
 
-@pytest.fixture(scope="module")
-def capped_rotary():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=50, n_ctx=32,
-        act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary",
-        output_logits_soft_cap=5.0, attn_scores_soft_cap=20.0, device="cpu",
-    )  # fmt: skip
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
-
-
 def test_suffix_runner_equals_full_forward_with_soft_cap_and_rotary(capped_rotary):
     m = capped_rotary
     rng = random.Random(0)

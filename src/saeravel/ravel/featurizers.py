@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saeravel.ravel.intervene import Intervention, LearnedMask
+from saeravel.ravel.intervene import Intervention, LearnedMask, mask_or_first_k
 
 # ----------------------------------------------------------------------------- PCA
 
@@ -61,15 +61,7 @@ class PCASwap(Intervention):
         super().__init__()
         n = components.shape[0]
         self.register_buffer("components", components.float().clone())
-        self.mode = mode
-        if mode == "mask":
-            self.mask = LearnedMask(n, init, straight_through)
-        elif mode == "fixed":
-            if not 0 < k <= n:
-                raise ValueError(f"pca.k={k} must be in 1..{n}")
-            self.register_buffer("fixed", (torch.arange(n) < k).float())
-        else:
-            raise ValueError(f"unknown pca.mode {mode!r}; valid: mask, fixed")
+        mask_or_first_k(self, n, mode, k, init, straight_through, "pca")
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         C = self.components.to(b.dtype)

@@ -78,6 +78,23 @@ class LearnedMask(nn.Module):
         return int((self.param > 0).sum())
 
 
+def mask_or_first_k(
+    module: nn.Module, n: int, mode: str, k: int, init: float, straight_through: bool, what: str
+) -> None:
+    """Give ``module`` (over ``n`` dims) a learned mask (``mode=mask``: ``module.mask``) or the
+    first ``k`` dims (``mode=fixed``: the buffer ``module.fixed``); ``what`` names the config
+    group in errors."""
+    module.mode = mode
+    if mode == "mask":
+        module.mask = LearnedMask(n, init, straight_through)
+    elif mode == "fixed":
+        if not 0 < k <= n:
+            raise ValueError(f"{what}.k={k} must be in 1..{n}")
+        module.register_buffer("fixed", (torch.arange(n) < k).float())
+    else:
+        raise ValueError(f"unknown {what}.mode {mode!r}; valid: mask, fixed")
+
+
 class Intervention(nn.Module):
     """Base class: ``forward(base, source) -> patched`` on [batch, d_model] vectors."""
 
@@ -147,15 +164,7 @@ class DAS(Intervention):
         super().__init__()
         lin = nn.Linear(d_model, d_model, bias=False)
         self.rot = nn.utils.parametrizations.orthogonal(lin)
-        self.mode = mode
-        if mode == "mask":
-            self.mask = LearnedMask(d_model, init, straight_through)
-        elif mode == "fixed":
-            if not 0 < k <= d_model:
-                raise ValueError(f"das.k={k} must be in 1..{d_model}")
-            self.register_buffer("fixed", (torch.arange(d_model) < k).float())
-        else:
-            raise ValueError(f"unknown das.mode {mode!r}; valid: mask, fixed")
+        mask_or_first_k(self, d_model, mode, k, init, straight_through, "das")
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         R = self.rot.weight  # orthogonal [d, d]
