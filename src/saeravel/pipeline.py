@@ -182,7 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     # sweeps, a requeue) waits here, then returns the result the first one wrote. The lock is
     # the kernel's (flock), so a job killed with -9 releases it.
     busy = f"job {jid} is running in another process; waiting for it"
-    with file_lock(index / ".locks" / f"{jid}.lock", busy=busy):
+    with file_lock(
+        Path(cfg.paths.results_dir) / ".locks" / cfg.eval.name / f"{jid}.lock", busy=busy
+    ):
         if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint)):
             return done
         return _compute(cfg, resolved, jid, spec, uses_sae, job_logger, checkpoint, start)

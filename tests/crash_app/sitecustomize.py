@@ -2,7 +2,7 @@
 itself SIGKILL at that point of a real ``python run.py`` job (put this folder on PYTHONPATH;
 Python imports ``sitecustomize`` at start-up). Phases: ``loading`` (the model has just
 loaded), ``training`` (a mask's second training checkpoint has just been written),
-``scoring`` (the second scoring call starts), ``writing`` (the results index's temporary file
+``scoring`` (the second decoding pass of the scoring starts), ``writing`` (the results index's temporary file
 is written, not yet renamed)."""
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ def _install(phase: str) -> None:
     elif phase == "scoring":
         from saeravel.evals import ravel
 
-        score, calls = ravel.score, []
+        generations, calls = ravel.generations, []
 
         def die_on_second(*args, **kwargs):
             calls.append(1)
-            if len(calls) == 2:
+            if len(calls) == 2:  # the references are decoded; the first method's scoring starts
                 _die()
-            return score(*args, **kwargs)
+            return generations(*args, **kwargs)
 
-        ravel.score = die_on_second
+        ravel.generations = die_on_second
     elif phase == "writing":
         from saeravel import results
 
