@@ -72,7 +72,7 @@ class Data:
     """Base and source prompts of one template (entity ``tail`` tokens from the end)."""
 
     def __init__(self, vocab: int, ctx: int, tail: int, batch: int, pool: int, seed: int = 1):
-        from saeravel.ravel.prompts import Prompt
+        from saeravel.evals.ravel.prompts import Prompt
 
         g = torch.Generator().manual_seed(seed)
         prefix = torch.randint(1, vocab, (ctx - tail,), generator=g).tolist()
@@ -93,7 +93,7 @@ class Data:
 
 def trainer(mode: str, layer: int, tl: Any, hf: Any, data: Data) -> Callable[[], float]:
     """A closure running one training step of ``mode`` (setup done here, outside timing)."""
-    from saeravel.ravel.intervene import NeuronMask, SuffixRunner, naive_logits
+    from saeravel.evals.ravel.intervene import NeuronMask, SuffixRunner, naive_logits
 
     d = tl.cfg.d_model
     rows = torch.arange(len(data.bases))
@@ -170,7 +170,7 @@ def trainer(mode: str, layer: int, tl: Any, hf: Any, data: Data) -> Callable[[],
 
 def job(mode: str, layer: int, tl: Any, data: Data, args: Any) -> Callable[[], None]:
     """A closure running a whole (small) job: training then scoring, setup included."""
-    from saeravel.ravel.decode import CachedDecoder, naive_generate
+    from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 
     g = torch.Generator().manual_seed(2)
     idx = torch.randint(0, len(data.pool), (args.job_pairs,), generator=g).tolist()

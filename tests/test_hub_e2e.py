@@ -196,7 +196,7 @@ def planted_labels(model: Any, template: str, cities: list[str]) -> list[str]:
     ''. One generated token (the eval runs with ``eval.match_tokens=1``), so the first
     generated word, the first generated token and the generated prefix all equal the label,
     whatever matching rule the eval applies."""
-    from saeravel.ravel.prompts import bos_id, pad, tokenize_prompt
+    from saeravel.evals.ravel.prompts import bos_id, pad, tokenize_prompt
 
     tok = model.tokenizer
     prompts = [tokenize_prompt(tok, template, c, "planted", bos_id(model)) for c in cities]
@@ -216,7 +216,7 @@ def write_planted_ravel(folder: Path, model: Any, attributes: list[str]) -> dict
     """RAVEL's five city files for real RAVEL cities whose every attribute in ``attributes``
     got a planted value (:func:`planted_labels` on the saeravel protocol's 5-shot prompt).
     Returns how many cities were kept and how many distinct values each attribute has."""
-    from saeravel.ravel.prompts import PAPER_FEW_SHOT
+    from saeravel.evals.ravel.prompts import PAPER_FEW_SHOT
 
     real = json.loads((RAVEL_FILES / "ravel_city_entity_attributes.json").read_text())
     pool = sorted(c for c in real if c.isascii() and c.isalpha() and c not in SHOT_CITIES)

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from saeravel.errors import UserError
-from saeravel.evals.ravel import RavelEvalConfig, VectorBank, build_pairs, score
+from saeravel.evals.ravel.main import RavelEvalConfig, VectorBank, build_pairs, score
 from saeravel.planted import (
     ATTRIBUTES,
     PlantedModel,
@@ -26,8 +26,8 @@ from saeravel.planted import (
     planted_sae,
     random_dictionary,
 )
-from saeravel.ravel.intervene import FixedIntervention, NeuronMask, SAEMask, naive_logits
-from saeravel.ravel.prompts import bos_id, tokenize_prompt
+from saeravel.evals.ravel.intervene import FixedIntervention, NeuronMask, SAEMask, naive_logits
+from saeravel.evals.ravel.prompts import bos_id, tokenize_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -192,7 +192,7 @@ def test_info_is_json_and_keyed_on_the_config():
 
 def test_nesting_dial_and_world_json_round_trip():
     from saeravel.planted import build_planted_world
-    from saeravel.ravel.prompts import few_shot_templates
+    from saeravel.evals.ravel.prompts import few_shot_templates
     from saeravel.world import CityWorld
 
     sizes = {"Country": 10, "Continent": 4, "Language": 5}
@@ -208,7 +208,7 @@ def test_nesting_dial_and_world_json_round_trip():
 
 
 def test_suffix_runner_equals_full_forward(worlds):
-    from saeravel.ravel.intervene import SuffixRunner
+    from saeravel.evals.ravel.intervene import SuffixRunner
 
     s = worlds["mixed"]
     bases = [q.base for q in s.pairs["Country"]["train"]][:40]

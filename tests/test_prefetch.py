@@ -20,7 +20,7 @@ import yaml
 
 from saeravel import prefetch
 from saeravel.models import TransformerLensModel
-from saeravel.ravel import data as ravel_data
+from saeravel.evals.ravel import data as ravel_data
 from saeravel.saes.loaders import SaeLensSource
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from saeravel.errors import UserError
-from saeravel.ravel.data import CITY_FILES, load_ravel_city
-from saeravel.ravel.prompts import (
+from saeravel.evals.ravel.data import CITY_FILES, load_ravel_city
+from saeravel.evals.ravel.prompts import (
     PAPER_FEW_SHOT,
     label_prefix,
     make_pairs,
@@ -125,7 +125,7 @@ def test_pairs_drop_labels_equal_under_the_matching_rule():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [sum(map(ord, w)) for w in text.split()]}  # word-level
 
-    from saeravel.ravel.prompts import Prompt
+    from saeravel.evals.ravel.prompts import Prompt
 
     ps = {e: [Prompt("%s x", e, "Country", [0, 1], 1, 1)] for e in w.entities}
     bases = [ps["A"][0]]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from saeravel.ravel.decode import CachedDecoder, naive_generate
-from saeravel.ravel.prompts import Prompt, bos_id, few_shot_templates, tokenize_prompt
+from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
+from saeravel.evals.ravel.prompts import Prompt, bos_id, few_shot_templates, tokenize_prompt
 
 
 def _tiny_prompts(tiny_model) -> list[Prompt]:

@@ -1,4 +1,4 @@
-"""The algebra of each featurizer in saeravel.ravel.featurizers (no model needed), and MDAS
+"""The algebra of each featurizer in saeravel.evals.ravel.featurizers (no model needed), and MDAS
 trained on one attribute equals DAS through the real training loop."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from saeravel.ravel.featurizers import (
+from saeravel.evals.ravel.featurizers import (
     BasisSwap,
     BoundaryMask,
     BoundlessDAS,
@@ -18,7 +18,7 @@ from saeravel.ravel.featurizers import (
     principal_components,
     rank_latents_by_probe,
 )
-from saeravel.ravel.intervene import DAS, NeuronMask
+from saeravel.evals.ravel.intervene import DAS, NeuronMask
 
 
 def _axis_set(n: int = 2000, d: int = 8) -> torch.Tensor:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from saeravel.ravel.intervene import (
+from saeravel.evals.ravel.intervene import (
     DAS,
     NeuronMask,
     SAEMask,
@@ -17,7 +17,7 @@ from saeravel.ravel.intervene import (
     resid_at,
     temperature,
 )
-from saeravel.ravel.prompts import bos_id, few_shot_templates, tokenize_prompt
+from saeravel.evals.ravel.prompts import bos_id, few_shot_templates, tokenize_prompt
 from saeravel.saes.base import SAE, SAEIdentity
 
 

@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from saeravel.errors import UserError
-from saeravel.evals import ravel as R
-from saeravel.evals.ravel import RavelEvalConfig
-from saeravel.ravel.intervene import (
+from saeravel.evals.ravel import main as R
+from saeravel.evals.ravel.main import RavelEvalConfig
+from saeravel.evals.ravel.intervene import (
     FixedIntervention,
     NeuronMask,
     SuffixRunner,
@@ -24,7 +24,7 @@ from saeravel.ravel.intervene import (
     naive_logits,
     temperature,
 )
-from saeravel.ravel.prompts import Pair, Prompt, label_ids, make_pairs, matches
+from saeravel.evals.ravel.prompts import Pair, Prompt, label_ids, make_pairs, matches
 from saeravel.world import CityWorld
 
 # ----------------------------------------------------------------------------- BPE matching
@@ -269,7 +269,7 @@ def test_bad_values_are_one_line_errors(override, message):
 
 
 def test_knowledge_filter_cache_is_validated_and_rebuilt(tiny_model, tmp_path, caplog):
-    from saeravel.ravel.prompts import bos_id, tokenize_prompt
+    from saeravel.evals.ravel.prompts import bos_id, tokenize_prompt
 
     m = tiny_model.model
     ents = list(tiny_model.world.entities)[:6]

@@ -48,7 +48,7 @@ import torch
 
 from saeravel.errors import UserError
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.ravel.intervene import Intervention
+from saeravel.evals.ravel.intervene import Intervention
 from saeravel.saes.base import SAE, SAEIdentity, resid_post_hook
 from saeravel.world import CityWorld
 

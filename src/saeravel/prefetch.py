@@ -268,7 +268,7 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
     need offline; then the RAVEL data ``eval=ravel`` reads."""
     from saeravel.errors import instantiate
     from saeravel.evals.api import get_eval
-    from saeravel.ravel import data as ravel_data
+    from saeravel.evals.ravel import data as ravel_data
     from saeravel.saes.loaders import build_sae_source
 
     cache_dir = Path(cfg.paths.cache_dir).expanduser()

@@ -4,7 +4,8 @@
 Imported by the pipeline, the config registry and every eval; it imports none of them (only
 the modules below the evals: models, SAEs, checkpoints, errors). An eval is
 ``src/saeravel/evals/<name>.py`` (its typed config dataclass and a ``run`` decorated with
-:func:`register`) plus ``conf/eval/<name>.yaml``; :func:`discover` finds the modules, so
+:func:`register`), or a package ``src/saeravel/evals/<name>/`` whose ``main`` module holds that
+``run``, plus ``conf/eval/<name>.yaml``; :func:`discover` finds the modules, so
 adding an eval touches no shared file.
 """
 
@@ -137,7 +138,8 @@ def discover() -> dict[str, EvalSpec]:
     package = importlib.import_module("saeravel.evals")
     for mod in pkgutil.iter_modules(package.__path__):
         if not mod.name.startswith("_") and mod.name not in _NOT_EVALS:
-            importlib.import_module(f"saeravel.evals.{mod.name}")
+            # a package (``evals/<name>/``) registers its eval in its ``main`` module
+            importlib.import_module(f"saeravel.evals.{mod.name}{'.main' if mod.ispkg else ''}")
     return _REGISTRY
 
 

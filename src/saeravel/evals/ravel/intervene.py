@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeravel.activations import resid_post_hook as hook_name
-from saeravel.ravel.prompts import Prompt, pad
+from saeravel.evals.ravel.prompts import Prompt, pad
 
 # ----------------------------------------------------------------------------- methods
 

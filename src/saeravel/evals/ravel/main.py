@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalOutput, register
-from saeravel.ravel.data import download_ravel, load_ravel_city
-from saeravel.ravel.decode import CachedDecoder, naive_generate
-from saeravel.ravel.featurizers import (
+from saeravel.evals.ravel.data import download_ravel, load_ravel_city
+from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
+from saeravel.evals.ravel.featurizers import (
     BasisSwap,
     BoundlessDAS,
     LatentSwap,
@@ -37,7 +37,7 @@ from saeravel.ravel.featurizers import (
     rank_latents_by_probe,
     sae_latents,
 )
-from saeravel.ravel.intervene import (
+from saeravel.evals.ravel.intervene import (
     DAS,
     FixedIntervention,
     Intervention,
@@ -49,7 +49,7 @@ from saeravel.ravel.intervene import (
     resid_at,
     temperature,
 )
-from saeravel.ravel.prompts import (
+from saeravel.evals.ravel.prompts import (
     MATCH_RULES,
     PAPER_FEW_SHOT_CITIES,
     Pair,
@@ -1193,7 +1193,7 @@ def probe_selection(
     cfg: Any, ctx: Any, world: CityWorld, fit: FitData,
 ) -> dict[str, Any]:  # fmt: skip
     """``sae_probe``'s selection: SAE latents of every training prompt ranked by a value probe
-    (:func:`~saeravel.ravel.featurizers.rank_latents_by_probe`), then for each count in
+    (:func:`~saeravel.evals.ravel.featurizers.rank_latents_by_probe`), then for each count in
     ``eval.sae_probe.counts`` (capped at the ranked latents) the top latents swapped on the
     validation pairs (the training pairs when there are none), first-token rule; the best
     disentangle wins (ties: fewer latents). The test split's first-token curve is reported

@@ -1,7 +1,7 @@
 """Featurizers beyond masks over latents / neurons and DAS (``ravel.intervene``): PCA, boundless
 DAS, multi-task DAS, probe-selected SAE latents and a given basis.
 
-Each is an :class:`~saeravel.ravel.intervene.Intervention`: ``forward(base, source)`` maps the
+Each is an :class:`~saeravel.evals.ravel.intervene.Intervention`: ``forward(base, source)`` maps the
 base's and the source's residual vectors at the entity token to the vector patched in. Facts
 taken from the references (code read, not copied):
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from saeravel.ravel.intervene import Intervention, LearnedMask, mask_or_first_k
+from saeravel.evals.ravel.intervene import Intervention, LearnedMask, mask_or_first_k
 
 # ----------------------------------------------------------------------------- PCA
 
@@ -149,7 +149,7 @@ class MultiTaskDAS(Intervention):
     isolation tasks (``match_base``); saeravel's ``das`` already trains on exactly that. This
     method is the further step the name suggests: the featurizer (rotation) is shared across
     the attributes' tasks, only the feature selection (mask) is per attribute. With one
-    attribute it IS :class:`~saeravel.ravel.intervene.DAS` (mode=mask): same parameters, created
+    attribute it IS :class:`~saeravel.evals.ravel.intervene.DAS` (mode=mask): same parameters, created
     in the same order, so the same seed trains the same intervention."""
 
     def __init__(
@@ -202,7 +202,7 @@ class MultiTaskDAS(Intervention):
 
 class LatentSwap(Intervention):
     """Swap the chosen SAE latents from the source (the rest from the base) and decode, with
-    the normalisation of :class:`~saeravel.ravel.intervene.SAEMask`; ``add_error`` adds the
+    the normalisation of :class:`~saeravel.evals.ravel.intervene.SAEMask`; ``add_error`` adds the
     base's reconstruction error back. No parameters."""
 
     def __init__(self, sae: Any, latents: list[int], add_error: bool = False) -> None:

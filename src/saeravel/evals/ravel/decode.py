@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from saeravel.ravel.intervene import _pad_id, hook_name, logits_at, naive_logits
-from saeravel.ravel.prompts import Prompt, pad
+from saeravel.evals.ravel.intervene import _pad_id, hook_name, logits_at, naive_logits
+from saeravel.evals.ravel.prompts import Prompt, pad
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

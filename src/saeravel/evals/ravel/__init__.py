@@ -1,0 +1,1 @@
+"""``eval=ravel`` (module map: see main)."""
