@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from test_ravel_eval import SMALL
 
 import saeravel.checkpoint as checkpoint_mod
-import saeravel.evals.ravel.main as ravel_mod
+import saeravel.evals.ravel.train as ravel_mod
 from saeravel.checkpoint import CheckpointStore, SaveTimer, entry_name, rng_state, set_rng_state
 from saeravel.errors import UserError
 from saeravel.pipeline import run

@@ -88,7 +88,7 @@ def test_yaml_sets_no_value_and_documents_every_default(name):
 
 
 def test_the_default_ravel_recipe_sets_nothing_the_paper_recipe_pins_its_values():
-    from saeravel.evals.ravel.main import RavelEvalConfig
+    from saeravel.evals.ravel.config import RavelEvalConfig
 
     assert yaml.safe_load((CONF / "recipe" / "saeravel.yaml").read_text()) is None
     paper = yaml.safe_load((CONF / "recipe" / "paper.yaml").read_text())

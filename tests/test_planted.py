@@ -17,17 +17,19 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from saeravel.errors import UserError
-from saeravel.evals.ravel.main import RavelEvalConfig, VectorBank, build_pairs, score
+from saeravel.evals.ravel.config import RavelEvalConfig
+from saeravel.evals.ravel.featurizers import ProjectorSwap
+from saeravel.evals.ravel.intervene import FixedIntervention, NeuronMask, SAEMask, naive_logits
+from saeravel.evals.ravel.pairs import RavelJob, VectorBank, build_pairs
+from saeravel.evals.ravel.prompts import bos_id, tokenize_prompt
+from saeravel.evals.ravel.score import score
 from saeravel.planted import (
     ATTRIBUTES,
     PlantedModel,
     PlantedTruth,
-    ProjectorSwap,
     planted_sae,
     random_dictionary,
 )
-from saeravel.evals.ravel.intervene import FixedIntervention, NeuronMask, SAEMask, naive_logits
-from saeravel.evals.ravel.prompts import bos_id, tokenize_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -58,7 +60,7 @@ def setup(lm, cache: Path, protocol: str = "saeravel", max_pairs: int = 200):
 
 
 def run_score(s, method, attr: str, split: str = "test") -> dict:
-    return score(method, s.pairs[attr][split], s.bank, s.cfg, s.ctx, s.lm.world)
+    return score(RavelJob(s.cfg, s.ctx, s.lm.world, s.pairs, s.bank), method, s.pairs[attr][split])
 
 
 def fixed_mask(method, keep: torch.Tensor):
@@ -191,8 +193,8 @@ def test_info_is_json_and_keyed_on_the_config():
 
 
 def test_nesting_dial_and_world_json_round_trip():
-    from saeravel.planted import build_planted_world
     from saeravel.evals.ravel.prompts import few_shot_templates
+    from saeravel.planted import build_planted_world
     from saeravel.world import CityWorld
 
     sizes = {"Country": 10, "Continent": 4, "Language": 5}

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from saeravel import prefetch
-from saeravel.models import TransformerLensModel
 from saeravel.evals.ravel import data as ravel_data
+from saeravel.models import TransformerLensModel
 from saeravel.saes.loaders import SaeLensSource
 
 REPO = Path(__file__).resolve().parents[1]

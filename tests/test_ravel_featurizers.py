@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from saeravel.evals.ravel.featurizers import (
-    BasisSwap,
     BoundaryMask,
     BoundlessDAS,
     MultiTaskDAS,
     PCASwap,
+    ProjectorSwap,
     principal_components,
     rank_latents_by_probe,
 )
@@ -123,17 +123,19 @@ def test_mdas_routes_each_pair_to_its_attributes_mask():
 
 def test_fixed_identity_basis_is_the_neuron_swap():
     b, s = torch.randn(5, 6), torch.randn(5, 6)
-    assert torch.allclose(BasisSwap(torch.eye(6))(b, s), s, atol=1e-6)
+    assert torch.allclose(ProjectorSwap.from_basis(torch.eye(6))(b, s), s, atol=1e-6)
     chosen = [1, 4]
     neurons = NeuronMask(6)
     neurons.mask.param.data[:] = -1.0
     neurons.mask.param.data[chosen] = 1.0
     neurons.mask.hard = True
-    assert torch.allclose(BasisSwap(torch.eye(6)[chosen])(b, s), neurons(b, s), atol=1e-6)
+    assert torch.allclose(
+        ProjectorSwap.from_basis(torch.eye(6)[chosen])(b, s), neurons(b, s), atol=1e-6
+    )
     # Any basis of the same span swaps the same thing (rows need not be orthonormal).
     skew = torch.tensor([[2.0, 1.0], [0.5, -3.0]]) @ torch.eye(6)[chosen]
-    assert torch.allclose(BasisSwap(skew)(b, s), neurons(b, s), atol=1e-5)
-    assert BasisSwap(skew).rank() == 2
+    assert torch.allclose(ProjectorSwap.from_basis(skew)(b, s), neurons(b, s), atol=1e-5)
+    assert ProjectorSwap.from_basis(skew).rank() == 2
 
 
 def test_probe_ranks_the_latent_that_carries_the_value_first():
@@ -176,6 +178,6 @@ def test_fixed_basis_ignores_float32_noise_directions():
     projection, not a near-identity from inverting the noise."""
     q, _ = torch.linalg.qr(torch.randn(10, 3))
     P = (q @ q.T).float()
-    swap = BasisSwap(P)
+    swap = ProjectorSwap.from_basis(P)
     assert swap.rank() == 3
     assert torch.allclose(swap.projector, P, atol=1e-5)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 
-import saeravel.evals.ravel.main as ravel_mod
+import saeravel.evals.ravel.train as ravel_mod
 from saeravel.checkpoint import CheckpointStore
 from saeravel.pipeline import run
 

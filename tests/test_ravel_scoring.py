@@ -14,17 +14,20 @@ import torch
 from omegaconf import OmegaConf
 
 from saeravel.errors import UserError
-from saeravel.evals.ravel import main as R
-from saeravel.evals.ravel.main import RavelEvalConfig
+from saeravel.evals.ravel.config import RavelEvalConfig
+from saeravel.evals.ravel.featurizers import ProjectorSwap
 from saeravel.evals.ravel.intervene import (
-    FixedIntervention,
     NeuronMask,
     SuffixRunner,
     batches_by_prefix,
     naive_logits,
     temperature,
 )
+from saeravel.evals.ravel.main import validate
+from saeravel.evals.ravel.pairs import RavelJob, known_filter
 from saeravel.evals.ravel.prompts import Pair, Prompt, label_ids, make_pairs, matches
+from saeravel.evals.ravel.score import bootstrap_ci, ravel_aggregate
+from saeravel.evals.ravel.train import TeacherForced, _rates, convergence, refine_mask
 from saeravel.world import CityWorld
 
 # ----------------------------------------------------------------------------- BPE matching
@@ -146,12 +149,12 @@ def test_bootstrap_interval_brackets_the_score_and_is_seeded():
     spec += [("isolation", f"e{i}", "B", "t") for i in range(40)]
     pairs = _pairs(spec)
     ok = [i % 3 != 0 for i in range(40)] + [i % 4 != 0 for i in range(40)]
-    ci = R.bootstrap_ci(ok, pairs, 500, 0.95, seed=0)
-    assert ci == R.bootstrap_ci(ok, pairs, 500, 0.95, seed=0)
+    ci = bootstrap_ci(ok, pairs, 500, 0.95, seed=0)
+    assert ci == bootstrap_ci(ok, pairs, 500, 0.95, seed=0)
     cause = sum(ok[:40]) / 40
     assert ci["cause"][0] < cause < ci["cause"][1]
     assert 0.05 < ci["cause"][1] - ci["cause"][0] < 0.5
-    perfect = R.bootstrap_ci([True] * 80, pairs, 200, 0.95, seed=0)
+    perfect = bootstrap_ci([True] * 80, pairs, 200, 0.95, seed=0)
     assert perfect["disentangle"] == [1.0, 1.0]
 
 
@@ -162,17 +165,17 @@ def test_ravel_aggregate_averages_templates_then_attributes():
     spec += [("isolation", "e1", "B", "tb")] * 2 + [("isolation", "e1", "C", "tc")]
     pairs = _pairs(spec)
     ok = [True, True, True, False, True, True, False]
-    agg = R.ravel_aggregate(ok, pairs, "A")
+    agg = ravel_aggregate(ok, pairs, "A")
     assert agg == {"cause": 0.5, "isolation": 0.5, "disentangle": 0.5}
-    pooled = R._rates(ok, pairs)
+    pooled = _rates(ok, pairs)
     assert pooled["cause"] == 0.75 and pooled["isolation"] == pytest.approx(2 / 3)
 
 
 def test_convergence_flags():
-    assert R.convergence([2.0, 1.0, 0.999])["flattened"] is True
-    flat = R.convergence([2.0, 1.2, 1.0])
+    assert convergence([2.0, 1.0, 0.999])["flattened"] is True
+    flat = convergence([2.0, 1.2, 1.0])
     assert flat["flattened"] is False and flat["last_epoch_change"] == pytest.approx(-1 / 6)
-    assert R.convergence([1.0])["flattened"] is None
+    assert convergence([1.0])["flattened"] is None
 
 
 def test_temperature_anneal_fraction_then_constant():
@@ -227,7 +230,7 @@ def test_refinement_finds_the_mask_the_optimiser_missed():
         method.mask.param.copy_(torch.tensor([-0.1, -0.2, 0.3, 0.2, -0.1, -0.3]))
     cfg = OmegaConf.structured(RavelEvalConfig(recipe="saeravel"))
     ctx = SimpleNamespace(seed=0, model=None, layer=0)
-    info = R.refine_mask(method, pairs, bank, ToyRunner(), cfg, ctx, "toy")
+    info = refine_mask(RavelJob(cfg, ctx, bank=bank, runner=ToyRunner()), method, pairs, "toy")
     assert (method.mask.param > 0).nonzero().flatten().tolist() == [0, 1]
     assert info["train_ce_hard_after"] < info["train_ce_hard_before"]
     assert info["flips"] == 4 and info["candidates"] == 6
@@ -237,7 +240,7 @@ def test_oracle_swaps_only_the_projected_subspace():
     P = torch.zeros(4, 4)
     P[1, 1] = P[2, 2] = 1.0
     b, s = torch.tensor([[1.0, 2, 3, 4]]), torch.tensor([[5.0, 6, 7, 8]])
-    out = FixedIntervention("oracle", projector=P)(b, s)
+    out = ProjectorSwap(P)(b, s)
     assert out.tolist() == [[1.0, 6, 7, 4]]
 
 
@@ -261,7 +264,7 @@ def test_oracle_swaps_only_the_projected_subspace():
 def test_bad_values_are_one_line_errors(override, message):
     cfg = OmegaConf.merge(OmegaConf.structured(RavelEvalConfig(recipe="saeravel")), override)
     with pytest.raises(UserError, match=message) as err:
-        R.validate(cfg)
+        validate(cfg)
     assert "\n" not in str(err.value)
 
 
@@ -277,7 +280,7 @@ def test_knowledge_filter_cache_is_validated_and_rebuilt(tiny_model, tmp_path, c
                for e in ents]  # fmt: skip
     cfg = OmegaConf.structured(RavelEvalConfig(recipe="saeravel"))
     ctx = SimpleNamespace(model=tiny_model, cache_dir=tmp_path)
-    first = R.known_filter(cfg, ctx, tiny_model.world, prompts)
+    first = known_filter(cfg, ctx, tiny_model.world, prompts)
     (path,) = (tmp_path / "ravel_filter").glob("*.json")
     for bad in (
         "",
@@ -288,7 +291,7 @@ def test_knowledge_filter_cache_is_validated_and_rebuilt(tiny_model, tmp_path, c
         path.write_text(bad)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            again = R.known_filter(cfg, ctx, tiny_model.world, prompts)
+            again = known_filter(cfg, ctx, tiny_model.world, prompts)
         assert again == first
         assert "knowledge-filter cache" in caplog.text and "rebuilding" in caplog.text
     assert json.loads(path.read_text())["n"] == len(prompts)
@@ -301,7 +304,7 @@ def test_teacher_forced_logits_through_the_runner_equal_the_full_forward(capped_
     base = [Prompt("t", f"e{i}", "A", [1, 5, 6, 10 + i, 20, 21], 3, 3) for i in range(4)]
     pairs = [Pair(b, b, "A", "cause", "x", 30 + i, [30 + i, 31, 32][: 1 + i % 3], {})
              for i, b in enumerate(base)]  # fmt: skip
-    forced = R.TeacherForced(3)
+    forced = TeacherForced(3)
     ext = [forced.prompt(q) for q in pairs]
     assert ext[2].tokens == base[2].tokens + [32, 31] and ext[0].tokens == base[0].tokens
     assert forced.prompt(pairs[2]) is ext[2]  # made once

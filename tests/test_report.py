@@ -114,7 +114,7 @@ def test_saebench_copies_and_null_scores_are_read_right(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- figures
-# Records of a sweep the way eval=ravel writes them (src/saeravel/evals/ravel.py): per method
+# Records of a sweep the way eval=ravel writes them (src/saeravel/evals/ravel/main.py): per method
 # and attribute the scores, their ``ci95`` bootstrap interval, the mask's kept entries; the
 # no-training baselines ``none`` / ``swap`` under ``baselines`` and ``ravel.baseline``.
 PLANTED = ["model=planted-city-lm", "sae=planted", "model.n_layers=5"]

@@ -37,7 +37,7 @@ from saeravel.errors import (
     UserError,
     instantiate,  # re-raises a constructor's UserError as is
 )
-from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, get_eval
+from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, get_eval
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
@@ -165,7 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     _ACTIVE["checkpoint"] = checkpoint
     spec = get_eval(cfg.eval.name)
     if spec.validate is not None:
-        spec.validate(cfg.eval)  # every value check before anything loads
+        spec.validate(cfg.eval, _job_choices(cfg))  # every value check before anything loads
     uses_sae = spec.needs_sae(cfg.eval)
     job_logger = build_logger(cfg.get("logger"))  # a bad logger option fails here
     sae_name = cfg.sae.get("family", "?") if uses_sae else "none"
@@ -188,6 +188,14 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint)):
             return done
         return _compute(cfg, resolved, jid, spec, uses_sae, job_logger, checkpoint, start)
+
+
+def _job_choices(cfg: DictConfig) -> JobChoices:
+    """What an eval's ``validate`` may know beyond its own config (see :class:`JobChoices`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    groups = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    return JobChoices(cfg.sae.get("family") if "sae" in cfg else None, groups)
 
 
 def _stored(

@@ -48,7 +48,6 @@ import torch
 
 from saeravel.errors import UserError
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.evals.ravel.intervene import Intervention
 from saeravel.saes.base import SAE, SAEIdentity, resid_post_hook
 from saeravel.world import CityWorld
 
@@ -599,17 +598,3 @@ class PlantedSAESource:
             sae = planted_sae(truth, self.layer)
         sae.identity.family = self.family
         return sae
-
-
-# ----------------------------------------------------------------------------- references
-
-
-class ProjectorSwap(Intervention):
-    """The oracle: ``b + P (s - b)`` with ``P`` the projector onto the intervened block."""
-
-    def __init__(self, projector: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("P", projector.clone())
-
-    def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return b + (s - b) @ self.P

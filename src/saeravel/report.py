@@ -43,7 +43,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The shape eval=ravel writes (src/saeravel/evals/ravel.py):
+# The shape eval=ravel writes (src/saeravel/evals/ravel/main.py):
 #   eval_result_metrics[RAVEL_GROUP][<method>][<attribute>] = {cause, isolation, disentangle, ...}
 #   eval_result_metrics[RAVEL_GROUP][BASELINE_METHOD][<attribute>] = the no-intervention scores
 RAVEL_EVAL = "ravel"

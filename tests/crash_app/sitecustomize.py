@@ -44,7 +44,7 @@ def _install(phase: str) -> None:
 
         checkpoint.CheckpointStore.save = save_then_die
     elif phase == "scoring":
-        from saeravel.evals.ravel import main as ravel
+        from saeravel.evals.ravel import score as ravel
 
         generations, calls = ravel.generations, []
 

@@ -70,6 +70,16 @@ class EvalContext:
     checkpoint: CheckpointStore = field(default_factory=CheckpointStore.disabled)
 
 
+@dataclass(frozen=True)
+class JobChoices:
+    """What an eval's ``validate`` may know of the job beyond its own config, filled by the
+    pipeline before anything loads: the SAE family (``sae.family``; None: unknown) and the
+    config-group options composed (e.g. ``{"eval/recipe": "paper"}``; empty outside Hydra)."""
+
+    sae_family: str | None = None
+    groups: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class EvalOutput:
     """What an eval returns: metric groups, per-item details, and summary lines to print."""
@@ -89,8 +99,8 @@ class EvalSpec:
     SAEBench's ``eval_type_id`` of the eval (default: ``name``); ``saebench(metrics)`` turns
     the eval's ``eval_result_metrics`` into SAEBench's shape for the SAEBench-named copy of the
     result (None: the metrics already have it; a ``"module:function"`` string is imported when
-    first used). ``validate(cfg)`` checks the eval's values before anything loads (one-line
-    :class:`~saeravel.errors.UserError`).
+    first used). ``validate(cfg, job)`` checks the eval's values before anything loads (one-line
+    :class:`~saeravel.errors.UserError`); ``job`` is a :class:`JobChoices`.
     """
 
     name: str

@@ -280,25 +280,36 @@ def rank_latents_by_probe(
 # ----------------------------------------------------------------------------- given basis
 
 
-class BasisSwap(Intervention):
-    """A given basis, no fitting: swap the source's component in the span of ``basis`` [k, d]
-    (rows need not be orthonormal): ``b + (s - b) P`` with ``P`` the orthogonal projector onto
-    the row space (``pinv(B) B``). Singular values below ``rtol`` times the largest count as
-    zero (a float32 file holding a projector has noise singular values ~1e-7 that an exact
-    pseudo-inverse would blow up into extra swapped directions). The identity basis swaps
-    everything; rows ``e_i`` for ``i`` in S equal the neuron swap on S."""
+class ProjectorSwap(Intervention):
+    """The one projector swap: ``b + (s - b) P`` for an orthogonal projector ``P`` [d, d]. The
+    planted world's oracle passes its block's projector; a given basis (``fixed``) comes
+    through :meth:`from_basis`."""
 
     RTOL = 1e-4
 
-    def __init__(self, basis: torch.Tensor) -> None:
+    def __init__(self, projector: torch.Tensor, basis: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.register_buffer("projector", projector.float().clone())
+        if basis is not None:
+            self.register_buffer("basis", basis.float().clone())
+        else:
+            self.basis = None
+
+    @classmethod
+    def from_basis(cls, basis: torch.Tensor) -> ProjectorSwap:
+        """Swap the source's component in the span of ``basis`` [k, d] (rows need not be
+        orthonormal): ``P`` is the orthogonal projector onto the row space (``pinv(B) B``).
+        Singular values below ``RTOL`` times the largest count as zero (a float32 file holding a
+        projector has noise singular values ~1e-7 that an exact pseudo-inverse would blow up
+        into extra swapped directions). The identity basis swaps everything; rows ``e_i`` for
+        ``i`` in S equal the neuron swap on S."""
         B = basis.double()
-        P = torch.linalg.pinv(B, rtol=self.RTOL) @ B
-        self.register_buffer("projector", P.float())
-        self.register_buffer("basis", basis.float().clone())
+        return cls((torch.linalg.pinv(B, rtol=cls.RTOL) @ B).float(), basis)
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return b + (s - b) @ self.projector.to(b.dtype)
+        return b + (s - b) @ self.projector.to(b.device, b.dtype)
 
     def rank(self) -> int:
-        return int(torch.linalg.matrix_rank(self.basis.double(), rtol=self.RTOL))
+        """The rank of the given basis (of the projector when there is none)."""
+        m = self.basis if self.basis is not None else self.projector
+        return int(torch.linalg.matrix_rank(m.double(), rtol=self.RTOL))

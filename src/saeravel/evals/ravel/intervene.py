@@ -179,23 +179,19 @@ class DAS(Intervention):
 class FixedIntervention(Intervention):
     """Parameter-free references: ``none`` (base), ``swap`` (source), ``sae_recon`` (the
     base's SAE reconstruction: the cost of dropping the SAE error), ``sae_swap`` (all source
-    latents decoded with the base's normalisation), ``oracle`` (swap exactly the subspace a
-    planted world says holds the attribute: ``b + P (s - b)`` for the projector ``P``)."""
+    latents decoded with the base's normalisation). (The oracle of a planted world is
+    ``featurizers.ProjectorSwap``.)"""
 
-    def __init__(self, kind: str, sae: Any = None, projector: torch.Tensor | None = None) -> None:
+    def __init__(self, kind: str, sae: Any = None) -> None:
         super().__init__()
         self.kind = kind
         self.sae = sae
-        self.projector = projector
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
             return b
         if self.kind == "swap":
             return s
-        if self.kind == "oracle":
-            P = self.projector.to(b.device, b.dtype)
-            return b + (s - b) @ P.T
         zb, stats = self.sae.normalize(b)
         if self.kind == "sae_recon":
             return self.sae.denormalize(

@@ -1,0 +1,338 @@
+"""The RAVEL eval's config: the schema's enums and dataclasses (``RavelEvalConfig``, the one
+source of the defaults documented in conf/eval/ravel.yaml) and :func:`check`, the value checks
+that need no model. The featurizer-dependent check (which methods need an SAE) is in
+``methods``; ``main.validate`` runs both."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saeravel.errors import UserError, choose
+from saeravel.evals.api import EvalConfig
+from saeravel.evals.ravel.prompts import MATCH_RULES
+from saeravel.schema import StrEnum
+
+
+class RavelProtocol(StrEnum):
+    saeravel = "saeravel"
+    ravel = "ravel"
+
+
+class RavelMethod(StrEnum):
+    sae = "sae"
+    neurons = "neurons"
+    das = "das"
+    pca = "pca"
+    boundless_das = "boundless_das"
+    mdas = "mdas"
+    sae_probe = "sae_probe"
+    fixed = "fixed"
+    all = "all"
+
+
+class DataSource(StrEnum):
+    auto = "auto"
+    embedded = "embedded"
+    ravel = "ravel"
+
+
+class MatchRule(StrEnum):
+    first_token = "first_token"
+    prefix = "prefix"
+
+
+class SplitBy(StrEnum):
+    entity = "entity"
+    pair = "pair"
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(StrEnum):
+    linear = "linear"
+    log = "log"
+    constant = "constant"
+
+
+class MaskEval(StrEnum):
+    hard = "hard"
+    soft = "soft"
+
+
+class MaskEstimator(StrEnum):
+    soft = "soft"
+    straight_through = "straight_through"
+
+
+class RavelRecipe(StrEnum):
+    saeravel = "saeravel"
+    paper = "paper"
+
+
+class DASMode(StrEnum):
+    mask = "mask"
+    fixed = "fixed"
+
+
+class PCAMode(StrEnum):
+    mask = "mask"
+    fixed = "fixed"
+
+
+@dataclass
+class MaskConfig:
+    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
+
+    schedule: Schedule = Schedule.linear
+    t_start: float = 10.0
+    t_end: float = 0.1
+    anneal_fraction: float = 0.667
+    estimator: MaskEstimator = MaskEstimator.soft
+    l1: float = 0.0
+    eval: MaskEval = MaskEval.hard
+    init: float = 0.0
+    refine: bool = True
+    refine_pairs: int = 256
+    refine_passes: int = 1
+
+
+@dataclass
+class DASConfig:
+    """DAS rotation: ``mode=mask`` (learned mask over rotated dims) or ``mode=fixed`` (first k)."""
+
+    mode: DASMode = DASMode.mask
+    k: int = 16
+
+
+@dataclass
+class PCAConfig:
+    """PCA of the site's activations on the training entities: ``mode=mask`` (learned mask over
+    the top ``components``, MIB's DBM+PCA) or ``mode=fixed`` (the first ``k``)."""
+
+    mode: PCAMode = PCAMode.mask
+    k: int = 16
+    components: int | None = None
+
+
+@dataclass
+class BoundlessConfig:
+    """Boundless DAS: a learned boundary (fraction of d_model) instead of k or a mask."""
+
+    init: float = 0.5
+    boundary_lr_scale: float = 10.0
+
+
+@dataclass
+class MDASConfig:
+    """Multi-task DAS: one rotation shared by ``attributes`` (null = every eval.attributes)."""
+
+    attributes: list[str] | None = None
+
+
+@dataclass
+class SAEProbeConfig:
+    """SAE latents ranked by a value probe; the top ``counts[i]`` swapped, best on validation."""
+
+    counts: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+    steps: int = 300
+    lr: float = 0.05
+    l1: float = 0.01
+
+
+@dataclass
+class FixedConfig:
+    """A given basis: ``basis_file`` (torch tensor [k, d_model]) or the decoder directions of
+    the SAE ``latents``; neither: the latents ``sae_probe`` picks for the attribute."""
+
+    basis_file: str | None = None
+    latents: list[int] | None = None
+
+
+@dataclass
+class RavelEvalConfig(EvalConfig):
+    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
+
+    name: str = "ravel"
+    version: str = "2.0"
+    recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
+    recipe_label: str = (
+        "saeravel's default: the paper's annealing, then 10 epochs at the final temperature"
+    )
+    protocol: RavelProtocol = RavelProtocol.saeravel
+    method: RavelMethod = RavelMethod.all
+    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    data_source: DataSource = DataSource.auto
+    data_dir: str | None = None
+    match: MatchRule = MatchRule.first_token
+    match_tokens: int = 3
+    split_by: SplitBy = SplitBy.entity
+    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    max_entities: int | None = 200
+    max_pairs_per_split: int = 500
+    drop_same_label_pairs: bool = True
+    add_error: bool = False
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: Optimizer = Optimizer.adam
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    das: DASConfig = field(default_factory=DASConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    boundless: BoundlessConfig = field(default_factory=BoundlessConfig)
+    mdas: MDASConfig = field(default_factory=MDASConfig)
+    sae_probe: SAEProbeConfig = field(default_factory=SAEProbeConfig)
+    fixed: FixedConfig = field(default_factory=FixedConfig)
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    report_top_latents: int = 32
+    fast: bool = True
+    save_artifacts: bool = True
+    checkpoint_every_s: float = 60.0
+    checkpoint_every_steps: int = 0
+
+
+PROTOCOLS = ("saeravel", "ravel")
+
+
+def method_names() -> list[str]:
+    """Every featurizer's name, in ``RavelMethod`` order (without ``all``)."""
+    return [m.value for m in RavelMethod if m is not RavelMethod.all]
+
+
+def chosen_methods(cfg: Any) -> list[str]:
+    """The methods a job runs: ``eval.method``, or every one for ``all``."""
+    return method_names() if cfg.method == "all" else [str(cfg.method)]
+
+
+def mdas_attributes(cfg: Any) -> list[str]:
+    """The attributes multi-task DAS shares its rotation across (default: eval.attributes)."""
+    return list(cfg.mdas.attributes) if cfg.mdas.attributes is not None else list(cfg.attributes)
+
+
+def _check_methods(cfg: Any) -> None:
+    """The featurizers' own values and the basis file."""
+    methods = chosen_methods(cfg)
+    choose("eval.pca.mode", cfg.pca.mode, ("mask", "fixed"))
+    if cfg.pca.components is not None and cfg.pca.components < 1:
+        raise UserError(f"eval.pca.components={cfg.pca.components} must be >= 1 or null (all)")
+    if cfg.pca.mode == "fixed" and (
+        cfg.pca.k < 1 or (cfg.pca.components is not None and cfg.pca.k > cfg.pca.components)
+    ):
+        raise UserError(
+            f"eval.pca.k={cfg.pca.k} must be >= 1 and <= eval.pca.components={cfg.pca.components}"
+        )
+    if not 0 < cfg.boundless.init <= 1 or not cfg.boundless.boundary_lr_scale > 0:
+        raise UserError(
+            f"eval.boundless.init={cfg.boundless.init} must be in (0, 1] and "
+            f"eval.boundless.boundary_lr_scale={cfg.boundless.boundary_lr_scale} > 0"
+        )
+    if "mdas" in methods:
+        attrs = mdas_attributes(cfg)
+        if len(attrs) < 2 or len(set(attrs)) != len(attrs):
+            raise UserError(
+                f"eval.mdas.attributes={attrs} needs at least two distinct attributes (one "
+                "rotation shared across them); for one attribute use eval.method=das"
+            )
+        if not set(attrs) <= set(cfg.attributes):
+            raise UserError(
+                f"eval.mdas.attributes={attrs} must be among eval.attributes={list(cfg.attributes)}"
+            )
+    counts = list(cfg.sae_probe.counts)
+    if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
+        raise UserError(f"eval.sae_probe.counts={counts} must be a non-empty list of integers >= 1")
+    if cfg.sae_probe.steps < 1 or not cfg.sae_probe.lr > 0 or cfg.sae_probe.l1 < 0:
+        raise UserError(
+            f"eval.sae_probe.steps={cfg.sae_probe.steps} must be >= 1, lr={cfg.sae_probe.lr} > 0 "
+            f"and l1={cfg.sae_probe.l1} >= 0"
+        )
+    fx = cfg.fixed
+    if fx.basis_file and fx.latents is not None:
+        raise UserError(
+            "eval.fixed.basis_file and eval.fixed.latents are two bases; give one (or neither: "
+            "the latents sae_probe picks)"
+        )
+    if fx.latents is not None and (
+        not list(fx.latents) or any(not isinstance(j, int) or j < 0 for j in fx.latents)
+    ):
+        raise UserError(f"eval.fixed.latents={list(fx.latents)} must be SAE latent indices >= 0")
+    if "fixed" in methods and fx.basis_file and not Path(fx.basis_file).is_file():
+        raise UserError(
+            f"eval.fixed.basis_file={fx.basis_file} does not exist (a torch tensor [k, d_model])"
+        )
+
+
+def check(cfg: Any, recipe_file: str | None = None) -> None:
+    """One-line errors for names that do not exist and values out of range (no model needed:
+    the pipeline calls this before anything loads). ``recipe_file``: the ``eval/recipe`` file
+    the job composed (None: unknown, not checked)."""
+    choose("eval.protocol", cfg.protocol, PROTOCOLS)
+    choose("eval.method", cfg.method, (*method_names(), "all"))
+    choose("eval.split_by", cfg.split_by, ("entity", "pair"))
+    choose("eval.match", cfg.match, MATCH_RULES)
+    choose("eval.mask.eval", cfg.mask.eval, ("hard", "soft"))
+    choose("eval.mask.schedule", cfg.mask.schedule, ("linear", "log", "constant"))
+    choose("eval.mask.estimator", cfg.mask.estimator, ("soft", "straight_through"))
+    choose("eval.das.mode", cfg.das.mode, ("mask", "fixed"))
+    choose("eval.data_source", cfg.data_source, ("auto", "embedded", "ravel"))
+    choose("eval.optimizer", cfg.optimizer, ("adam", "adamw", "sgd"))
+    if len(cfg.attributes) < 2:
+        raise UserError(
+            "eval.attributes needs at least two attributes (one intervened, one isolated)"
+        )
+    if len(set(cfg.attributes)) != len(cfg.attributes):
+        raise UserError(f"eval.attributes={list(cfg.attributes)} repeats an attribute")
+    positive = {
+        "eval.epochs": cfg.epochs, "eval.batch_size": cfg.batch_size,
+        "eval.match_tokens": cfg.match_tokens, "eval.max_pairs_per_split": cfg.max_pairs_per_split,
+        "eval.bootstrap": cfg.bootstrap, "eval.mask.refine_pairs": cfg.mask.refine_pairs,
+    }  # fmt: skip
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{name}={value} must be an integer >= 1")
+    if cfg.max_entities is not None and cfg.max_entities < 2:
+        raise UserError(f"eval.max_entities={cfg.max_entities} must be >= 2 or null (all)")
+    for name, value in {"eval.lr": cfg.lr, "eval.mask.t_start": cfg.mask.t_start,
+                        "eval.mask.t_end": cfg.mask.t_end}.items():  # fmt: skip
+        if not value > 0 or not math.isfinite(value):
+            raise UserError(f"{name}={value} must be a finite number > 0")
+    if not 0 < cfg.mask.anneal_fraction <= 1:
+        raise UserError(f"eval.mask.anneal_fraction={cfg.mask.anneal_fraction} must be in (0, 1]")
+    if cfg.mask.l1 < 0 or cfg.mask.refine_passes < 0:
+        raise UserError(
+            f"eval.mask.l1={cfg.mask.l1} and eval.mask.refine_passes={cfg.mask.refine_passes} "
+            "must be >= 0"
+        )
+    fr = list(cfg.split_fractions)
+    if (
+        len(fr) != 3
+        or any(f < 0 for f in fr)
+        or abs(sum(fr) - 1) > 1e-6
+        or fr[0] == 0
+        or fr[2] == 0
+    ):
+        raise UserError(
+            f"eval.split_fractions={fr} must be three fractions (train, val, test) >= 0 summing "
+            "to 1, with train and test > 0"
+        )
+    if cfg.das.mode == "fixed" and cfg.das.k < 1:
+        raise UserError(f"eval.das.k={cfg.das.k} must be >= 1")
+    if cfg.checkpoint_every_s < 0 or cfg.checkpoint_every_steps < 0:
+        raise UserError(
+            f"eval.checkpoint_every_s={cfg.checkpoint_every_s} and eval.checkpoint_every_steps="
+            f"{cfg.checkpoint_every_steps} must be >= 0 (0 turns each off)"
+        )
+    if not 0 < cfg.confidence < 1:
+        raise UserError(f"eval.confidence={cfg.confidence} must be in (0, 1)")
+    _check_methods(cfg)
+    if recipe_file is not None and recipe_file != cfg.recipe:
+        raise UserError(
+            f"eval.recipe={cfg.recipe} only relabels the result; choose a recipe's settings with "
+            f"eval/recipe={cfg.recipe} (valid: saeravel, paper)"
+        )

@@ -1,0 +1,335 @@
+"""The RAVEL eval's data: the world (embedded or RAVEL's city files), the knowledge filter,
+base/source pairs per attribute and split, the residual vectors of every prompt
+(:class:`VectorBank`), what featurizers fit on (:class:`FitData`), and :class:`RavelJob`, the
+one object holding all of a job's shared state that training, scoring and the featurizers take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeravel.checkpoint import CheckpointStore
+from saeravel.errors import UserError
+from saeravel.evals.ravel.data import download_ravel, load_ravel_city
+from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
+from saeravel.evals.ravel.featurizers import principal_components
+from saeravel.evals.ravel.intervene import SuffixRunner, resid_at
+from saeravel.evals.ravel.prompts import (
+    PAPER_FEW_SHOT_CITIES,
+    Pair,
+    Prompt,
+    bos_id,
+    few_shot_templates,
+    label_ids,
+    make_pairs,
+    matches,
+    split_entities,
+    tokenize_prompt,
+)
+from saeravel.results import atomic_write_json
+from saeravel.taskdata import data_source
+from saeravel.world import CityWorld
+
+log = logging.getLogger(__name__)
+
+FILTER_FORMAT = 2  # knowledge-filter cache entries: {"format", "key", "n", "known"}
+
+
+def load_world(cfg: Any, ctx: Any) -> CityWorld:
+    """The embedded world, or RAVEL's city files (``data_dir``, else downloaded)."""
+    if data_source(cfg.data_source, ctx.model, other="ravel") == "embedded":
+        if cfg.data_dir is not None:
+            raise UserError(
+                f"eval.data_dir={cfg.data_dir} is not read: model {ctx.model.name} brings its own "
+                "world; set eval.data_source=ravel to evaluate on RAVEL's files instead"
+            )
+        return ctx.model.world
+    folder = cfg.data_dir or download_ravel(ctx.cache_dir)
+    return load_ravel_city(folder)
+
+
+def generate(
+    model: Any, prompts: list[Prompt], n_tokens: int, layer: int | None = None,
+    vectors: torch.Tensor | None = None, batch_size: int = 64, fast: bool = True,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy continuation (token ids) of ``n_tokens`` per prompt, optionally with ``vectors``
+    patched in after block ``layer`` at each prompt's entity token: through key/value caches
+    (:class:`CachedDecoder`), or with ``fast=False`` by one full forward per token (the
+    reference :func:`naive_generate`)."""
+    if not fast:
+        return naive_generate(model, prompts, n_tokens, layer, vectors, batch_size)
+    split = model.cfg.n_layers - 1 if layer is None else layer
+    return CachedDecoder(model, split, batch_size).generate(prompts, n_tokens, [vectors])[0]
+
+
+def label_for(world: CityWorld, p: Prompt) -> str:
+    return world.entities[p.entity][p.attribute]
+
+
+def prompt_label_ids(model: Any, world: CityWorld, p: Prompt) -> list[int]:
+    return label_ids(model.tokenizer, p.template.replace("%s", p.entity), label_for(world, p))
+
+
+def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) -> list[bool]:
+    """Whether the model answers each prompt correctly (greedy, ``cfg.match`` on token ids),
+    cached per model identity, data, templates and rule. A cache entry that does not parse, or
+    whose key or length does not fit, is logged in one line and rebuilt."""
+    model = ctx.model
+    key_src = json.dumps(
+        {
+            "model": model.name,
+            "mk": model.info.get("cache_folder_key") or model.processing,
+            "dtype": str(model.model.cfg.dtype),
+            "prompts": [[p.template, p.entity] for p in prompts],
+            "labels": [label_for(world, p) for p in prompts],
+            "match": str(cfg.match),
+            "n": cfg.match_tokens,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    path = Path(ctx.cache_dir) / "ravel_filter" / f"{model.name}-{key}.json"
+    if path.exists():
+        try:
+            entry = json.loads(path.read_text())
+            known = entry["known"]
+            if (
+                entry.get("format") != FILTER_FORMAT
+                or entry.get("key") != key
+                or not isinstance(known, list)
+                or len(known) != len(prompts)
+                or not all(isinstance(k, bool) for k in known)
+            ):
+                raise ValueError("does not fit this job's prompts")
+            return known
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("knowledge-filter cache %s is corrupt (%s); rebuilding it", path, exc)
+    log.info(
+        "knowledge filter: %d prompts, %d generated tokens each", len(prompts), cfg.match_tokens
+    )
+    gens = generate(model.model, prompts, cfg.match_tokens, fast=cfg.fast)
+    known = [
+        matches(g, prompt_label_ids(model.model, world, p), cfg.match)
+        for g, p in zip(gens, prompts, strict=True)
+    ]
+    atomic_write_json(path, {"format": FILTER_FORMAT, "key": key, "n": len(known), "known": known})
+    return known
+
+
+def build_pairs(
+    cfg: Any, ctx: Any, world: CityWorld
+) -> tuple[dict[str, dict[str, list[Pair]]], dict[str, Any]]:
+    """Pairs per attribute intervened and split (train/test), plus data statistics."""
+    model = ctx.model.model
+    attrs = list(cfg.attributes)
+    missing = [a for a in attrs if a not in world.templates]
+    if missing:
+        raise UserError(
+            f"eval.attributes has {missing} not in the data; valid: {', '.join(sorted(world.templates))}"
+        )
+    rng = random.Random(ctx.seed)
+    bos = bos_id(model)
+    shots = set(world.few_shot_cities)
+    if (
+        cfg.protocol == "saeravel"
+        and not world.few_shot_cities
+        and not getattr(world, "few_shot_prompts", None)
+    ):
+        shots |= set(PAPER_FEW_SHOT_CITIES)  # the paper's prompt: its shots leave the pool
+    entities = sorted(e for e in world.entities if e not in shots)
+    if cfg.max_entities and len(entities) > cfg.max_entities:
+        entities = sorted(rng.sample(entities, cfg.max_entities))
+    if cfg.protocol == "saeravel":
+        templates = {a: [t] for a, t in few_shot_templates(world, attrs).items()}
+    else:
+        templates = {a: list(world.templates[a]) for a in attrs}
+    prompts = [
+        tokenize_prompt(model.tokenizer, t, e, a, bos)
+        for e in entities
+        for a in attrs
+        for t in templates[a]
+    ]
+    known = known_filter(cfg, ctx, world, prompts)
+    kept = [p for p, k in zip(prompts, known, strict=True) if k]
+    if cfg.protocol == "saeravel":  # cities the model answers for every attribute
+        n_known: dict[str, int] = {}
+        for p in kept:
+            n_known[p.entity] = n_known.get(p.entity, 0) + 1
+        good = {e for e, n in n_known.items() if n == len(attrs)}
+        kept = [p for p in kept if p.entity in good]
+    if not kept:
+        raise UserError(
+            f"model {ctx.model.name} answers none of the {len(prompts)} RAVEL prompts correctly "
+            f"(match={cfg.match}); nothing to evaluate"
+        )
+    known_keys = {(p.template, p.entity) for p in kept}
+    kept_entities = sorted({p.entity for p in kept})
+    by_entity: dict[str, list[Prompt]] = {}
+    for p in kept:
+        by_entity.setdefault(p.entity, []).append(p)
+    # Sources: any known prompt of the entity (ravel protocol: other contexts too).
+    if cfg.split_by == "entity":
+        split = split_entities(kept_entities, world, list(cfg.split_fractions), ctx.seed)
+        ent_in = {s: [e for e in kept_entities if split[e] == s] for s in ("train", "test")}
+        val_entities = [e for e in kept_entities if split[e] == "val"]
+    else:
+        ent_in = {"train": kept_entities, "test": kept_entities}
+        val_entities = []
+
+    def template_ok(p: Prompt, s: str) -> bool:
+        if cfg.protocol != "ravel" or not world.template_split:
+            return True
+        want = "train" if s == "train" else "test"
+        return world.template_split.get(p.template, want) == want
+
+    pairs: dict[str, dict[str, list[Pair]]] = {}
+
+    def split_pairs(a: str, s: str, ents: set[str], rng: random.Random) -> list[Pair]:
+        bases = [p for p in kept if p.entity in ents and template_ok(p, s)]
+        cause_b = [p for p in bases if p.attribute == a]
+        iso_b = [p for p in bases if p.attribute != a]
+        srcs = {e: [q for q in by_entity[e] if template_ok(q, s)] for e in ents}
+        if cfg.protocol == "saeravel":  # source shares the base's template
+            ps = []
+            for kind_bases in (cause_b, iso_b):
+                for tmpl_attr in {p.attribute for p in kind_bases}:
+                    same = {
+                        e: [q for q in qs if q.attribute == tmpl_attr] for e, qs in srcs.items()
+                    }
+                    ps += make_pairs(
+                        [p for p in kind_bases if p.attribute == tmpl_attr], same, world, a,
+                        model.tokenizer, cfg.max_pairs_per_split // max(1, len({p.attribute for p in kind_bases})),
+                        rng, cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys,
+                    )  # fmt: skip
+        else:
+            ps = make_pairs(cause_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
+                            cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
+            ps += make_pairs(iso_b, srcs, world, a, model.tokenizer, cfg.max_pairs_per_split, rng,
+                             cfg.drop_same_label_pairs, sorted(ents), cfg.match, known_keys)  # fmt: skip
+        return ps
+
+    for a in attrs:
+        pairs[a] = {s: split_pairs(a, s, set(ent_in[s]), rng) for s in ("train", "test")}
+    if cfg.split_by == "pair":  # the paper's leaky split: one pool, split by pair
+        for a in attrs:
+            pool = pairs[a]["train"]
+            rng.shuffle(pool)
+            n_tr = int(
+                len(pool)
+                * cfg.split_fractions[0]
+                / (cfg.split_fractions[0] + cfg.split_fractions[2])
+            )
+            pairs[a] = {"train": pool[:n_tr], "test": pool[n_tr:]}
+    # Validation pairs (selection among fitted variants, e.g. sae_probe's count) from the
+    # validation entities, drawn from their own RNG so train and test are as without them.
+    val_rng = random.Random(f"{ctx.seed}-val")
+    for a in attrs:
+        ps = []
+        if cfg.split_by == "entity" and len(val_entities) >= 2:
+            ps = split_pairs(a, "val", set(val_entities), val_rng)
+        pairs[a]["val"] = ps
+    stats = {
+        "n_prompts": len(prompts),
+        "n_known_prompts": len(kept),
+        "n_entities_known": len(kept_entities),
+        "entities_per_split": {s: len(v) for s, v in ent_in.items()},
+        "pairs": {a: {s: {k: sum(p.kind == k for p in v) for k in ("cause", "isolation")} for s, v in d.items()}
+                  for a, d in pairs.items()},  # fmt: skip
+        "split_by": cfg.split_by,
+        "split_note": "entity split: no test entity trains the mask" if cfg.split_by == "entity"
+        else "LEAKY pair split (the paper's): test entities also appear in training pairs",
+    }  # fmt: skip
+    for a in attrs:
+        for s in ("train", "test"):
+            for k in ("cause", "isolation"):
+                if stats["pairs"][a][s][k] == 0:
+                    raise UserError(
+                        f"no {s} {k} pairs for attribute {a}: too few known entities ({len(kept_entities)})"
+                    )
+    return pairs, stats
+
+
+@dataclass
+class FitData:
+    """What a featurizer may be fit on before training: the residual vectors of every
+    training-split prompt (base or source, any attribute) and, per attribute, their values."""
+
+    vectors: torch.Tensor
+    prompts: list[Prompt]
+    pca: tuple[torch.Tensor, torch.Tensor] | None = None  # (components, variance), fit once
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pca is None:
+            self.pca = principal_components(self.vectors.float().cpu())
+        return self.pca
+
+
+class VectorBank:
+    """Residual vectors after ``layer`` at each prompt's entity token, computed once."""
+
+    def __init__(self, model: Any, layer: int, prompts: list[Prompt], batch_size: int) -> None:
+        uniq = list({id(p): p for p in prompts}.values())
+        self.vec = {
+            id(p): r[p.entity_pos]
+            for p, r in zip(uniq, resid_at(model, uniq, layer, batch_size), strict=True)
+        }
+
+    def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
+        return torch.stack([self.vec[id(p)] for p in prompts])
+
+
+@dataclass
+class RavelJob:
+    """A RAVEL job's shared state: its config and context, the world, the pairs per attribute
+    and split, the vector bank, the fast forward (``runner``) and decoder (both None with
+    ``eval.fast=false``), the checkpoint store, what featurizers fit on, and ``shared``: what
+    one featurizer leaves for another within the job (the joint MDAS fit, ``sae_probe``'s
+    latents per attribute)."""
+
+    cfg: Any
+    ctx: Any
+    world: CityWorld | None = None
+    pairs: dict[str, dict[str, list[Pair]]] = field(default_factory=dict)
+    bank: VectorBank | None = None
+    runner: SuffixRunner | None = None
+    decoder: CachedDecoder | None = None
+    store: Any = field(default_factory=CheckpointStore.disabled)
+    fit: FitData | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: Any, ctx: Any, store: Any) -> RavelJob:
+        """Load the world, build the pairs, compute the vector bank and (``eval.fast``) the
+        suffix runner's and decoder's caches."""
+        world = load_world(cfg, ctx)
+        pairs, stats = build_pairs(cfg, ctx, world)
+        model = ctx.model.model
+        stats["prompt_bos"] = bos_id(model) is not None
+        if ctx.sae is not None and "prepend_bos" in (ctx.sae.cfg_dict or {}):
+            stats["sae_prepend_bos"] = ctx.sae.cfg_dict["prepend_bos"]
+        log.info("pairs: %s", {a: {s: len(v) for s, v in d.items()} for a, d in pairs.items()})
+        all_prompts = [q.base for d in pairs.values() for ps in d.values() for q in ps]
+        all_prompts += [q.source for d in pairs.values() for ps in d.values() for q in ps]
+        bank = VectorBank(model, ctx.layer, all_prompts, 64)
+        runner, decoder = None, None
+        if cfg.fast:
+            runner = SuffixRunner(model, ctx.layer)
+            runner.prepare([q.base for d in pairs.values() for ps in d.values() for q in ps])
+            decoder = CachedDecoder(model, ctx.layer)
+        train_prompts = list(
+            {
+                id(p): p for d in pairs.values() for q in d["train"] for p in (q.base, q.source)
+            }.values()
+        )
+        fit = FitData(bank(train_prompts), train_prompts)  # pca and sae_probe fit on these only
+        return cls(cfg, ctx, world, pairs, bank, runner, decoder, store, fit, stats)
