@@ -233,7 +233,7 @@ def _check_methods(cfg: Any) -> None:
             f"eval.boundless.init={cfg.boundless.init} must be in (0, 1] and "
             f"eval.boundless.boundary_lr_scale={cfg.boundless.boundary_lr_scale} > 0"
         )
-    if "mdas" in methods:
+    if RavelMethod.mdas in methods:
         attrs = mdas_attributes(cfg)
         if len(attrs) < 2 or len(set(attrs)) != len(attrs):
             raise UserError(
@@ -262,7 +262,7 @@ def _check_methods(cfg: Any) -> None:
         not list(fx.latents) or any(not isinstance(j, int) or j < 0 for j in fx.latents)
     ):
         raise UserError(f"eval.fixed.latents={list(fx.latents)} must be SAE latent indices >= 0")
-    if "fixed" in methods and fx.basis_file and not Path(fx.basis_file).is_file():
+    if RavelMethod.fixed in methods and fx.basis_file and not Path(fx.basis_file).is_file():
         raise UserError(
             f"eval.fixed.basis_file={fx.basis_file} does not exist (a torch tensor [k, d_model])"
         )
