@@ -68,3 +68,51 @@ def test_job_choices_reach_validate():
 def test_discover_finds_the_package_eval():
     spec = discover()["ravel"]
     assert spec.run is run and spec.schema is RavelEvalConfig and spec.validate is validate
+
+
+def _imports(path) -> set[str]:
+    """The saeravel modules ``path`` imports (``from package import module`` included)."""
+    import ast
+    from pathlib import Path
+
+    import saeravel
+
+    root = Path(saeravel.__file__).parent.parent
+
+    def is_module(name: str) -> bool:
+        rel = root.joinpath(*name.split("."))
+        return rel.with_suffix(".py").is_file() or (rel / "__init__.py").is_file()
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names} & {
+                m for m in (f"{node.module}.{a.name}" for a in node.names) if is_module(m)
+            }
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return {m for m in found if m.startswith("saeravel.")}
+
+
+def test_the_ravel_package_imports_downward_only():
+    """Its modules import only those listed before them in the module map (no cycle), no other
+    eval, and nothing below the evals imports it (planted.py, a model, included)."""
+    from pathlib import Path
+
+    import saeravel
+
+    src = Path(saeravel.__file__).parent
+    order = ["prompts", "data", "intervene", "decode", "featurizers", "config", "pairs", "train",
+             "score", "methods", "main"]  # fmt: skip
+    assert {p.stem for p in (src / "evals" / "ravel").glob("*.py")} == {*order, "__init__"}
+    for i, name in enumerate(order):
+        deps = _imports(src / "evals" / "ravel" / f"{name}.py")
+        evals = {d for d in deps if d.startswith("saeravel.evals.")}
+        inside = {d.split(".")[3] for d in evals if d.startswith("saeravel.evals.ravel.")}
+        assert evals <= {"saeravel.evals.api", *(f"saeravel.evals.ravel.{m}" for m in order)}
+        assert inside & {m for m in order if m not in order[:i]} == set(), (name, inside)
+    above = {"pipeline.py", "config.py", "prefetch.py"}
+    for path in src.glob("*.py"):
+        if path.name not in above:
+            assert not any(d.startswith("saeravel.evals") for d in _imports(path)), path.name
