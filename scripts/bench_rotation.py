@@ -40,7 +40,9 @@ def main() -> None:
     a = ap.parse_args()
     t = {m: step_time(m, a.d, a.rounds) for m in ORTHOGONAL_MAPS}
     for m in ORTHOGONAL_MAPS:
-        print(f"{m:>10}: {t[m]:.4f} s per training step (d={a.d}, threads={torch.get_num_threads()})")
+        print(
+            f"{m:>10}: {t[m]:.4f} s per training step (d={a.d}, threads={torch.get_num_threads()})"
+        )
     print(f"matrix_exp / cayley: {t['matrix_exp'] / t['cayley']:.1f}x")
     lin = orthogonal_linear(a.d, "matrix_exp")
     with torch.no_grad():
