@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from saeravel.evals.ravel.intervene import Intervention, LearnedMask, mask_or_first_k
+from saeravel.evals.ravel.intervene import (
+    Intervention,
+    LearnedMask,
+    mask_or_first_k,
+    orthogonal_linear,
+    rotation,
+)
 
 # ----------------------------------------------------------------------------- PCA
 
@@ -114,15 +120,17 @@ class BoundlessDAS(Intervention):
     boundless rotated-space intervention; see the module docstring for the one difference).
     The boundary trains at ``boundary_lr`` (pyvene's tutorials: 10x the rotation's)."""
 
-    def __init__(self, d_model: int, init: float = 0.5, boundary_lr_scale: float = 10.0) -> None:
+    def __init__(
+        self, d_model: int, init: float = 0.5, boundary_lr_scale: float = 10.0,
+        orthogonal_map: str = "cayley",
+    ) -> None:  # fmt: skip
         super().__init__()
-        lin = nn.Linear(d_model, d_model, bias=False)
-        self.rot = nn.utils.parametrizations.orthogonal(lin)
+        self.rot = orthogonal_linear(d_model, orthogonal_map)
         self.mask = BoundaryMask(d_model, init)
         self.boundary_lr_scale = boundary_lr_scale
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        R = self.rot.weight
+        R = rotation(self.rot)
         rb, rs = b @ R, s @ R
         return (rb + self.mask() * (rs - rb)) @ R.T
 
@@ -153,11 +161,11 @@ class MultiTaskDAS(Intervention):
     in the same order, so the same seed trains the same intervention."""
 
     def __init__(
-        self, d_model: int, attributes: list[str], init: float = 0.0, straight_through: bool = False
-    ) -> None:
+        self, d_model: int, attributes: list[str], init: float = 0.0,
+        straight_through: bool = False, orthogonal_map: str = "cayley",
+    ) -> None:  # fmt: skip
         super().__init__()
-        lin = nn.Linear(d_model, d_model, bias=False)
-        self.rot = nn.utils.parametrizations.orthogonal(lin)
+        self.rot = orthogonal_linear(d_model, orthogonal_map)
         self.attributes = list(attributes)
         self.masks = nn.ModuleDict(
             {a: LearnedMask(d_model, init, straight_through) for a in self.attributes}
@@ -179,7 +187,7 @@ class MultiTaskDAS(Intervention):
         self._rows = [q.intervened for q in pairs]
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        R = self.rot.weight
+        R = rotation(self.rot)
         rb, rs = b @ R, s @ R
         rows, self._rows = self._rows, None
         if rows is not None and len(rows) == len(b) and len(set(rows)) > 1:
