@@ -81,6 +81,13 @@ class DASMode(StrEnum):
     fixed = "fixed"
 
 
+class OrthogonalMap(StrEnum):
+    """How the DAS family's rotation stays orthogonal (torch's ``orthogonal`` parametrization)."""
+
+    cayley = "cayley"
+    matrix_exp = "matrix_exp"
+
+
 class PCAMode(StrEnum):
     mask = "mask"
     fixed = "fixed"
@@ -109,6 +116,9 @@ class DASConfig:
 
     mode: DASMode = DASMode.mask
     k: int = 16
+    # The rotation of das, boundless_das and mdas. cayley: the same rotations as matrix_exp
+    # (torch's default, so pyvene's) at a fraction of the cost per step (bench_rotation.py).
+    orthogonal_map: OrthogonalMap = OrthogonalMap.cayley
 
 
 @dataclass

@@ -166,7 +166,8 @@ class DASFeaturizer(TrainedFeaturizer):
 
     def build(self, job: RavelJob) -> Intervention:
         cfg = job.cfg
-        return DAS(job.ctx.model.d_model, cfg.das.mode, cfg.das.k, cfg.mask.init, _ste(cfg))
+        return DAS(job.ctx.model.d_model, cfg.das.mode, cfg.das.k, cfg.mask.init, _ste(cfg),
+                   str(cfg.das.orthogonal_map))  # fmt: skip
 
 
 @featurizer
@@ -199,7 +200,8 @@ class BoundlessDASFeaturizer(TrainedFeaturizer):
 
     def build(self, job: RavelJob) -> Intervention:
         b = job.cfg.boundless
-        return BoundlessDAS(job.ctx.model.d_model, b.init, b.boundary_lr_scale)
+        return BoundlessDAS(job.ctx.model.d_model, b.init, b.boundary_lr_scale,
+                            str(job.cfg.das.orthogonal_map))  # fmt: skip
 
     def extra(self, job: RavelJob, method: Intervention) -> dict[str, Any]:
         return {"boundary": float(method.mask.param.detach().clamp(1e-3, 1.0))}
@@ -218,7 +220,8 @@ class MDASFeaturizer(TrainedFeaturizer):
 
     def build(self, job: RavelJob) -> Intervention:
         cfg = job.cfg
-        return MultiTaskDAS(job.ctx.model.d_model, mdas_attributes(cfg), cfg.mask.init, _ste(cfg))
+        return MultiTaskDAS(job.ctx.model.d_model, mdas_attributes(cfg), cfg.mask.init, _ste(cfg),
+                            str(cfg.das.orthogonal_map))  # fmt: skip
 
     def fit_joint(self, job: RavelJob) -> dict[str, Any]:
         if self.name in job.shared:
