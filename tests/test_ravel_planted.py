@@ -138,3 +138,30 @@ def test_fixed_with_the_oracles_basis_is_the_oracle(tmp_path):
     assert country["disentangle"] == m["baselines"]["oracle"]["Country"]["disentangle"] >= 0.98
     assert continent["cause"] == 0.0 and continent["isolation"] == 0.0
     assert country["basis"]["from"] == "basis_file" and country["basis"]["rank"] == 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("basis", ["aligned", "rotated"])
+def test_heldout_isolation_sees_the_attribute_no_method_trains_on(results, basis):
+    """Language is never trained on: the references grade it exactly (none and the oracle keep
+    it, a full swap moves it), and on a rotated basis DAS's 1.0 on the two trained attributes
+    hides a leak into it that held-out isolation shows."""
+    m = results[basis]
+    for a in ("Country", "Continent"):
+        assert m["baselines"]["none"][a]["isolation_heldout"] == 1.0
+        assert m["baselines"]["swap"][a]["isolation_heldout"] == 0.0
+        assert m["baselines"]["oracle"][a]["isolation_heldout"] >= 0.98
+        assert m["baselines"]["oracle"][a]["disentangle_all"] >= 0.98
+        assert m["ravel"]["das"][a]["n_heldout"] > 0
+    if basis == "rotated":
+        das = [m["ravel"]["das"][a]["isolation_heldout"] for a in ("Country", "Continent")]
+        assert min(das) <= 0.8, das
+
+
+def test_convergence_is_signed():
+    from saeravel.evals.ravel.train import convergence
+
+    assert convergence([1.0, 0.995])["flattened"] is True
+    rising = convergence([1.0, 1.009])
+    assert rising["flattened"] is False and rising["rising"] is True
+    assert convergence([1.0, 0.9])["flattened"] is False  # still falling

@@ -3,6 +3,8 @@
 Module map, lowest first (each imports only the ones above it; none imports this package's
 ``__init__``, and :func:`saeravel.evals.api.discover` imports ``main``, which registers it):
 
+- ``verdict``: per-pair outcomes and paired differences between methods (a paired
+  bootstrap over base entities).
 - ``prompts``: prompts with located entities, matching rules, base/source pairs.
 - ``data``: RAVEL's city files (download once, or ``eval.data_dir``).
 - ``intervene``: the mask, neuron, SAE-mask and DAS interventions, the references, the
@@ -12,7 +14,7 @@ Module map, lowest first (each imports only the ones above it; none imports this
   one projector swap (the oracle and a given basis).
 - ``config``: the schema (enums, ``RavelEvalConfig``, ``RavelMethod``: the method names) and
   the value checks that need no model.
-- ``pairs``: world, knowledge filter, pairs, vector bank, and ``RavelJob``, the one object a
+- ``pairs``: world, knowledge filter, pairs (held-out isolation pairs too), vector bank, and ``RavelJob``, the one object a
   job's training, scoring and featurizers share.
 - ``train``: training with the model frozen (checkpointed), first-token evaluation, refinement.
 - ``score``: generations and cause / isolation / disentangle with intervals.

@@ -178,6 +178,10 @@ class RavelEvalConfig(EvalConfig):
     protocol: RavelProtocol = RavelProtocol.saeravel
     method: RavelMethod = RavelMethod.all
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    # Attributes scored for isolation only, never trained on ("held-out isolation"): null = every
+    # attribute of the data not in eval.attributes, [] = none. One the model does not know (no
+    # known prompt among the test entities) is skipped and named in the result.
+    isolation_attributes: list[str] | None = None
     data_source: DataSource = DataSource.auto
     data_dir: str | None = None
     match: MatchRule = MatchRule.first_token
@@ -298,6 +302,16 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
         )
     if len(set(cfg.attributes)) != len(cfg.attributes):
         raise UserError(f"eval.attributes={list(cfg.attributes)} repeats an attribute")
+    held = cfg.isolation_attributes
+    if held is not None:
+        both = sorted(set(held) & set(cfg.attributes))
+        if both:
+            raise UserError(
+                f"eval.isolation_attributes={list(held)} repeats {both} of eval.attributes; "
+                "valid: attributes the methods are not trained on (null = all of them)"
+            )
+        if len(set(held)) != len(held):
+            raise UserError(f"eval.isolation_attributes={list(held)} repeats an attribute")
     positive = {
         "eval.epochs": cfg.epochs, "eval.batch_size": cfg.batch_size,
         "eval.match_tokens": cfg.match_tokens, "eval.max_pairs_per_split": cfg.max_pairs_per_split,

@@ -21,6 +21,7 @@ from saeravel.evals.ravel.config import RavelEvalConfig, check, chosen_methods
 from saeravel.evals.ravel.methods import FEATURIZERS, check_sae, needs_sae, references
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.score import score_many, summary_row
+from saeravel.evals.ravel.verdict import KIND_CODES, verdict, verdict_summary
 from saeravel.results import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,25 @@ def run(cfg: Any, ctx: Any) -> Any:
         details["planted"] = truth.describe()
         if ctx.sae is not None:
             details["planted"]["atom_recovery"] = truth.atom_recovery(ctx.sae)
+    held = stats.get("isolation_heldout", {})
+    if held.get("attributes") or held.get("skipped"):
+        summary.append(
+            f"held-out isolation (never trained on): {', '.join(held.get('attributes', [])) or 'none'}"
+            + "".join(f"; skipped {h}: {why}" for h, why in held.get("skipped", {}).items())
+        )
+    details["outcomes"], details["verdict"] = {}, {}
     for attr in cfg.attributes:
+        test = job.pairs[attr]["test"]
+        outcomes: dict[str, Any] = {
+            "entity": [q.base.entity for q in test],
+            "kind": "".join(KIND_CODES[q.kind] for q in test),
+            "methods": {},
+        }
+        details["outcomes"][attr] = outcomes
         refs = references(job, attr)
-        scored = score_many(job, [m for _, m in refs], job.pairs[attr]["test"])
+        scored = score_many(job, [m for _, m in refs], test)
         for (b, _), r in zip(refs, scored, strict=True):
+            outcomes["methods"][b] = r.pop("outcomes")
             details["per_template"][f"{b}/{attr}"] = r.pop("per_template")
             metrics["baselines"].setdefault(b, {})[attr] = r
             summary.append(summary_row(b, attr, r))
@@ -89,11 +105,17 @@ def run(cfg: Any, ctx: Any) -> Any:
                 continue
             feat.remember(job, attr, done)
             r, curve, state = dict(done["score"]), list(done["curve"]), done["state"]
+            if "outcomes" in r:
+                outcomes["methods"][name] = r.pop("outcomes")
             details["per_template"][f"{name}/{attr}"] = r.pop("per_template")
             details["training_curves"][f"{name}/{attr}"] = curve
             metrics["ravel"].setdefault(name, {})[attr] = r
             summary.append(summary_row(name, attr, r))
             if cfg.save_artifacts:
                 atomic_torch_save(ctx.output_dir / f"ravel_{name}_{attr}.pt", state)
+        compared = [m for m in (*methods, "oracle") if m in outcomes["methods"]]
+        details["verdict"][attr] = verdict(outcomes, cfg.bootstrap, cfg.confidence, ctx.seed,
+                                           compared)  # fmt: skip
+    summary += verdict_summary(details["verdict"], methods)
     metrics["ravel"]["baseline"] = metrics["baselines"]["none"]
     return EvalOutput(metrics=metrics, details=details, summary=summary)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,9 @@ def build_pairs(
         if cfg.split_by == "entity" and len(val_entities) >= 2:
             ps = split_pairs(a, "val", set(val_entities), val_rng)
         pairs[a]["val"] = ps
+    heldout = heldout_pairs(cfg, ctx, world, attrs, entities, set(ent_in["test"]), template_ok)
+    for a in attrs:
+        pairs[a]["test"] += heldout["pairs"][a]
     stats = {
         "n_prompts": len(prompts),
         "n_known_prompts": len(kept),
@@ -244,6 +247,7 @@ def build_pairs(
         "entities_per_split": {s: len(v) for s, v in ent_in.items()},
         "pairs": {a: {s: {k: sum(p.kind == k for p in v) for k in ("cause", "isolation")} for s, v in d.items()}
                   for a, d in pairs.items()},  # fmt: skip
+        "isolation_heldout": {k: v for k, v in heldout.items() if k != "pairs"},
         "split_by": cfg.split_by,
         "split_note": "entity split: no test entity trains the mask" if cfg.split_by == "entity"
         else "LEAKY pair split (the paper's): test entities also appear in training pairs",
@@ -256,6 +260,78 @@ def build_pairs(
                         f"no {s} {k} pairs for attribute {a}: too few known entities ({len(kept_entities)})"
                     )
     return pairs, stats
+
+
+def heldout_attributes(cfg: Any, world: CityWorld) -> list[str]:
+    """The attributes scored for isolation only: ``eval.isolation_attributes``, or (null) every
+    attribute of the data that ``eval.attributes`` does not train on."""
+    trained = list(cfg.attributes)
+    if cfg.isolation_attributes is None:
+        return [a for a in world.templates if a not in trained]
+    missing = [a for a in cfg.isolation_attributes if a not in world.templates]
+    if missing:
+        raise UserError(
+            f"eval.isolation_attributes has {missing} not in the data; "
+            f"valid: {', '.join(a for a in sorted(world.templates) if a not in trained)}"
+        )
+    return list(cfg.isolation_attributes)
+
+
+def heldout_pairs(
+    cfg: Any, ctx: Any, world: CityWorld, attrs: list[str], entities: list[str],
+    test_entities: set[str], template_ok: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Held-out isolation pairs: for each intervened attribute, test pairs whose base asks an
+    attribute no method trains on (kind ``heldout``; target: the base's own value), from the
+    test entities' prompts the model answers correctly (its own knowledge filter), drawn from
+    their own RNG so every other pair is as without them. Under the saeravel protocol the
+    source shares the base's template (as for trained attributes). An attribute with no
+    prompt template for the protocol, or that the model knows for no test entity, is skipped
+    and named."""
+    model = ctx.model.model
+    out: dict[str, Any] = {"attributes": [], "skipped": {}, "pairs": {a: [] for a in attrs}}
+    held = heldout_attributes(cfg, world)
+    if not held or not test_entities:
+        return out
+    templates: dict[str, list[str]] = {}
+    for h in held:
+        if cfg.protocol == "saeravel":
+            try:
+                templates[h] = list(few_shot_templates(world, [h]).values())
+            except UserError as e:
+                out["skipped"][h] = str(e)
+        else:
+            templates[h] = list(world.templates[h])
+    bos = bos_id(model)
+    ents = [e for e in entities if e in test_entities]
+    prompts = [
+        tokenize_prompt(model.tokenizer, t, e, h, bos)
+        for e in ents
+        for h in templates
+        for t in templates[h]
+        if template_ok(Prompt(t, e, h, [], 0, 0), "test")
+    ]
+    known = known_filter(cfg, ctx, world, prompts) if prompts else []
+    kept = [p for p, k in zip(prompts, known, strict=True) if k]
+    by_entity: dict[str, list[Prompt]] = {}
+    for p in prompts:  # sources: any of the entity's prompts (isolation needs no known source)
+        by_entity.setdefault(p.entity, []).append(p)
+    rng = random.Random(f"{ctx.seed}-heldout")
+    usable = [h for h in templates if any(p.attribute == h for p in kept)]
+    for h in templates:
+        if h not in usable:
+            out["skipped"][h] = "the model answers it for no test entity (knowledge filter)"
+    out["attributes"] = usable
+    per_attr = max(1, cfg.max_pairs_per_split // max(1, len(usable)))
+    for a in attrs:
+        for h in usable:
+            bases = [p for p in kept if p.attribute == h]
+            srcs = {e: [q for q in qs if q.attribute == h] for e, qs in by_entity.items()}
+            ps = make_pairs(bases, srcs, world, a, model.tokenizer, per_attr, rng,
+                            cfg.drop_same_label_pairs, sorted(ents), cfg.match, None)  # fmt: skip
+            out["pairs"][a] += [replace(q, kind="heldout") for q in ps]
+    out["n_pairs"] = {a: len(v) for a, v in out["pairs"].items()}
+    return out
 
 
 @dataclass

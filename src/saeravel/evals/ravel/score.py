@@ -15,30 +15,37 @@ from saeravel.evals.ravel.intervene import Intervention
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches
 from saeravel.evals.ravel.train import _rates, convergence, first_token_eval, refine_mask
+from saeravel.evals.ravel.verdict import encode
 
 
 def bootstrap_ci(
     ok: list[bool], pairs: list[Pair], n_boot: int, confidence: float, seed: int
 ) -> dict[str, list[float]]:
-    """Percentile intervals of cause, isolation and disentangle from resampling the base
-    entities with replacement (pairs of one entity are not independent)."""
+    """Percentile intervals of cause, isolation and disentangle (and, with held-out pairs,
+    isolation_heldout) from resampling the base entities with replacement (pairs of one
+    entity are not independent). The entities resampled are those of the cause and isolation
+    pairs, so held-out pairs leave those intervals as they were."""
     import numpy as np
 
-    ents = sorted({q.base.entity for q in pairs})
+    ents = sorted({q.base.entity for q in pairs if q.kind != "heldout"})
     idx = {e: i for i, e in enumerate(ents)}
-    counts = np.zeros((4, len(ents)))  # cause n, cause hits, isolation n, isolation hits
+    rows = {"cause": 0, "isolation": 2, "heldout": 4}
+    counts = np.zeros((6, len(ents)))  # n and hits of cause, isolation, held-out isolation
     for o, q in zip(ok, pairs, strict=True):
-        row = 0 if q.kind == "cause" else 2
-        counts[row, idx[q.base.entity]] += 1
-        counts[row + 1, idx[q.base.entity]] += o
+        if q.base.entity in idx:
+            counts[rows[q.kind], idx[q.base.entity]] += 1
+            counts[rows[q.kind] + 1, idx[q.base.entity]] += o
     gen = np.random.default_rng(seed)
     w = gen.multinomial(len(ents), np.full(len(ents), 1 / len(ents)), size=n_boot)
-    tot = w @ counts.T  # [n_boot, 4]
+    tot = w @ counts.T  # [n_boot, 6]
     with np.errstate(invalid="ignore", divide="ignore"):
-        cause, iso = tot[:, 1] / tot[:, 0], tot[:, 3] / tot[:, 2]
+        cause, iso, held = tot[:, 1] / tot[:, 0], tot[:, 3] / tot[:, 2], tot[:, 5] / tot[:, 4]
     lo, hi = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
     out = {}
-    for name, x in (("cause", cause), ("isolation", iso), ("disentangle", (cause + iso) / 2)):
+    series = [("cause", cause), ("isolation", iso), ("disentangle", (cause + iso) / 2)]
+    if counts[4].sum():
+        series.append(("isolation_heldout", held))
+    for name, x in series:
         x = x[np.isfinite(x)]
         out[name] = [float(np.percentile(x, lo)), float(np.percentile(x, hi))] if len(x) else [
             float("nan"), float("nan")]  # fmt: skip
@@ -47,20 +54,27 @@ def bootstrap_ci(
 
 def ravel_aggregate(ok: list[bool], pairs: list[Pair], intervened: str) -> dict[str, float]:
     """RAVEL's aggregate: accuracy per template, then the mean over templates per attribute;
-    cause = the intervened attribute's mean, isolation = the mean over the other attributes.
-    (Equal to the pooled scores when each attribute has one template, as in the saeravel
-    protocol.)"""
+    cause = the intervened attribute's mean, isolation = the mean over the other trained
+    attributes (with held-out pairs: ``isolation_all`` over every other attribute, RAVEL's own
+    definition, and ``disentangle_all``). (Equal to the pooled scores when each attribute has
+    one template, as in the saeravel protocol.)"""
     per: dict[tuple[str, str, str], list[bool]] = {}
     for o, q in zip(ok, pairs, strict=True):
         per.setdefault((q.kind, q.base.attribute, q.base.template), []).append(o)
     by_attr: dict[tuple[str, str], list[float]] = {}
     for (kind, attr, _), v in per.items():
         by_attr.setdefault((kind, attr), []).append(sum(v) / len(v))
-    cause = [sum(v) / len(v) for (k, a), v in by_attr.items() if k == "cause" and a == intervened]
-    iso = [sum(v) / len(v) for (k, _), v in by_attr.items() if k == "isolation"]
+    mean = {ka: sum(v) / len(v) for ka, v in by_attr.items()}
+    cause = [m for (k, a), m in mean.items() if k == "cause" and a == intervened]
+    iso = [m for (k, _), m in mean.items() if k == "isolation"]
     c = sum(cause) / len(cause) if cause else float("nan")
     i = sum(iso) / len(iso) if iso else float("nan")
-    return {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
+    out = {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
+    others = [m for (k, _), m in mean.items() if k != "cause"]
+    if any(k == "heldout" for k, _ in mean):
+        iso_all = sum(others) / len(others)
+        out.update({"isolation_all": iso_all, "disentangle_all": (c + iso_all) / 2})
+    return out
 
 
 @torch.no_grad()
@@ -123,6 +137,8 @@ def scores(
     out["per_template"] = {t: sum(v) / len(v) for t, v in per_template.items()}
     out["n_cause"] = sum(q.kind == "cause" for q in pairs)
     out["n_isolation"] = sum(q.kind == "isolation" for q in pairs)
+    out["n_heldout"] = sum(q.kind == "heldout" for q in pairs)
+    out["outcomes"] = encode(chosen)  # per test pair, for paired differences (verdict.py)
     out["n_entities"] = len({q.base.entity for q in pairs})
     out.update(info)
     return out
@@ -150,10 +166,14 @@ def summary_row(name: str, attr: str, r: dict[str, Any]) -> str:
     band = f" [{ci['disentangle'][0]:.3f}, {ci['disentangle'][1]:.3f}]" if ci else ""
     line = (f"{name:<10} {attr:<10} cause {r['cause']:.3f}  isolation {r['isolation']:.3f}  "
             f"disentangle {r['disentangle']:.3f}{band}")  # fmt: skip
+    if "isolation_heldout" in r:
+        line += (f"  | held-out isolation {r['isolation_heldout']:.3f}"
+                 f", disentangle_all {r['disentangle_all']:.3f}")  # fmt: skip
     if "refined" in r:
         line += f"  (refined mask: {r['refined']['disentangle']:.3f})"
-    if r.get("training", {}).get("flattened") is False:
-        line += "  loss NOT flat"
+    train = r.get("training", {})
+    if train.get("flattened") is False:
+        line += "  loss RISING" if train.get("rising") else "  loss NOT flat"
     return line
 
 
@@ -185,6 +205,7 @@ def score_fitted(
     r["recipe"] = {"name": str(cfg.recipe), "label": cfg.recipe_label}
     if info is not None:
         refined = scores(job, gens[1], test, sets[1][1])
-        keep = ("cause", "isolation", "disentangle", "mask_kept", "first_token", "prefix")
-        r["refined"] = {**{k: refined[k] for k in keep}, **info}
+        keep = ("cause", "isolation", "disentangle", "isolation_heldout", "disentangle_all",
+                "mask_kept", "first_token", "prefix")  # fmt: skip
+        r["refined"] = {**{k: refined[k] for k in keep if k in refined}, **info}
     return r, state

@@ -165,14 +165,16 @@ def train_method(
 
 
 def convergence(curve: list[float], tol: float = 0.01) -> dict[str, Any]:
-    """Did the training loss flatten? The relative change of the mean loss over the last epoch
-    (last epoch vs the one before); flattened when it is below ``tol``."""
+    """Did the training loss flatten? The SIGNED relative change of the mean loss over the last
+    epoch (last epoch vs the one before): flattened when it fell by less than ``tol`` or
+    stayed put (``-tol < change <= 0``); a loss that rose is ``rising`` and never flat, one
+    that still falls by ``tol`` or more has not flattened either."""
     if len(curve) < 2:
         return {"final_loss": curve[-1] if curve else None, "last_epoch_change": None,
-                "flattened": None, "epochs": len(curve)}  # fmt: skip
+                "flattened": None, "rising": None, "epochs": len(curve)}  # fmt: skip
     change = (curve[-1] - curve[-2]) / max(abs(curve[-2]), 1e-12)
     return {"final_loss": curve[-1], "last_epoch_change": change,
-            "flattened": abs(change) < tol, "epochs": len(curve)}  # fmt: skip
+            "flattened": -tol < change <= 0, "rising": change > 0, "epochs": len(curve)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -198,11 +200,25 @@ def first_token_eval(
 
 
 def _rates(ok: list[bool], pairs: list[Pair]) -> dict[str, float]:
+    """Cause, isolation (the trained attributes'), disentangle; with held-out pairs also
+    ``isolation_heldout`` (pooled over the held-out attributes' pairs), ``isolation_all`` (the
+    mean over every other attribute, trained or held out, of its isolation accuracy: RAVEL's
+    isolation) and ``disentangle_all`` (cause and ``isolation_all`` averaged)."""
     cause = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "cause"]
     iso = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "isolation"]
     c = sum(cause) / len(cause) if cause else float("nan")
     i = sum(iso) / len(iso) if iso else float("nan")
-    return {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
+    out = {"cause": c, "isolation": i, "disentangle": (c + i) / 2}
+    held = [o for o, q in zip(ok, pairs, strict=True) if q.kind == "heldout"]
+    if held:
+        per: dict[str, list[bool]] = {}
+        for o, q in zip(ok, pairs, strict=True):
+            if q.kind != "cause":
+                per.setdefault(q.base.attribute, []).append(o)
+        iso_all = sum(sum(v) / len(v) for v in per.values()) / len(per)
+        out.update({"isolation_heldout": sum(held) / len(held), "isolation_all": iso_all,
+                    "disentangle_all": (c + iso_all) / 2})  # fmt: skip
+    return out
 
 
 @torch.no_grad()
