@@ -21,7 +21,7 @@ import yaml
 from saeravel import prefetch
 from saeravel.models import TransformerLensModel
 from saeravel.ravel import data as ravel_data
-from saeravel.saes.loaders import SaeLensSource
+from saeravel.saes.sae_lens import SaeLensSource
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GRID = "experiment=paper_grid,paper_grid_baselines,paper_grid_apollo"
@@ -227,7 +227,7 @@ def test_unreachable_network_fails_fast_without_calling_the_libraries(
         monkeypatch.setattr(huggingface_hub, name, must_not_run)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", must_not_run)
     monkeypatch.setattr(ravel_data, "download_ravel", must_not_run)
-    monkeypatch.setattr("saeravel.saes.loaders.ApolloWandbSource.fetch", must_not_run)
+    monkeypatch.setattr("saeravel.saes.apollo.ApolloWandbSource.fetch", must_not_run)
 
     start = time.monotonic()
     code = prefetch.main(SMALL_GRID)
@@ -432,7 +432,7 @@ def test_sweep_expansion_is_the_basic_sweepers() -> None:
 def test_prefetch_asks_the_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What a job needs is its sources' answer (``offline_needs``), not a list of classes in
     prefetch: a source that answers differently changes the plan."""
-    from saeravel.saes.loaders import NoSource
+    from saeravel.saes.none import NoSource
 
     made = tmp_path / "thing"
 

@@ -19,17 +19,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from saeravel.errors import UserError
-from saeravel.saes.base import SAE, SAEIdentity, resid_layer_of_hook
-from saeravel.saes.loaders import (
-    ApolloWandbSource,
-    CustomSource,
-    LocalSource,
-    NoSource,
-    SaeLensSource,
-    from_sae_lens,
-    hook_of_sae_id,
-    resolve_sae_lens_id,
-)
+from saeravel.hooks import resid_layer
+from saeravel.saes.apollo import ApolloWandbSource
+from saeravel.saes.base import SAE, SAEIdentity
+from saeravel.saes.custom import CustomSource
+from saeravel.saes.formats import from_sae_lens
+from saeravel.saes.local import LocalSource
+from saeravel.saes.none import NoSource
+from saeravel.saes.sae_lens import SaeLensSource, hook_of_sae_id, resolve_sae_lens_id
 
 sae_lens = pytest.importorskip("sae_lens")
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
@@ -439,14 +436,14 @@ def test_catalogue_ids_read_the_residual_after_their_layer() -> None:
             assert cfg.release in directory, name
             for layer, sae_id in cfg.sae_ids.items():
                 assert sae_id in directory[cfg.release].saes_map, (name, sae_id)
-                assert resid_layer_of_hook(sae_id, 12) == layer, (name, layer, sae_id)
+                assert resid_layer(sae_id, 12) == layer, (name, layer, sae_id)
                 src = SaeLensSource(cfg.family, layer, cfg.release, sae_ids=cfg.sae_ids)
                 assert src.resolve() == (cfg.release, sae_id)
             checked.add(name)
         if cfg.get("run_ids"):
             assert set(cfg.run_ids) == set(cfg.hooks), name
             for layer, hook in cfg.hooks.items():
-                assert resid_layer_of_hook(hook, 12) == layer, (name, layer, hook)
+                assert resid_layer(hook, 12) == layer, (name, layer, hook)
             checked.add(name)
     assert {"jbloom", "openai_v5_32k", "openai_v5_128k", "apollo_e2e", "apollo_e2e_ds"} <= checked
     jb = sae_yamls()["jbloom"].sae_ids
@@ -828,7 +825,7 @@ def test_apollo_checks_layer_and_key_before_the_model(
 
 
 def test_sae_lens_identity_keeps_the_neuronpedia_id() -> None:
-    from saeravel.saes.loaders import directory_neuronpedia_id
+    from saeravel.saes.sae_lens import directory_neuronpedia_id
 
     assert directory_neuronpedia_id("gpt2-small-res-jb", "blocks.6.hook_resid_pre") == (
         "gpt2-small/6-res-jb"
@@ -922,7 +919,7 @@ def test_cli_good_file_of_the_wrong_width_says_so(tmp_path: Path) -> None:
 
 
 def test_known_width_is_checked_against_the_config(tmp_path: Path, bad_toy: Path) -> None:
-    from saeravel.saes.loaders import check_known_width
+    from saeravel.saes.source import check_known_width
 
     folder = saved_sae_lens(tmp_path / "saved")
     src = LocalSource("local", 3, str(folder))
