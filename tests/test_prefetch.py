@@ -77,7 +77,8 @@ def test_dry_run_of_the_paper_grid_lists_exactly_what_it_needs(
     assert paper_plan.sweeps == [[f"experiment={e}"] for e in PAPER_GRID[11:].split(",")]
     want = [("model", "gpt2")]
     want += [("sae_lens", f"{V5} blocks.{L}.hook_resid_post") for L in range(12)]
-    want += [("sae_lens", f"{JB} {i}") for i in _sae_yaml("jbloom")["sae_ids"].values()]
+    want += [("sae_lens", f"{JB} blocks.{b}.hook_resid_pre") for b in range(1, 12)]
+    want += [("sae_lens", f"{JB} blocks.11.hook_resid_post")]  # jbloom's ids, from sae_lens
     want += [("apollo", f"sparsify/gpt2/{r}") for r in _sae_yaml("apollo_e2e")["run_ids"].values()]
     want += [
         ("apollo", f"sparsify/gpt2/{r}") for r in _sae_yaml("apollo_e2e_ds")["run_ids"].values()
@@ -377,9 +378,7 @@ def test_model_and_sae_fetch_download_only_the_needed_files(
     assert calls["snapshot"] == ("gpt2", want)
     assert [p.name for p in paths] == want
 
-    (sae,) = SaeLensSource("jbloom", 1, JB, sae_ids={1: "blocks.1.hook_resid_pre"}).offline_needs(
-        ctx
-    )
+    (sae,) = SaeLensSource("jbloom", 0, JB).offline_needs(ctx)  # layer 0: blocks.1.hook_resid_pre
     # the release's repo, in sae_lens' own layout (fetched file by file)
     assert sae.source.split()[0].endswith("/jbloom/GPT2-Small-SAEs-Reformatted")
     assert sae.source.split()[1] == "blocks.1.hook_resid_pre/"

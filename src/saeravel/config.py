@@ -142,11 +142,11 @@ class SAEConfig:
 
 @dataclass
 class SaeLensSAEConfig(SAEConfig):
-    """A pretrained sae_lens SAE: a catalogue (``sae_ids`` by layer) or regexes."""
+    """A pretrained sae_lens SAE: regexes over sae_lens' directory (a catalogue family names
+    its release only: each layer's id comes from the directory)."""
 
     _target_: str = "saeravel.saes.sae_lens.SaeLensSource"
     release: str = MISSING
-    sae_ids: dict[int, str] = field(default_factory=dict)
     sae_id: str | None = None
 
 

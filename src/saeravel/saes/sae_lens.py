@@ -18,7 +18,7 @@ from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.formats import KWARGS_WARNING, from_sae_lens, sae_lens_model_kwargs
 from saeravel.saes.source import SAESource
-from saeravel.saes.util import MAX_LISTED, few, layer_map, missing_layer
+from saeravel.saes.util import MAX_LISTED, few, missing_layer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,32 @@ def hook_of_sae_id(sae_id: str, release_hook: str | None = None) -> str | None:
     """The residual hook an sae_lens id reads, when the id names it (``blocks.6.hook_resid_pre``
     or that plus a ``_suffix``), else the release-wide ``hook_name`` override, else None."""
     return resid_hook_prefix(sae_id) or release_hook
+
+
+def _id_hooks(lookup: Any) -> dict[str, str | None]:
+    """Each id of a release (a directory entry) -> the residual hook it reads, if known."""
+    overrides = lookup.config_overrides or {}
+    release_hook = overrides.get("hook_name") if isinstance(overrides, Mapping) else None
+    return {i: hook_of_sae_id(i, release_hook) for i in lookup.saes_map}
+
+
+def _directory(directory: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``directory``, or sae_lens' pretrained directory (a YAML file shipped with sae_lens)."""
+    if directory is not None:
+        return directory
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return get_pretrained_saes_directory()
+
+
+def release_layers(release: str, directory: Mapping[str, Any] | None = None) -> list[int]:
+    """The layers (>= 0) at which the sae_lens release named exactly ``release`` has an SAE
+    whose id names its residual hook; [] when ``release`` names no release (a regex)."""
+    lookup = _directory(directory).get(release)
+    if lookup is None:
+        return []
+    found = {resid_layer(h, _ANY_DEPTH) for h in _id_hooks(lookup).values() if h is not None}
+    return sorted(L for L in found if L is not None and L >= 0)
 
 
 def resolve_sae_lens_id(
@@ -46,10 +72,7 @@ def resolve_sae_lens_id(
     cannot be selected this way). ``directory`` defaults to sae_lens' own (a YAML file shipped
     with the package: no network). Zero or several matches raise a :class:`UserError`.
     """
-    if directory is None:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-        directory = get_pretrained_saes_directory()
+    directory = _directory(directory)
     try:
         release_re = re.compile(release)
         id_re = re.compile(sae_id) if sae_id is not None else None
@@ -71,9 +94,7 @@ def resolve_sae_lens_id(
         if id_re is not None:
             pairs += [(rel, i) for i in ids if id_re.fullmatch(i)]
             continue
-        overrides = lookup.config_overrides or {}
-        release_hook = overrides.get("hook_name") if isinstance(overrides, Mapping) else None
-        hooks = {i: hook_of_sae_id(i, release_hook) for i in ids}
+        hooks = _id_hooks(lookup)
         if all(h is None for h in hooks.values()):
             unnamed.append(rel)
         pairs += [
@@ -157,12 +178,13 @@ def directory_neuronpedia_id(release: str, sae_id: str) -> str | None:
 
 
 class SaeLensSource(SAESource):
-    """A pretrained sae_lens SAE, from a layer->id catalogue or regexes over sae_lens' directory.
+    """A pretrained sae_lens SAE chosen in sae_lens' pretrained directory.
 
-    With ``sae_ids`` (a catalogue family such as ``jbloom``) the id is ``sae_ids[layer]``;
-    without (``sae=sae_lens``), ``release`` and ``sae_id`` are regexes resolved by
-    :func:`resolve_sae_lens_id`. The SAE is loaded once (by :meth:`required_model_kwargs`,
-    which needs its metadata) and cached on the object.
+    ``release`` and ``sae_id`` are regexes resolved by :func:`resolve_sae_lens_id`; with
+    ``sae_id=None`` the id is the one whose hook is the residual after block ``layer``. A
+    catalogue family (``jbloom``, ``openai_v5_*``) names its release and nothing else: a layer
+    the release lacks is then a one-line error listing its layers. The SAE is loaded once (by
+    :meth:`required_model_kwargs`, which needs its metadata) and cached on the object.
     """
 
     def __init__(
@@ -170,13 +192,11 @@ class SaeLensSource(SAESource):
         family: str,
         layer: int,
         release: str,
-        sae_ids: Mapping[int, str] | None = None,
         sae_id: str | None = None,
     ) -> None:
         self.family = family
         self.layer = int(layer)
         self.release = release
-        self.sae_ids = layer_map(sae_ids)
         self.sae_id = sae_id
         self._resolved: tuple[str, str] | None = None
         self._sae: Any = None
@@ -185,16 +205,11 @@ class SaeLensSource(SAESource):
     def resolve(self) -> tuple[str, str]:
         """(release, sae_id) for this layer, without loading anything."""
         if self._resolved is None:
-            if self.sae_ids:
-                if self.layer not in self.sae_ids:
-                    raise missing_layer(self.family, self.layer, self.sae_ids)
-                if self.sae_id is not None:
-                    log.warning(
-                        "sae.sae_id=%s ignored: %s picks ids by layer", self.sae_id, self.family
-                    )
-                self._resolved = (self.release, self.sae_ids[self.layer])
-            else:
-                self._resolved = resolve_sae_lens_id(self.release, self.sae_id, self.layer)
+            if self.sae_id is None:
+                layers = release_layers(self.release)
+                if layers and self.layer not in layers:
+                    raise missing_layer(self.family, self.layer, layers)
+            self._resolved = resolve_sae_lens_id(self.release, self.sae_id, self.layer)
         return self._resolved
 
     def _sae_lens(self) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from saeravel.errors import UserError
@@ -30,7 +30,8 @@ def layer_map(mapping: Mapping[Any, Any] | None) -> dict[int, str]:
     return {int(k): str(v) for k, v in (plain(mapping) or {}).items()}
 
 
-def missing_layer(family: str, layer: int, available: Mapping[int, Any]) -> UserError:
+def missing_layer(family: str, layer: int, available: Iterable[int]) -> UserError:
+    """The one-line error for a layer a family has no SAE for (``available``: its layers)."""
     layers = ", ".join(str(L) for L in sorted(available))
     return UserError(f"family {family} has no SAE for layer {layer}; layers: {layers}")
 
