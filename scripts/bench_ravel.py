@@ -94,11 +94,12 @@ class Data:
 def trainer(mode: str, layer: int, tl: Any, hf: Any, data: Data) -> Callable[[], float]:
     """A closure running one training step of ``mode`` (setup done here, outside timing)."""
     from saeravel.evals.ravel.intervene import NeuronMask, SuffixRunner, naive_logits
+    from saeravel.hooks import resid_post
 
     d = tl.cfg.d_model
     rows = torch.arange(len(data.bases))
     ent = torch.full_like(rows, data.pos)
-    hook = f"blocks.{layer}.hook_resid_post"
+    hook = resid_post(layer)
     ce = torch.nn.functional.cross_entropy
     method = NeuronMask(d)
     params = list(method.parameters())

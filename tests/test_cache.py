@@ -212,7 +212,7 @@ TINY_SAE = dict(
 
 @pytest.fixture(scope="module")
 def built_sae(tmp_path_factory, tiny_model):
-    from saeravel.saes.train import TrainedSource
+    from saeravel.saes.trained import TrainedSource
 
     cache = tmp_path_factory.mktemp("sae-cache")
     source = TrainedSource(**TINY_SAE, cache_dir=str(cache))
@@ -254,7 +254,7 @@ def _damage_sae(folder: Path, damage: str) -> None:
     ],
 )  # fmt: skip
 def test_corrupt_trained_sae_is_rebuilt(built_sae, tiny_model, tmp_path, caplog, damage):
-    from saeravel.saes.train import TrainedSource
+    from saeravel.saes.trained import TrainedSource
 
     template, rel, w_enc = built_sae
     cache = tmp_path / "cache"

@@ -12,7 +12,7 @@ from saeravel.errors import UserError
 from saeravel.models import merge_processing
 from saeravel.pipeline import check_sae_fits
 from saeravel.results import atomic_write_json
-from saeravel.saes.base import SAE, SAEIdentity, resid_layer_of_hook
+from saeravel.saes.base import SAE, SAEIdentity
 
 
 def _sae(d_in: int, hook: str) -> SAE:
@@ -40,13 +40,6 @@ def test_sae_fits_the_residual_after_the_layer():
 def test_sae_that_does_not_fit_is_an_error(d_in, hook, match):
     with pytest.raises(UserError, match=match):
         check_sae_fits(_sae(d_in, hook), _model(), 2)
-
-
-def test_resid_layer_of_hook():
-    assert resid_layer_of_hook("blocks.0.hook_resid_pre", 12) == -1
-    assert resid_layer_of_hook("blocks.11.hook_resid_post", 12) == 11
-    assert resid_layer_of_hook("blocks.12.hook_resid_pre", 12) is None
-    assert resid_layer_of_hook("blocks.3.attn.hook_z", 12) is None
 
 
 def test_processing_merge():

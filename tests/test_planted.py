@@ -27,9 +27,8 @@ from saeravel.planted import (
     ATTRIBUTES,
     PlantedModel,
     PlantedTruth,
-    planted_sae,
-    random_dictionary,
 )
+from saeravel.saes.planted import planted_sae, random_dictionary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -345,7 +344,7 @@ def test_best_neuron_mask_by_search(worlds):
 
 
 def test_trained_sae_on_the_planted_model_is_graded(tmp_path):
-    from saeravel.saes.train import TrainedSource
+    from saeravel.saes.trained import TrainedSource
 
     lm = planted("rotated")
     src = TrainedSource("trained", 0, k=4, expansion=2, steps=150, n_sequences=150,
@@ -392,7 +391,7 @@ def test_too_small_world_is_one_line_user_error():
 
 
 def test_planted_sae_needs_the_planted_model(tiny_model):
-    from saeravel.planted import PlantedSAESource
+    from saeravel.saes.planted import PlantedSAESource
 
     with pytest.raises(UserError, match="planted-city-lm"):
         PlantedSAESource("planted", 0).load(tiny_model)

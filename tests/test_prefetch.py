@@ -21,7 +21,7 @@ import yaml
 from saeravel import prefetch
 from saeravel.evals.ravel import data as ravel_data
 from saeravel.models import TransformerLensModel
-from saeravel.saes.loaders import SaeLensSource
+from saeravel.saes.sae_lens import SaeLensSource
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GRID = "experiment=paper_grid,paper_grid_baselines,paper_grid_apollo"
@@ -77,7 +77,8 @@ def test_dry_run_of_the_paper_grid_lists_exactly_what_it_needs(
     assert paper_plan.sweeps == [[f"experiment={e}"] for e in PAPER_GRID[11:].split(",")]
     want = [("model", "gpt2")]
     want += [("sae_lens", f"{V5} blocks.{L}.hook_resid_post") for L in range(12)]
-    want += [("sae_lens", f"{JB} {i}") for i in _sae_yaml("jbloom")["sae_ids"].values()]
+    want += [("sae_lens", f"{JB} blocks.{b}.hook_resid_pre") for b in range(1, 12)]
+    want += [("sae_lens", f"{JB} blocks.11.hook_resid_post")]  # jbloom's ids, from sae_lens
     want += [("apollo", f"sparsify/gpt2/{r}") for r in _sae_yaml("apollo_e2e")["run_ids"].values()]
     want += [
         ("apollo", f"sparsify/gpt2/{r}") for r in _sae_yaml("apollo_e2e_ds")["run_ids"].values()
@@ -227,7 +228,7 @@ def test_unreachable_network_fails_fast_without_calling_the_libraries(
         monkeypatch.setattr(huggingface_hub, name, must_not_run)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", must_not_run)
     monkeypatch.setattr(ravel_data, "download_ravel", must_not_run)
-    monkeypatch.setattr("saeravel.saes.loaders.ApolloWandbSource.fetch", must_not_run)
+    monkeypatch.setattr("saeravel.saes.apollo.ApolloWandbSource.fetch", must_not_run)
 
     start = time.monotonic()
     code = prefetch.main(SMALL_GRID)
@@ -377,9 +378,7 @@ def test_model_and_sae_fetch_download_only_the_needed_files(
     assert calls["snapshot"] == ("gpt2", want)
     assert [p.name for p in paths] == want
 
-    (sae,) = SaeLensSource("jbloom", 1, JB, sae_ids={1: "blocks.1.hook_resid_pre"}).offline_needs(
-        ctx
-    )
+    (sae,) = SaeLensSource("jbloom", 0, JB).offline_needs(ctx)  # layer 0: blocks.1.hook_resid_pre
     # the release's repo, in sae_lens' own layout (fetched file by file)
     assert sae.source.split()[0].endswith("/jbloom/GPT2-Small-SAEs-Reformatted")
     assert sae.source.split()[1] == "blocks.1.hook_resid_pre/"
@@ -432,7 +431,7 @@ def test_sweep_expansion_is_the_basic_sweepers() -> None:
 def test_prefetch_asks_the_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What a job needs is its sources' answer (``offline_needs``), not a list of classes in
     prefetch: a source that answers differently changes the plan."""
-    from saeravel.saes.loaders import NoSource
+    from saeravel.saes.none import NoSource
 
     made = tmp_path / "thing"
 

@@ -1,13 +1,12 @@
-"""Activation collection below the evals: hook names, the blocks a hook needs, counted
-(non-special) tokens, SAE latents at a hook, and pooled text features.
+"""Activation collection below the evals: an SAE's hook, counted (non-special) tokens, SAE
+latents at a hook, and pooled text features.
 
-Used by every eval, by the RAVEL interventions and by the SAE interface; it imports no eval
-and no SAE module (an SAE is anything with ``encode``/``normalize``/``parameters``).
+Used by every eval and by the RAVEL interventions; it imports no eval. Hook names are built
+and parsed in :mod:`saeravel.hooks`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,26 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from saeravel.errors import UserError
+from saeravel.hooks import stop_layer
 
 if TYPE_CHECKING:
     from saeravel.saes.base import SAE
 
 SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id")
-_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
 
 
-# ----------------------------------------------------------------------------- hook names
-
-
-def resid_post_hook(layer: int) -> str:
-    """Canonical hook name of the residual stream after block ``layer``."""
-    return f"blocks.{layer}.hook_resid_post"
-
-
-def stop_layer(hook_name: str) -> int | None:
-    """Blocks needed to compute ``hook_name`` (None: run the whole model)."""
-    m = _BLOCK_RE.match(hook_name)
-    return int(m.group(1)) + 1 if m else None
+# ----------------------------------------------------------------------------- hooks
 
 
 def sae_hook(sae: Any, default: str) -> str:

@@ -142,11 +142,11 @@ class SAEConfig:
 
 @dataclass
 class SaeLensSAEConfig(SAEConfig):
-    """A pretrained sae_lens SAE: a catalogue (``sae_ids`` by layer) or regexes."""
+    """A pretrained sae_lens SAE: regexes over sae_lens' directory (a catalogue family names
+    its release only: each layer's id comes from the directory)."""
 
-    _target_: str = "saeravel.saes.loaders.SaeLensSource"
+    _target_: str = "saeravel.saes.sae_lens.SaeLensSource"
     release: str = MISSING
-    sae_ids: dict[int, str] = field(default_factory=dict)
     sae_id: str | None = None
 
 
@@ -154,7 +154,7 @@ class SaeLensSAEConfig(SAEConfig):
 class ApolloSAEConfig(SAEConfig):
     """Apollo Research e2e SAEs, read from their public wandb runs."""
 
-    _target_: str = "saeravel.saes.loaders.ApolloWandbSource"
+    _target_: str = "saeravel.saes.apollo.ApolloWandbSource"
     project: str = "sparsify/gpt2"
     run_ids: dict[int, str] = field(default_factory=dict)
     hooks: dict[int, str] = field(default_factory=dict)
@@ -165,7 +165,7 @@ class ApolloSAEConfig(SAEConfig):
 class LocalSAEConfig(SAEConfig):
     """An SAE on disk: a saved sae_lens directory or an OpenAI ``sparse_autoencoder`` state dict."""
 
-    _target_: str = "saeravel.saes.loaders.LocalSource"
+    _target_: str = "saeravel.saes.local.LocalSource"
     path: str = MISSING
     format: str = "auto"
     hook_name: str | None = None
@@ -177,7 +177,7 @@ class CustomSAEConfig(SAEConfig):
     (``sae.object._target_=mypkg.saes.MySAE``, its keyword arguments beside it), built by the
     source after its checks (``_recursive_`` false: Hydra does not build it first)."""
 
-    _target_: str = "saeravel.saes.loaders.CustomSource"
+    _target_: str = "saeravel.saes.custom.CustomSource"
     _recursive_: bool = False
     object: dict[str, Any] = field(default_factory=lambda: {"_target_": MISSING})
     hook_name: str = MISSING
@@ -188,7 +188,7 @@ class CustomSAEConfig(SAEConfig):
 class TrainedSAEConfig(SAEConfig):
     """An SAE the pipeline trains on the chosen model and layer, cached on disk."""
 
-    _target_: str = "saeravel.saes.train.TrainedSource"
+    _target_: str = "saeravel.saes.trained.TrainedSource"
     architecture: str = "topk"
     k: int = 16
     expansion: int = 8
@@ -214,9 +214,9 @@ class PlantedDictionary(str, Enum):
 
 @dataclass
 class PlantedSAEConfig(SAEConfig):
-    """The planted world's exact SAE (saeravel.planted), or its random-dictionary control."""
+    """The planted world's exact SAE (saeravel.saes.planted), or its random-dictionary control."""
 
-    _target_: str = "saeravel.planted.PlantedSAESource"
+    _target_: str = "saeravel.saes.planted.PlantedSAESource"
     family: str = "planted"
     dictionary: PlantedDictionary = PlantedDictionary.planted
     seed: int = 0
@@ -226,7 +226,7 @@ class PlantedSAEConfig(SAEConfig):
 class NoSAEConfig(SAEConfig):
     """No SAE: for evals or methods that do not use one (DAS, neuron masks)."""
 
-    _target_: str = "saeravel.saes.loaders.NoSource"
+    _target_: str = "saeravel.saes.none.NoSource"
     family: str = "none"
 
 

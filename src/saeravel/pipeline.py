@@ -38,6 +38,7 @@ from saeravel.errors import (
     instantiate,  # re-raises a constructor's UserError as is
 )
 from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, get_eval
+from saeravel.hooks import resid_layer, resid_post, resid_pre
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
@@ -51,8 +52,8 @@ from saeravel.results import (
     saebench_filename,
     saebench_record,
 )
-from saeravel.saes.base import SAE, resid_layer_of_hook, resid_post_hook
-from saeravel.saes.loaders import build_sae_source, check_known_width
+from saeravel.saes.base import SAE
+from saeravel.saes.source import build_sae_source, check_known_width
 
 log = logging.getLogger("saeravel")
 
@@ -81,12 +82,12 @@ def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
             f"SAE {sae.identity.family} has d_in={sae.d_in} but model {model.name} has "
             f"d_model={model.d_model}; pick an SAE trained on {model.name}"
         )
-    got = resid_layer_of_hook(sae.hook_name, model.n_layers)
+    got = resid_layer(sae.hook_name, model.n_layers)
     if got != layer:
         raise UserError(
             f"SAE {sae.identity.family} reads {sae.hook_name}, which is not the residual after "
-            f"block {layer} (layer={layer} means {resid_post_hook(layer)} or "
-            f"blocks.{layer + 1}.hook_resid_pre)"
+            f"block {layer} (layer={layer} means {resid_post(layer)} or "
+            f"{resid_pre(layer + 1)})"
         )
 
 
@@ -263,7 +264,7 @@ def _compute(
         model=model,
         sae=sae,
         layer=cfg.layer,
-        hook_name=resid_post_hook(cfg.layer),
+        hook_name=resid_post(cfg.layer),
         device=device,
         seed=cfg.seed,
         cache_dir=Path(cfg.paths.cache_dir),

@@ -30,9 +30,8 @@ Continent, Language, identity), then the marker, the BOS dim, one query dim per 
 and unused dims up to ``d_model``.
 
 The truth (:class:`PlantedTruth`, ``LoadedModel.truth``) gives each block's projector at the
-site and grades any SAE's decoder by atom recovery. :class:`PlantedSAESource` builds the
-exact SAE (one atom per value, +- atoms per identity coordinate, ReLU encoder = decoder
-transposed, the marker as ``b_dec``) or a random orthonormal dictionary of the same subspace.
+site and grades any SAE's decoder by atom recovery. ``sae=planted``
+(:mod:`saeravel.saes.planted`) builds the exact SAE from the truth.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ import torch
 
 from saeravel.errors import UserError
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.saes.base import SAE, SAEIdentity, resid_post_hook
 from saeravel.world import CityWorld
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,6 @@ FORMAT_VERSION = 1
 ATTRIBUTES = ("Country", "Continent", "Language")
 IDENTITY = "identity"
 BASES = ("aligned", "rotated", "mixed")
-DICTIONARIES = ("planted", "random")
 QUERY_WORD = {"Country": "country", "Continent": "continent", "Language": "language"}
 PREFIX_WORD = "Port"  # the shared first token of the two-token names
 MIN_SPLIT_ENTITIES = 4  # train and test each need this many entities
@@ -530,71 +527,3 @@ class PlantedModel:
                            truth=truth)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- SAEs
-
-
-def exact_sae(atoms: torch.Tensor, b_dec: torch.Tensor, layer: int, identity: SAEIdentity) -> SAE:
-    """ReLU SAE with orthonormal (or +- orthonormal) atoms: encoder = decoder transposed."""
-    return SAE(
-        atoms.T.clone(), torch.zeros(len(atoms)), atoms.clone(), b_dec.clone(),
-        activation="relu", apply_b_dec_to_input=True, hook_name=resid_post_hook(layer),
-        identity=identity, cfg_dict={"planted": identity.extra},
-    )  # fmt: skip
-
-
-def planted_sae(truth: PlantedTruth, layer: int) -> SAE:
-    """Atoms Q U_a e_v per value and +- per identity coordinate; exact on every h(e)."""
-    atoms, _ = truth.atoms()
-    ident = SAEIdentity(family="planted", extra={"dictionary": "planted", "n_atoms": len(atoms)})
-    return exact_sae(atoms, truth.marker, layer, ident)
-
-
-def random_dictionary(truth: PlantedTruth, layer: int, seed: int = 0) -> SAE:
-    """+- a random orthonormal basis of the planted subspace (exact, chance-level control)."""
-    S = torch.cat([truth.block_basis(b) for b in truth.blocks], dim=1).double()
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(S.shape[1], S.shape[1], generator=gen, dtype=torch.float64))
-    basis = (S @ q).T.float()
-    atoms = torch.cat([basis, -basis])
-    ident = SAEIdentity(family="planted", extra={"dictionary": "random", "seed": seed,
-                                                 "n_atoms": len(atoms)})  # fmt: skip
-    return exact_sae(atoms, truth.marker, layer, ident)
-
-
-class PlantedSAESource:
-    """SAE source for ``sae=planted`` (only on ``model=planted-city-lm``)."""
-
-    def __init__(self, family: str, layer: int, dictionary: Any = "planted", seed: int = 0) -> None:
-        self.family = family
-        self.layer = layer
-        self.dictionary = _value(dictionary)
-        self.seed = seed
-
-    def required_model_kwargs(self) -> dict[str, Any]:
-        return {}
-
-    def offline_needs(self, ctx: Any) -> list[Any]:
-        """Nothing: it is built from the planted world at run time."""
-        from saeravel.offline import Skip
-
-        why = "built from the planted world at run time, nothing to fetch"
-        return [Skip(f"sae={self.family}", why)]
-
-    def load(self, model: LoadedModel) -> SAE:
-        if self.dictionary not in DICTIONARIES:
-            raise UserError(
-                f"unknown sae.dictionary {self.dictionary!r}; valid: {', '.join(DICTIONARIES)}"
-            )
-        truth = getattr(model, "truth", None)
-        if not isinstance(truth, PlantedTruth):
-            raise UserError(f"sae=planted needs model=planted-city-lm (got model {model.name})")
-        if not 0 <= self.layer <= model.n_layers - 2:
-            raise UserError(
-                f"sae=planted: layer={self.layer} is not a site of {model.name} (0..{model.n_layers - 2})"
-            )
-        if self.dictionary == "random":
-            sae = random_dictionary(truth, self.layer, self.seed)
-        else:
-            sae = planted_sae(truth, self.layer)
-        sae.identity.family = self.family
-        return sae

@@ -269,7 +269,7 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
     from saeravel.errors import instantiate
     from saeravel.evals.api import get_eval
     from saeravel.evals.ravel import data as ravel_data
-    from saeravel.saes.loaders import build_sae_source
+    from saeravel.saes.source import build_sae_source
 
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
     model = instantiate(cfg.model, device="cpu")  # where it would run does not matter here

@@ -62,6 +62,7 @@ from saeravel.cache import (
     verify_files,
 )
 from saeravel.errors import UserError, choose
+from saeravel.hooks import attn_scores, resid_post
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.world import CityWorld, build_city_world
 
@@ -120,7 +121,7 @@ def add_local_attention(model: Any, local_layers: int) -> None:
         return scores.masked_fill(qi != ki, float("-inf"))
 
     for layer in range(local_layers):
-        model.add_hook(f"blocks.{layer}.attn.hook_attn_scores", diagonal_only, is_permanent=True)
+        model.add_hook(attn_scores(layer), diagonal_only, is_permanent=True)
 
 
 def drop_readout_mlps(model: Any, local_layers: int) -> None:
@@ -232,7 +233,7 @@ def full_swap_cause(
         if world.entities[b][attribute] != world.entities[s][attribute]:
             pairs.append((b, s, rng.choice(world.templates[attribute])))
     device = next(model.parameters()).device
-    hook = f"blocks.{layer}.hook_resid_post"
+    hook = resid_post(layer)
     moved = 0
     for i in range(0, n_pairs, 100):
         chunk = pairs[i : i + 100]

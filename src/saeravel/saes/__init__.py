@@ -1,5 +1,7 @@
-"""SAE families: one interface (:class:`~saeravel.saes.base.SAE`), loaders per family."""
+"""SAE families: one interface (:class:`~saeravel.saes.base.SAE`), one module per source
+behind the :class:`~saeravel.saes.source.SAESource` contract."""
 
-from saeravel.saes.base import SAE, CustomSAE, SAEIdentity, resid_layer_of_hook, resid_post_hook
+from saeravel.saes.base import SAE, CustomSAE, SAEIdentity
+from saeravel.saes.source import SAESource
 
-__all__ = ["SAE", "CustomSAE", "SAEIdentity", "resid_layer_of_hook", "resid_post_hook"]
+__all__ = ["SAE", "CustomSAE", "SAEIdentity", "SAESource"]

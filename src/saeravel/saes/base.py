@@ -10,29 +10,13 @@ source's statistics for the base; here they are passed explicitly (:meth:`SAE.no
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from saeravel.activations import resid_post_hook as resid_post_hook  # re-exported
-
 LN_EPS = 1e-5
-_HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_resid_(pre|post)")
-
-
-def resid_layer_of_hook(hook_name: str, n_layers: int) -> int | None:
-    """Layer L such that ``hook_name`` reads the residual stream after block L (None if not a
-    residual hook; -1 for ``blocks.0.hook_resid_pre``, the embeddings)."""
-    m = _HOOK_RE.fullmatch(hook_name)
-    if m is None:
-        return None
-    block, kind = int(m.group(1)), m.group(2)
-    if block >= n_layers:
-        return None
-    return block if kind == "post" else block - 1
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 
 from saeravel.evals.ravel.intervene import _pad_id, hook_name, logits_at, naive_logits
 from saeravel.evals.ravel.prompts import Prompt, pad
+from saeravel.hooks import act_name, kv_names
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -79,7 +80,7 @@ class CachedDecoder:
         self.clean: dict[int, tuple[Prompt, list[KV], torch.Tensor]] = {}
 
     def _kv_names(self, blocks: range) -> list[str]:
-        return [f"blocks.{i}.attn.hook_{kv}" for i in blocks for kv in ("k", "v")]
+        return kv_names(blocks)
 
     @torch.no_grad()
     def prepare(self, prompts: list[Prompt]) -> None:
@@ -93,7 +94,7 @@ class CachedDecoder:
             toks = torch.tensor([prefix], device=model.cfg.device)
             _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
             self.prefix_kv[prefix] = [
-                (cache[f"blocks.{i}.attn.hook_k"], cache[f"blocks.{i}.attn.hook_v"])
+                (cache[act_name("k", i)], cache[act_name("v", i)])
                 for i in range(model.cfg.n_layers)
             ]
         todo = list(
@@ -109,8 +110,8 @@ class CachedDecoder:
             for j, p in enumerate(chunk):
                 sl = slice(p.entity_start, len(p.tokens))
                 kv = [
-                    (cache[f"blocks.{b}.attn.hook_k"][j, sl].clone(),
-                     cache[f"blocks.{b}.attn.hook_v"][j, sl].clone())
+                    (cache[act_name("k", b)][j, sl].clone(),
+                     cache[act_name("v", b)][j, sl].clone())
                     for b in range(L + 1)
                 ]  # fmt: skip
                 self.clean[id(p)] = (p, kv, cache[hook_name(L)][j, sl].clone())

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saeravel.activations import resid_post_hook as hook_name
 from saeravel.evals.ravel.prompts import Prompt, pad
+from saeravel.hooks import act_name, kv_names
+from saeravel.hooks import resid_post as hook_name
 
 # ----------------------------------------------------------------------------- rotations
 
@@ -348,7 +349,7 @@ class SuffixRunner:
         """Cache prefix keys/values per template and suffix residuals per prompt."""
         model, L = self.model, self.layer
         later = range(L + 1, model.cfg.n_layers)
-        names = [f"blocks.{i}.attn.hook_{kv}" for i in later for kv in ("k", "v")]
+        names = kv_names(later)
         for prefix in {p.prefix for p in prompts} - set(self.prefix_kv):
             if not prefix or not names:
                 self.prefix_kv[prefix] = []
@@ -356,7 +357,7 @@ class SuffixRunner:
             toks = torch.tensor([prefix], device=model.cfg.device)
             _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
             self.prefix_kv[prefix] = [
-                (cache[f"blocks.{i}.attn.hook_k"], cache[f"blocks.{i}.attn.hook_v"]) for i in later
+                (cache[act_name("k", i)], cache[act_name("v", i)]) for i in later
             ]
         todo = list({id(p): p for p in prompts if not self.prepared(p)}.values())
         for p, r in zip(todo, resid_at(model, todo, L, self.batch_size), strict=True):
