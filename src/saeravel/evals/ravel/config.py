@@ -151,6 +151,8 @@ class SAEProbeConfig:
     """SAE latents ranked by a value probe; the top ``counts[i]`` swapped, best on validation."""
 
     counts: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64])
+    # bisect the grid's gaps beside the best count until they close (any count up to the cap)
+    refine_counts: bool = True
     steps: int = 300
     lr: float = 0.05
     l1: float = 0.01

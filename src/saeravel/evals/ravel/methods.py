@@ -260,7 +260,9 @@ def probe_selection(job: RavelJob, attr: str) -> dict[str, Any]:
     (:func:`~saeravel.evals.ravel.featurizers.rank_latents_by_probe`), then for each count in
     ``eval.sae_probe.counts`` (capped at the ranked latents) the top latents swapped on the
     validation pairs (the training pairs when there are none), first-token rule; the best
-    disentangle wins (ties: fewer latents). The test split's first-token curve is reported
+    disentangle wins (ties: fewer latents). With ``eval.sae_probe.refine_counts`` the gaps of
+    the grid beside the best count are bisected until they close, so any count up to the
+    largest one (e.g. 40 between 32 and 48) can win. The test split's first-token curve is reported
     beside, never used."""
     cfg, ctx, pairs = job.cfg, job.ctx, job.pairs[attr]
     sae = ctx.sae
@@ -270,14 +272,33 @@ def probe_selection(job: RavelJob, attr: str) -> dict[str, Any]:
     ranked, info = rank_latents_by_probe(lat, labels, p.steps, p.lr, p.l1, ctx.seed)
     counts = sorted({min(c, len(ranked)) for c in p.counts})
     split = "val" if pairs.get("val") else "train"
-    rows = []
-    for n in counts:
+    rows: list[dict[str, Any]] = []
+
+    def try_count(n: int) -> None:
         m = LatentSwap(sae, ranked[:n], cfg.add_error)
         ce, ok = first_token_eval(job, m, pairs[split])
         _, ok_test = first_token_eval(job, m, pairs["test"])
         rows.append({"count": n, "ce_first_token": ce, **_rates(ok, pairs[split]),
                      "test": _rates(ok_test, pairs["test"])})  # fmt: skip
-    best = max(rows, key=lambda r: (r["disentangle"], -r["count"]))
+
+    def best_row() -> dict[str, Any]:
+        return max(rows, key=lambda r: (r["disentangle"], -r["count"]))
+
+    for n in counts:
+        try_count(n)
+    while p.refine_counts:  # bisect the gaps beside the best count: any count up to the cap
+        tried = sorted(r["count"] for r in rows)
+        c = best_row()["count"]
+        i = tried.index(c)
+        gaps = [(tried[i - 1], c)] if i > 0 else []
+        gaps += [(c, tried[i + 1])] if i + 1 < len(tried) else []
+        mids = [(a + b) // 2 for a, b in gaps if b - a > 1]
+        if not mids:
+            break
+        for n in mids:
+            try_count(n)
+    rows.sort(key=lambda r: r["count"])
+    best = best_row()
     log.info("sae_probe/%s: best count %d of %s on %s (disentangle %.3f)", attr, best["count"],
              counts, split, best["disentangle"])  # fmt: skip
     return {"latents": ranked[: best["count"]], "best_count": best["count"], "split": split,
