@@ -88,6 +88,13 @@ class OrthogonalMap(StrEnum):
     matrix_exp = "matrix_exp"
 
 
+class DASObjective(StrEnum):
+    """What DAS trains on: cause and isolation pairs (RAVEL's MDAS objective) or cause only."""
+
+    cause_isolation = "cause_isolation"
+    cause = "cause"
+
+
 class PCAMode(StrEnum):
     mask = "mask"
     fixed = "fixed"
@@ -119,6 +126,9 @@ class DASConfig:
     # The rotation of das, boundless_das and mdas. cayley: the same rotations as matrix_exp
     # (torch's default, so pyvene's) at a fraction of the cost per step (bench_rotation.py).
     orthogonal_map: OrthogonalMap = OrthogonalMap.cayley
+    # cause_isolation: trained on cause AND isolation pairs (RAVEL's MDAS objective, which
+    # measures DAS best on disentangle); cause: RAVEL's cause-only DAS baseline.
+    objective: DASObjective = DASObjective.cause_isolation
 
 
 @dataclass
@@ -129,6 +139,8 @@ class PCAConfig:
     mode: PCAMode = PCAMode.mask
     k: int = 16
     components: int | None = None
+    # z-score each dim before PCA (RAVEL's PCA baseline); false: centred only
+    standardize: bool = True
 
 
 @dataclass
@@ -137,6 +149,9 @@ class BoundlessConfig:
 
     init: float = 0.5
     boundary_lr_scale: float = 10.0
+    # weight of the boundary (a fraction of d_model) in every step's loss: pyvene's recipe (1.0);
+    # 0 drops it (the boundary then only grows where that helps the loss)
+    penalty: float = 1.0
 
 
 @dataclass

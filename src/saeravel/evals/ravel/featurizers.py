@@ -39,12 +39,17 @@ from saeravel.evals.ravel.intervene import (
 # ----------------------------------------------------------------------------- PCA
 
 
-def principal_components(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def principal_components(
+    x: torch.Tensor, standardize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Principal directions of the rows of ``x`` [n, d]: (components [d, d] as rows, most
-    variance first; explained variance [d]). Mean-centred; signs fixed so each component's
-    largest-magnitude entry is positive (deterministic)."""
+    variance first; explained variance [d]). Mean-centred, and with ``standardize`` each dim
+    divided by its std first (RAVEL's z-scores; :func:`feature_scale` is that std); signs
+    fixed so each component's largest-magnitude entry is positive (deterministic)."""
     x = x.double()
     xc = x - x.mean(0, keepdim=True)
+    if standardize:
+        xc = xc / feature_scale(x).double()
     cov = xc.T @ xc / max(1, x.shape[0] - 1)
     var, vec = torch.linalg.eigh(cov)  # ascending
     order = torch.argsort(var, descending=True)
@@ -52,6 +57,12 @@ def principal_components(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
     comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
     return comps.float(), var.clamp_min(0).float()
+
+
+def feature_scale(x: torch.Tensor) -> torch.Tensor:
+    """The per-dim std of the rows of ``x`` (1 where a dim is constant), as float."""
+    sd = x.double().std(0)
+    return torch.where(sd > 1e-8, sd, torch.ones_like(sd)).float()
 
 
 class PCASwap(Intervention):
@@ -62,17 +73,21 @@ class PCASwap(Intervention):
 
     def __init__(
         self, components: torch.Tensor, mode: str = "mask", k: int = 16, init: float = 0.0,
-        straight_through: bool = False,
+        straight_through: bool = False, scale: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         n = components.shape[0]
         self.register_buffer("components", components.float().clone())
+        d = components.shape[1]
+        self.register_buffer("scale", (scale if scale is not None else torch.ones(d)).float())
         mask_or_first_k(self, n, mode, k, init, straight_through, "pca")
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        C = self.components.to(b.dtype)
+        # Components of standardised activations (``scale`` = the per-dim std, RAVEL's z-scores;
+        # ones when only centred): swap in z-space, map back (the mean cancels in s - b).
+        C, sd = self.components.to(b.dtype), self.scale.to(b.dtype)
         m = self.mask() if self.mask is not None else self.fixed
-        return b + (((s - b) @ C.T) * m) @ C
+        return b + ((((s - b) / sd) @ C.T) * m) @ C * sd
 
     def penalty(self) -> torch.Tensor:
         return self.mask().mean() if self.mask is not None else torch.zeros(())
@@ -122,12 +137,13 @@ class BoundlessDAS(Intervention):
 
     def __init__(
         self, d_model: int, init: float = 0.5, boundary_lr_scale: float = 10.0,
-        orthogonal_map: str = "cayley",
+        orthogonal_map: str = "cayley", penalty: float = 1.0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.rot = orthogonal_linear(d_model, orthogonal_map)
         self.mask = BoundaryMask(d_model, init)
         self.boundary_lr_scale = boundary_lr_scale
+        self.penalty_weight = penalty  # pyvene's recipe: the boundary (a fraction) added, weight 1
 
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         R = rotation(self.rot)

@@ -135,6 +135,9 @@ def mask_or_first_k(
 class Intervention(nn.Module):
     """Base class: ``forward(base, source) -> patched`` on [batch, d_model] vectors."""
 
+    # Weight of :meth:`penalty` in the training loss; None: the recipe's ``eval.mask.l1``.
+    penalty_weight: float | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.mask: LearnedMask | None = None

@@ -102,12 +102,16 @@ class TrainedFeaturizer(Featurizer):
         """Method-specific result keys."""
         return {}
 
+    def train_pairs(self, job: RavelJob, attr: str) -> list[Pair]:
+        """The pairs the method trains on (default: every training pair of ``attr``)."""
+        return job.pairs[attr]["train"]
+
     def fit_and_score(self, job: RavelJob, attr: str) -> dict[str, Any]:
         torch.manual_seed(job.ctx.seed)
         method = self.build(job).to(job.ctx.device)
         train_name = entry_name("train", self.name, attr) if job.store.enabled else None
         desc = f"{self.name}/{attr}"
-        curve = train_method(job, method, job.pairs[attr]["train"], desc, train_name)
+        curve = train_method(job, method, self.train_pairs(job, attr), desc, train_name)
         r, state = score_fitted(job, method, attr, curve, desc, self.live(job, method))
         r.update(self.extra(job, method))
         done = _save(job, self.name, attr, {"score": r, "curve": curve, "state": state})
@@ -169,6 +173,12 @@ class DASFeaturizer(TrainedFeaturizer):
         return DAS(job.ctx.model.d_model, cfg.das.mode, cfg.das.k, cfg.mask.init, _ste(cfg),
                    str(cfg.das.orthogonal_map))  # fmt: skip
 
+    def train_pairs(self, job: RavelJob, attr: str) -> list[Pair]:
+        pairs = job.pairs[attr]["train"]
+        if job.cfg.das.objective == "cause":  # RAVEL's cause-only DAS
+            return [q for q in pairs if q.kind == "cause"]
+        return pairs
+
 
 @featurizer
 class PCAFeaturizer(TrainedFeaturizer):
@@ -179,16 +189,19 @@ class PCAFeaturizer(TrainedFeaturizer):
 
     def build(self, job: RavelJob) -> Intervention:
         cfg, d = job.cfg, job.ctx.model.d_model
-        comps, _ = job.fit.components()
+        z = bool(cfg.pca.standardize)
+        comps, _ = job.fit.components(z)
         n = min(cfg.pca.components or d, d)
         if cfg.pca.mode == "fixed" and cfg.pca.k > n:
             raise UserError(f"eval.pca.k={cfg.pca.k} exceeds the {n} principal components")
-        return PCASwap(comps[:n], cfg.pca.mode, cfg.pca.k, cfg.mask.init, _ste(cfg))
+        return PCASwap(comps[:n], cfg.pca.mode, cfg.pca.k, cfg.mask.init, _ste(cfg),
+                       job.fit.scale() if z else None)  # fmt: skip
 
     def extra(self, job: RavelJob, method: Intervention) -> dict[str, Any]:
-        _, var = job.fit.components()
+        _, var = job.fit.components(bool(job.cfg.pca.standardize))
         n = method.components.shape[0]
         return {"pca": {"mode": str(job.cfg.pca.mode), "components": n,
+                        "standardize": bool(job.cfg.pca.standardize),
                         "explained_variance": float(var[:n].sum() / var.sum().clamp_min(1e-12))}}  # fmt: skip
 
 
@@ -201,7 +214,7 @@ class BoundlessDASFeaturizer(TrainedFeaturizer):
     def build(self, job: RavelJob) -> Intervention:
         b = job.cfg.boundless
         return BoundlessDAS(job.ctx.model.d_model, b.init, b.boundary_lr_scale,
-                            str(job.cfg.das.orthogonal_map))  # fmt: skip
+                            str(job.cfg.das.orthogonal_map), b.penalty)  # fmt: skip
 
     def extra(self, job: RavelJob, method: Intervention) -> dict[str, Any]:
         return {"boundary": float(method.mask.param.detach().clamp(1e-3, 1.0))}

@@ -20,7 +20,7 @@ from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import UserError
 from saeravel.evals.ravel.data import download_ravel, load_ravel_city
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
-from saeravel.evals.ravel.featurizers import principal_components
+from saeravel.evals.ravel.featurizers import feature_scale, principal_components
 from saeravel.evals.ravel.intervene import SuffixRunner, resid_at
 from saeravel.evals.ravel.prompts import (
     PAPER_FEW_SHOT_CITIES,
@@ -341,12 +341,17 @@ class FitData:
 
     vectors: torch.Tensor
     prompts: list[Prompt]
-    pca: tuple[torch.Tensor, torch.Tensor] | None = None  # (components, variance), fit once
+    pca: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pca is None:
-            self.pca = principal_components(self.vectors.float().cpu())
-        return self.pca
+    def components(self, standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(components, variance) of the training vectors, fit once per ``standardize``."""
+        if standardize not in self.pca:
+            self.pca[standardize] = principal_components(self.vectors.float().cpu(), standardize)
+        return self.pca[standardize]
+
+    def scale(self) -> torch.Tensor:
+        """The per-dim std of the training vectors (what standardised PCA divides by)."""
+        return feature_scale(self.vectors.float().cpu())
 
 
 class VectorBank:

@@ -143,8 +143,9 @@ def train_method(
                 logits = _logits(job, ext, v, [len(x) for x in labs])
                 target = torch.tensor([t for x in labs for t in x], device=logits.device)
             loss = F.cross_entropy(logits.float(), target)
-            if cfg.mask.l1 > 0:
-                loss = loss + cfg.mask.l1 * method.penalty()
+            weight = cfg.mask.l1 if method.penalty_weight is None else method.penalty_weight
+            if weight > 0:
+                loss = loss + weight * method.penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
