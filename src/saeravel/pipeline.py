@@ -37,7 +37,7 @@ from saeravel.errors import (
     UserError,
     instantiate,  # re-raises a constructor's UserError as is
 )
-from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, get_eval
+from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, check_job
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
@@ -163,9 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     store = index / f"{jid}.json"
     checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
     _ACTIVE["checkpoint"] = checkpoint
-    spec = get_eval(cfg.eval.name)
-    if spec.validate is not None:
-        spec.validate(cfg.eval)  # every value check before anything loads
+    spec = check_job(cfg)  # every check that needs nothing from the model, before anything loads
     uses_sae = spec.needs_sae(cfg.eval)
     job_logger = build_logger(cfg.get("logger"))  # a bad logger option fails here
     sae_name = cfg.sae.get("family", "?") if uses_sae else "none"

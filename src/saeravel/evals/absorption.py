@@ -133,6 +133,9 @@ class AbsorptionEvalConfig(EvalConfig):
     batch_size: int = 32
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        check_values(self)
+
 
 @dataclass
 class AbsorptionData:
@@ -490,6 +493,24 @@ def check_cfg(cfg: Any, d_sae: int) -> None:
     """Thresholds and sizes that would make the eval meaningless."""
     if not 1 <= cfg.max_k_value <= d_sae:
         raise UserError(f"eval.max_k_value={cfg.max_k_value} must be between 1 and d_sae={d_sae}")
+    check_values(cfg)
+
+
+def check_values(cfg: Any) -> None:
+    """The checks that need no SAE (run when the config is built, before anything loads)."""
+    choose("eval.data_source", cfg.data_source, ("auto", "embedded", "first_letter"))
+    if cfg.max_k_value < 1:
+        raise UserError(f"eval.max_k_value={cfg.max_k_value} must be >= 1")
+    if "{word}" not in cfg.prompt_template:
+        raise UserError(f"eval.prompt_template must contain {{word}}: {cfg.prompt_template!r}")
+    fr = list(cfg.word_split_fractions)
+    if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
+        raise UserError(f"eval.word_split_fractions must be 3 positive numbers summing to 1: {fr}")
+    for key in ("batch_size", "min_train_entities"):
+        if getattr(cfg, key) < 1:
+            raise UserError(f"eval.{key} must be >= 1 (got {getattr(cfg, key)})")
+    if cfg.max_icl_examples < 0:
+        raise UserError(f"eval.max_icl_examples must be >= 0 (got {cfg.max_icl_examples})")
     check_probe(cfg.probe)
     if not cfg.letters or not set(cfg.letters) <= set(string.ascii_lowercase):
         raise UserError(f"eval.letters must be lower-case letters a-z, got {cfg.letters!r}")

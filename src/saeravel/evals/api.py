@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from saeravel.checkpoint import CheckpointStore
-from saeravel.errors import choose
+from saeravel.errors import UserError, choose
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE
 
@@ -39,7 +39,9 @@ class EvalConfig:
 @dataclass
 class TextSourceConfig(EvalConfig):
     """Where evals that read plain text get it: ``text_source`` auto (the embedded world's
-    fact sentences for the embedded model, else the HF dataset), ``hf`` or ``embedded``."""
+    fact sentences for the embedded model, else the HF dataset), ``hf`` or ``embedded``.
+    Its values are checked when the config is built (``__post_init__``, also through
+    ``OmegaConf.to_object``); a subclass's ``__post_init__`` calls this one."""
 
     text_source: str = "auto"
     dataset: str = "Skylion007/openwebtext"
@@ -50,6 +52,13 @@ class TextSourceConfig(EvalConfig):
     streaming: bool = True
     shuffle_buffer: int = 1
     context_size: int = 128
+
+    def __post_init__(self) -> None:
+        choose("eval.text_source", self.text_source, ("auto", "embedded", "hf"))
+        if self.shuffle_buffer < 0:
+            raise UserError(f"eval.shuffle_buffer must be >= 0 (got {self.shuffle_buffer})")
+        if self.context_size < 1:
+            raise UserError(f"eval.context_size must be >= 1 (got {self.context_size})")
 
 
 @dataclass
@@ -88,7 +97,10 @@ class EvalSpec:
     SAEBench's ``eval_type_id`` of the eval (default: ``name``); ``saebench(metrics)`` turns
     the eval's ``eval_result_metrics`` into SAEBench's shape for the SAEBench-named copy of the
     result (None: the metrics already have it; a ``"module:function"`` string is imported when
-    first used). ``validate(cfg)`` checks the eval's values before anything loads (one-line
+    first used). Before anything loads (:func:`check_job`), the schema checks its own values
+    (``__post_init__``, run by ``OmegaConf.to_object``); ``validate(cfg)`` and each of
+    ``checks`` (functions or ``"module:function"`` strings) check what the values alone cannot
+    say: the job's other groups, files, folders, environment variables (one-line
     :class:`~saeravel.errors.UserError`).
     """
 
@@ -100,13 +112,19 @@ class EvalSpec:
     saebench: Callable[[dict], dict] | str | None = None
     saebench_type_id: str | None = None
     validate: Callable[[Any], None] | None = None
+    checks: tuple[Callable[[Any], None] | str, ...] = ()
 
     def saebench_metrics(self) -> Callable[[dict], dict] | None:
         """The ``saebench`` function (imported if given as ``"module:function"``)."""
-        if isinstance(self.saebench, str):
-            module, _, attr = self.saebench.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.saebench
+        return _function(self.saebench)
+
+
+def _function(fn: Callable | str | None) -> Any:
+    """``fn``, or the function a ``"module:function"`` string names."""
+    if isinstance(fn, str):
+        module, _, attr = fn.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return fn
 
 
 _REGISTRY: dict[str, EvalSpec] = {}
@@ -120,13 +138,15 @@ def register(
     saebench: Callable[[dict], dict] | str | None = None,
     saebench_type_id: str | None = None,
     validate: Callable[[Any], None] | None = None,
+    checks: tuple[Callable[[Any], None] | str, ...] = (),
 ) -> Callable:
     """Decorator registering ``run`` as eval ``name`` (see :class:`EvalSpec`)."""
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY[name] = EvalSpec(
-            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name, validate
-        )
+            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name, validate,
+            tuple(checks),
+        )  # fmt: skip
         return fn
 
     return deco
@@ -146,3 +166,22 @@ def get_eval(name: str) -> EvalSpec:
     reg = discover()
     choose("eval", name, sorted(reg))
     return reg[name]
+
+
+def check_job(cfg: Any) -> EvalSpec:
+    """Every check of a composed job's eval that needs nothing from the model, in this order:
+    the eval's name, its schema's own checks (``OmegaConf.to_object`` runs each dataclass's
+    ``__post_init__``, sub-configs first), ``spec.validate`` and ``spec.checks`` (files, keys,
+    the job's other groups), and an SAE for an eval that needs one (not ``sae=none``). Called
+    by the pipeline before any SAE source or model is built, and by ``run.py``'s check before
+    Hydra runs (each value of a sweep). Returns the eval's spec; raises a one-line
+    :class:`~saeravel.errors.UserError`."""
+    spec = get_eval(cfg.eval.name)
+    OmegaConf.to_object(cfg.eval)
+    if spec.validate is not None:
+        spec.validate(cfg.eval)
+    for check in spec.checks:
+        _function(check)(cfg.eval)
+    if spec.needs_sae(cfg.eval) and "sae" in cfg and cfg.sae.get("family") == "none":
+        raise UserError(f"eval={spec.name} needs an SAE; choose one with sae=... (not sae=none)")
+    return spec

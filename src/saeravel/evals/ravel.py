@@ -1321,6 +1321,7 @@ def score_fixed(
     needs_sae=needs_sae,
     saebench="saeravel.saebench:ravel_metrics",
     validate=validate,
+    checks=("saeravel.ravel.data:check_data_dir",),
 )  # noqa: E501
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
