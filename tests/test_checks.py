@@ -186,3 +186,23 @@ def test_main_guarded_prints_one_line_and_exits_2(tmp_path, nothing_loads, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: eval.probe.max_iter must be >= 1 (got 0)"]
+
+
+def test_each_registration_carries_what_the_layers_around_it_need():
+    """The job hash's non-result paths and SAEBench's rules come from each eval's registration
+    (no table lists the evals by name); the report's headline and plotted columns too."""
+    import dataclasses
+
+    from saeravel import results, saebench
+    from saeravel.report import eval_facts
+
+    for name, spec in discover().items():
+        assert results.NON_RESULT_EVAL_PATHS[name] == dict(spec.non_result_paths)
+        assert saebench.REQUIRED_METRICS[spec.saebench_type_id] == dict(spec.saebench_required)
+        assert spec.saebench_required, f"{name} states no SAEBench rules"
+        assert saebench.HEADLINE_CATEGORY.get(spec.saebench_type_id) == spec.saebench_headline
+        fields = {f.name for f in dataclasses.fields(spec.schema)}
+        assert {p.split(".")[0] for p in spec.non_result_paths} <= fields
+        assert all(c in spec.headline_metrics for c, _ in spec.plotted)
+        assert eval_facts(name) is spec
+    assert eval_facts("no_such_eval") is None

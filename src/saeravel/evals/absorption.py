@@ -93,13 +93,20 @@ from saeravel.probing import (
     linear_probe_weights,
     top_k_by_mean_difference,
 )
-from saeravel.saebench import REQUIRED_METRICS
 from saeravel.taskdata import SPLITS, data_source, entity_features, entity_splits
 
 log = logging.getLogger(__name__)
 
 WORD_RE = re.compile(r" ?[A-Za-z]+")
-MEAN_KEYS = REQUIRED_METRICS["absorption_first_letter"]["mean"]  # SAEBench's names, one place
+# SAEBench's names of the ``mean`` category (its required metrics, stated in the registration)
+MEAN_KEYS = (
+    "mean_absorption_fraction_score",
+    "mean_full_absorption_score",
+    "mean_num_split_features",
+    "std_dev_absorption_fraction_score",
+    "std_dev_full_absorption_score",
+    "std_dev_num_split_features",
+)
 
 
 @dataclass
@@ -545,6 +552,18 @@ def summarize(metrics: dict) -> str:
     schema=AbsorptionEvalConfig,
     summarize=summarize,
     saebench_type_id="absorption_first_letter",
+    headline_metrics=(
+        "mean.mean_absorption_fraction_score",
+        "mean.mean_full_absorption_score",
+        "mean.mean_num_split_features",
+    ),
+    plotted=(
+        ("mean.mean_absorption_fraction_score", "mean absorption fraction"),
+        ("mean.mean_full_absorption_score", "mean full absorption"),
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"mean": MEAN_KEYS},
+    saebench_headline="mean",
 )  # noqa: E501
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the absorption eval on the job's model, SAE and layer."""

@@ -2,23 +2,26 @@
 (:class:`EvalContext`) and what it returns (:class:`EvalOutput`).
 
 Imported by the pipeline, the config registry and every eval; it imports none of them (only
-the modules below the evals: models, SAEs, checkpoints, errors). An eval is
+the modules below the evals: models, SAEs, checkpoints, results, saebench, errors). An eval is
 ``src/saeravel/evals/<name>.py`` (its typed config dataclass and a ``run`` decorated with
-:func:`register`) plus ``conf/eval/<name>.yaml``; :func:`discover` finds the modules, so
-adding an eval touches no shared file.
+:func:`register`, whose arguments carry what the report, the job hash, the SAEBench copy and
+prefetch need to know about it) plus ``conf/eval/<name>.yaml``; :func:`discover` finds the
+modules, so adding an eval touches no shared file.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from saeravel import results
+from saeravel import saebench as saebench_rules
 from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import UserError, choose
 from saeravel.models import LoadedModel
@@ -97,7 +100,21 @@ class EvalSpec:
     SAEBench's ``eval_type_id`` of the eval (default: ``name``); ``saebench(metrics)`` turns
     the eval's ``eval_result_metrics`` into SAEBench's shape for the SAEBench-named copy of the
     result (None: the metrics already have it; a ``"module:function"`` string is imported when
-    first used). Before anything loads (:func:`check_job`), the schema checks its own values
+    first used).
+
+    What the layers around the eval need to know about it, so that a new eval touches only its
+    module, its YAML and its tests: ``headline_metrics`` (the report's first columns of its
+    table, ``group.metric``), ``plotted`` (``(column, label)`` the report draws against L0),
+    ``non_result_paths`` (paths under ``eval`` that do not change its result, each with the
+    reason: left out of the job hash), ``saebench_required`` (SAEBench's required metric
+    categories and names for ``saebench_type_id``, checked by the reader) and
+    ``saebench_headline`` (the category SAEBench's ``get_eval_results`` reads; None: every
+    category, flattened), ``offline_needs(cfg, ctx)`` (prefetch: the eval's own data as
+    ``offline.Need``/``Skip`` answers, or None: hub datasets are not prefetched).
+    :func:`register` hands the job-hash and SAEBench facts to ``results`` and ``saebench``
+    (below the evals, which never import the registry).
+
+    Before anything loads (:func:`check_job`), the schema checks its own values
     (``__post_init__``, run by ``OmegaConf.to_object``); ``validate(cfg)`` and each of
     ``checks`` (functions or ``"module:function"`` strings) check what the values alone cannot
     say: the job's other groups, files, folders, environment variables (one-line
@@ -113,10 +130,21 @@ class EvalSpec:
     saebench_type_id: str | None = None
     validate: Callable[[Any], None] | None = None
     checks: tuple[Callable[[Any], None] | str, ...] = ()
+    headline_metrics: tuple[str, ...] = ()
+    plotted: tuple[tuple[str, str], ...] = ()
+    non_result_paths: Mapping[str, str] = field(default_factory=dict)
+    saebench_required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    saebench_headline: str | None = None
+    offline_needs: Callable[[Any, Any], list] | str | None = None
 
     def saebench_metrics(self) -> Callable[[dict], dict] | None:
         """The ``saebench`` function (imported if given as ``"module:function"``)."""
         return _function(self.saebench)
+
+    def offline_needs_of(self, cfg: Any, ctx: Any) -> list | None:
+        """Prefetch's answer for the eval's own data (``offline_needs``), or None."""
+        fn = _function(self.offline_needs)
+        return None if fn is None else fn(cfg, ctx)
 
 
 def _function(fn: Callable | str | None) -> Any:
@@ -139,14 +167,26 @@ def register(
     saebench_type_id: str | None = None,
     validate: Callable[[Any], None] | None = None,
     checks: tuple[Callable[[Any], None] | str, ...] = (),
+    headline_metrics: tuple[str, ...] = (),
+    plotted: tuple[tuple[str, str], ...] = (),
+    non_result_paths: Mapping[str, str] | None = None,
+    saebench_required: Mapping[str, tuple[str, ...]] | None = None,
+    saebench_headline: str | None = None,
+    offline_needs: Callable[[Any, Any], list] | str | None = None,
 ) -> Callable:
     """Decorator registering ``run`` as eval ``name`` (see :class:`EvalSpec`)."""
+    type_id = saebench_type_id or name
+    non_result = dict(non_result_paths or {})
+    required = {cat: tuple(names) for cat, names in (saebench_required or {}).items()}
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY[name] = EvalSpec(
-            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name, validate,
-            tuple(checks),
+            name, fn, schema, needs_sae, summarize, saebench, type_id, validate, tuple(checks),
+            tuple(headline_metrics), tuple(plotted), non_result, required, saebench_headline,
+            offline_needs,
         )  # fmt: skip
+        results.NON_RESULT_EVAL_PATHS[name] = non_result
+        saebench_rules.register_type(type_id, required, saebench_headline)
         return fn
 
     return deco

@@ -809,7 +809,21 @@ def _mean_std(scores: Sequence[float]) -> tuple[float, float]:
     return t.mean().item(), std
 
 
-@register("autointerp", schema=AutoInterpEvalConfig, summarize=summarize, validate=validate)
+@register(
+    "autointerp",
+    schema=AutoInterpEvalConfig,
+    summarize=summarize,
+    validate=validate,
+    headline_metrics=("autointerp.autointerp_score", "autointerp.autointerp_std_dev"),
+    plotted=(("autointerp.autointerp_score", "autointerp score"),),
+    non_result_paths={
+        "batch_size": "rows per forward pass when collecting activations",
+        "judge.api_key_env": "which environment variable holds the judge's API key",
+        "judge.max_concurrency": "judge requests in flight at once",
+    },
+    saebench_required={"autointerp": ("autointerp_score", "autointerp_std_dev")},
+    saebench_headline="autointerp",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run autointerp on the job's model, SAE and layer."""
     if ctx.sae is None:

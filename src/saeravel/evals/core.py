@@ -451,7 +451,30 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("core", schema=CoreEvalConfig, needs_sae=lambda cfg: True, summarize=summarize)
+@register(
+    "core",
+    schema=CoreEvalConfig,
+    needs_sae=lambda cfg: True,
+    summarize=summarize,
+    headline_metrics=(
+        "sparsity.l0",
+        "model_performance_preservation.ce_loss_score",
+        "model_performance_preservation.ce_loss_with_sae",
+        "reconstruction_quality.explained_variance",
+        "model_behavior_preservation.kl_div_score",
+        "reconstruction_quality.mse",
+        "reconstruction_quality.cossim",
+        "misc_metrics.frac_alive",
+    ),
+    plotted=(
+        ("model_performance_preservation.ce_loss_score", "CE loss score"),
+        ("reconstruction_quality.explained_variance", "explained variance"),
+    ),
+    saebench_required={
+        "reconstruction_quality": ("explained_variance", "mse", "cossim"),
+        "sparsity": ("l0", "l1"),
+    },
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the core eval on the job's model, SAE and layer."""
     if ctx.sae is None:

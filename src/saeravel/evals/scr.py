@@ -468,7 +468,20 @@ def summarize(metrics: dict) -> str:
     return "scr: scr_metric " + (", ".join(shown) or "n/a")
 
 
-@register("scr", schema=ScrEvalConfig, summarize=summarize)
+@register(
+    "scr",
+    schema=ScrEvalConfig,
+    summarize=summarize,
+    headline_metrics=tuple(
+        f"scr_metrics.scr_metric_threshold_{n}" for n in (2, 5, 10, 20, 50, 100, 500)
+    ),
+    plotted=tuple(
+        (f"scr_metrics.scr_metric_threshold_{n}", f"SCR, top {n} latents") for n in (2, 10, 50)
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"scr_metrics": ()},
+    saebench_headline="scr_metrics",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run SCR on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "scr")

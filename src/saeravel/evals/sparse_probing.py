@@ -173,7 +173,24 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("sparse_probing", schema=SparseProbingEvalConfig, summarize=summarize)
+@register(
+    "sparse_probing",
+    schema=SparseProbingEvalConfig,
+    summarize=summarize,
+    headline_metrics=(
+        "llm.llm_test_accuracy",
+        "sae.sae_test_accuracy",
+        "sae.sae_top_1_test_accuracy",
+        "sae.sae_top_5_test_accuracy",
+    ),
+    plotted=(
+        ("sae.sae_top_1_test_accuracy", "top-1 latent probe accuracy"),
+        ("sae.sae_test_accuracy", "all-latent probe accuracy"),
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"llm": ("llm_test_accuracy",), "sae": ()},
+    saebench_headline="sae",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the sparse-probing eval on the job's model, SAE and layer."""
     if ctx.sae is None:

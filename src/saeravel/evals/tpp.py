@@ -232,7 +232,21 @@ def summarize(metrics: dict) -> str:
     return "tpp: total metric " + (", ".join(shown) or "n/a")
 
 
-@register("tpp", schema=TppEvalConfig, summarize=summarize)
+@register(
+    "tpp",
+    schema=TppEvalConfig,
+    summarize=summarize,
+    headline_metrics=tuple(
+        f"tpp_metrics.tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100, 500)
+    ),
+    plotted=tuple(
+        (f"tpp_metrics.tpp_threshold_{n}_total_metric", f"TPP, top {n} latents")
+        for n in (2, 10, 50)
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"tpp_metrics": ()},
+    saebench_headline="tpp_metrics",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run TPP on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "tpp")

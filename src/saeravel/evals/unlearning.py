@@ -637,7 +637,20 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("unlearning", schema=UnlearningEvalConfig, summarize=summarize, validate=validate)
+@register(
+    "unlearning",
+    schema=UnlearningEvalConfig,
+    summarize=summarize,
+    validate=validate,
+    headline_metrics=("unlearning.unlearning_score",),
+    plotted=(("unlearning.unlearning_score", "unlearning score"),),
+    non_result_paths={
+        "batch_size": "prompts per forward pass",
+        "corpus_batch_size": "corpus rows per forward pass",
+    },
+    saebench_required={"unlearning": ("unlearning_score",)},
+    saebench_headline="unlearning",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the unlearning eval on the job's model, SAE and layer."""
     sae = ctx.sae

@@ -151,3 +151,17 @@ def offline_need(cache_dir: str | Path) -> Any:
         "ravel", "city data", url, str(dest), check,
         lambda: [download_ravel(cache_dir, url=url)], hosts=(url,),
     )  # fmt: skip
+
+
+def eval_offline_needs(cfg: Any, ctx: Any) -> list[Any]:
+    """Prefetch's answer for ``eval=ravel`` (the eval's registered ``offline_needs``): the city
+    files of :func:`offline_need`, or why none are fetched (``eval.data_dir`` given, or a model
+    with its own world)."""
+    from saeravel.offline import Skip
+    from saeravel.taskdata import resolve_source
+
+    if cfg.data_dir:
+        return [Skip("RAVEL data", f"read from eval.data_dir={cfg.data_dir}")]
+    if resolve_source(cfg.data_source, ctx.model.own_world, other="ravel") == "ravel":
+        return [offline_need(ctx.cache_dir)]
+    return [Skip("RAVEL data", f"not needed: eval=ravel on {ctx.model.name} uses its own world")]
