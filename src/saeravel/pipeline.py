@@ -157,13 +157,15 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     start = time.time()
     check_known_keys(cfg)
     resolved = _resolve(cfg)
+    # Every check that needs nothing from the model, before anything loads (and before the job
+    # hash, which reads the eval's registration).
+    spec = check_job(cfg)
     jid = job_hash(resolved)
     out_dir = Path(cfg.paths.output_dir)
     index = Path(cfg.paths.results_dir) / cfg.eval.name
     store = index / f"{jid}.json"
     checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
     _ACTIVE["checkpoint"] = checkpoint
-    spec = check_job(cfg)  # every check that needs nothing from the model, before anything loads
     uses_sae = spec.needs_sae(cfg.eval)
     job_logger = build_logger(cfg.get("logger"))  # a bad logger option fails here
     sae_name = cfg.sae.get("family", "?") if uses_sae else "none"
