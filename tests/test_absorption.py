@@ -223,16 +223,22 @@ def test_too_few_passing_classes_is_a_reported_outcome(planted, tmp_path):
 
 def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
     lm, sae = planted
-    cases = [
-        (AbsorptionEvalConfig(max_k_value=50), "max_k_value=50 must be between 1 and d_sae=12"),
-        (AbsorptionEvalConfig(data_source="embeded"), "did you mean 'embedded'"),
-        (AbsorptionEvalConfig(parent_attribute="Colour"), "unknown attribute 'Colour'"),
-        (AbsorptionEvalConfig(absorption_fraction_probe_cos_sim_threshold=2.0), "threshold=2.0"),
-        (AbsorptionEvalConfig(letters="ABC"), "must be lower-case letters"),
+    cases = [  # built inside pytest.raises: a schema checks its values when built
+        (
+            lambda: AbsorptionEvalConfig(max_k_value=50),
+            "max_k_value=50 must be between 1 and d_sae=12",
+        ),
+        (lambda: AbsorptionEvalConfig(data_source="embeded"), "did you mean 'embedded'"),
+        (lambda: AbsorptionEvalConfig(parent_attribute="Colour"), "unknown attribute 'Colour'"),
+        (
+            lambda: AbsorptionEvalConfig(absorption_fraction_probe_cos_sim_threshold=2.0),
+            "threshold=2.0",
+        ),
+        (lambda: AbsorptionEvalConfig(letters="ABC"), "must be lower-case letters"),
     ]
     for cfg, msg in cases:
         with pytest.raises(UserError, match=msg) as err:
-            run(cfg, ctx_for(lm, sae, tmp_path))
+            run(cfg(), ctx_for(lm, sae, tmp_path))
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="needs an SAE"):
         run(AbsorptionEvalConfig(), ctx_for(lm, None, tmp_path))

@@ -319,21 +319,30 @@ def test_absolute_ranking_and_nonzero_cap_on_the_planted_world(planted, tmp_path
 
 def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
     sae = identity_sae()
-    cases = [
-        (ScrEvalConfig(n_values=[0]), "every N must be >= 1"),
-        (ScrEvalConfig(data_source="embeded"), "did you mean 'embedded'"),
-        (ScrEvalConfig(embedded_attributes=["Continent", "Colour"]), "unknown attribute 'Colour'"),
-        (ScrEvalConfig(embedded_pairs=[["Alpha", "Betta", "Lone", "Ltwo"]]), "did you mean 'Beta'"),
-        (ScrEvalConfig(embedded_pairs=[["Alpha", "Beta", "Lone"]]), "must be \\[Continent a1"),
-        (ScrEvalConfig(min_entities_per_cell=11), "no two Continent values"),
-        (ScrEvalConfig(probe=ProbeConfig(c_grid=[])), "c_grid is empty"),
-        (ScrEvalConfig(ranking="abs"), "unknown eval.ranking 'abs'"),
-        (ScrEvalConfig(direction="first"), "unknown eval.direction 'first'"),
-        (ScrEvalConfig(denominator="ratoi"), "did you mean 'ratio'"),
+    cases = [  # built inside pytest.raises: a schema checks its values when built
+        (lambda: ScrEvalConfig(n_values=[0]), "every N must be >= 1"),
+        (lambda: ScrEvalConfig(data_source="embeded"), "did you mean 'embedded'"),
+        (
+            lambda: ScrEvalConfig(embedded_attributes=["Continent", "Colour"]),
+            "unknown attribute 'Colour'",
+        ),
+        (
+            lambda: ScrEvalConfig(embedded_pairs=[["Alpha", "Betta", "Lone", "Ltwo"]]),
+            "did you mean 'Beta'",
+        ),
+        (
+            lambda: ScrEvalConfig(embedded_pairs=[["Alpha", "Beta", "Lone"]]),
+            "must be \\[Continent a1",
+        ),
+        (lambda: ScrEvalConfig(min_entities_per_cell=11), "no two Continent values"),
+        (lambda: ScrEvalConfig(probe=ProbeConfig(c_grid=[])), "c_grid is empty"),
+        (lambda: ScrEvalConfig(ranking="abs"), "unknown eval.ranking 'abs'"),
+        (lambda: ScrEvalConfig(direction="first"), "unknown eval.direction 'first'"),
+        (lambda: ScrEvalConfig(denominator="ratoi"), "did you mean 'ratio'"),
     ]
     for cfg, msg in cases:
         with pytest.raises(UserError, match=msg) as err:
-            run(cfg, ctx_for(planted, sae, tmp_path))
+            run(cfg(), ctx_for(planted, sae, tmp_path))
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="needs an SAE"):
         run(ScrEvalConfig(), ctx_for(planted, None, tmp_path))

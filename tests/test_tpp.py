@@ -170,20 +170,20 @@ class _NoDecoder:
 
 def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
     sae = identity_sae()
-    cases = [
-        (TppEvalConfig(n_values=[-1]), "every N must be >= 1"),
-        (TppEvalConfig(n_values=[]), "n_values is empty"),
-        (TppEvalConfig(max_classes=1), "max_classes must be >= 2"),
-        (TppEvalConfig(attribute="Colour"), "unknown attribute 'Colour'"),
-        (TppEvalConfig(min_train_entities=50), "needs >= 2 Continent values"),
+    cases = [  # built inside pytest.raises: a schema checks its values when built
+        (lambda: TppEvalConfig(n_values=[-1]), "every N must be >= 1"),
+        (lambda: TppEvalConfig(n_values=[]), "n_values is empty"),
+        (lambda: TppEvalConfig(max_classes=1), "max_classes must be >= 2"),
+        (lambda: TppEvalConfig(attribute="Colour"), "unknown attribute 'Colour'"),
+        (lambda: TppEvalConfig(min_train_entities=50), "needs >= 2 Continent values"),
         (
-            TppEvalConfig(data_source="hf", dataset_names=["LabHC/bias_in_bios"]),
+            lambda: TppEvalConfig(data_source="hf", dataset_names=["LabHC/bias_in_bios"]),
             "unknown TPP dataset",
         ),
     ]
     for cfg, msg in cases:
         with pytest.raises(UserError, match=msg) as err:
-            run(cfg, ctx_for(planted, sae, tmp_path))
+            run(cfg(), ctx_for(planted, sae, tmp_path))
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="needs an SAE"):
         run(TppEvalConfig(), ctx_for(planted, None, tmp_path))

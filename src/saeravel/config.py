@@ -396,7 +396,9 @@ def unknown_option_error(argv: Sequence[str], conf_dir: str | Path) -> str | Non
 
 def _value_error(overrides: Sequence[Any]) -> str | None:
     """Compose the job (each value of a sweep in turn) and return Hydra's complaint about a
-    value or a key (``eval.method=dsa``: not one of the Enum's members) as one line, or None."""
+    value or a key (``eval.method=dsa``: not one of the Enum's members), or the first check of
+    the eval that fails (``eval.probe.max_iter=0``, ``eval=core sae=none``), as one line, or
+    None."""
     from hydra import compose
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -419,7 +421,7 @@ def _value_error(overrides: Sequence[Any]) -> str | None:
     ]
     for job in jobs:
         try:
-            compose("config", overrides=job, return_hydra_config=True)
+            composed = compose("config", overrides=job, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as exc:
             cause = exc.__cause__ or exc
             what = (
@@ -428,6 +430,27 @@ def _value_error(overrides: Sequence[Any]) -> str | None:
             head = str(exc).strip().splitlines()[0] if cause is not exc else ""
             bad = head.removeprefix("Error merging override ").strip().rstrip(".")
             return f"{bad}: {what}" if bad and bad != what else what
+        if (message := _job_error(composed)) is not None:
+            return message
+    return None
+
+
+def _job_error(cfg: Any) -> str | None:
+    """The eval's checks that need nothing from the model (``evals.api.check_job``: its
+    schema's values, files, keys, an SAE for an eval that needs one) on a composed job, as one
+    line; None if they pass or cannot run before Hydra (a value interpolating Hydra's runtime,
+    a missing required value): the pipeline runs them again."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from saeravel.errors import UserError
+    from saeravel.evals.api import check_job
+
+    try:
+        check_job(cfg)
+    except UserError as exc:
+        return str(exc)
+    except OmegaConfBaseException:
+        return None
     return None
 
 

@@ -37,7 +37,7 @@ from saeravel.errors import (
     UserError,
     instantiate,  # re-raises a constructor's UserError as is
 )
-from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, get_eval
+from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, check_job
 from saeravel.hooks import resid_layer, resid_post, resid_pre
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
@@ -158,15 +158,15 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     start = time.time()
     check_known_keys(cfg)
     resolved = _resolve(cfg)
+    # Every check that needs nothing from the model, before anything loads (and before the job
+    # hash, which reads the eval's registration).
+    spec = check_job(cfg, _job_choices(cfg))
     jid = job_hash(resolved)
     out_dir = Path(cfg.paths.output_dir)
     index = Path(cfg.paths.results_dir) / cfg.eval.name
     store = index / f"{jid}.json"
     checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
     _ACTIVE["checkpoint"] = checkpoint
-    spec = get_eval(cfg.eval.name)
-    if spec.validate is not None:
-        spec.validate(cfg.eval, _job_choices(cfg))  # every value check before anything loads
     uses_sae = spec.needs_sae(cfg.eval)
     job_logger = build_logger(cfg.get("logger"))  # a bad logger option fails here
     sae_name = cfg.sae.get("family", "?") if uses_sae else "none"

@@ -58,7 +58,6 @@ from saeravel.offline import (  # noqa: F401 (part of this module's interface)
     model_folder_missing,
     select_model_files,
 )
-from saeravel.taskdata import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +267,6 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
     need offline; then the RAVEL data ``eval=ravel`` reads."""
     from saeravel.errors import instantiate
     from saeravel.evals.api import get_eval
-    from saeravel.evals.ravel import data as ravel_data
     from saeravel.saes.source import build_sae_source
 
     cache_dir = Path(cfg.paths.cache_dir).expanduser()
@@ -285,13 +283,8 @@ def _plan_job(cfg: DictConfig, plan: Plan, train_embedded: bool) -> None:
         jobs = f"eval={spec.name}" + (f" eval.method={method}" if method else "")
         plan.skip(f"sae={family} ({jobs} jobs)", "not loaded: these jobs use no SAE")
 
-    if spec.name == "ravel":
-        if cfg.eval.data_dir:
-            plan.skip("RAVEL data", f"read from eval.data_dir={cfg.eval.data_dir}")
-        elif resolve_source(cfg.eval.data_source, model.own_world, other="ravel") == "ravel":
-            plan.add(ravel_data.offline_need(cache_dir))
-        else:
-            plan.skip("RAVEL data", f"not needed: eval=ravel on {model.name} uses its own world")
+    if (answers := spec.offline_needs_of(cfg.eval, ctx)) is not None:
+        plan.take(answers)  # the eval's own data (its registration's ``offline_needs``)
     elif not model.own_world:
         plan.skip(
             f"eval={spec.name} data",

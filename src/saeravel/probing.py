@@ -31,11 +31,18 @@ class ProbeConfig:
     standardize: bool = False  # z-score features first (false: raw activations, as SAEBench)
     max_iter: int = 1000  # lbfgs iterations per probe
 
+    def __post_init__(self) -> None:
+        check_probe(self)
+
 
 def check_probe(probe: Any) -> None:
-    """One-line errors for probe settings that cannot work (before anything loads)."""
+    """One-line errors for probe settings that cannot work (before anything loads:
+    :class:`ProbeConfig` runs it when the config is built)."""
     if not probe.c_grid:
         raise UserError("eval.probe.c_grid is empty; give at least one inverse regularisation C")
+    bad = [c for c in probe.c_grid if not c > 0]
+    if bad:
+        raise UserError(f"eval.probe.c_grid has {bad[0]}; every C must be > 0")
     if probe.max_iter < 1:
         raise UserError(f"eval.probe.max_iter must be >= 1 (got {probe.max_iter})")
 
@@ -170,12 +177,17 @@ def ablate(x: np.ndarray, a: np.ndarray, w_dec: np.ndarray, latents: np.ndarray)
 
 def effective_n_values(n_values: Sequence[int], d_sae: int) -> tuple[list[tuple[int, int]], dict]:
     """``[(N, min(N, d_sae))]`` and ``{N: d_sae}`` for every capped ``N``; N < 1 is an error."""
+    check_n_values(n_values)
+    capped = {str(n): d_sae for n in n_values if n > d_sae}
+    if capped:
+        log.warning("n_values %s exceed d_sae=%d: capped at d_sae", sorted(capped), d_sae)
+    return [(n, min(n, d_sae)) for n in n_values], capped
+
+
+def check_n_values(n_values: Sequence[int]) -> None:
+    """``eval.n_values`` (numbers of latents to ablate) must be a non-empty list of N >= 1."""
     if not n_values:
         raise UserError("eval.n_values is empty; give at least one number of latents to ablate")
     bad = [n for n in n_values if n < 1]
     if bad:
         raise UserError(f"eval.n_values has {bad[0]}, but every N must be >= 1")
-    capped = {str(n): d_sae for n in n_values if n > d_sae}
-    if capped:
-        log.warning("n_values %s exceed d_sae=%d: capped at d_sae", sorted(capped), d_sae)
-    return [(n, min(n, d_sae)) for n in n_values], capped

@@ -10,7 +10,7 @@
 * ``ravel_over_seeds.csv``: mean, standard deviation and n of each score over the seeds of
   otherwise identical jobs (:data:`SEED_KEYS` are the keys that count as seeds);
 * ``<eval>.csv`` for every other eval: one row per job, one column per metric
-  (``group.metric``), the eval's :data:`HEADLINE_METRICS` first;
+  (``group.metric``), the eval's registered headline metrics first;
 * ``neuronpedia.csv``: the kept latents of every SAE with a ``neuronpedia_id``, with URLs;
 * ``report.md``: the same tables in markdown (the CLI prints it too), and the links;
 * figures (PNG, saeravel.figures): ``ravel_vs_layer.png`` (disentangle, cause and isolation
@@ -61,36 +61,9 @@ RAVEL_DETAIL_COLUMNS = (
 )  # fmt: skip
 PROVENANCE_COLUMNS = ("job_hash", "eval_id", "finished", "file")
 HIDDEN_COLUMNS = (*PROVENANCE_COLUMNS, *RAVEL_DETAIL_COLUMNS, "sae_identity")
-# Each eval's headline metrics (``group.metric`` columns), first in its table in this order;
-# the other metrics follow alphabetically. The SAEBench-style figure plots PLOTTED vs L0.
-HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
-    "core": ("sparsity.l0", "model_performance_preservation.ce_loss_score",
-             "model_performance_preservation.ce_loss_with_sae", "reconstruction_quality.explained_variance",
-             "model_behavior_preservation.kl_div_score", "reconstruction_quality.mse",
-             "reconstruction_quality.cossim", "misc_metrics.frac_alive"),
-    "sparse_probing": ("llm.llm_test_accuracy", "sae.sae_test_accuracy",
-                       "sae.sae_top_1_test_accuracy", "sae.sae_top_5_test_accuracy"),
-    "absorption": ("mean.mean_absorption_fraction_score", "mean.mean_full_absorption_score",
-                   "mean.mean_num_split_features"),
-    "scr": tuple(f"scr_metrics.scr_metric_threshold_{n}" for n in (2, 5, 10, 20, 50, 100, 500)),
-    "tpp": tuple(f"tpp_metrics.tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100, 500)),
-    "autointerp": ("autointerp.autointerp_score", "autointerp.autointerp_std_dev"),
-    "unlearning": ("unlearning.unlearning_score",),
-}  # fmt: skip
-PLOTTED: dict[str, tuple[tuple[str, str], ...]] = {
-    "core": (("model_performance_preservation.ce_loss_score", "CE loss score"),
-             ("reconstruction_quality.explained_variance", "explained variance")),
-    "sparse_probing": (("sae.sae_top_1_test_accuracy", "top-1 latent probe accuracy"),
-                       ("sae.sae_test_accuracy", "all-latent probe accuracy")),
-    "absorption": (("mean.mean_absorption_fraction_score", "mean absorption fraction"),
-                   ("mean.mean_full_absorption_score", "mean full absorption")),
-    "scr": tuple((f"scr_metrics.scr_metric_threshold_{n}", f"SCR, top {n} latents")
-                 for n in (2, 10, 50)),
-    "tpp": tuple((f"tpp_metrics.tpp_threshold_{n}_total_metric", f"TPP, top {n} latents")
-                 for n in (2, 10, 50)),
-    "autointerp": (("autointerp.autointerp_score", "autointerp score"),),
-    "unlearning": (("unlearning.unlearning_score", "unlearning score"),),
-}  # fmt: skip
+# Each eval's headline metrics (``group.metric`` columns), first in its table in this order,
+# the other metrics alphabetically after, and the metrics the SAEBench-style figure plots vs
+# L0: from each eval's registration (``headline_metrics``, ``plotted``; :func:`eval_facts`).
 L0_METRIC = "sparsity.l0"  # core's L0: the x axis of the SAEBench-style figures
 NEURONPEDIA_URL = "https://www.neuronpedia.org/{neuronpedia_id}/{index}"
 GENERIC_KEY_COLUMNS = ("model", "sae", "layer")
@@ -132,6 +105,7 @@ class Record:
         """The record's result-relevant config, flattened to dotted paths (lists as JSON)."""
         from saeravel.results import result_config
 
+        eval_facts(self.eval_type)  # the evals' facts (their non-result paths) are registered
         cfg = self.data["saeravel"].get("config")
         flat = _flatten_config(result_config(cfg) if isinstance(cfg, Mapping) else {})
         return flat
@@ -408,11 +382,21 @@ def generic_rows(
     return [row]
 
 
+def eval_facts(eval_name: str) -> Any:
+    """The registration of eval ``eval_name`` (its ``headline_metrics`` and ``plotted``), or
+    None for an eval this saeravel does not have (a foreign record). The report is an entry
+    point: it reads the eval registry like run.py (importing the evals when first asked)."""
+    from saeravel.evals.api import discover
+
+    return discover().get(eval_name)
+
+
 def headline_first(eval_name: str, columns: Iterable[str]) -> list[str]:
-    """``columns`` with the eval's :data:`HEADLINE_METRICS` first (in their order), the rest
-    after, sorted."""
+    """``columns`` with the eval's headline metrics first (in their order), the rest after,
+    sorted."""
     cols = set(columns)
-    head = [c for c in HEADLINE_METRICS.get(eval_name, ()) if c in cols]
+    spec = eval_facts(eval_name)
+    head = [c for c in (spec.headline_metrics if spec else ()) if c in cols]
     return head + sorted(cols - set(head))
 
 
@@ -640,7 +624,7 @@ def attach_l0(table: Table, core: Table | None) -> str:
 
 
 def l0_figures(tables: Sequence[Table], out_dir: str | Path) -> tuple[dict[Path, Any], list[str]]:
-    """SAEBench-style figures: per eval with :data:`PLOTTED` metrics, the headline metric(s)
+    """SAEBench-style figures: per eval with ``plotted`` metrics, the headline metric(s)
     vs L0, one line per SAE family and layer (and differing non-SAE setting), one point per
     SAE (seeds averaged). Returns the files and one note per eval."""
     from saeravel import figures
@@ -649,10 +633,11 @@ def l0_figures(tables: Sequence[Table], out_dir: str | Path) -> tuple[dict[Path,
     written: dict[Path, Any] = {}
     notes: list[str] = []
     for table in tables:
-        if table.name not in PLOTTED or not table.rows:
+        spec = eval_facts(table.name)
+        if spec is None or not spec.plotted or not table.rows:
             continue
         note = attach_l0(table, core)
-        metrics = [(c, lab) for c, lab in PLOTTED[table.name] if c in table.columns]
+        metrics = [(c, lab) for c, lab in spec.plotted if c in table.columns]
         rows = [r for r in table.rows if not math.isnan(r["l0"])]
         if not metrics or not rows:
             notes.append(f"{table.name}: no figure ({note}; metrics found: {len(metrics)})")

@@ -57,26 +57,8 @@ NON_RESULT_PATHS: dict[str, str] = {
 }
 # Paths under ``eval`` that do not change the result of the eval called ``cfg.eval.name``
 # (``batch_size`` is an inference batch in most evals but RAVEL's *training* batch: hashed there).
-NON_RESULT_EVAL_PATHS: dict[str, dict[str, str]] = {
-    "ravel": {
-        "save_artifacts": "whether learned masks are also saved beside result.json",
-        "checkpoint_every_s": "how often training state is saved for a resume (same result)",
-        "checkpoint_every_steps": "how often training state is saved for a resume (same result)",
-    },
-    "absorption": {"batch_size": "prompts per forward pass when collecting activations"},
-    "autointerp": {
-        "batch_size": "rows per forward pass when collecting activations",
-        "judge.api_key_env": "which environment variable holds the judge's API key",
-        "judge.max_concurrency": "judge requests in flight at once",
-    },
-    "scr": {"batch_size": "prompts per forward pass when collecting activations"},
-    "tpp": {"batch_size": "prompts per forward pass when collecting activations"},
-    "sparse_probing": {"batch_size": "prompts per forward pass when collecting activations"},
-    "unlearning": {
-        "batch_size": "prompts per forward pass",
-        "corpus_batch_size": "corpus rows per forward pass",
-    },
-}
+# Filled by each eval's registration (``saeravel.evals.api.register(non_result_paths=...)``).
+NON_RESULT_EVAL_PATHS: dict[str, dict[str, str]] = {}
 # Top-level keys a stored record must have, and their types (see :func:`check_record`).
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "eval_type_id": str,
@@ -91,6 +73,8 @@ REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
 
 def non_result_paths(eval_name: str | None) -> dict[str, str]:
     """Every path left out of the identity of a job of eval ``eval_name``, with its reason."""
+    if not NON_RESULT_EVAL_PATHS:  # a job hash without the evals' facts would be wrong
+        raise RuntimeError("no eval is registered: call saeravel.evals.api.discover() first")
     out = dict(NON_RESULT_PATHS)
     for sub, why in NON_RESULT_EVAL_PATHS.get(str(eval_name), {}).items():
         out[f"eval.{sub}"] = why

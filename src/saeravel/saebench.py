@@ -13,7 +13,8 @@ v0.6.0), not its code:
   ``saeravel-<version>``), ``sae_lens_id`` / ``sae_lens_release_id`` / ``sae_lens_version``
   str or null, ``sae_cfg_dict`` object (its readers need ``architecture`` and ``d_sae``);
 * every metric category is flat: no object inside a category;
-* eval_type_ids and each one's required metrics: :data:`REQUIRED_METRICS`.
+* eval_type_ids and each one's required metrics: :data:`REQUIRED_METRICS` (each eval's
+  registration states its own).
 
 NaN: SAEBench writes Python's ``NaN`` literal, which strict JSON parsers reject; saeravel
 writes ``null`` for an undefined score (a reader maps it back to NaN), so every file passes
@@ -35,39 +36,20 @@ SCORES = ("cause", "isolation", "disentangle")
 # scores SAE latents; a job without the SAE method shows its own method).
 RAVEL_HEADLINE = ("sae", "das", "neurons")
 
-# SAEBench's eval_type_id -> category -> metrics it requires.
-REQUIRED_METRICS: dict[str, dict[str, tuple[str, ...]]] = {
-    "ravel": {"ravel": ("disentanglement_score", "cause_score", "isolation_score")},
-    "absorption_first_letter": {
-        "mean": (
-            "mean_absorption_fraction_score",
-            "mean_full_absorption_score",
-            "mean_num_split_features",
-            "std_dev_absorption_fraction_score",
-            "std_dev_full_absorption_score",
-            "std_dev_num_split_features",
-        )
-    },
-    "autointerp": {"autointerp": ("autointerp_score", "autointerp_std_dev")},
-    "core": {
-        "reconstruction_quality": ("explained_variance", "mse", "cossim"),
-        "sparsity": ("l0", "l1"),
-    },
-    "scr": {"scr_metrics": ()},
-    "tpp": {"tpp_metrics": ()},
-    "sparse_probing": {"llm": ("llm_test_accuracy",), "sae": ()},
-    "unlearning": {"unlearning": ("unlearning_score",)},
-}
-# SAEBench's get_eval_results reads this category of each eval (core: all, flattened).
-HEADLINE_CATEGORY = {
-    "ravel": "ravel",
-    "absorption_first_letter": "mean",
-    "autointerp": "autointerp",
-    "scr": "scr_metrics",
-    "tpp": "tpp_metrics",
-    "sparse_probing": "sae",
-    "unlearning": "unlearning",
-}
+# SAEBench's eval_type_id -> category -> metrics it requires, and the category SAEBench's
+# get_eval_results reads (absent: every category, flattened, as for core). Filled by each eval's
+# registration (``saeravel.evals.api.register``: ``saebench_required``, ``saebench_headline``).
+REQUIRED_METRICS: dict[str, dict[str, tuple[str, ...]]] = {}
+HEADLINE_CATEGORY: dict[str, str] = {}
+
+
+def register_type(
+    type_id: str, required: Mapping[str, tuple[str, ...]], headline: str | None
+) -> None:
+    """Record SAEBench's rules for ``type_id`` (called by the eval registration)."""
+    REQUIRED_METRICS[type_id] = dict(required)
+    if headline is not None:
+        HEADLINE_CATEGORY[type_id] = headline
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -163,6 +145,8 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(cfg.get("architecture"), str) or not isinstance(cfg.get("d_sae"), int):
         raise NotSAEBenchReadable("sae_cfg_dict needs architecture (str) and d_sae (int)")
     type_id = rec["eval_type_id"]
+    if not REQUIRED_METRICS:
+        raise RuntimeError("no eval is registered: call saeravel.evals.api.discover() first")
     if type_id not in REQUIRED_METRICS:
         raise NotSAEBenchReadable(f"eval_type_id {type_id!r} is not one of SAEBench's")
     metrics = rec["eval_result_metrics"]
@@ -179,7 +163,7 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
             value = metrics[cat].get(name, "missing")
             if not (_is_num(value) or value is None):
                 raise NotSAEBenchReadable(f"{cat}.{name} must be a number (or null), got {value!r}")
-    if type_id == "core":
+    if type_id not in HEADLINE_CATEGORY:
         head = {k: v for values in metrics.values() for k, v in values.items()}
     else:
         head = dict(metrics[HEADLINE_CATEGORY[type_id]])

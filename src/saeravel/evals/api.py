@@ -2,26 +2,29 @@
 (:class:`EvalContext`) and what it returns (:class:`EvalOutput`).
 
 Imported by the pipeline, the config registry and every eval; it imports none of them (only
-the modules below the evals: models, SAEs, checkpoints, errors). An eval is
+the modules below the evals: models, SAEs, checkpoints, results, saebench, errors). An eval is
 ``src/saeravel/evals/<name>.py`` (its typed config dataclass and a ``run`` decorated with
-:func:`register`), or a package ``src/saeravel/evals/<name>/`` whose ``main`` module holds that
-``run``, plus ``conf/eval/<name>.yaml``; :func:`discover` finds the modules, so
-adding an eval touches no shared file.
+:func:`register`, whose arguments carry what the report, the job hash, the SAEBench copy and
+prefetch need to know about it), or a package ``src/saeravel/evals/<name>/`` whose ``main``
+module holds that ``run``, plus ``conf/eval/<name>.yaml``; :func:`discover` finds the
+modules, so adding an eval touches no shared file.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from saeravel import results
+from saeravel import saebench as saebench_rules
 from saeravel.checkpoint import CheckpointStore
-from saeravel.errors import choose
+from saeravel.errors import UserError, choose
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE
 
@@ -40,7 +43,9 @@ class EvalConfig:
 @dataclass
 class TextSourceConfig(EvalConfig):
     """Where evals that read plain text get it: ``text_source`` auto (the embedded world's
-    fact sentences for the embedded model, else the HF dataset), ``hf`` or ``embedded``."""
+    fact sentences for the embedded model, else the HF dataset), ``hf`` or ``embedded``.
+    Its values are checked when the config is built (``__post_init__``, also through
+    ``OmegaConf.to_object``); a subclass's ``__post_init__`` calls this one."""
 
     text_source: str = "auto"
     dataset: str = "Skylion007/openwebtext"
@@ -51,6 +56,13 @@ class TextSourceConfig(EvalConfig):
     streaming: bool = True
     shuffle_buffer: int = 1
     context_size: int = 128
+
+    def __post_init__(self) -> None:
+        choose("eval.text_source", self.text_source, ("auto", "embedded", "hf"))
+        if self.shuffle_buffer < 0:
+            raise UserError(f"eval.shuffle_buffer must be >= 0 (got {self.shuffle_buffer})")
+        if self.context_size < 1:
+            raise UserError(f"eval.context_size must be >= 1 (got {self.context_size})")
 
 
 @dataclass
@@ -99,8 +111,25 @@ class EvalSpec:
     SAEBench's ``eval_type_id`` of the eval (default: ``name``); ``saebench(metrics)`` turns
     the eval's ``eval_result_metrics`` into SAEBench's shape for the SAEBench-named copy of the
     result (None: the metrics already have it; a ``"module:function"`` string is imported when
-    first used). ``validate(cfg, job)`` checks the eval's values before anything loads (one-line
-    :class:`~saeravel.errors.UserError`); ``job`` is a :class:`JobChoices`.
+    first used).
+
+    What the layers around the eval need to know about it, so that a new eval touches only its
+    module, its YAML and its tests: ``headline_metrics`` (the report's first columns of its
+    table, ``group.metric``), ``plotted`` (``(column, label)`` the report draws against L0),
+    ``non_result_paths`` (paths under ``eval`` that do not change its result, each with the
+    reason: left out of the job hash), ``saebench_required`` (SAEBench's required metric
+    categories and names for ``saebench_type_id``, checked by the reader) and
+    ``saebench_headline`` (the category SAEBench's ``get_eval_results`` reads; None: every
+    category, flattened), ``offline_needs(cfg, ctx)`` (prefetch: the eval's own data as
+    ``offline.Need``/``Skip`` answers, or None: hub datasets are not prefetched).
+    :func:`register` hands the job-hash and SAEBench facts to ``results`` and ``saebench``
+    (below the evals, which never import the registry).
+
+    Before anything loads (:func:`check_job`), the schema checks its own values
+    (``__post_init__``, run by ``OmegaConf.to_object``); ``validate(cfg, job)`` (``job`` a :class:`JobChoices`) and each of
+    ``checks`` (functions or ``"module:function"`` strings) check what the values alone cannot
+    say: the job's other groups, files, folders, environment variables (one-line
+    :class:`~saeravel.errors.UserError`).
     """
 
     name: str
@@ -111,13 +140,30 @@ class EvalSpec:
     saebench: Callable[[dict], dict] | str | None = None
     saebench_type_id: str | None = None
     validate: Callable[[Any], None] | None = None
+    checks: tuple[Callable[[Any], None] | str, ...] = ()
+    headline_metrics: tuple[str, ...] = ()
+    plotted: tuple[tuple[str, str], ...] = ()
+    non_result_paths: Mapping[str, str] = field(default_factory=dict)
+    saebench_required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    saebench_headline: str | None = None
+    offline_needs: Callable[[Any, Any], list] | str | None = None
 
     def saebench_metrics(self) -> Callable[[dict], dict] | None:
         """The ``saebench`` function (imported if given as ``"module:function"``)."""
-        if isinstance(self.saebench, str):
-            module, _, attr = self.saebench.partition(":")
-            return getattr(importlib.import_module(module), attr)
-        return self.saebench
+        return _function(self.saebench)
+
+    def offline_needs_of(self, cfg: Any, ctx: Any) -> list | None:
+        """Prefetch's answer for the eval's own data (``offline_needs``), or None."""
+        fn = _function(self.offline_needs)
+        return None if fn is None else fn(cfg, ctx)
+
+
+def _function(fn: Callable | str | None) -> Any:
+    """``fn``, or the function a ``"module:function"`` string names."""
+    if isinstance(fn, str):
+        module, _, attr = fn.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return fn
 
 
 _REGISTRY: dict[str, EvalSpec] = {}
@@ -131,13 +177,27 @@ def register(
     saebench: Callable[[dict], dict] | str | None = None,
     saebench_type_id: str | None = None,
     validate: Callable[[Any], None] | None = None,
+    checks: tuple[Callable[[Any], None] | str, ...] = (),
+    headline_metrics: tuple[str, ...] = (),
+    plotted: tuple[tuple[str, str], ...] = (),
+    non_result_paths: Mapping[str, str] | None = None,
+    saebench_required: Mapping[str, tuple[str, ...]] | None = None,
+    saebench_headline: str | None = None,
+    offline_needs: Callable[[Any, Any], list] | str | None = None,
 ) -> Callable:
     """Decorator registering ``run`` as eval ``name`` (see :class:`EvalSpec`)."""
+    type_id = saebench_type_id or name
+    non_result = dict(non_result_paths or {})
+    required = {cat: tuple(names) for cat, names in (saebench_required or {}).items()}
 
     def deco(fn: Callable) -> Callable:
         _REGISTRY[name] = EvalSpec(
-            name, fn, schema, needs_sae, summarize, saebench, saebench_type_id or name, validate
-        )
+            name, fn, schema, needs_sae, summarize, saebench, type_id, validate, tuple(checks),
+            tuple(headline_metrics), tuple(plotted), non_result, required, saebench_headline,
+            offline_needs,
+        )  # fmt: skip
+        results.NON_RESULT_EVAL_PATHS[name] = non_result
+        saebench_rules.register_type(type_id, required, saebench_headline)
         return fn
 
     return deco
@@ -158,3 +218,25 @@ def get_eval(name: str) -> EvalSpec:
     reg = discover()
     choose("eval", name, sorted(reg))
     return reg[name]
+
+
+def check_job(cfg: Any, job: JobChoices | None = None) -> EvalSpec:
+    """Every check of a composed job's eval that needs nothing from the model, in this order:
+    the eval's name, its schema's own checks (``OmegaConf.to_object`` runs each dataclass's
+    ``__post_init__``, sub-configs first), ``spec.validate`` and ``spec.checks`` (files, keys,
+    the job's other groups), and an SAE for an eval that needs one (not ``sae=none``). Called
+    by the pipeline before any SAE source or model is built, and by ``run.py``'s check before
+    Hydra runs (each value of a sweep). ``job``: what the job composed beyond the eval (default:
+    the SAE family from ``cfg.sae``, no group choices). Returns the eval's spec; raises a
+    one-line :class:`~saeravel.errors.UserError`."""
+    spec = get_eval(cfg.eval.name)
+    OmegaConf.to_object(cfg.eval)
+    if job is None:
+        job = JobChoices(cfg.sae.get("family") if "sae" in cfg else None)
+    if spec.validate is not None:
+        spec.validate(cfg.eval, job)
+    for check in spec.checks:
+        _function(check)(cfg.eval)
+    if spec.needs_sae(cfg.eval) and "sae" in cfg and cfg.sae.get("family") == "none":
+        raise UserError(f"eval={spec.name} needs an SAE; choose one with sae=... (not sae=none)")
+    return spec

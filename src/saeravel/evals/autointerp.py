@@ -90,6 +90,49 @@ class JudgeConfig:
     max_concurrency: int = 8
     cache: bool = True
 
+    def __post_init__(self) -> None:
+        check_judge(self)
+
+
+def check_judge(jcfg: Any) -> None:
+    """One-line errors for judge settings that cannot work (run when the config is built)."""
+    if not jcfg.model:
+        raise UserError("eval.judge.model is empty; name the judge model (e.g. gpt-4o-mini)")
+    if not jcfg.base_url:
+        raise UserError(
+            "eval.judge.base_url is empty; give an OpenAI-compatible endpoint such as "
+            "https://api.openai.com/v1 or http://localhost:8000/v1"
+        )
+    if jcfg.token_limit_param not in TOKEN_LIMIT_PARAMS:
+        raise UserError(
+            f"eval.judge.token_limit_param={jcfg.token_limit_param!r}; valid: "
+            + ", ".join(TOKEN_LIMIT_PARAMS)
+        )
+    if jcfg.max_retries < 0:
+        raise UserError(f"eval.judge.max_retries must be >= 0 (got {jcfg.max_retries})")
+    if jcfg.max_concurrency < 1:
+        raise UserError(f"eval.judge.max_concurrency must be >= 1 (got {jcfg.max_concurrency})")
+
+
+def judge_key(jcfg: Any) -> str:
+    """The judge's API key from ``judge.api_key_env``; a one-line error when it is unset.
+    Every run builds its judge with the key (cached answers or not), so the pipeline checks it
+    before anything loads (the eval's ``validate``)."""
+    key = os.environ.get(jcfg.api_key_env, "").strip() if jcfg.api_key_env else ""
+    if not key:
+        raise UserError(
+            f"eval=autointerp needs an API key for the judge at {jcfg.base_url}: set the "
+            f"environment variable {jcfg.api_key_env or 'OPENAI_API_KEY'} (any non-empty "
+            "value for a local server without auth; eval.judge.api_key_env names another "
+            "variable)"
+        )
+    return key
+
+
+def validate(cfg: Any, job: Any = None) -> None:
+    """What the values alone cannot say, before anything loads: the judge's API key."""
+    judge_key(cfg.judge)
+
 
 @dataclass
 class AutoInterpEvalConfig(TextSourceConfig):
@@ -119,6 +162,10 @@ class AutoInterpEvalConfig(TextSourceConfig):
     save_windows: bool = True
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(self)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -542,26 +589,8 @@ class Judge:
     """A chat-completions client with an on-disk answer cache."""
 
     def __init__(self, jcfg: Any, cache_dir: Path | None) -> None:
-        if not jcfg.model:
-            raise UserError("eval.judge.model is empty; name the judge model (e.g. gpt-4o-mini)")
-        if not jcfg.base_url:
-            raise UserError(
-                "eval.judge.base_url is empty; give an OpenAI-compatible endpoint such as "
-                "https://api.openai.com/v1 or http://localhost:8000/v1"
-            )
-        if jcfg.token_limit_param not in TOKEN_LIMIT_PARAMS:
-            raise UserError(
-                f"eval.judge.token_limit_param={jcfg.token_limit_param!r}; valid: "
-                + ", ".join(TOKEN_LIMIT_PARAMS)
-            )
-        key = os.environ.get(jcfg.api_key_env, "").strip() if jcfg.api_key_env else ""
-        if not key:
-            raise UserError(
-                f"eval=autointerp needs an API key for the judge at {jcfg.base_url}: set the "
-                f"environment variable {jcfg.api_key_env or 'OPENAI_API_KEY'} (any non-empty "
-                "value for a local server without auth; eval.judge.api_key_env names another "
-                "variable)"
-            )
+        check_judge(jcfg)
+        key = judge_key(jcfg)
         from openai import OpenAI
 
         self.cfg = jcfg
@@ -752,17 +781,15 @@ def check_config(cfg: Any) -> None:
         "n_iw_sampled_ex_for_scoring": cfg.n_iw_sampled_ex_for_scoring,
         "n_random_ex_for_scoring": cfg.n_random_ex_for_scoring,
         "dead_latent_threshold": cfg.dead_latent_threshold,
-        "judge.max_retries": cfg.judge.max_retries,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"eval.{key} must be >= 0 (got {value})")
     if not 0 <= cfg.act_threshold_frac < 1:
         raise UserError(f"eval.act_threshold_frac must be in [0, 1) (got {cfg.act_threshold_frac})")
-    if cfg.judge.max_concurrency < 1:
-        raise UserError(
-            f"eval.judge.max_concurrency must be >= 1 (got {cfg.judge.max_concurrency})"
-        )
+    if cfg.override_latents is not None and any(i < 0 for i in cfg.override_latents):
+        raise UserError(f"eval.override_latents has {min(cfg.override_latents)}; latents are >= 0")
+    check_judge(cfg.judge)
 
 
 def summarize(metrics: dict) -> str:
@@ -782,7 +809,21 @@ def _mean_std(scores: Sequence[float]) -> tuple[float, float]:
     return t.mean().item(), std
 
 
-@register("autointerp", schema=AutoInterpEvalConfig, summarize=summarize)
+@register(
+    "autointerp",
+    schema=AutoInterpEvalConfig,
+    summarize=summarize,
+    validate=validate,
+    headline_metrics=("autointerp.autointerp_score", "autointerp.autointerp_std_dev"),
+    plotted=(("autointerp.autointerp_score", "autointerp score"),),
+    non_result_paths={
+        "batch_size": "rows per forward pass when collecting activations",
+        "judge.api_key_env": "which environment variable holds the judge's API key",
+        "judge.max_concurrency": "judge requests in flight at once",
+    },
+    saebench_required={"autointerp": ("autointerp_score", "autointerp_std_dev")},
+    saebench_headline="autointerp",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run autointerp on the job's model, SAE and layer."""
     if ctx.sae is None:

@@ -69,6 +69,24 @@ class CoreEvalConfig(TextSourceConfig):
     feature_details: bool = True
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_config(self)
+
+
+def check_config(cfg: Any) -> None:
+    """One-line errors for values that cannot work (run when the config is built)."""
+    n_rec, n_sp = cfg.n_eval_reconstruction_batches, cfg.n_eval_sparsity_variance_batches
+    if n_rec < 0 or n_sp < 0 or max(n_rec, n_sp) == 0:
+        raise UserError(
+            "eval.n_eval_reconstruction_batches and eval.n_eval_sparsity_variance_batches must "
+            f"be >= 0 and not both 0 (got {n_rec} and {n_sp})"
+        )
+    if cfg.batch_size_prompts < 1 or cfg.context_size < 2:
+        raise UserError("eval.batch_size_prompts must be >= 1 and eval.context_size >= 2")
+    if cfg.facts_per_sequence < 1:
+        raise UserError(f"eval.facts_per_sequence must be >= 1 (got {cfg.facts_per_sequence})")
+
 
 # ----------------------------------------------------------------------------- SAE helpers
 
@@ -433,19 +451,36 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("core", schema=CoreEvalConfig, needs_sae=lambda cfg: True, summarize=summarize)
+@register(
+    "core",
+    schema=CoreEvalConfig,
+    needs_sae=lambda cfg: True,
+    summarize=summarize,
+    headline_metrics=(
+        "sparsity.l0",
+        "model_performance_preservation.ce_loss_score",
+        "model_performance_preservation.ce_loss_with_sae",
+        "reconstruction_quality.explained_variance",
+        "model_behavior_preservation.kl_div_score",
+        "reconstruction_quality.mse",
+        "reconstruction_quality.cossim",
+        "misc_metrics.frac_alive",
+    ),
+    plotted=(
+        ("model_performance_preservation.ce_loss_score", "CE loss score"),
+        ("reconstruction_quality.explained_variance", "explained variance"),
+    ),
+    saebench_required={
+        "reconstruction_quality": ("explained_variance", "mse", "cossim"),
+        "sparsity": ("l0", "l1"),
+    },
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the core eval on the job's model, SAE and layer."""
     if ctx.sae is None:
         raise UserError("eval=core needs an SAE; choose one with sae=... (not sae=none)")
+    check_config(cfg)
     n_rec, n_sp = cfg.n_eval_reconstruction_batches, cfg.n_eval_sparsity_variance_batches
-    if n_rec < 0 or n_sp < 0 or max(n_rec, n_sp) == 0:
-        raise UserError(
-            "eval.n_eval_reconstruction_batches and eval.n_eval_sparsity_variance_batches must "
-            f"be >= 0 and not both 0 (got {n_rec} and {n_sp})"
-        )
-    if cfg.batch_size_prompts < 1 or cfg.context_size < 2:
-        raise UserError("eval.batch_size_prompts must be >= 1 and eval.context_size >= 2")
     source = data_source(cfg.text_source, ctx.model, key="eval.text_source")
     special = special_token_ids(ctx.model.tokenizer) if cfg.exclude_special_tokens else []
     log.info(

@@ -98,6 +98,7 @@ from saeravel.probing import (
     ProbeConfig,
     ablate,
     accuracy,
+    check_n_values,
     check_probe,
     effective_n_values,
     fit,
@@ -215,6 +216,23 @@ class ScrEvalConfig(EvalConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     batch_size: int = 32
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        choose("eval.data_source", self.data_source, ("auto", "embedded", "hf"))
+        check_n_values(self.n_values)
+        if self.min_entities_per_cell < 3:
+            raise UserError("eval.min_entities_per_cell must be >= 3 (one city per split)")
+        fr = list(self.entity_split_fractions)
+        if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1) > 1e-6:
+            raise UserError(
+                f"eval.entity_split_fractions must be 3 positive numbers summing to 1: {fr}"
+            )
+        attrs = list(self.embedded_attributes)
+        if len(attrs) != 2 or len(set(attrs)) != 2:
+            raise UserError(f"eval.embedded_attributes must be 2 different attributes, got {attrs}")
+        for key in ("embedded_max_pairs", "context_length", "batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"eval.{key} must be >= 1 (got {getattr(self, key)})")
 
 
 # ----------------------------------------------------------------------------- rules
@@ -450,7 +468,20 @@ def summarize(metrics: dict) -> str:
     return "scr: scr_metric " + (", ".join(shown) or "n/a")
 
 
-@register("scr", schema=ScrEvalConfig, summarize=summarize)
+@register(
+    "scr",
+    schema=ScrEvalConfig,
+    summarize=summarize,
+    headline_metrics=tuple(
+        f"scr_metrics.scr_metric_threshold_{n}" for n in (2, 5, 10, 20, 50, 100, 500)
+    ),
+    plotted=tuple(
+        (f"scr_metrics.scr_metric_threshold_{n}", f"SCR, top {n} latents") for n in (2, 10, 50)
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"scr_metrics": ()},
+    saebench_headline="scr_metrics",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run SCR on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "scr")

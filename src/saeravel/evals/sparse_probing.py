@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from saeravel.errors import UserError
+from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalContext, EvalOutput, register
 from saeravel.probing import (
     ProbeConfig,
@@ -73,6 +73,24 @@ class SparseProbingEvalConfig(EvalConfig):
     probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(standardize=True))
     batch_size: int = 32
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        choose("eval.data_source", self.data_source, ("auto", "embedded", "hf"))
+        if not self.k_values:
+            raise UserError("eval.k_values is empty; give at least one number of latents k")
+        check_k_values(self.k_values, None, None)
+        keys = (
+            "max_classes_per_task",
+            "min_train_entities",
+            "probe_train_set_size",
+            "probe_val_set_size",
+            "probe_test_set_size",
+            "context_length",
+            "batch_size",
+        )
+        for key in keys:  # fmt: skip
+            if getattr(self, key) < 1:
+                raise UserError(f"eval.{key} must be >= 1 (got {getattr(self, key)})")
 
 
 # ----------------------------------------------------------------------------- probes
@@ -126,10 +144,15 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
-def check_k_values(k_values: Sequence[int], d_sae: int, d_model: int) -> None:
-    """Every k must be >= 1 and fit both the SAE and the residual."""
+def check_k_values(k_values: Sequence[int], d_sae: int | None, d_model: int | None) -> None:
+    """Every k must be >= 1 and fit both the SAE and the residual (None: not known yet, before
+    the model loads)."""
     for k in k_values:
-        if k < 1 or k > d_sae or k > d_model:
+        if k < 1:
+            raise UserError(f"eval.k_values has k={k}, but every k must be >= 1")
+        if d_sae is None or d_model is None:
+            continue
+        if k > d_sae or k > d_model:
             raise UserError(
                 f"eval.k_values has k={k}, but k must be between 1 and d_sae={d_sae} "
                 f"(and d_model={d_model} for the residual baseline)"
@@ -150,7 +173,24 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("sparse_probing", schema=SparseProbingEvalConfig, summarize=summarize)
+@register(
+    "sparse_probing",
+    schema=SparseProbingEvalConfig,
+    summarize=summarize,
+    headline_metrics=(
+        "llm.llm_test_accuracy",
+        "sae.sae_test_accuracy",
+        "sae.sae_top_1_test_accuracy",
+        "sae.sae_top_5_test_accuracy",
+    ),
+    plotted=(
+        ("sae.sae_top_1_test_accuracy", "top-1 latent probe accuracy"),
+        ("sae.sae_test_accuracy", "all-latent probe accuracy"),
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"llm": ("llm_test_accuracy",), "sae": ()},
+    saebench_headline="sae",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the sparse-probing eval on the job's model, SAE and layer."""
     if ctx.sae is None:

@@ -67,6 +67,7 @@ from saeravel.probing import (
     ablate,
     accuracy,
     balanced_one_vs_rest,
+    check_n_values,
     check_probe,
     effective_n_values,
     fit,
@@ -111,6 +112,23 @@ class TppEvalConfig(EvalConfig):
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     batch_size: int = 32
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        choose("eval.data_source", self.data_source, ("auto", "embedded", "hf"))
+        check_n_values(self.n_values)
+        if self.max_classes < 2:
+            raise UserError("eval.max_classes must be >= 2 (TPP compares a class with the others)")
+        keys = (
+            "min_train_entities",
+            "train_set_size",
+            "val_set_size",
+            "test_set_size",
+            "context_length",
+            "batch_size",
+        )
+        for key in keys:  # fmt: skip
+            if getattr(self, key) < 1:
+                raise UserError(f"eval.{key} must be >= 1 (got {getattr(self, key)})")
 
 
 # One task of TPP: a ProbeTask whose ``latents`` are model-space latents (times the input's
@@ -214,7 +232,21 @@ def summarize(metrics: dict) -> str:
     return "tpp: total metric " + (", ".join(shown) or "n/a")
 
 
-@register("tpp", schema=TppEvalConfig, summarize=summarize)
+@register(
+    "tpp",
+    schema=TppEvalConfig,
+    summarize=summarize,
+    headline_metrics=tuple(
+        f"tpp_metrics.tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100, 500)
+    ),
+    plotted=tuple(
+        (f"tpp_metrics.tpp_threshold_{n}_total_metric", f"TPP, top {n} latents")
+        for n in (2, 10, 50)
+    ),
+    non_result_paths={"batch_size": "prompts per forward pass when collecting activations"},
+    saebench_required={"tpp_metrics": ()},
+    saebench_headline="tpp_metrics",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run TPP on the job's model, SAE and layer."""
     w_dec = require_decoder(ctx.sae, "tpp")

@@ -128,6 +128,9 @@ class UnlearningEvalConfig(EvalConfig):
     batch_size: int = 64
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        check_values(self)
+
 
 # ----------------------------------------------------------------------------- selection/score
 
@@ -539,12 +542,21 @@ def hf_data(cfg: Any, lm: Any) -> UnlearningData:
 
 def check_config(cfg: Any, d_sae: int) -> None:
     """One-line errors for grids and thresholds that cannot work."""
-    for key in ("retain_thresholds", "n_features_list", "multipliers"):
-        if not list(getattr(cfg, key)):
-            raise UserError(f"eval.{key} is empty; give at least one value")
+    check_values(cfg)
     bad = [n for n in cfg.n_features_list if not 1 <= n <= d_sae]
     if bad:
         raise UserError(f"eval.n_features_list has {bad}; each must be between 1 and d_sae={d_sae}")
+
+
+def check_values(cfg: Any) -> None:
+    """The checks that need no SAE (run when the config is built, before anything loads)."""
+    choose("eval.data_source", cfg.data_source, ("auto", "embedded", "hf"))
+    for key in ("retain_thresholds", "n_features_list", "multipliers"):
+        if not list(getattr(cfg, key)):
+            raise UserError(f"eval.{key} is empty; give at least one value")
+    bad = [n for n in cfg.n_features_list if n < 1]
+    if bad:
+        raise UserError(f"eval.n_features_list has {bad}; each must be >= 1")
     if not 0 <= cfg.retain_accuracy_threshold <= 1:
         raise UserError(
             f"eval.retain_accuracy_threshold must be in [0, 1] (got {cfg.retain_accuracy_threshold})"
@@ -554,6 +566,13 @@ def check_config(cfg: Any, d_sae: int) -> None:
     for key in ("dataset_size", "seq_len", "corpus_batch_size", "batch_size", "facts_per_sequence"):
         if getattr(cfg, key) < 1:
             raise UserError(f"eval.{key} must be >= 1 (got {getattr(cfg, key)})")
+
+
+def validate(cfg: Any, job: Any = None) -> None:
+    """What the values alone cannot say, before anything loads: a given forget corpus exists."""
+    path = cfg.forget_corpus_path
+    if path and not Path(path).expanduser().is_file():
+        raise UserError(f"eval.forget_corpus_path={path} does not exist; {FORGET_CORPUS_HINT}")
 
 
 def _baseline_filter(
@@ -618,7 +637,20 @@ def summarize(metrics: dict) -> str:
     )
 
 
-@register("unlearning", schema=UnlearningEvalConfig, summarize=summarize)
+@register(
+    "unlearning",
+    schema=UnlearningEvalConfig,
+    summarize=summarize,
+    validate=validate,
+    headline_metrics=("unlearning.unlearning_score",),
+    plotted=(("unlearning.unlearning_score", "unlearning score"),),
+    non_result_paths={
+        "batch_size": "prompts per forward pass",
+        "corpus_batch_size": "corpus rows per forward pass",
+    },
+    saebench_required={"unlearning": ("unlearning_score",)},
+    saebench_headline="unlearning",
+)
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the unlearning eval on the job's model, SAE and layer."""
     sae = ctx.sae

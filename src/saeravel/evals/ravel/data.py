@@ -29,15 +29,68 @@ CITY_FILES = {
 }
 
 
+# The JSON shape of each city file: a mapping whose values are of this type.
+_VALUE_TYPES: dict[str, type] = {
+    "entities": dict,  # entity -> {attribute: value}
+    "templates": list,  # attribute -> [template with %s]
+    "template_split": str,  # template -> split
+    "entity_split": str,  # entity -> split
+    "wikipedia": dict,  # prompt -> {"entity", "split"}
+}
+
+
+def _read(folder: Path, key: str) -> dict:
+    """One city file, checked to be a non-empty JSON mapping of the expected values."""
+    path = folder / CITY_FILES[key]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"RAVEL data file {path} is not readable JSON ({exc})") from None
+    want = _VALUE_TYPES[key]
+    if not isinstance(data, dict) or not data or not isinstance(next(iter(data.values())), want):
+        raise UserError(
+            f"RAVEL data file {path} is not RAVEL's {key} file (want a non-empty JSON object "
+            f"whose values are {want.__name__}s)"
+        )
+    return data
+
+
+def check_city_folder(folder: str | Path) -> None:
+    """``folder`` holds RAVEL's five city files, each the JSON shape RAVEL writes (one-line
+    :class:`UserError` otherwise; cheap: no model, no download)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"RAVEL data folder {folder} does not exist or is not a folder")
+    missing = [f for f in CITY_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"RAVEL data folder {folder} lacks {', '.join(missing)}")
+    for key in CITY_FILES:
+        _read(folder, key)
+
+
+def check_data_dir(cfg: Any) -> None:
+    """``eval.data_dir`` of the RAVEL eval, before anything loads: a folder of RAVEL's city
+    files, and not given with ``eval.data_source=embedded`` (which would not read it)."""
+    if cfg.data_dir is None:
+        return
+    if str(cfg.data_source) == "embedded":
+        raise UserError(
+            f"eval.data_dir={cfg.data_dir} is not read with eval.data_source=embedded; set "
+            "eval.data_source=ravel (or auto) to evaluate on RAVEL's files"
+        )
+    check_city_folder(cfg.data_dir)
+
+
 def load_ravel_city(folder: str | Path) -> CityWorld:
-    """Read RAVEL's city files from ``folder`` (a clear error names any missing file)."""
-    folder = Path(folder)
+    """Read RAVEL's city files from ``folder`` (a clear error names any missing or wrongly
+    shaped file)."""
+    folder = Path(folder).expanduser()
     missing = [f for f in CITY_FILES.values() if not (folder / f).exists()]
     if missing:
         raise UserError(f"RAVEL data folder {folder} lacks {', '.join(missing)}")
 
     def read(key: str) -> dict:
-        return json.loads((folder / CITY_FILES[key]).read_text())
+        return _read(folder, key)
 
     templates = read("templates")
     # RAVEL stores a few duplicated templates; keep each once, in order.
@@ -98,3 +151,17 @@ def offline_need(cache_dir: str | Path) -> Any:
         "ravel", "city data", url, str(dest), check,
         lambda: [download_ravel(cache_dir, url=url)], hosts=(url,),
     )  # fmt: skip
+
+
+def eval_offline_needs(cfg: Any, ctx: Any) -> list[Any]:
+    """Prefetch's answer for ``eval=ravel`` (the eval's registered ``offline_needs``): the city
+    files of :func:`offline_need`, or why none are fetched (``eval.data_dir`` given, or a model
+    with its own world)."""
+    from saeravel.offline import Skip
+    from saeravel.taskdata import resolve_source
+
+    if cfg.data_dir:
+        return [Skip("RAVEL data", f"read from eval.data_dir={cfg.data_dir}")]
+    if resolve_source(cfg.data_source, ctx.model.own_world, other="ravel") == "ravel":
+        return [offline_need(ctx.cache_dir)]
+    return [Skip("RAVEL data", f"not needed: eval=ravel on {ctx.model.name} uses its own world")]

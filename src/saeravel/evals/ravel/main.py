@@ -41,6 +41,15 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
     needs_sae=needs_sae,
     saebench="saeravel.saebench:ravel_metrics",
     validate=validate,
+    checks=("saeravel.evals.ravel.data:check_data_dir",),
+    non_result_paths={
+        "save_artifacts": "whether learned masks are also saved beside result.json",
+        "checkpoint_every_s": "how often training state is saved for a resume (same result)",
+        "checkpoint_every_steps": "how often training state is saved for a resume (same result)",
+    },
+    saebench_required={"ravel": ("disentanglement_score", "cause_score", "isolation_score")},
+    saebench_headline="ravel",
+    offline_needs="saeravel.evals.ravel.data:eval_offline_needs",
 )
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
