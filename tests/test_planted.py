@@ -409,18 +409,6 @@ def _run(tmp_path: Path, extra: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_bad_basis_on_the_command_line_exits_2(tmp_path):
-    p = _run(tmp_path, ["model.basis=bogus"])
-    assert p.returncode != 0 and "bogus" in p.stderr
-    assert not (tmp_path / "out" / "result.json").exists()
-    p = _run(tmp_path, ["model.n_entities=6", "sae=none", "eval.method=neurons", "eval.epochs=1"])
-    assert p.returncode == 2, p.stderr
-    assert [ln for ln in p.stderr.splitlines() if ln.startswith("error:")] == [
-        ln for ln in p.stderr.splitlines() if ln.strip()
-    ][-1:]
-    assert not (tmp_path / "out" / "result.json").exists()
-
-
 @pytest.mark.slow
 def test_run_py_writes_a_result(tmp_path):
     p = _run(tmp_path, ["eval.method=all", "sae=planted", "eval.epochs=1", "model.basis=rotated",
