@@ -147,13 +147,7 @@ def latent_inits(truth: PlantedTruth, sae, attr: str) -> list[torch.Tensor]:
     return [torch.zeros(sae.d_sae, dtype=torch.bool), energy > 0.5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The planted model is tiny: one thread is ~40x faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ CONTINENTS = ["Africa", "Asia", "Europe", "North America", "Oceania", "South Ame
 SCALE, READ = 10.0, 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these tensors are tiny and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
