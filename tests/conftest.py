@@ -1,14 +1,25 @@
-"""Shared fixtures: tiny models (2 layers, d_model 64) and a tiny city world."""
+"""Shared fixtures: tiny models (2 layers, d_model 64), a tiny city world and the command line
+in-process (``cli``). Plain helpers shared by several files: tests/helpers.py."""
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from saeravel.config import register_configs
+
+# The suite never reaches the network (CI exports the same); set before huggingface_hub and
+# datasets are imported, which read these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from helpers import CliRun, run_cli  # noqa: E402  (tests/ is on sys.path through this file)
 
 register_configs()
 
@@ -18,6 +29,16 @@ def _seed() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): its
+    tensors are tiny and the machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +115,21 @@ def capped_rotary():
     model = HookedTransformer(cfg)
     model.eval()
     return model
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliRun]:
+    """``cli(args, **env)``: the command line ``python run.py args`` run in this process
+    (``saeravel.cli.main``) with hydra.run.dir, $SAERAVEL_CACHE and $SAERAVEL_RESULTS under
+    ``tmp_path`` (``out/``, ``cache/``, ``results/``); ``env`` sets more variables, ``{tmp}``
+    in an argument or a value standing for ``tmp_path``."""
+
+    def run(args: list[str], **env: str) -> CliRun:
+        monkeypatch.setenv("SAERAVEL_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("SAERAVEL_RESULTS", str(tmp_path / "results"))
+        monkeypatch.setenv("TQDM_DISABLE", "1")
+        for key, value in env.items():
+            monkeypatch.setenv(key, value.replace("{tmp}", str(tmp_path)))
+        return run_cli([a.replace("{tmp}", str(tmp_path)) for a in args], tmp_path)
+
+    return run

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,30 +17,11 @@ from saeravel.evals.absorption import (
     select_main_latents,
     spelling_prompt,
 )
-from saeravel.evals.api import EvalContext
 from saeravel.models import LoadedModel
 from saeravel.probing import ProbeConfig
 from saeravel.saes.base import SAE, SAEIdentity
 
-ROOT = Path(__file__).resolve().parents[1]
-D = 64
-HOOK0 = "blocks.0.hook_resid_post"
-ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
-
-
-def ctx_for(lm: LoadedModel, sae: SAE, tmp_path: Path, hook: str = HOOK0) -> EvalContext:
-    return EvalContext(lm, sae, 0, hook, "cpu", 0, tmp_path, tmp_path)
-
-
-def identity_sae(d_sae: int = 2 * D) -> SAE:
-    """Latents relu(x), relu(-x) with an exact decoder."""
-    eye = torch.eye(D)
-    return SAE(
-        torch.cat([eye, -eye], 1)[:, :d_sae], torch.zeros(d_sae),
-        torch.cat([eye, -eye], 0)[:d_sae], torch.zeros(D), hook_name=HOOK0,
-        identity=SAEIdentity("t"),
-    )  # fmt: skip
-
+from helpers import ARCH, HOOK0, D, ctx_for, identity_sae
 
 # ----------------------------------------------------------------------------- the maths
 
@@ -293,16 +272,3 @@ def test_first_letter_path_on_a_word_level_model(tiny_world, tmp_path):
     assert out.metrics["mean"]["mean_full_absorption_score"] == 0.0
     failing = [d for d in out.details if not d["passed"]]
     assert all(isinstance(d["reason"], str) for d in failing)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def test_yaml_matches_schema_and_is_commented():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["eval=absorption"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(AbsorptionEvalConfig())
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

@@ -16,7 +16,6 @@ import math
 import re
 import socket
 import threading
-from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,8 @@ from saeravel.evals.autointerp import (
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 
-ROOT = Path(__file__).resolve().parents[1]
-D = 64
-HOOK0 = "blocks.0.hook_resid_post"
+from helpers import HOOK0, D
+
 WORDS = ("continent", "country", "time", "language")  # latents 0..3; 4, 5 are dead
 KEY_ENV = "SAERAVEL_TEST_JUDGE_KEY"
 KEY = "test-key-123"
@@ -147,13 +145,7 @@ def completion(model: str, content: str) -> dict:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these tensors are tiny and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -437,13 +429,3 @@ def test_render_marks_active_tokens_inside_their_spacing():
     assert render_window(pieces, [0.0, 2.0, 0.0, 0.5], 0.4, mark=False) == (
         "Paris is in\u21b5the north"
     )
-
-
-def test_yaml_matches_schema_and_is_commented():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["eval=autointerp"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(AutoInterpEvalConfig())
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

@@ -1,4 +1,6 @@
-"""The command line: one-line errors, exit code 2, no result file; and the default job."""
+"""The command line (``saeravel.cli.main``, what ``run.py`` calls): every bad input is one
+``error:`` line, exit code 2, no traceback, no result file, nothing trained. The cases run
+in-process (one table); one real ``python run.py`` subprocess checks the entry point itself."""
 
 from __future__ import annotations
 
@@ -9,117 +11,164 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300):
-    e = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", SAERAVEL_CACHE=str(tmp_path / "cache"),
-             SAERAVEL_RESULTS=str(tmp_path / "results"))  # fmt: skip
-    e.update(env or {})
-    return subprocess.run(
-        [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'out'}", *args],
-        cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+from helpers import ROOT
 
 
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    return errors[0]
+def _options(group: str) -> str:
+    return ", ".join(sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")))
 
 
-def test_layer_out_of_range(tmp_path):
-    msg = _one_line_error(_run(["layer=9"], tmp_path))
-    assert "layer=9 is out of range for tiny-city-lm: 0..3" in msg
-    assert not (tmp_path / "out" / "result.json").exists()
+def _unknown(group: str, value: str, hint: str | None = None) -> str:
+    """The pre-check's whole line for an unknown option of a config group: the group's real
+    options (no schema_* entry), with a "did you mean" only when one is close."""
+    mean = f" (did you mean {hint!r}?)" if hint else ""
+    return f"error: unknown {group} option {value!r}{mean}; valid: {_options(group)}"
 
 
-def test_offline_hub_model_fails_fast_and_clearly(tmp_path):
-    msg = _one_line_error(_run(["model=gpt2-small", "eval.method=neurons"], tmp_path))
-    assert "'gpt2-small'" in msg and "not in the local Hugging Face cache" in msg
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+SMALL_PLANTED = ["model=planted-city-lm", "model.n_entities=60", "model.n_country=10",
+                 "model.n_continent=4", "model.n_language=6", "model.id_dims=4",
+                 "model.d_model=48"]  # fmt: skip
+
+# (args, expected text of the one error line, early): ``early`` cases fail in the pre-check,
+# before Hydra composes (no run folder at all); the others inside the job, before any model
+# loads. ``{tmp}`` is the case's folder.
+CASES = [
+    # -------------------------------------------------- unknown options of a config group
+    pytest.param(["sae=no_such"], _unknown("sae", "no_such"), True, id="group-sae"),
+    pytest.param(["model=gpt3"], _unknown("model", "gpt3"), True, id="group-model"),
+    pytest.param(["eval=rave"], _unknown("eval", "rave", "ravel"), True, id="group-eval"),
+    pytest.param(["logger=wandbb"], _unknown("logger", "wandbb", "wandb"), True, id="group-logger"),
+    pytest.param(["sae=schema_trained"], _unknown("sae", "schema_trained", "trained"), True,
+                 id="group-schema-is-not-an-option"),
+    pytest.param(["sae=opneai_v5_32k"], _unknown("sae", "opneai_v5_32k", "openai_v5_32k"), True,
+                 id="group-typo"),
+    pytest.param(["-m", "sae=jbloom,opneai_v5_32k", "layer=1"],
+                 _unknown("sae", "opneai_v5_32k", "openai_v5_32k"), True, id="group-sweep-list"),
+    # -------------------------------------------------- values and keys the schema rejects
+    pytest.param(["eval.method=dsa"], "eval.method=dsa: Invalid value 'dsa', expected one of [sae,",
+                 True, id="value-method"),
+    pytest.param(["eval.protocol=ravl"], "eval.protocol=ravl: Invalid value 'ravl'", True,
+                 id="value-protocol"),
+    pytest.param(["eval.match=prefx"], "eval.match=prefx: Invalid value 'prefx'", True,
+                 id="value-match"),
+    pytest.param(["eval.optimizer=adm"], "eval.optimizer=adm: Invalid value 'adm'", True,
+                 id="value-optimizer"),
+    pytest.param(["eval.epochs=abc"],
+                 "eval.epochs=abc: Value 'abc' of type 'str' could not be converted", True,
+                 id="value-int"),
+    pytest.param(["eval.epoch=3"], "Key 'epoch' not in 'RavelEvalConfig'", True, id="value-key"),
+    pytest.param(["-m", "eval.method=das,dsa"], "eval.method=dsa: Invalid value 'dsa'", True,
+                 id="value-sweep"),  # every value of a sweep is checked, not just the first
+    pytest.param(["model=planted-city-lm", "model.basis=bogus"], "model.basis=bogus: Invalid value",
+                 True, id="value-planted-basis"),
+    # -------------------------------------------------- the job's own checks
+    pytest.param(["layer=9"], "layer=9 is out of range for tiny-city-lm: 0..3", False, id="layer"),
+    pytest.param(["+eval.epoch=2", "sae=none", "eval.method=das"],
+                 "unknown config key eval.epoch (did you mean eval.epochs?)", False,
+                 id="plus-key"),  # Hydra's own hint for a misspelt key must not run 20 epochs
+    pytest.param(["model=gpt2-small", "eval.method=neurons"],
+                 "'gpt2-small' (gpt2) is not in the local Hugging Face cache", False,
+                 id="offline-hub-model"),
+    pytest.param(["model=gpt2-small", "device=cuda"],
+                 "device=cuda but no CUDA device is visible; valid: auto, cpu, cuda[:N], mps", False,
+                 id="cuda-without-gpu", marks=NO_CUDA),
+    pytest.param(["model=gpt2-small", "sae=trained", "sae.k=0"], "sae.k=0 must be a positive integer",
+                 False, id="trained-k0"),  # before the (uncached) model is looked up
+    pytest.param(["model=gpt2-small", "model.hf_name=gtp2", "eval.method=neurons"],
+                 "hf_name='gtp2' is not a transformer_lens model name", False, id="hf-name"),
+    pytest.param(["model=planted-city-lm", "model.n_entities=6", "sae=none",
+                  "eval.method=neurons", "eval.epochs=1"],
+                 "planted world too small for the split: model.n_entities=6", False,
+                 id="planted-too-few-entities"),
+    # -------------------------------------------------- RAVEL featurizers
+    pytest.param(["sae=none", "eval.method=sae_probe"], "sae_probe, which need an SAE", False,
+                 id="ravel-sae-probe-no-sae"),
+    pytest.param(["sae=none", "eval.method=fixed"], "fixed (SAE decoder directions", False,
+                 id="ravel-fixed-no-sae"),
+    pytest.param(["sae=none", "eval.method=all"], "sae, sae_probe, fixed (SAE decoder directions",
+                 False, id="ravel-all-no-sae"),
+    pytest.param(["sae=none", "eval.method=fixed", "eval.fixed.latents=[0,3]"], "need an SAE",
+                 False, id="ravel-fixed-latents-no-sae"),
+    pytest.param(["sae=none", "eval.method=fixed", "eval.fixed.basis_file=/nonexistent/basis.pt"],
+                 "eval.fixed.basis_file=/nonexistent/basis.pt does not exist", False,
+                 id="ravel-basis-file-missing"),
+    pytest.param(["eval.method=mdas", "eval.mdas.attributes=[Country]"],
+                 "needs at least two distinct attributes", False, id="ravel-mdas-one-attribute"),
+    pytest.param(["eval.method=mdas", "eval.mdas.attributes=[Country,Language]"],
+                 "must be among eval.attributes", False, id="ravel-mdas-unknown-attribute"),
+    pytest.param(["eval.method=pca", "eval.pca.mode=fixed", "eval.pca.k=0"],
+                 "eval.pca.k=0 must be >= 1", False, id="ravel-pca-k0"),
+    pytest.param(["eval.method=sae_probe", "eval.sae_probe.counts=[]"], "eval.sae_probe.counts=[]",
+                 False, id="ravel-sae-probe-counts"),
+    pytest.param(["eval.method=boundless_das", "eval.boundless.init=1.5"],
+                 "eval.boundless.init=1.5", False, id="ravel-boundless-init"),
+    pytest.param([*SMALL_PLANTED, "sae=none", "eval.method=fixed",
+                  "eval.fixed.basis_file={tmp}/basis.pt"], "holds (5, 5)", False,
+                 id="ravel-basis-file-shape"),  # known once the (analytic) model is built
+]  # fmt: skip
 
 
-def test_unwritable_results_dir(tmp_path):
+@pytest.mark.parametrize(("args", "expected", "early"), CASES)
+def test_bad_input_is_one_line_exit_2(cli, tmp_path, args, expected, early):
+    """Hydra's own message for a rejected value is 5 lines and exit 1; ours is one line, exit 2,
+    before any model loads (``early``: before Hydra composes, so no run folder either)."""
+    torch.save(torch.eye(5), tmp_path / "basis.pt")  # the wrong width for every model here
+    line = cli(args).error_line()
+    assert expected in line, line
+    if expected.startswith("error: "):
+        assert line == expected
+    if early:
+        assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_results_dir(cli, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")  # a folder under a regular file cannot exist, even for root
-    proc = _run([], tmp_path, env={"SAERAVEL_RESULTS": str(blocker / "results")})
-    msg = _one_line_error(proc)
-    assert "is not writable" in msg and str(blocker) in msg
+    line = cli([], SAERAVEL_RESULTS=str(blocker / "results")).error_line()
+    assert "is not writable" in line and str(blocker) in line
+
+
+def test_calls_in_one_process_are_independent(cli, tmp_path):
+    """Hydra's global state is cleared and the root logger put back after every call: the
+    second run's pre-check still runs, and no handler of the first job is left behind."""
+    import logging
+
+    handlers = logging.getLogger().handlers[:]
+    assert "layer=9" in cli(["layer=9"]).error_line()
+    assert logging.getLogger().handlers == handlers
+    assert "unknown eval option 'rave'" in cli(["eval=rave"]).error_line()
+
+
+def test_run_py_subprocess_smoke(tmp_path):
+    """The real entry point: ``python run.py layer=9`` is one line, exit 2, no result."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", SAERAVEL_CACHE=str(tmp_path / "cache"),
+               SAERAVEL_RESULTS=str(tmp_path / "results"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'out'}", "layer=9"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: layer=9 is out of range for tiny-city-lm: 0..3"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "run.log").exists()  # Hydra's job log keeps run.py's name
     assert not (tmp_path / "out" / "result.json").exists()
-
-
-def test_unknown_key_added_with_plus_is_one_line(tmp_path):
-    """Hydra's own hint for a misspelt key is `+eval.epoch=2`; it must not run 20 epochs."""
-    msg = _one_line_error(_run(["+eval.epoch=2", "sae=none", "eval.method=das"], tmp_path))
-    assert "unknown config key eval.epoch (did you mean eval.epochs?)" in msg
-    assert not (tmp_path / "out" / "result.json").exists()
-
-
-def test_unknown_group_option_lists_valid_choices(tmp_path):
-    proc = _run(["sae=opneai_v5_32k"], tmp_path)
-    assert proc.returncode != 0
-    assert "openai_v5_32k" in proc.stderr  # the available options are listed
-    assert not (tmp_path / "out" / "result.json").exists()
-
-
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        (["eval.method=dsa"], "eval.method=dsa: Invalid value 'dsa', expected one of [sae,"),
-        (["eval.protocol=ravl"], "eval.protocol=ravl: Invalid value 'ravl'"),
-        (["eval.match=prefx"], "eval.match=prefx: Invalid value 'prefx'"),
-        (["eval.optimizer=adm"], "eval.optimizer=adm: Invalid value 'adm'"),
-        (["eval.epochs=abc"], "eval.epochs=abc: Value 'abc' of type 'str' could not be converted"),
-        (["eval.epoch=3"], "Key 'epoch' not in 'RavelEvalConfig'"),
-        # every value of a sweep is checked, not just the first
-        (["-m", "eval.method=das,dsa"], "eval.method=dsa: Invalid value 'dsa'"),
-    ],
-    ids=["method", "protocol", "match", "optimizer", "int", "key", "sweep"],
-)
-def test_bad_value_is_one_line_before_anything_loads(tmp_path, args, expected):
-    """Hydra's own message for a value the schema rejects is 5 lines and exit 1; ours is one
-    line, exit 2, before any model loads (no run folder, no log)."""
-    msg = _one_line_error(_run(args, tmp_path))
-    assert expected in msg, msg
-    assert not (tmp_path / "out").exists()
-
-
-def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-
-
-@pytest.mark.parametrize(
-    "args,group,hint",
-    [
-        (["sae=no_such"], "sae", None),
-        (["model=gpt3"], "model", None),
-        (["eval=rave"], "eval", "ravel"),
-        (["logger=wandbb"], "logger", "wandb"),
-        (["sae=schema_trained"], "sae", "trained"),  # a schema is not an option
-        (["-m", "sae=jbloom,opneai_v5_32k", "layer=1"], "sae", "openai_v5_32k"),  # a sweep's list
-    ],
-)
-def test_unknown_group_option_is_one_line_with_the_real_options(tmp_path, args, group, hint):
-    proc = _run(args, tmp_path, timeout=60)
-    msg = _one_line_error(proc)
-    assert len(proc.stderr.strip().splitlines()) == 1
-    value = next(a for a in args if a.startswith(f"{group}=")).split("=")[1].split(",")[-1]
-    assert msg.startswith(f"error: unknown {group} option {value!r}")
-    assert ("did you mean" in msg) == (hint is not None)
-    if hint:
-        assert f"(did you mean {hint!r}?)" in msg
-    assert msg.endswith("valid: " + ", ".join(_options(group)))
-    assert "schema" not in msg.split("; valid: ")[1] and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_default_job_end_to_end(tmp_path):
     """`python run.py` with no arguments: embedded model + trained SAE + RAVEL, all methods."""
     cache = Path(os.environ.get("SAERAVEL_CACHE", tmp_path / "cache"))
-    proc = _run([], tmp_path, env={"SAERAVEL_CACHE": str(cache)}, timeout=3000)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", SAERAVEL_CACHE=str(cache),
+               SAERAVEL_RESULTS=str(tmp_path / "results"))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((tmp_path / "out" / "result.json").read_text())
     info = rec["saeravel"]["model_info"]
@@ -152,17 +201,20 @@ class Toy:
 """
 
 
-def test_custom_sae_through_hydras_target(tmp_path):
+def test_custom_sae_through_hydras_target(cli, tmp_path, monkeypatch):
     """sae=custom builds the user's object from its _target_ node (kwargs beside it) and the
     job runs with it; the result records the target and its arguments."""
     (tmp_path / "toy_sae.py").write_text(TOY_SAE)
+    monkeypatch.syspath_prepend(str(tmp_path))
     args = ["model=planted-city-lm", "eval=core", "sae=custom", "sae.object._target_=toy_sae.Toy",
             "+sae.object.d_in=80", "+sae.object.d_sae=160", "sae.hook_name=blocks.0.hook_resid_post",
             "sae.d_in=80", "eval.n_eval_reconstruction_batches=1",
             "eval.n_eval_sparsity_variance_batches=1"]  # fmt: skip
-    path = os.pathsep.join([str(ROOT / "src"), str(tmp_path)])
-    proc = _run(args, tmp_path, env={"PYTHONPATH": path}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    try:
+        run = cli(args)
+    finally:
+        sys.modules.pop("toy_sae", None)
+    assert run.code == 0, run.err[-2000:]
     rec = json.loads((tmp_path / "out" / "result.json").read_text())
     extra = rec["saeravel"]["sae_identity"]["extra"]
     assert extra == {"target": "toy_sae.Toy", "kwargs": {"d_in": 80, "d_sae": 160}}

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
 
-from saeravel.activations import counted_mask, latents_and_reconstruction
+from saeravel.activations import counted_mask
 from saeravel.errors import UserError
 from saeravel.evals.api import EvalContext
 from saeravel.evals.core import (
@@ -31,13 +26,12 @@ from saeravel.evals.core import (
 from saeravel.models import LoadedModel
 from saeravel.results import atomic_write_json
 from saeravel.saes.base import SAE, SAEIdentity
-from saeravel.taskdata import dataset_texts, embedded_texts, pack_token_batches
+from saeravel.taskdata import embedded_texts
 
-ROOT = Path(__file__).resolve().parents[1]
-D = 64
+from helpers import HOOK0, D, identity_sae
+
 VOCAB = 50
 PAD, BOS = 0, 1
-HOOK0 = "blocks.0.hook_resid_post"
 HOOK1 = "blocks.1.hook_resid_post"
 
 
@@ -78,18 +72,6 @@ def make_batches(n_batches: int = 2, batch: int = 4, length: int = 16, seed: int
 
 def make_sae(W_enc, b_enc, W_dec, b_dec, hook=HOOK0, **kw) -> SAE:
     return SAE(W_enc, b_enc, W_dec, b_dec, hook_name=hook, identity=SAEIdentity("test"), **kw)
-
-
-def identity_sae(hook=HOOK0) -> SAE:
-    """d_sae = 2 d: latents relu(x), relu(-x); decoder [I; -I] gives x back exactly."""
-    eye = torch.eye(D)
-    return make_sae(
-        torch.cat([eye, -eye], 1),
-        torch.zeros(2 * D),
-        torch.cat([eye, -eye], 0),
-        torch.zeros(D),
-        hook,
-    )
 
 
 def zero_sae(d_sae: int = 32) -> SAE:
@@ -426,22 +408,6 @@ def test_agrees_with_sae_lens_excluding_bos(model):
     assert mine["ce_loss_score"] == pytest.approx(ce_score, rel=1e-9)
 
 
-def test_one_encoder_pass_equals_public_api():
-    g = torch.Generator().manual_seed(5)
-    sae = make_sae(
-        torch.randn(D, 40, generator=g),
-        torch.randn(40, generator=g),
-        torch.randn(40, D, generator=g),
-        torch.randn(D, generator=g),
-        normalize="layer_norm",
-        activation="topk",
-        k=5,
-    )
-    x = 3 + 2 * torch.randn(3, 7, D, generator=g)
-    f, x_hat = latents_and_reconstruction(sae, x)
-    assert torch.allclose(f, sae.encode(x)) and torch.allclose(x_hat, sae.reconstruct(x))
-
-
 # ----------------------------------------------------------------------------- text sources
 
 
@@ -504,85 +470,3 @@ def test_embedded_source_needs_the_world(city, tmp_path):
         run(CoreEvalConfig(text_source="embedded"), ctx)
     with pytest.raises(UserError, match="did you mean"):
         run(CoreEvalConfig(text_source="embeded"), ctx)
-
-
-def test_hf_path_packs_local_json(city, tmp_path):
-    docs = ["Paris is in France .", "Lima lies on the continent of South America ."]
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 5))
-    tok = city.tokenizer
-    texts = dataset_texts("json", data_files=str(data), streaming=True, shuffle_buffer=0)
-    batches = list(pack_token_batches(texts, tok, context_size=8, batch_size=2))
-    stream = []
-    for d in docs * 5:
-        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.bos_token_id]
-    rows = [r for b in batches for r in b.tolist()]
-    assert all(r[0] == tok.bos_token_id and len(r) == 8 for r in rows)
-    assert [t for r in rows for t in r[1:]] == stream[: 7 * len(rows)]
-    assert len(rows) == len(stream) // 7 // 2 * 2  # whole batches only
-
-
-def test_missing_local_dataset_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="could not be loaded") as err:
-        next(dataset_texts("json", data_files=str(tmp_path / "nope.jsonl")))
-    assert "\n" not in str(err.value)
-
-
-def test_wrong_column_is_a_user_error(tmp_path):
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(UserError, match="no column 'text'; valid: body"):
-        next(dataset_texts("json", data_files=str(data), shuffle_buffer=0))
-
-
-def test_offline_hub_dataset_is_a_one_line_error():
-    code = (
-        "from saeravel.taskdata import dataset_texts\n"
-        "from saeravel.errors import UserError\n"
-        "try:\n"
-        "    next(dataset_texts('Skylion007/openwebtext'))\n"
-        "except UserError as e:\n"
-        "    print('USERERROR', e)\n"
-    )
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    line = [x for x in out.stdout.splitlines() if x.startswith("USERERROR")]
-    assert len(line) == 1, out.stdout + out.stderr
-    assert "Skylion007/openwebtext" in line[0] and "HF_DATASETS_OFFLINE=1" in line[0]
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def test_yaml_matches_schema_and_is_commented():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from saeravel.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["eval=core"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(CoreEvalConfig())
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.
-
-
-def test_packing_keeps_a_separator_that_starts_a_row():
-    """GPT-2's BOS is its EOS: a document ending at a row's end leaves the separator to open
-    the next row after its BOS head (sae_lens' own begin-of-batch token would drop one and
-    shift every later row)."""
-
-    class Tok:
-        bos_token_id = eos_token_id = 0
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [int(w) for w in text.split()]}
-
-    rows = [
-        r
-        for b in pack_token_batches(["1 2 3", "4 5 6", "7 8"], Tok(), context_size=4, batch_size=1)
-        for r in b.tolist()
-    ]
-    assert rows == [[0, 1, 2, 3], [0, 0, 4, 5], [0, 6, 0, 7]]

@@ -57,6 +57,21 @@ def test_every_saebench_eval_has_a_yaml():
 
 
 @pytest.mark.parametrize("name", YAMLS)
+def test_yaml_composes_to_the_schema_defaults(name):
+    """``eval=<name>`` composes (through Hydra, the schema registered) to exactly the eval's
+    schema defaults."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saeravel.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"eval={name}"])
+    assert OmegaConf.to_container(cfg.eval) == dataclasses.asdict(discover()[name].schema())
+
+
+@pytest.mark.parametrize("name", YAMLS)
 def test_yaml_sets_no_value_and_documents_every_default(name):
     schema = discover()[name].schema
     defaults = _plain(dataclasses.asdict(schema()))

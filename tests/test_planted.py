@@ -148,13 +148,7 @@ def latent_inits(truth: PlantedTruth, sae, attr: str) -> list[torch.Tensor]:
     return [torch.zeros(sae.d_sae, dtype=torch.bool), energy > 0.5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The planted model is tiny: one thread is ~40x faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -408,18 +402,6 @@ def _run(tmp_path: Path, extra: list[str]) -> subprocess.CompletedProcess:
             f"paths.results_dir={tmp_path / 'results'}", "hydra.run.dir=" + str(tmp_path / "h"),
             *extra]  # fmt: skip
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-
-
-def test_bad_basis_on_the_command_line_exits_2(tmp_path):
-    p = _run(tmp_path, ["model.basis=bogus"])
-    assert p.returncode != 0 and "bogus" in p.stderr
-    assert not (tmp_path / "out" / "result.json").exists()
-    p = _run(tmp_path, ["model.n_entities=6", "sae=none", "eval.method=neurons", "eval.epochs=1"])
-    assert p.returncode == 2, p.stderr
-    assert [ln for ln in p.stderr.splitlines() if ln.startswith("error:")] == [
-        ln for ln in p.stderr.splitlines() if ln.strip()
-    ][-1:]
-    assert not (tmp_path / "out" / "result.json").exists()
 
 
 @pytest.mark.slow

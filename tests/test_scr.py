@@ -3,90 +3,27 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from saeravel.activations import model_space_latents
 from saeravel.errors import UserError
-from saeravel.evals.api import EvalContext
 from saeravel.evals.scr import ScrEvalConfig, headline_direction, ranking_scores, run, scr_score
 from saeravel.models import LoadedModel
-from saeravel.probing import ProbeConfig, ablate, effective_n_values, latent_effects, top_latents
+from saeravel.probing import ProbeConfig, top_latents
 from saeravel.saes.base import SAE, SAEIdentity
-from saeravel.taskdata import choose_embedded_pairs
+
+from helpers import ARCH, HOOK0, D, cell_world, ctx_for, identity_sae
 
 ROOT = Path(__file__).resolve().parents[1]
-D = 64
-HOOK0 = "blocks.0.hook_resid_post"
-ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
-ATTRS = {"Timezone": "Tz", "Latitude": "0", "Longitude": "0"}
-
-
-def identity_sae(normalize: str = "none") -> SAE:
-    """Latents relu(x), relu(-x) (of the normalised input for layer-norm SAEs); exact."""
-    eye = torch.eye(D)
-    return SAE(
-        torch.cat([eye, -eye], 1), torch.zeros(2 * D), torch.cat([eye, -eye], 0), torch.zeros(D),
-        hook_name=HOOK0, identity=SAEIdentity("t"), normalize=normalize,
-    )  # fmt: skip
-
-
-def ctx_for(lm: LoadedModel, sae: SAE | None, tmp_path: Path) -> EvalContext:
-    return EvalContext(lm, sae, 0, HOOK0, "cpu", 0, tmp_path, tmp_path)
 
 
 # ----------------------------------------------------------------------------- units
 
 
-def test_ablation_is_the_reconstruction_difference_for_layer_norm_saes():
-    """x - a[:, S] W_dec[S] == x + recon(f with f_S = 0) - recon(f), for a layer-norm SAE
-    with random weights (a = latents times the input's std)."""
-    g = torch.Generator().manual_seed(0)
-    d, m = 8, 20
-    sae = SAE(
-        torch.randn(d, m, generator=g), torch.randn(m, generator=g) * 0.1,
-        torch.randn(m, d, generator=g), torch.randn(d, generator=g), hook_name=HOOK0,
-        identity=SAEIdentity("t"), normalize="layer_norm",
-    )  # fmt: skip
-    x = torch.randn(5, d, generator=g) * 3 + 1
-    f = sae.encode(x)
-    a = model_space_latents(sae, x.numpy(), f.numpy())
-    S = np.array([0, 3, 7, 11])
-    f_abl = f.clone()
-    f_abl[:, S] = 0
-    xn, stats = sae.normalize(x)
-    want = x + sae.denormalize(sae.decode(f_abl), stats) - sae.reconstruct(x)
-    got = ablate(x.numpy().astype(np.float64), a, sae.W_dec.numpy().astype(np.float64), S)
-    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
-    assert np.abs(a - f.numpy()).max() > 0.1  # the std matters here
-
-
-@pytest.mark.parametrize("standardize", [True, False])
-def test_probe_weights_are_in_the_raw_activation_space(standardize):
-    from saeravel.probing import fit_probe, linear_probe_weights
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(60, 5)) * [1, 10, 0.1, 3, 1] + [0, 5, -2, 0, 1]
-    y = (x[:, 0] + 0.1 * x[:, 1] > 0.5).astype(int)
-    model, _, _ = fit_probe((x, y), (x, y), [1.0], standardize=standardize)
-    w, b = linear_probe_weights(model)
-    np.testing.assert_allclose(x @ w + b, model.decision_function(x), rtol=1e-6, atol=1e-8)
-
-
-def test_latent_effects_by_hand():
-    a = np.array([[2.0, 0, 1], [4.0, 0, 1], [0.0, 3, 1], [0.0, 1, 1]])
-    y = np.array([1, 1, 0, 0])
-    w_dec = np.array([[1.0, 0], [0.0, 1], [1.0, 1]])
-    w = np.array([0.5, -1.0])
-    # mean differences 3, -2, 0; W_dec @ w = 0.5, -1, -0.5 -> effects 1.5, 2, 0.
-    np.testing.assert_allclose(latent_effects(a, y, w, w_dec), [1.5, 2.0, 0.0])
+def test_scr_score_by_hand():
     assert scr_score(0.9, 0.6, 0.8) == pytest.approx(1.5)
     assert math.isnan(scr_score(0.9, 0.7, 0.7, denominator="ratio"))
 
@@ -133,46 +70,6 @@ def test_ranking_and_nonzero_rules_by_hand():
         ranking_scores(effects, "absolut")
 
 
-def test_n_values_are_capped_at_d_sae_and_checked():
-    pairs, capped = effective_n_values([2, 10, 500], 16)
-    assert pairs == [(2, 2), (10, 10), (500, 16)] and capped == {"500": 16}
-    with pytest.raises(UserError, match="every N must be >= 1"):
-        effective_n_values([0, 2], 16)
-
-
-def _world(cells: dict[tuple[str, str], int], split: bool = False):
-    from saeravel.world import TEMPLATES, CityWorld
-
-    entities, entity_split = {}, {}
-    for (cont, lang), n in cells.items():
-        for i in range(n):
-            name = f"{cont.lower()}{lang.lower()}city{i}"
-            entities[name] = {
-                "Continent": cont,
-                "Country": cont + "land",
-                "Language": lang,
-                **ATTRS,
-            }
-            entity_split[name] = ("train", "train", "val", "test", "train", "test")[i % 6]
-    templates = {a: t[:1] for a, t in TEMPLATES.items()}  # 4 rows per city keep tests fast
-    return CityWorld(entities=entities, templates=templates, entity_split=entity_split)
-
-
-def test_embedded_pairs_are_the_largest_complete_ones():
-    cells = {("Alpha", "Lone"): 9, ("Alpha", "Ltwo"): 4, ("Beta", "Lone"): 5, ("Beta", "Ltwo"): 8,
-             ("Gamma", "Lone"): 2, ("Gamma", "Ltwo"): 20}  # fmt: skip
-    world = _world(cells)
-    # Only Alpha/Beta has all four cells >= 3; biased cells (Alpha, Lone) & (Beta, Ltwo) = 9, 8.
-    assert choose_embedded_pairs(world, "Continent", "Language", 3, 5) == [
-        ("Alpha", "Beta", "Lone", "Ltwo")
-    ]
-    # Below 2 Gamma joins; Alpha/Beta (smallest cell 4) still comes first.
-    got = choose_embedded_pairs(world, "Continent", "Language", 2, 5)
-    assert got[0] == ("Alpha", "Beta", "Lone", "Ltwo") and len(got) == 3
-    # Orientation: the larger cells are the biased ones.
-    assert ("Alpha", "Gamma", "Lone", "Ltwo") in got and ("Beta", "Gamma", "Lone", "Ltwo") in got
-
-
 # ----------------------------------------------------------------------------- planted world
 
 
@@ -182,7 +79,7 @@ def _planted(continent: float, language: float) -> LoadedModel:
     per (continent, language)."""
     from saeravel.tiny_lm import build_model, build_tokenizer, world_vocabulary
 
-    world = _world({(c, lang): 10 for c in ("Alpha", "Beta") for lang in ("Lone", "Ltwo")})
+    world = cell_world({(c, lang): 10 for c in ("Alpha", "Beta") for lang in ("Lone", "Ltwo")})
     tok = build_tokenizer(world_vocabulary(world))
     torch.manual_seed(0)
     model = build_model(ARCH, tok)
@@ -214,7 +111,7 @@ def planted_continent():
 @pytest.mark.parametrize("normalize", ["none", "layer_norm"])
 def test_ablating_the_planted_spurious_latents_removes_the_bias(planted, tmp_path, normalize):
     cfg = ScrEvalConfig(n_values=[2, 500], probe=ProbeConfig(c_grid=[0.01, 1.0]), batch_size=256)
-    out = run(cfg, ctx_for(planted, identity_sae(normalize), tmp_path))
+    out = run(cfg, ctx_for(planted, identity_sae(normalize=normalize), tmp_path))
     [pair] = out.details
     assert pair["pair"] == ["Alpha", "Beta", "Lone", "Ltwo"]
     # The language probe's top latents are relu(x_1) and relu(-x_1): latents 1 and 65.
@@ -291,7 +188,7 @@ def _sae_with_extra_latents() -> SAE:
     )  # fmt: skip
 
 
-def test_absolute_ranking_and_nonzero_cap_on_the_planted_world(planted, tmp_path):
+def test_absolute_ranking_and_nonzero_cap_on_the_plantedcell_world(planted, tmp_path):
     """Language probe effects (w_1 > 0, mean differences +-4 on axis 1): latents 1 and 65
     about +4 w_1, latent 128 about (+4) (-2 w_1) = -8 w_1, latent 129 exactly 0."""
     sae = _sae_with_extra_latents()
@@ -357,39 +254,17 @@ def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
             run(cfg, ctx_for(no_world, sae, tmp_path))
 
 
-def test_hf_dataset_offline_is_a_one_line_error():
-    code = (
-        "from saeravel.taskdata import load_paired_texts\n"
-        "from saeravel.errors import UserError\n"
-        "for name, cell in (('LabHC/bias_in_bios_class_set1', ('professor', 'male')),\n"
-        "                   ('canrager/amazon_reviews_mcauley_1and5', ('Books', '5.0'))):\n"
-        "    try:\n"
-        "        load_paired_texts(name, [cell], 4, 4, 4, 0)\n"
-        "    except UserError as e:\n"
-        "        print('USERERROR', e)\n"
-    )
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    lines = [x for x in out.stdout.splitlines() if x.startswith("USERERROR")]
-    assert len(lines) == 2, out.stdout + out.stderr
-    assert "'LabHC/bias_in_bios'" in lines[0]
-    assert "'canrager/amazon_reviews_mcauley_1and5'" in lines[1]
-    assert all("HF_DATASETS_OFFLINE=1" in x for x in lines)
-
-
 # ----------------------------------------------------------------------------- config
 
 
-def test_yaml_matches_schema_and_is_commented():
+def test_saebench_rules_are_the_defaults_and_checked():
+    """SAEBench's rules are the defaults; a misspelt one fails when the config is composed
+    (that the YAML equals the schema's defaults is tests/test_eval_yaml.py's check)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["eval=scr"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(ScrEvalConfig())
     # SAEBench's rules are the defaults; a misspelt rule fails when the config is composed.
     assert (cfg.eval.ranking, cfg.eval.direction, cfg.eval.denominator) == (
         "absolute", "saebench", "saebench"
@@ -400,31 +275,3 @@ def test_yaml_matches_schema_and_is_commented():
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             with pytest.raises(ConfigCompositionException):
                 compose(config_name="config", overrides=["eval=scr", bad])
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.
-
-
-def test_hub_pairs_through_the_shared_seam(planted, monkeypatch):
-    """paired_cells on the hub side: texts read once per dataset (a quarter of each size per
-    cell), then per pair the four cells' mean-pooled rows with both labels."""
-    from saeravel import taskdata
-    from saeravel.taskdata import PairRequest, paired_cells
-
-    cities = sorted(planted.world.entities)
-    calls = []
-
-    def fake(name, cells, n_train, n_val, n_test, seed):
-        calls.append((name, tuple(cells), n_train, n_val, n_test))
-        return {
-            s: {c: [f"{x} is a city" for x in cities[i : i + n]] for i, c in enumerate(cells)}
-            for s, n in (("train", n_train), ("val", n_val), ("test", n_test))
-        }
-
-    monkeypatch.setattr(taskdata, "load_paired_texts", fake)
-    pairs = [("p", "q", "m", "f"), ("r", "q", "m", "f")]
-    req = PairRequest(("Continent", "Language"), [0.5, 0.2, 0.3], (8, 4, 4), 8, 4, 0)
-    out = list(paired_cells("hf", planted, identity_sae(), HOOK0, [("ds", pairs)], req))
-    assert len(calls) == 1 and calls[0][2:] == (2, 1, 1)
-    assert [(n, p) for n, p, _ in out] == [("ds", pairs[0]), ("ds", pairs[1])]
-    data = out[1][2]
-    assert sorted(set(data.v1["train"])) == ["q", "r"] and len(data.v1["train"]) == 8
-    assert data.x["test"].shape == (4, D) and data.a["test"].shape == (4, identity_sae().d_sae)

@@ -2,58 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from dataclasses import asdict
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from saeravel.errors import UserError
-from saeravel.evals.api import EvalContext
 from saeravel.evals.sparse_probing import SparseProbingEvalConfig, probe, run
 from saeravel.models import LoadedModel
-from saeravel.probing import ProbeConfig, balanced_one_vs_rest, fit_probe, top_k_by_mean_difference
-from saeravel.saes.base import SAE, SAEIdentity
-from saeravel.taskdata import load_hf_task_texts
+from saeravel.probing import ProbeConfig, fit_probe
 
-ROOT = Path(__file__).resolve().parents[1]
-D = 64
-HOOK0 = "blocks.0.hook_resid_post"
-
-
-def make_sae(d_sae: int = 2 * D) -> SAE:
-    """[I, -I] encoder, [I; -I] decoder: latents relu(x), relu(-x) (exact reconstruction)."""
-    eye = torch.eye(D)
-    W_enc = torch.cat([eye, -eye], 1)[:, :d_sae]
-    W_dec = torch.cat([eye, -eye], 0)[:d_sae]
-    return SAE(
-        W_enc, torch.zeros(d_sae), W_dec, torch.zeros(D), hook_name=HOOK0, identity=SAEIdentity("t")
-    )
-
+from helpers import D, ctx_for, identity_sae
 
 # ----------------------------------------------------------------------------- units
-
-
-def test_top_k_by_mean_difference_hand_made():
-    x = np.array([[1.0, 0, 0, 5], [1.0, 0, 1, 5], [0.0, 0, 0, 0], [0.0, 0, 1, 0]])
-    y = np.array([1, 1, 0, 0])
-    # |mean diff| per column: 1, 0, 0, 5.
-    assert top_k_by_mean_difference(x, y, 2).tolist() == [3, 0]
-    assert top_k_by_mean_difference(x, y, 3).tolist() == [3, 0, 1]  # tie -> lower index
-
-
-def test_balanced_one_vs_rest():
-    labels = np.array(["a"] * 3 + ["b"] * 10 + ["c"] * 5)
-    idx, y = balanced_one_vs_rest(labels, "a", np.random.default_rng(0))
-    assert y.sum() == 3 and len(y) == 6
-    assert (labels[idx][y == 1] == "a").all() and (labels[idx][y == 0] != "a").all()
-    assert len(set(idx.tolist())) == 6
-    idx, y = balanced_one_vs_rest(labels, "b", np.random.default_rng(0))
-    assert y.sum() == 8 and len(y) == 16  # only 8 negatives exist: positives subsampled
 
 
 def test_hyperparameters_come_from_validation_never_test():
@@ -116,17 +76,13 @@ def city():
     return LoadedModel(model=model, name="tiny-test", world=world)
 
 
-def ctx_for(lm, sae, tmp_path) -> EvalContext:
-    return EvalContext(lm, sae, 0, HOOK0, "cpu", 0, tmp_path, tmp_path)
-
-
 def test_embedded_end_to_end(city, tmp_path):
     cfg = SparseProbingEvalConfig(
         k_values=[1, 5],
         probe=ProbeConfig(c_grid=[0.01, 1.0], standardize=True),
         min_train_entities=3,
     )
-    out = run(cfg, ctx_for(city, make_sae(), tmp_path))
+    out = run(cfg, ctx_for(city, identity_sae(), tmp_path))
     assert set(out.metrics) == {"llm", "sae"}
     keys = {"llm_test_accuracy", "llm_top_1_test_accuracy", "llm_top_5_test_accuracy"}
     assert set(out.metrics["llm"]) == keys
@@ -152,83 +108,18 @@ def test_embedded_end_to_end(city, tmp_path):
 def test_k_larger_than_d_sae_is_a_one_line_error(city, tmp_path):
     cfg = SparseProbingEvalConfig(k_values=[1, 20])
     with pytest.raises(UserError, match="k=20.*d_sae=16") as err:
-        run(cfg, ctx_for(city, make_sae(d_sae=16), tmp_path))
+        run(cfg, ctx_for(city, identity_sae(d_sae=16), tmp_path))
     assert "\n" not in str(err.value)
 
 
 def test_unknown_source_and_dataset_are_user_errors(city, tmp_path):
     with pytest.raises(UserError, match="did you mean 'embedded'"):
-        run(SparseProbingEvalConfig(data_source="embeded"), ctx_for(city, make_sae(), tmp_path))
+        run(SparseProbingEvalConfig(data_source="embeded"), ctx_for(city, identity_sae(), tmp_path))
     cfg = SparseProbingEvalConfig(data_source="hf", dataset_names=["fancyzhx/ag_newz"])
     with pytest.raises(UserError, match="unknown probing dataset"):
-        run(cfg, ctx_for(city, make_sae(), tmp_path))
+        run(cfg, ctx_for(city, identity_sae(), tmp_path))
     with pytest.raises(UserError, match="unknown attribute"):
-        run(SparseProbingEvalConfig(attributes=["Colour"]), ctx_for(city, make_sae(), tmp_path))
+        run(SparseProbingEvalConfig(attributes=["Colour"]), ctx_for(city, identity_sae(), tmp_path))
 
 
 # ----------------------------------------------------------------------------- hf
-
-
-def test_hf_dataset_offline_is_a_one_line_error():
-    code = (
-        "from saeravel.taskdata import load_hf_task_texts\n"
-        "from saeravel.errors import UserError\n"
-        "for name in ('fancyzhx/ag_news', 'Helsinki-NLP/europarl'):\n"
-        "    try:\n"
-        "        load_hf_task_texts(name, 8, 4, 4, 0)\n"
-        "    except UserError as e:\n"
-        "        print('USERERROR', e)\n"
-    )
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    lines = [x for x in out.stdout.splitlines() if x.startswith("USERERROR")]
-    assert len(lines) == 2, out.stdout + out.stderr
-    assert "'fancyzhx/ag_news'" in lines[0] and "'Helsinki-NLP/europarl'" in lines[1]
-    assert all("HF_DATASETS_OFFLINE=1" in x for x in lines)
-
-
-def test_unknown_hf_dataset_lists_valid_ones():
-    with pytest.raises(UserError, match="LabHC/bias_in_bios_class_set1"):
-        load_hf_task_texts("LabHC/bias_in_bios", 8, 4, 4, 0)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def test_yaml_matches_schema_and_is_commented():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from saeravel.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["eval=sparse_probing"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(SparseProbingEvalConfig())
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.
-
-
-def test_hub_tasks_through_the_shared_seam(city, monkeypatch):
-    """classification_tasks on the hub side: the first hub_max_classes classes with data in
-    every split, one mean-pooled row per text, model-space latents when asked."""
-    from saeravel import taskdata
-    from saeravel.taskdata import TaskRequest, classification_tasks
-
-    cities = sorted(city.world.entities)
-    data = {
-        s: {c: [f"{x} is in the country of" for x in cities[i : i + 3]] for c, i in (("a", 0), ("b", 3), ("c", 6))}
-        for s in ("train", "val", "test")
-    }  # fmt: skip
-    data["val"].pop("b")
-    monkeypatch.setattr(taskdata, "load_hf_task_texts", lambda *a, **k: data)
-    req = TaskRequest(
-        attributes=[], dataset_names=["fancyzhx/ag_news"], max_classes=5, min_train_entities=1,
-        sizes=(6, 6, 6), context_length=8, batch_size=4, seed=0, hub_max_classes=2,
-        model_space=True,
-    )  # fmt: skip
-    [task] = classification_tasks("hf", city, make_sae(), HOOK0, req)
-    assert task.name == "fancyzhx/ag_news" and task.classes == ["a", "c"]
-    assert task.labels["train"].tolist() == ["a"] * 3 + ["c"] * 3
-    assert task.resid["test"].shape == (6, D) and task.latents["test"].shape == (6, 2 * D)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -10,30 +9,15 @@ import pytest
 import torch
 
 from saeravel.errors import UserError
-from saeravel.evals.api import EvalContext
 from saeravel.evals.tpp import TppEvalConfig, TppTask, run, tpp_task
 from saeravel.models import LoadedModel
-from saeravel.probing import ProbeConfig, latent_effects
-from saeravel.saes.base import SAE, CustomSAE, SAEIdentity
+from saeravel.probing import ProbeConfig
+from saeravel.saes.base import CustomSAE, SAEIdentity
+
+from helpers import ARCH, HOOK0, D, ctx_for, identity_sae
 
 ROOT = Path(__file__).resolve().parents[1]
-D = 64
-HOOK0 = "blocks.0.hook_resid_post"
-ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
 CONTINENTS = ("Alpha", "Beta", "Gamma", "Delta")
-
-
-def identity_sae() -> SAE:
-    """Latents relu(x), relu(-x) with an exact decoder."""
-    eye = torch.eye(D)
-    return SAE(
-        torch.cat([eye, -eye], 1), torch.zeros(2 * D), torch.cat([eye, -eye], 0), torch.zeros(D),
-        hook_name=HOOK0, identity=SAEIdentity("t"),
-    )  # fmt: skip
-
-
-def ctx_for(lm: LoadedModel, sae: SAE | None, tmp_path: Path) -> EvalContext:
-    return EvalContext(lm, sae, 0, HOOK0, "cpu", 0, tmp_path, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +94,6 @@ def test_ablating_a_class_latent_hurts_its_probe_not_the_others(planted, tmp_pat
     assert out.details[0]["n_latents_ablated"]["500"] == {c: 2 * D for c in CONTINENTS}
     assert out.metrics["tpp_metrics"]["tpp_threshold_500_total_metric"] == pytest.approx(0.0)
     assert out.unstructured["rules"]["saebench"] is False
-
-
-def test_clamped_effects_by_hand():
-    a = np.array([[2.0, 0, 1], [4.0, 0, 1], [0.0, 3, 1], [0.0, 1, 1]])
-    y = np.array([1, 1, 0, 0])
-    w_dec = np.array([[1.0, 0], [0.0, 1], [1.0, 1]])
-    w = np.array([0.5, -1.0])
-    # mean differences 3, -2, 0; W_dec @ w = 0.5, -1, -0.5: effects 1.5, 2, 0; SAEBench
-    # clamps the difference -2 at 0 first: 1.5, 0, 0.
-    np.testing.assert_allclose(latent_effects(a, y, w, w_dec), [1.5, 2.0, 0.0])
-    np.testing.assert_allclose(latent_effects(a, y, w, w_dec, clamp=True), [1.5, 0.0, 0.0])
 
 
 def _three_classes() -> TppTask:
@@ -208,18 +181,17 @@ def test_hf_dataset_that_cannot_be_loaded_is_a_one_line_error(planted, tmp_path,
     assert "HF_DATASETS_OFFLINE=1" in msg and "\n" not in msg
 
 
-def test_yaml_matches_schema_and_is_commented():
+def test_saebench_rules_are_the_defaults_and_checked():
+    """SAEBench's rules are the defaults; a misspelt one fails when the config is composed
+    (that the YAML equals the schema's defaults is tests/test_eval_yaml.py's check)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
-    from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["eval=tpp"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(TppEvalConfig())
     # SAEBench's rules are the defaults; a non-boolean value fails when the config is composed.
     assert cfg.eval.clamp_mean_diff is True and cfg.eval.only_nonzero_effects is True
     for bad in ("eval.clamp_mean_diff=maybe", "eval.only_nonzero_effects=sometimes"):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             with pytest.raises(ConfigCompositionException):
                 compose(config_name="config", overrides=["eval=tpp", bad])
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

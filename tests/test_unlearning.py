@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from saeravel.errors import UserError
-from saeravel.evals.api import EvalContext
 from saeravel.evals.unlearning import (
     PermutedQuestions,
     UnlearningEvalConfig,
@@ -39,20 +36,13 @@ from saeravel.evals.unlearning import (
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 
-ROOT = Path(__file__).resolve().parents[1]
-D = 64
-HOOK0 = "blocks.0.hook_resid_post"
+from helpers import HOOK0, D, ctx_for
+
 CONTINENTS = ["Africa", "Asia", "Europe", "North America", "Oceania", "South America"]
 SCALE, READ = 10.0, 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: these tensors are tiny and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +80,6 @@ def planted(tiny_world):
     )
     lm = LoadedModel(model=model, name="tiny-planted", world=world)
     return lm, sae, world, wrong
-
-
-def ctx_for(lm, sae, tmp_path: Path) -> EvalContext:
-    return EvalContext(lm, sae, 0, HOOK0, "cpu", 0, tmp_path, tmp_path)
 
 
 def small_cfg(**kw) -> UnlearningEvalConfig:
@@ -330,13 +316,3 @@ def test_bad_config_values_are_one_line_errors(planted, tmp_path):
         run(small_cfg(data_source="embedded"), ctx_for(no_world, sae, tmp_path))
     with pytest.raises(UserError, match="needs an SAE"):
         run(small_cfg(), ctx_for(lm, None, tmp_path))
-
-
-def test_yaml_matches_schema_and_is_commented():
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["eval=unlearning"])
-    assert OmegaConf.to_container(cfg.eval) == asdict(UnlearningEvalConfig())
-    # The YAML sets no value and documents every key in a comment: tests/test_eval_yaml.py.

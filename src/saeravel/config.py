@@ -11,7 +11,6 @@ the config is composed, not an hour into a job.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -452,12 +451,3 @@ def _job_error(cfg: Any) -> str | None:
     except OmegaConfBaseException:
         return None
     return None
-
-
-def exit_on_unknown_option(argv: Sequence[str], conf_dir: str | Path) -> None:
-    """``run.py``'s check before Hydra composes: an unknown option of a config group, or a value
-    or key the schema rejects (each value of a sweep), is one line on stderr and exit code 2
-    (the exit code of every other bad input)."""
-    if (message := unknown_option_error(argv, conf_dir)) is not None:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)

@@ -1,0 +1,95 @@
+"""Helpers shared by several test files (``from helpers import ...``; tests/ is on sys.path
+through its conftest.py). Fixtures live in conftest.py; plain functions and constants here."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saeravel.evals.api import EvalContext
+from saeravel.models import LoadedModel
+from saeravel.saes.base import SAE, SAEIdentity
+
+ROOT = Path(__file__).resolve().parents[1]
+D = 64
+HOOK0 = "blocks.0.hook_resid_post"
+ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
+"""The tiny test model's architecture (2 layers, d_model 64) for ``tiny_lm.build_model``."""
+
+
+def identity_sae(
+    *, d_sae: int = 2 * D, hook: str = HOOK0, normalize: str = "none", d: int = D
+) -> SAE:
+    """Latents relu(x), relu(-x) (the first ``d_sae`` of them; of the normalised input for a
+    layer-norm SAE) with the decoder [I; -I]: exact reconstruction at ``d_sae = 2 d``."""
+    eye = torch.eye(d)
+    return SAE(
+        torch.cat([eye, -eye], 1)[:, :d_sae], torch.zeros(d_sae),
+        torch.cat([eye, -eye], 0)[:d_sae], torch.zeros(d), hook_name=hook,
+        identity=SAEIdentity("t"), normalize=normalize,
+    )  # fmt: skip
+
+
+def cell_world(cells: dict[tuple[str, str], int]) -> Any:
+    """A city world with ``n`` cities per (continent, language) cell (one template per
+    attribute, so 4 rows per city); splits cycle train, train, val, test, train, test."""
+    from saeravel.world import TEMPLATES, CityWorld
+
+    fixed = {"Timezone": "Tz", "Latitude": "0", "Longitude": "0"}
+    entities, entity_split = {}, {}
+    for (cont, lang), n in cells.items():
+        for i in range(n):
+            name = f"{cont.lower()}{lang.lower()}city{i}"
+            entities[name] = {
+                "Continent": cont,
+                "Country": cont + "land",
+                "Language": lang,
+                **fixed,
+            }
+            entity_split[name] = ("train", "train", "val", "test", "train", "test")[i % 6]
+    templates = {a: t[:1] for a, t in TEMPLATES.items()}
+    return CityWorld(entities=entities, templates=templates, entity_split=entity_split)
+
+
+def ctx_for(lm: LoadedModel, sae: SAE | None, tmp_path: Path, hook: str = HOOK0) -> EvalContext:
+    """An eval's context on CPU at layer 0, seed 0, writing under ``tmp_path``."""
+    return EvalContext(lm, sae, 0, hook, "cpu", 0, tmp_path, tmp_path)
+
+
+@dataclass
+class CliRun:
+    """What ``saeravel.cli.main`` did: its exit code and what it wrote."""
+
+    code: int
+    out: str
+    err: str
+    folder: Path
+    """The case's folder: ``out/`` (hydra.run.dir), ``cache/``, ``results/``."""
+
+    def error_line(self) -> str:
+        """The one ``error:`` line of a bad-input run (exit code 2, no traceback, nothing
+        else on stderr, no result file, nothing trained)."""
+        assert self.code == 2, (self.code, self.err[-2000:])
+        errors = [ln for ln in self.err.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1, self.err[-2000:]
+        assert self.err.strip().splitlines() == errors, self.err[-2000:]
+        assert "Traceback" not in self.err + self.out
+        assert not (self.folder / "out" / "result.json").exists()
+        assert not (self.folder / "cache" / "models").exists()
+        return errors[0]
+
+
+def run_cli(args: list[str], folder: Path) -> CliRun:
+    """``python run.py hydra.run.dir=<folder>/out *args`` in this process (the caller sets
+    $SAERAVEL_CACHE / $SAERAVEL_RESULTS, see conftest's ``cli`` fixture)."""
+    from saeravel.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([f"hydra.run.dir={folder / 'out'}", *args])
+    return CliRun(code, out.getvalue(), err.getvalue(), folder)
