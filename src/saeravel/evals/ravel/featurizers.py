@@ -7,13 +7,25 @@ taken from the references (code read, not copied):
 
 * PCA (RAVEL ``src/methods/pca.py``; MIB's DBM+PCA): the featurizer is the orthogonal matrix of
   principal components of the site's activations; the features swapped are either selected by
-  a learned mask (DBM over the components) or the first ``k``.
+  a learned mask (DBM over the components) or the first ``k``. RAVEL z-scores every dim
+  before PCA; so does ``eval.pca.standardize`` (default), the swap then happening in z-space
+  and mapped back (``centred only`` with ``standardize=false``, the earlier behaviour).
 * Boundless DAS (pyvene ``BoundlessRotatedSpaceIntervention``): a learned rotation and ONE
   learned boundary ``b`` (a fraction of ``d``, clamped to [1e-3, 1], init 0.5); the mask over
   rotated dim ``i`` is a sigmoid of ``(b * d - i) / T`` with ``T`` annealed. pyvene multiplies in
   a second factor ``sigmoid((i - 0) / T)`` (a lower boundary fixed at 0), which caps dim 0's
   weight at 0.5 whatever ``T``; it is dropped here, so the mask is monotone non-increasing in
-  ``i`` and its hard form keeps exactly the dims ``i < b * d``.
+  ``i`` and its hard form keeps exactly the dims ``i < b * d``. pyvene's recipe adds the
+  boundary (the fraction, weight 1) to every step's loss, which keeps the swapped subspace
+  small; so does ``eval.boundless.penalty=1.0`` (0 drops it).
+* Rotations (DAS, boundless DAS, MDAS): torch's ``orthogonal`` parametrization, as pyvene; the
+  map is Cayley by default (``eval.das.orthogonal_map``; pyvene gets torch's default,
+  ``matrix_exp``, which the ``paper`` recipe pins): the same set of rotations, several times
+  cheaper per step.
+* DAS's objective (``eval.das.objective``): RAVEL trains its "MDAS" objective (cause pairs of
+  the attribute plus isolation pairs of the others) and offers cause-only DAS as a baseline;
+  ``cause_isolation`` (default, what the verdict needs) and ``cause`` are both here. (This
+  project's ``mdas`` is a different method: one rotation shared across attributes.)
 * MDAS: see :class:`MultiTaskDAS`.
 * SAE probe (SAEBench's RAVEL latent selection, ``evals/ravel/uniprobe.py``): a linear probe on
   SAE latents at the entity token (there: an L1 linear SVC telling the target attribute's
