@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from saeravel.errors import UserError
@@ -70,6 +71,10 @@ def test_invariants_and_result_record(tmp_path, cache):
     assert on_disk["saeravel"]["layer"] == 1
     assert on_disk["saeravel"]["hook_name"] == "blocks.1.hook_resid_post"
     assert (out / "ravel_das_Country.pt").exists()
+    if "refined" in m["ravel"]["das"]["Country"]:  # the searched mask is kept apart
+        trained = torch.load(out / "ravel_das_Country.pt", weights_only=True)
+        refined = torch.load(out / "ravel_das_Country_refined.pt", weights_only=True)
+        assert trained.keys() == refined.keys()
     assert on_disk["eval_result_details"]["data"]["split_by"] == "entity"
 
 
@@ -97,3 +102,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path, cache):
     with pytest.raises(UserError, match="layer=7 is out of range"):
         run(_cfg(tmp_path, cache, ["eval.method=neurons", "layer=7"]))
     assert not (tmp_path / "out" / "result.json").exists()
+
+
+def test_own_state_is_a_copy_that_later_flips_do_not_reach():
+    """The saved trained mask must be the one whose score is reported: refinement flips
+    entries in place afterwards."""
+    import torch
+
+    from saeravel.evals.ravel.intervene import NeuronMask
+
+    m = NeuronMask(6)
+    state = m.own_state()
+    with torch.no_grad():
+        m.mask.param[0] = 5.0
+    assert state["mask.param"][0] != 5.0

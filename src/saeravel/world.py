@@ -12,6 +12,8 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from saeravel.errors import UserError
+
 ATTRIBUTES = ("Continent", "Country", "Language", "Latitude", "Longitude", "Timezone")
 
 # ISO 639-1 code -> English name, for the primary language of each country we keep.
@@ -71,6 +73,10 @@ TEMPLATES = {
 FEW_SHOT_TEMPLATE = {
     "Country": "%s is a city in the country of",
     "Continent": "%s is a city in the continent of",
+    # the paper prompts only these two; the others (scored as held-out isolation) use each
+    # attribute's first template the same way
+    "Language": TEMPLATES["Language"][0],
+    "Timezone": TEMPLATES["Timezone"][0],
 }
 
 
@@ -203,6 +209,11 @@ def build_city_world(
 
 def few_shot_prompt(world: CityWorld, attribute: str) -> str:
     """The saeravel protocol's 5-shot prompt for ``attribute`` with ``%s`` for the city."""
+    if attribute not in FEW_SHOT_TEMPLATE:
+        raise UserError(
+            f"protocol saeravel has no 5-shot prompt for {attribute!r}; "
+            f"valid: {', '.join(FEW_SHOT_TEMPLATE)} (or eval.protocol=ravel)"
+        )
     sentence = FEW_SHOT_TEMPLATE[attribute]
     shots = [
         (sentence % c) + " " + world.entities[c][attribute] + " ." for c in world.few_shot_cities

@@ -146,8 +146,11 @@ class Intervention(nn.Module):
         return torch.zeros(())
 
     def own_state(self) -> dict[str, torch.Tensor]:
-        """The method's own parameters and buffers (not those of a frozen SAE it wraps)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("sae.")}
+        """The method's own parameters and buffers (not those of a frozen SAE it wraps), copied:
+        later changes (refinement flips mask entries in place) do not reach them."""
+        return {
+            k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("sae.")
+        }
 
 
 class NeuronMask(Intervention):

@@ -120,8 +120,9 @@ def run(cfg: Any, ctx: Any) -> Any:
             details["training_curves"][f"{name}/{attr}"] = curve
             metrics["ravel"].setdefault(name, {})[attr] = r
             summary.append(summary_row(name, attr, r))
-            if cfg.save_artifacts:
-                atomic_torch_save(ctx.output_dir / f"ravel_{name}_{attr}.pt", state)
+            if cfg.save_artifacts:  # the trained state, and the refined mask named apart
+                for suffix, st in state.items():
+                    atomic_torch_save(ctx.output_dir / f"ravel_{name}_{attr}{suffix}.pt", st)
         compared = [m for m in (*methods, "oracle") if m in outcomes["methods"]]
         details["verdict"][attr] = verdict(outcomes, cfg.bootstrap, cfg.confidence, ctx.seed,
                                            compared)  # fmt: skip

@@ -184,10 +184,12 @@ def score_fitted(
     curve: list[float],
     desc: str,
     live: Callable[[list[Pair]], list[int]] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Score a fitted method on test, the train split's first-token scores, convergence, and
     the refined mask's scores beside the trained one (masks whose entries are free bits; both
-    decoded in one pass; ``live``: see :func:`refine_mask`)."""
+    decoded in one pass; ``live``: see :func:`refine_mask`). The states returned are the
+    artifacts' (suffix -> state): ``""`` the trained method whose score is reported and, when
+    refined, ``"_refined"`` the mask the search reached, named apart."""
     cfg, pairs = job.cfg, job.pairs[attr]
     test = pairs["test"]
     sets = [intervened(job, method, test)]  # the trained mask's, before any refinement
@@ -203,9 +205,11 @@ def score_fitted(
                   "rule": "first_token"}  # fmt: skip
     r["training"] = convergence(curve)
     r["recipe"] = {"name": str(cfg.recipe), "label": cfg.recipe_label}
+    states = {"": state}
     if info is not None:
+        states["_refined"] = method.own_state()
         refined = scores(job, gens[1], test, sets[1][1])
         keep = ("cause", "isolation", "disentangle", "isolation_heldout", "disentangle_all",
                 "mask_kept", "first_token", "prefix")  # fmt: skip
         r["refined"] = {**{k: refined[k] for k in keep if k in refined}, **info}
-    return r, state
+    return r, states
