@@ -18,9 +18,10 @@ latents, ``x_hat = sae.reconstruct(x)``):
   tokens; ``explained_variance_legacy`` = per-token ``1 - ||x - x_hat||^2 / ||x - mean_b||^2``
   (``mean_b`` the mean of the token's batch), averaged (SAEBench's original definition).
 * ``mse = E||x - x_hat||^2`` (sum over dimensions, mean over tokens); ``cossim`` = mean
-  per-token cosine (0 when a vector is zero).
-* ``l0 = E #{f != 0}``, ``l1 = E sum |f|``; ``l2_ratio = E ||x_hat|| / ||x||``;
-  ``relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>``.
+  per-token ``cos(x, x_hat)`` over the tokens whose activation is non-zero (``||x|| >=``
+  :data:`L2_NORM_FLOOR`; a zero ``x_hat`` there counts as 0).
+* ``l0 = E #{f != 0}``, ``l1 = E sum |f|``; ``l2_ratio = E ||x_hat|| / ||x||`` over the same
+  non-zero tokens; ``relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>``.
 * feature density = fraction of counted tokens on which a latent is nonzero.
 
 A ratio with a zero denominator is NaN, and NaN is reported as NaN.
@@ -50,7 +51,9 @@ from saeravel.taskdata import data_source, token_batches
 
 log = logging.getLogger(__name__)
 
-L2_NORM_FLOOR = 1e-4  # |x| below this counts as 1 in l2_ratio (as sae_lens does)
+# Tokens with |x| below this are left out of cossim and l2_ratio (sae_lens and SAEBench count
+# such |x| as 1 in l2_ratio and take the cosine of a zero vector as NaN).
+L2_NORM_FLOOR = 1e-4
 
 
 @dataclass
@@ -173,7 +176,7 @@ class SparsityVarianceStats:
 
     KEYS = (
         "l0", "l1", "l2_in", "l2_out", "l2_ratio", "xhat_sq", "x_dot_xhat", "x_sq",
-        "resid_sq", "ev_legacy", "cossim",
+        "resid_sq", "ev_legacy", "cossim", "n_nonzero",
     )  # fmt: skip
 
     def __init__(self, d_in: int, d_sae: int) -> None:
@@ -201,18 +204,22 @@ class SparsityVarianceStats:
         resid = (xs - xh).pow(2).sum(-1)
         norm_in, norm_out = xs.norm(dim=-1), xh.norm(dim=-1)
         centred = (xs - xs.mean(0)).pow(2).sum(-1)
+        # cossim and l2_ratio average over tokens whose activation is not (nearly) zero only
+        nonzero = norm_in >= L2_NORM_FLOOR
+        cos = torch.nn.functional.cosine_similarity(xs, xh, dim=-1, eps=1e-8)
         per_token = {
             "l0": active.sum(-1).double(),
             "l1": fs.abs().sum(-1).double(),
             "l2_in": norm_in,
             "l2_out": norm_out,
-            "l2_ratio": norm_out / torch.where(norm_in < L2_NORM_FLOOR, 1.0, norm_in),
+            "l2_ratio": torch.where(nonzero, norm_out / norm_in.clamp_min(L2_NORM_FLOOR), 0.0),
             "xhat_sq": norm_out.pow(2),
             "x_dot_xhat": (xs * xh).sum(-1),
             "x_sq": norm_in.pow(2),
             "resid_sq": resid,
             "ev_legacy": 1 - resid / centred,
-            "cossim": torch.nn.functional.cosine_similarity(xs, xh, dim=-1, eps=1e-8),
+            "cossim": torch.where(nonzero, cos, 0.0),
+            "n_nonzero": nonzero.double(),
         }
         for key, vals in per_token.items():
             self.sums[key] += vals.sum().item()
@@ -228,6 +235,8 @@ class SparsityVarianceStats:
         """reconstruction_quality, shrinkage, sparsity and misc_metrics groups."""
         n = self.n_tokens
         mean = {k: _safe_div(v, n) for k, v in self.sums.items()}
+        for key in ("cossim", "l2_ratio"):  # over tokens with a non-zero activation
+            mean[key] = _safe_div(self.sums[key], self.sums["n_nonzero"])
         if n:
             variance = mean["x_sq"] - (self.sum_x / n).pow(2).sum().item()
         else:
