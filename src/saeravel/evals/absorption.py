@@ -93,7 +93,7 @@ from saeravel.probing import (
     linear_probe_weights,
     top_k_by_mean_difference,
 )
-from saeravel.saebench import REQUIRED_METRICS
+from saeravel.saebench import REQUIRED_METRICS, absorption_type_id
 from saeravel.taskdata import SPLITS, data_source, entity_features, entity_splits
 
 log = logging.getLogger(__name__)
@@ -556,4 +556,10 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
         "classes": data.classes,
         "n_rows": {s: len(data.labels[s]) for s in SPLITS},
     }
-    return EvalOutput(metrics, results, unstructured, summary=[summarize(metrics)])
+    return EvalOutput(
+        metrics,
+        results,
+        unstructured,
+        summary=[summarize(metrics)],
+        saebench_type_id=absorption_type_id(data.class_key),
+    )
