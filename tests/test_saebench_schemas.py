@@ -235,33 +235,38 @@ EVALS = {
 
 
 @pytest.fixture(scope="module")
-def pipeline_copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
-    """Every eval of EVALS run once through pipeline.run into one results folder and one job
-    folder per eval: eval name -> its SAEBench copies (job folder, index)."""
+def pipeline_copies(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``copies(name)``: eval ``name`` of EVALS run once through pipeline.run (its own job
+    folder, one results folder shared by all evals): its SAEBench copies (job folder, index)."""
     root = tmp_path_factory.mktemp("saebench-copies")
-    out: dict[str, list[Path]] = {}
-    for name, overrides in EVALS.items():
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=[
-                f"eval={name}", *overrides, "device=cpu", f"paths.output_dir={root / 'job' / name}",
-                f"paths.results_dir={root / 'results'}",
-            ])  # fmt: skip
-        run(cfg)
-        out[name] = [
-            *saebench.find_results(root / "job" / name),
-            *saebench.find_results(root / "results" / name),
-        ]
-    return out
+    done: dict[str, list[Path]] = {}
+
+    def copies(name: str) -> list[Path]:
+        if name not in done:
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = compose("config", overrides=[
+                    f"eval={name}", *EVALS[name], "device=cpu",
+                    f"paths.output_dir={root / 'job' / name}",
+                    f"paths.results_dir={root / 'results'}",
+                ])  # fmt: skip
+            run(cfg)
+            done[name] = [
+                *saebench.find_results(root / "job" / name),
+                *saebench.find_results(root / "results" / name),
+            ]
+        return done[name]
+
+    return copies
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EVALS))
-def test_every_evals_copy_validates_and_joins(name: str, pipeline_copies: dict, schemas: dict):
+def test_every_evals_copy_validates_and_joins(name: str, pipeline_copies: Any, schemas: dict):
     """The real eval's copies (job folder and index) validate against SAEBench's schema, are
     read as their eval by SAEBench's path rule, and share core's file name (the L0 join)."""
-    files = pipeline_copies[name]
+    files = pipeline_copies(name)
     assert len(files) == 2, files
-    core_keys = {saebench_key(str(p)) for p in pipeline_copies["core"]}
+    core_keys = {saebench_key(str(p)) for p in pipeline_copies("core")}
     for path in files:
         copy = json.loads(path.read_text())
         assert schema_errors(schemas, copy) == [], path

@@ -24,7 +24,34 @@ latents, ``x_hat = sae.reconstruct(x)``):
   non-zero tokens; ``relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>``.
 * feature density = fraction of counted tokens on which a latent is nonzero.
 
-A ratio with a zero denominator is NaN, and NaN is reported as NaN.
+A ratio with a zero denominator is NaN, and NaN is reported as NaN (``null`` in
+``result.json``; -1 in the SAEBench copy, as SAEBench's core writes it).
+
+Differences from SAEBench (``sae_bench/evals/core/main.py``, v0.6.0; same names, other numbers):
+
+* ``explained_variance``: SAEBench's total variance is ``E||x||^2 - (E_{t,d} x_{t,d}^2)^2``
+  (the squared mean of the squared entries, not ``||E x||^2``), so its EV is lower for the
+  same reconstruction (0.968 where ours is 0.990 on one trained SAE).
+* ``mse``: SAEBench divides each token's ``||x - x_hat||^2`` by the number of counted tokens
+  in its batch before averaging; ours is the plain per-token mean (hundreds of times larger
+  than SAEBench's at its batch sizes).
+* zero ablation: SAEBench zeroes the hook at every position, BOS included; ours only at
+  counted positions (special positions keep their activation), so ``ce_loss_with_ablation``
+  and ``kl_div_with_ablation`` differ (8.39 vs 8.12 on the embedded model) and so do the
+  scores.
+* SAE splicing: SAEBench's default (``exclude_special_tokens_from_reconstruction=False``)
+  splices the SAE at special positions too; ours never does (``exclude_special_tokens``).
+* ``cossim``: SAEBench divides by ``||x||`` and ``||x_hat||`` without a floor, so one zero
+  vector makes the mean NaN (-1 in its file); ours averages over tokens with a non-zero
+  activation and counts a zero reconstruction there as 0.
+* ``l2_ratio``: SAEBench counts ``||x|| < 1e-4`` as 1 (such tokens weigh ``||x_hat||``);
+  ours leaves them out.
+* ``l1``: SAEBench sums the latents as they are; ours sums ``|f|`` (the same for non-negative
+  activations). Feature density: SAEBench counts ``f > 0``, ours ``f != 0``.
+* ``relative_reconstruction_bias``: SAEBench averages one ratio per batch; ours is the ratio
+  of means over all tokens (the same for one batch).
+* defaults: ``n_eval_sparsity_variance_batches`` 10 here, 1 in SAEBench; ``frac_dead`` is
+  saeravel's extra.
 """
 
 from __future__ import annotations

@@ -16,6 +16,23 @@ activation at the city token in every template of the world, split by entity wit
 world's train/val/test entity split. Otherwise SAEBench's Hugging Face datasets (bias in
 bios class sets, Amazon reviews, AG news, Europarl), each text mean-pooled over its
 non-special tokens (SAE latents are encoded per token, then pooled).
+
+Differences from SAEBench (``sae_bench/evals/sparse_probing``, v0.6.0):
+
+* full-width probes (``llm_test_accuracy``, ``sae_test_accuracy``): SAEBench trains a torch
+  linear probe (AdamW, lr 1e-2, batch 250, up to 100 epochs, early stopping) and keeps the
+  epoch with the best *test* accuracy, which it then reports (model selection on the test
+  set); ours is a logistic regression with ``C`` chosen on the validation split and the test
+  split used once, so ours is the lower, unbiased number.
+* top-``k`` probes: SAEBench fits scikit-learn's L2 logistic regression with ``C = 1`` on the
+  raw (unscaled) ``k`` inputs, with no validation split; ours standardises the inputs
+  (``eval.probe.standardize``) and chooses ``C`` from ``eval.probe.c_grid`` on validation
+  (``eval.probe.standardize=false eval.probe.c_grid=[1.0]`` is SAEBench's top-``k`` probe).
+* selection of the ``k`` inputs: both rank by ``|mean_pos - mean_neg|`` on the training split.
+* splits: SAEBench has train and test sets only; ours adds a validation split
+  (``probe_val_set_size``), and on the embedded model splits by entity.
+* tasks and classes are binarised one-vs-rest per class as in SAEBench; the embedded model's
+  tasks (city attributes at the city token) are saeravel's own.
 """
 
 from __future__ import annotations
