@@ -5,9 +5,10 @@ Top-level keys follow SAEBench's result layout (``eval_type_id``, ``eval_config`
 ``eval_result_unstructured``, ``sae_lens_id``, ``sae_lens_release_id``, ``sae_lens_version``,
 ``sae_cfg_dict``); the rest is saeravel's provenance. Result records are strict JSON: a NaN
 (an undefined score) is written as ``null``, never as -1 and never as the ``NaN`` literal that
-Python's json (and so SAEBench's own writer) emits and strict parsers reject. Beside every
-``result.json`` the pipeline writes a translation in SAEBench's own layout and file name
-(:func:`saebench_record`, :func:`saebench_filename`).
+Python's json (and so SAEBench's own writer) emits and strict parsers reject. With every
+``result.json`` the pipeline writes a translation in SAEBench's own layout, conventions and
+file name (:func:`saebench_record`, :func:`saebench_path`; saeravel.saebench says how it
+differs from the record).
 
 A job's identity (:func:`job_hash`) is a hash of its resolved config without the paths listed in
 :data:`NON_RESULT_PATHS` / :data:`NON_RESULT_EVAL_PATHS` (each with the reason it does not change

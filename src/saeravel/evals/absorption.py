@@ -57,7 +57,12 @@ Data sources:
 Differences from SAEBench: main latents are ranked by mean activation difference, not by
 the weights of an L1-regularised probe, and ``k`` is chosen on validation rather than test
 F1; probes are scikit-learn logistic regressions with ``C`` chosen on validation; the
-ground-truth probes are one-vs-rest per class rather than one multi-class probe.
+ground-truth probes are one-vs-rest per class rather than one multi-class probe. The
+``embedded`` task is not SAEBench's: its results are ``eval_type_id``
+``absorption_<parent attribute>`` (``absorption_continent``), never ``absorption_first_letter``,
+with SAEBench's absorption metrics; in the SAEBench copy its per-continent details move to
+``eval_result_unstructured.details`` (SAEBench's per-letter records need ``first_letter``), and a
+failing letter's undefined fields are -1.
 """
 
 from __future__ import annotations
