@@ -33,6 +33,10 @@ Differences from SAEBench (``sae_bench/evals/sparse_probing``, v0.6.0):
   (``probe_val_set_size``), and on the embedded model splits by entity.
 * tasks and classes are binarised one-vs-rest per class as in SAEBench; the embedded model's
   tasks (city attributes at the city token) are saeravel's own.
+
+``eval.probe_recipe=saebench`` fits SAEBench's probes instead (the two bullets above, on the
+same rows; the validation split is unused), to compare with published numbers; ``saeravel``
+(default) is the unbiased protocol.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -53,11 +58,21 @@ from saeravel.probing import (
     balanced_one_vs_rest,
     check_probe,
     fit,
+    fit_probe,
+    saebench_epoch_probe,
     top_k_by_mean_difference,
 )
 from saeravel.taskdata import SPLITS, ProbeTask, TaskRequest, classification_tasks, data_source
 
 log = logging.getLogger(__name__)
+
+
+class ProbeRecipe(StrEnum):
+    """How the probes are fit: saeravel's (``C`` chosen on validation, test used once) or
+    SAEBench's (for comparing with published numbers; see the module docstring)."""
+
+    saeravel = "saeravel"
+    saebench = "saebench"
 
 
 @dataclass
@@ -88,6 +103,7 @@ class SparseProbingEvalConfig(EvalConfig):
     k_values: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
     # probes z-score their features (the k-sparse probes compare dimensions of unequal scale)
     probe: ProbeConfig = field(default_factory=lambda: ProbeConfig(standardize=True))
+    probe_recipe: ProbeRecipe = ProbeRecipe.saeravel
     batch_size: int = 32
     seed: int = 42
 
@@ -111,12 +127,21 @@ def probe(
     columns: np.ndarray | None,
     cfg: Any,
 ) -> ProbeResult:
-    """Train on train, choose ``C`` on val, report test accuracy (``columns`` = feature subset)."""
+    """Train on train, choose ``C`` on val, report test accuracy (``columns`` = feature subset).
+    ``eval.probe_recipe=saebench``: SAEBench's probes instead (full width: the torch probe whose
+    epoch is chosen on test; top-k: ``C = 1`` on raw inputs); the val split is not used."""
 
     def part(split: str) -> tuple[np.ndarray, np.ndarray]:
         feats = x[split][idx[split]]
         return (feats if columns is None else feats[:, columns]), y[split]
 
+    if str(getattr(cfg, "probe_recipe", "saeravel")) == ProbeRecipe.saebench.value:
+        if columns is None:
+            acc = saebench_epoch_probe(part("train"), part("test"), seed=int(cfg.seed))
+            return ProbeResult(acc, math.nan, math.nan)
+        model, c, _ = fit_probe(part("train"), part("train"), [1.0], standardize=False)
+        xt, yt = part("test")
+        return ProbeResult(float((model.predict(xt) == yt).mean()), math.nan, c)
     model, c, val_acc = fit(cfg.probe, part("train"), part("val"))
     xt, yt = part("test")
     return ProbeResult(float((model.predict(xt) == yt).mean()), val_acc, c)
