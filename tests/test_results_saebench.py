@@ -172,7 +172,8 @@ def test_every_evals_result_is_saebench_readable(name: str, tmp_path: Path) -> N
     assert len(files) == 2, files  # run folder + index
     for path in files:
         got = saebench.read_result(path)
-        assert got["eval_type_id"] == discover()[name].saebench_type_id
+        assert got["eval_type_id"] == rec["eval_type_id"]
+        assert saebench.base_type_id(got["eval_type_id"]) == discover()[name].saebench_type_id
         assert got["sae_class"] == "topk" and got["d_sae"] > 0
     for path in [*files, tmp_path / "job" / "result.json"]:
         json.loads(path.read_text(), parse_constant=saebench._refuse_constant)
