@@ -176,6 +176,28 @@ def test_l0_hand_made_through_the_model(model):
     assert r.consistent_activation_heuristic[:2].tolist() == [11.0, 11.0]
 
 
+def test_cossim_and_l2_ratio_average_over_non_zero_activations_only():
+    # Four tokens: two with a zero activation (left out), two reconstructed as x and x / 2.
+    x = torch.tensor([[[3.0, 4.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])
+    x_hat = torch.tensor([[[3.0, 4.0], [0.5, 0.0], [0.5, 0.0], [0.0, 0.0]]])
+    stats = SparsityVarianceStats(d_in=2, d_sae=1)
+    stats.add(x, torch.zeros(1, 4, 1), x_hat, torch.ones(1, 4, dtype=torch.bool))
+    m = stats.metrics()
+    assert m["reconstruction_quality"]["cossim"] == pytest.approx(1.0)  # not (1 + 1) / 4
+    assert m["shrinkage"]["l2_ratio"] == pytest.approx((1.0 + 0.5) / 2)  # not a floor of 1
+    assert m["reconstruction_quality"]["mse"] == pytest.approx(0.5 / 4)  # over all 4 tokens
+    # A zero reconstruction of a non-zero activation counts as cosine 0.
+    stats = SparsityVarianceStats(d_in=2, d_sae=1)
+    stats.add(x, torch.zeros(1, 4, 1), torch.zeros_like(x), torch.ones(1, 4, dtype=torch.bool))
+    assert stats.metrics()["reconstruction_quality"]["cossim"] == 0.0
+    # Only zero activations: undefined (NaN), never 0.
+    stats = SparsityVarianceStats(d_in=2, d_sae=1)
+    stats.add(torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), torch.zeros(1, 2, 2),
+              torch.ones(1, 2, dtype=torch.bool))  # fmt: skip
+    assert math.isnan(stats.metrics()["reconstruction_quality"]["cossim"])
+    assert math.isnan(stats.metrics()["shrinkage"]["l2_ratio"])
+
+
 def test_density_metrics_nan_without_tokens():
     assert all(math.isnan(v) for v in density_metrics(torch.full((3,), math.nan)).values())
 
@@ -345,8 +367,8 @@ def test_agrees_with_sae_lens_without_special_tokens(model):
     )  # a latent that never fires: 0 / 0 = NaN in both
     for key in ("encoder_norm", "encoder_bias", "encoder_decoder_cosine_sim"):
         assert r.weights[key].tolist() == pytest.approx(feats[key], rel=1e-5, abs=1e-6), key
-    # (1) cossim: ours treats a zero vector as cosine 0, sae_lens divides by its norm (NaN);
-    # no reconstruction here is zero, so they agree.
+    # (1) cossim: ours leaves zero activations out, sae_lens divides by their norm (NaN);
+    # no activation here is zero, so they agree.
     assert mine["cossim"] == pytest.approx(theirs["cossim"], rel=1e-5)
     # (2) relative_reconstruction_bias: sae_lens averages one ratio per batch, ours is the
     # ratio of means over all tokens; they coincide for a single batch.

@@ -4,6 +4,7 @@ flat block; read back with saeravel.saebench.read_result (SAEBench's schema rule
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from saeravel.results import (
     build_record,
     sae_architecture,
     saebench_filename,
+    saebench_path,
     saebench_record,
 )
 
@@ -60,8 +62,12 @@ def test_ravel_metrics_flatten_to_saebenchs_shape() -> None:
 
 def test_saebench_file_name_and_fields(tmp_path: Path) -> None:
     rec = _record(NESTED)
-    assert saebench_filename(rec) == "saeravel-trained_tiny-city-lm-layer1_eval_results.json"
-    assert saebench_filename(rec, "abc").endswith("layer1_abc_eval_results.json")
+    name = saebench_filename(rec)  # the SAE's name: family, model, layer, identity hash
+    assert re.fullmatch(
+        r"saeravel-trained_tiny-city-lm-layer1-[0-9a-f]{8}_eval_results\.json", name
+    )
+    assert saebench_path(rec, "abc") == f"abc/{name}"  # the index: one folder per job
+    assert saebench_path(rec) == f"saebench/ravel/{name}"  # the job folder: named by the eval
     sl = dict(rec, sae_lens_release_id="gpt2-small-res-jb", sae_lens_id="blocks.6.hook_resid_pre")
     assert saebench_filename(sl) == "gpt2-small-res-jb_blocks.6.hook_resid_pre_eval_results.json"
     assert rec["sae_bench_commit_hash"].startswith("saeravel-")
@@ -76,7 +82,8 @@ def test_saebench_file_name_and_fields(tmp_path: Path) -> None:
     assert got["cause_score"] == pytest.approx(0.6)
     data = json.loads(path.read_text())
     assert data["eval_result_unstructured"]["saeravel_metrics"]["ravel"]["sae"]  # detailed block
-    assert data["eval_result_details"] is None  # saeravel's dict details are not SAEBench's list
+    assert data["eval_result_details"] == []  # saeravel's dict details are not SAEBench's list
+    assert data["eval_result_unstructured"]["details"] == {"per_template": [1]}
 
 
 @pytest.mark.parametrize(
@@ -165,7 +172,8 @@ def test_every_evals_result_is_saebench_readable(name: str, tmp_path: Path) -> N
     assert len(files) == 2, files  # run folder + index
     for path in files:
         got = saebench.read_result(path)
-        assert got["eval_type_id"] == discover()[name].saebench_type_id
+        assert got["eval_type_id"] == rec["eval_type_id"]
+        assert saebench.base_type_id(got["eval_type_id"]) == discover()[name].saebench_type_id
         assert got["sae_class"] == "topk" and got["d_sae"] > 0
     for path in [*files, tmp_path / "job" / "result.json"]:
         json.loads(path.read_text(), parse_constant=saebench._refuse_constant)

@@ -48,6 +48,37 @@ def test_hyperparameters_come_from_validation_never_test():
     assert r1.test_accuracy != r2.test_accuracy
 
 
+def test_saebench_recipe_picks_the_full_probes_epoch_on_test():
+    """eval.probe_recipe=saebench: the full-width probe reports its best epoch's *test*
+    accuracy (so a test split it fits by chance scores higher than saeravel's protocol allows),
+    the top-k probe is C=1 on raw inputs; validation is never read."""
+    from saeravel.evals.sparse_probing import ProbeRecipe
+    from saeravel.probing import saebench_epoch_probe
+
+    rng = np.random.default_rng(0)
+    n, d = 80, 10
+    w = rng.normal(size=d)
+    x = rng.normal(size=(3 * n, d))
+    y = (x @ w > 0).astype(int)
+    splits = {s: slice(i * n, (i + 1) * n) for i, s in enumerate(("train", "val", "test"))}
+    feats = {s: x[sl] for s, sl in splits.items()}
+    ys = {s: y[sl] for s, sl in splits.items()}
+    idx = {s: np.arange(n) for s in ys}
+    cfg = SparseProbingEvalConfig(probe_recipe=ProbeRecipe.saebench)
+    full = probe(feats, ys, idx, None, cfg)
+    assert full.test_accuracy == saebench_epoch_probe(
+        (feats["train"], ys["train"]), (feats["test"], ys["test"]), seed=cfg.seed
+    )
+    assert full.test_accuracy > 0.75 and np.isnan(full.val_accuracy)
+    # The reported number is the maximum over epochs of the test accuracy: with random labels
+    # on the test split it still beats chance (selection on test), unlike saeravel's probe.
+    noise = {**ys, "test": rng.integers(0, 2, n)}
+    assert probe(feats, noise, idx, None, cfg).test_accuracy > 0.5
+    top = probe(feats, ys, idx, np.array([0, 1]), cfg)
+    feats["val"], ys["val"] = rng.normal(size=(n, d)), rng.integers(0, 2, n)  # not used
+    assert top.C == 1.0 and top == probe(feats, ys, idx, np.array([0, 1]), cfg)
+
+
 # ----------------------------------------------------------------------------- embedded
 
 

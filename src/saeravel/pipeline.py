@@ -49,7 +49,7 @@ from saeravel.results import (
     job_hash,
     load_stored,
     no_space_error,
-    saebench_filename,
+    saebench_path,
     saebench_record,
 )
 from saeravel.saes.base import SAE
@@ -138,12 +138,13 @@ def _write_result(
     folder: Path, record: Mapping[str, Any], spec: EvalSpec | None, index_id: str | None = None
 ) -> Path:
     """Write ``record`` into ``folder`` (``result.json``, or ``<job hash>.json`` in the job-hash
-    index when ``index_id`` is given) and its SAEBench translation beside it."""
+    index when ``index_id`` is given) and its SAEBench translation (saebench_path: a folder
+    named after the eval, a file named after the SAE)."""
     name = f"{index_id}.json" if index_id else "result.json"
     path = atomic_write_json(folder / name, record, strict=True)
     flatten = spec.saebench_metrics() if spec is not None else None
     atomic_write_json(
-        folder / saebench_filename(record, index_id), saebench_record(record, flatten), strict=True
+        folder / saebench_path(record, index_id), saebench_record(record, flatten), strict=True
     )
     return path
 
@@ -274,7 +275,7 @@ def _compute(
     output: EvalOutput = spec.run(cfg.eval, ctx)
     record = build_record(
         eval_name=spec.name,
-        eval_type_id=spec.saebench_type_id,
+        eval_type_id=output.saebench_type_id or spec.saebench_type_id,
         eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         metrics=output.metrics,
         details=output.details,

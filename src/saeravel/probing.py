@@ -85,6 +85,52 @@ def fit(
     )
 
 
+def saebench_epoch_probe(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    seed: int = 0,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    batch_size: int = 250,
+    patience: int = 10,
+) -> float:
+    """Test accuracy of SAEBench's full-width probe (``sparse_probing/probe_training.py``,
+    ``train_probe_gpu``, v0.6.0; reimplemented from its description): a linear layer with a bias
+    trained by AdamW on binary cross-entropy in shuffled mini-batches; after every epoch the
+    accuracy on ``test`` is measured, the best so far kept, and training stops after
+    ``patience`` epochs without a new best. Returns that best test accuracy: the epoch is
+    chosen on the test set, so the number is optimistic (kept only to compare with SAEBench)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x, y = (torch.as_tensor(a, dtype=torch.float32) for a in train)
+    xt, yt = torch.as_tensor(test[0], dtype=torch.float32), torch.as_tensor(test[1])
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(x.shape[1], 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    best, since = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            rows = order[start : start + batch_size]
+            with torch.enable_grad():
+                loss = loss_fn(layer(x[rows]).squeeze(-1), y[rows])
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+        with torch.no_grad():
+            acc = float(((layer(xt).squeeze(-1) > 0).long() == yt).float().mean())
+        if acc > best:
+            best, since = acc, 0
+        else:
+            since += 1
+        if since >= patience:
+            break
+    return best
+
+
 def linear_probe_weights(model: Any) -> tuple[np.ndarray, float]:
     """``(w, b)`` of a binary probe from :func:`fit_probe` in the space of its raw input:
     ``decision_function(x) == x @ w + b`` (a standardising scaler is folded in)."""

@@ -5,9 +5,10 @@ Top-level keys follow SAEBench's result layout (``eval_type_id``, ``eval_config`
 ``eval_result_unstructured``, ``sae_lens_id``, ``sae_lens_release_id``, ``sae_lens_version``,
 ``sae_cfg_dict``); the rest is saeravel's provenance. Result records are strict JSON: a NaN
 (an undefined score) is written as ``null``, never as -1 and never as the ``NaN`` literal that
-Python's json (and so SAEBench's own writer) emits and strict parsers reject. Beside every
-``result.json`` the pipeline writes a translation in SAEBench's own layout and file name
-(:func:`saebench_record`, :func:`saebench_filename`).
+Python's json (and so SAEBench's own writer) emits and strict parsers reject. With every
+``result.json`` the pipeline writes a translation in SAEBench's own layout, conventions and
+file name (:func:`saebench_record`, :func:`saebench_path`; saeravel.saebench says how it
+differs from the record).
 
 A job's identity (:func:`job_hash`) is a hash of its resolved config without the paths listed in
 :data:`NON_RESULT_PATHS` / :data:`NON_RESULT_EVAL_PATHS` (each with the reason it does not change
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from saeravel import RESULT_SCHEMA_VERSION, __version__
+from saeravel import saebench as sb
 from saeravel.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -425,27 +427,52 @@ def load_complete(path: str | os.PathLike) -> dict[str, Any] | None:
 SAEBENCH_SUFFIX = "_eval_results.json"
 
 
-def saebench_filename(rec: Mapping[str, Any], job_id: str | None = None) -> str:
-    """SAEBench's file name of a result, ``<release>_<sae_id>_eval_results.json`` with ``/``
-    replaced by ``_`` (its ``get_results_filepath``). SAEs without a sae_lens release are named
-    ``saeravel-<family>`` with id ``<model>-layer<L>``; ``job_id`` is appended to the id where
-    several jobs share a folder (the job-hash index)."""
+def _sae_key(rec: Mapping[str, Any]) -> tuple[str, str]:
     meta = rec.get("saeravel") if isinstance(rec.get("saeravel"), Mapping) else {}
-    ident = meta.get("sae_identity") or {}
-    release = rec.get("sae_lens_release_id") or f"saeravel-{ident.get('family') or 'none'}"
-    sae_id = rec.get("sae_lens_id") or f"{meta.get('model_name', 'model')}-layer{meta.get('layer')}"
-    if job_id:
-        sae_id = f"{sae_id}_{job_id}"
+    ident = dict(meta.get("sae_identity") or {})
+    if rec.get("sae_lens_release_id") and rec.get("sae_lens_id"):
+        return str(rec["sae_lens_release_id"]), str(rec["sae_lens_id"])
+    ident.pop("neuronpedia_id", None)  # a link, not the SAE
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
+    where = f"{meta.get('model_name', 'model')}-layer{meta.get('layer')}"
+    return f"saeravel-{ident.get('family') or 'none'}", f"{where}-{digest}"
+
+
+def saebench_filename(rec: Mapping[str, Any]) -> str:
+    """SAEBench's file name of a result, ``<release>_<sae_id>_eval_results.json`` with ``/``
+    replaced by ``_`` (its ``get_results_filepath``): the SAE's name alone, the same in every
+    eval, so SAEBench's plots join an eval with core by it. SAEs without a sae_lens release
+    are ``saeravel-<family>_<model>-layer<L>-<hash of the SAE's identity>``."""
+    release, sae_id = _sae_key(rec)
     return f"{release}_{sae_id}{SAEBENCH_SUFFIX}".replace("/", "_")
+
+
+def saebench_path(rec: Mapping[str, Any], job_id: str | None = None) -> str:
+    """Where the SAEBench copy of ``rec`` goes, relative to the folder of its record:
+    ``saebench/<eval>/<file>`` beside a job's ``result.json``, ``<job hash>/<file>`` in the
+    job-hash index (whose folder is ``<results_dir>/<eval>``). Either way the path names the
+    eval as SAEBench's ``get_eval_results`` reads it (saeravel.saebench, Layout) and the file
+    name is the SAE's (:func:`saebench_filename`)."""
+    name = saebench_filename(rec)
+    if job_id:
+        return f"{job_id}/{name}"
+    meta = rec.get("saeravel") if isinstance(rec.get("saeravel"), Mapping) else {}
+    return f"saebench/{meta.get('eval_name') or rec['eval_type_id']}/{name}"
 
 
 def saebench_record(
     rec: Mapping[str, Any], flatten: Callable[[dict], dict] | None = None
 ) -> dict[str, Any]:
-    """``rec`` in SAEBench's layout: SAEBench's top-level fields only, ``eval_result_metrics``
-    through the eval's ``flatten`` (e.g. RAVEL's nested block to SAEBench's flat ``ravel``
-    group; saeravel's detailed metrics then move to ``eval_result_unstructured``), details as a
-    list (SAEBench's type) and saeravel's provenance under ``eval_result_unstructured``."""
+    """``rec`` in SAEBench's layout and conventions (saeravel.saebench's module docstring):
+    SAEBench's top-level fields only; ``eval_result_metrics`` through the eval's ``flatten``
+    (e.g. RAVEL's nested block to SAEBench's flat ``ravel`` group; saeravel's detailed metrics
+    then move to ``eval_result_unstructured.saeravel_metrics``) with -1 for undefined values;
+    details as SAEBench's list (``[]`` if none; other details move to
+    ``eval_result_unstructured.details``); ``eval_config`` with SAEBench's field names beside
+    saeravel's; saeravel's provenance under ``eval_result_unstructured.saeravel``."""
+    type_id = rec["eval_type_id"]
+    meta = rec.get("saeravel") if isinstance(rec.get("saeravel"), Mapping) else {}
     metrics = dict(rec["eval_result_metrics"])
     unstructured: dict[str, Any] = {"saeravel": rec.get("saeravel")}
     if rec.get("eval_result_unstructured") is not None:
@@ -453,16 +480,19 @@ def saebench_record(
     if flatten is not None:
         unstructured["saeravel_metrics"] = metrics
         metrics = flatten(metrics)
-    details = rec.get("eval_result_details")
-    if details is not None and not isinstance(details, list):
-        unstructured["details"] = details
-        details = None
+    details, moved = sb.saebench_details(type_id, rec.get("eval_result_details"))
+    if moved is not None:
+        unstructured["details"] = moved
+    config = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    eval_config = sb.saebench_eval_config(
+        type_id, rec["eval_config"], meta.get("model_name"), config.get("seed")
+    )
     return {
-        "eval_type_id": rec["eval_type_id"],
-        "eval_config": rec["eval_config"],
+        "eval_type_id": type_id,
+        "eval_config": eval_config,
         "eval_id": rec["eval_id"],
         "datetime_epoch_millis": rec["datetime_epoch_millis"],
-        "eval_result_metrics": metrics,
+        "eval_result_metrics": sb.saebench_metrics(type_id, metrics),
         "eval_result_details": details,
         "eval_result_unstructured": unstructured,
         "sae_bench_commit_hash": rec.get("sae_bench_commit_hash") or f"saeravel-{__version__}",

@@ -16,9 +16,64 @@ v0.6.0), not its code:
 * eval_type_ids and each one's required metrics: :data:`REQUIRED_METRICS` (each eval's
   registration states its own).
 
-NaN: SAEBench writes Python's ``NaN`` literal, which strict JSON parsers reject; saeravel
-writes ``null`` for an undefined score (a reader maps it back to NaN), so every file passes
-``json.loads`` with NaN constants refused.
+NaN: SAEBench writes Python's ``NaN`` literal, which strict JSON parsers reject; saeravel's
+``result.json`` writes ``null`` for an undefined score (a reader maps it back to NaN), so every
+file passes ``json.loads`` with NaN constants refused.
+
+The SAEBench copy (:func:`saeravel.results.saebench_record`, built by the conversion functions
+below) differs from ``result.json`` where SAEBench's JSON schemas
+(``sae_bench/evals/*/eval_output_schema_*.json``) or readers need it to:
+
+* **-1 for undefined values** (:data:`UNDEFINED`): SAEBench's core writes -1 for every NaN
+  (``core/main.py``: ``replace_nans_with_negative_one``; e.g. ``consistent_activation_heuristic``
+  of a dead latent) and its schemas type these fields as plain numbers. The copy writes -1 for an
+  undefined value in all of core, and in the metrics and per-item fields SAEBench requires for
+  the other evals; scr, tpp and sparse probing keep ``null`` where their schema allows it.
+  A required SAEBench metric that the job did not compute (e.g. core's KL with
+  ``n_eval_reconstruction_batches=0``) is -1 too. ``result.json`` keeps ``null``.
+* **details are a list**: ``eval_result_details`` is ``[]`` when saeravel's details are absent
+  or not a list of SAEBench's per-item records (RAVEL's per-template block, the non-letter
+  absorption task); saeravel's own details then sit in ``eval_result_unstructured.details``.
+* **eval_config** (:func:`saebench_eval_config`): SAEBench parses it into its own config class,
+  whose defaults fill every field it does not find (a TPP file would read ``perform_scr:
+  True``). The copy's ``eval_config`` therefore holds SAEBench's field names with the values
+  this job used where saeravel has one (``model_name``, ``random_seed`` from ``seed``,
+  ``perform_scr``, ``context_length`` / ``context_size``, RAVEL's ``num_epochs`` /
+  ``learning_rate``, core's ``compute_*`` switches, ...), saeravel's own fields beside them,
+  and saeravel's eval config verbatim under :data:`OURS_KEY` (SAEBench's schemas allow extra
+  keys; its pydantic classes ignore them, so that key is where a reader finds what ran).
+* **extra metric categories** (RAVEL's ``ravel_<method>``, absorption's ``status``) are
+  allowed by the schemas (no ``additionalProperties: false``) but dropped by SAEBench's
+  pydantic classes; RAVEL's whole nested block is also in
+  ``eval_result_unstructured.saeravel_metrics``, which they keep.
+* **eval_type_id**: absorption on a task other than first letters (the embedded and planted
+  worlds' continent task) is ``absorption_<parent attribute>`` (e.g. ``absorption_continent``),
+  never ``absorption_first_letter``; its metrics have SAEBench's absorption shape.
+
+RAVEL's copy and SAEBench's RAVEL (``sae_bench/evals/ravel``, v0.6.0): the ``ravel``
+category holds one method's scores (:data:`RAVEL_HEADLINE`: the SAE method when the job ran
+it) averaged over the attributes, as SAEBench averages over the attributes of its entity
+class. The numbers are not SAEBench's: SAEBench trains a binary mask over the SAE's latents
+(MDBM: a sigmoid relaxation annealed from temperature 1 to 1e-4, Adam on cause and isolation
+pairs mixed in one loader, ``train_test_split`` of the *pairs*) and scores a held-out pair as
+correct when the greedy continuation of ``n_generated_tokens`` tokens starts with the expected
+label; it files a pair under isolation when the base's and the source's predictions agree and
+under cause otherwise, and draws its isolation pairs from the other attributes, as many as the
+cause pairs. saeravel's methods, splits (by entity), matching rules and pair filters are
+documented in ``saeravel.evals.ravel`` and its recipes; ``eval.recipe=paper`` follows the
+RAVEL paper, not SAEBench. SAEBench's RAVEL config fields in the copy (``model_name``,
+``num_epochs``, ``learning_rate``, ``random_seed``) carry this job's values; its dataset fields
+(``entity_attribute_selection``, ``top_n_entities``, ...) are not written, so SAEBench's
+reader fills in its defaults, which describe SAEBench's data, not this job's.
+
+Layout (:func:`saeravel.results.saebench_path`): SAEBench's ``get_eval_results``
+(``sae_bench_utils/graphing_utils.py``) picks the eval from the first of ``tpp``, ``scr``,
+``absorption``, ``autointerp``, ``sparse_probing``, ``unlearning``, ``core`` found anywhere in
+the file's path and keys the SAE by the file name without ``_eval_results.json``; its L0 plots
+join an eval with core by that key. So the copy lies in a folder named after the eval
+(``<job folder>/saebench/<eval>/``, ``<results_dir>/<eval>/<job hash>/``) and its name is
+the SAE's alone, the same in every eval (:data:`EVAL_PATH_ORDER`). A results folder whose path
+names another eval (``.../scr_runs/...``) defeats that rule.
 """
 
 from __future__ import annotations
@@ -50,6 +105,133 @@ def register_type(
     REQUIRED_METRICS[type_id] = dict(required)
     if headline is not None:
         HEADLINE_CATEGORY[type_id] = headline
+
+
+# The substrings SAEBench's get_eval_results looks for in a result's path, in its order (the
+# first found names the eval; graphing_utils.py); a copy's path must name its own eval first.
+EVAL_PATH_ORDER = ("tpp", "scr", "absorption", "autointerp", "sparse_probing", "unlearning", "core")
+# SAEBench's value for an undefined number (core/main.py: replace_nans_with_negative_one).
+UNDEFINED = -1
+# Per-item records SAEBench's schema requires in eval_result_details: (string keys, number keys).
+DETAIL_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "core": (("index",), ("feature_density", "consistent_activation_heuristic", "encoder_bias",
+                          "encoder_norm", "encoder_decoder_cosine_sim", "max_decoder_cosine_sim",
+                          "max_encoder_cosine_sim")),
+    "absorption_first_letter": (("first_letter",), (
+        "mean_absorption_fraction", "full_absorption_rate", "num_full_absorption",
+        "num_probe_true_positives", "num_split_features")),
+    "sparse_probing": (("dataset_name",), ("llm_test_accuracy",)),
+    "scr": (("dataset_name",), ()),
+    "tpp": (("dataset_name",), ()),
+}  # fmt: skip
+# Where the copy keeps saeravel's own eval config, verbatim.
+OURS_KEY = "saeravel_eval_config"
+# SAEBench's eval_config field -> saeravel's field holding the same setting.
+CONFIG_SYNONYMS = {
+    "random_seed": "seed",
+    "context_length": "context_size",
+    "context_size": "context_length",
+    "llm_context_size": "context_size",
+    "dataset_name": "dataset",
+    "num_epochs": "epochs",
+    "learning_rate": "lr",
+    "exclude_special_tokens_from_reconstruction": "exclude_special_tokens",
+}
+
+
+def base_type_id(type_id: str) -> str:
+    """SAEBench's eval_type_id whose schema ``type_id`` follows (``absorption_<attribute>``,
+    saeravel's non-letter absorption task, has absorption's)."""
+    if type_id.startswith("absorption_") and type_id not in REQUIRED_METRICS:
+        return "absorption_first_letter"
+    return type_id
+
+
+def absorption_type_id(class_key: str) -> str:
+    """The eval_type_id of an absorption task: SAEBench's ``absorption_first_letter`` for
+    first letters, ``absorption_<parent attribute>`` for any other task."""
+    key = class_key.lower()
+    return "absorption_first_letter" if key == "first_letter" else f"absorption_{key}"
+
+
+def _undefined(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def _minus_one(obj: Any) -> Any:
+    """``obj`` with every undefined number (None, NaN, infinity) as -1, recursively."""
+    if isinstance(obj, Mapping):
+        return {k: _minus_one(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_minus_one(v) for v in obj]
+    return UNDEFINED if _undefined(obj) else obj
+
+
+def saebench_metrics(type_id: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` (already in SAEBench's shape) with SAEBench's convention for undefined
+    values: every metric SAEBench requires present, -1 where undefined or not computed; all
+    of core's undefined values are -1 (other optional metrics keep null, which the schemas of
+    scr, tpp and sparse probing allow)."""
+    base = base_type_id(type_id)
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in metrics.items()}
+    if base == "core":
+        out = _minus_one(out)
+    for cat, names in REQUIRED_METRICS.get(base, {}).items():
+        group = out.setdefault(cat, {})
+        for name in names:
+            if _undefined(group.get(name)):
+                group[name] = UNDEFINED
+    return out
+
+
+def saebench_details(type_id: str, details: Any) -> tuple[list, Any]:
+    """``(eval_result_details, moved)``: SAEBench's list of per-item records (``[]`` when
+    there are none), and saeravel's details when they are not such a list (None otherwise).
+    Required number fields of a record that are undefined or absent are -1."""
+    base = base_type_id(type_id)
+    if details is None:
+        return [], None
+    if not isinstance(details, list) or base != type_id:
+        return [], details
+    strings, numbers = DETAIL_KEYS.get(base, ((), ()))
+    if not all(isinstance(row, Mapping) and all(k in row for k in strings) for row in details):
+        return [], details
+    rows = []
+    for row in details:
+        row = _minus_one(row) if base == "core" else dict(row)
+        for key in numbers:
+            if _undefined(row.get(key)):
+                row[key] = UNDEFINED
+        rows.append(row)
+    return rows, None
+
+
+def saebench_eval_config(
+    type_id: str, ours: Mapping[str, Any], model_name: str | None, seed: int | None = None
+) -> dict[str, Any]:
+    """The copy's ``eval_config``: saeravel's fields, SAEBench's names for the settings
+    saeravel has under another name (:data:`CONFIG_SYNONYMS`), ``model_name``, ``random_seed``
+    (the eval's ``seed``, else the job's ``seed``), ``perform_scr`` (scr / tpp), core's
+    ``compute_*`` switches, and saeravel's config verbatim under :data:`OURS_KEY`."""
+    out = dict(ours)
+    for theirs, mine in CONFIG_SYNONYMS.items():
+        if theirs not in out and mine in ours:
+            out[theirs] = ours[mine]
+    if model_name:
+        out["model_name"] = model_name
+    if "random_seed" not in out and seed is not None:
+        out["random_seed"] = seed
+    base = base_type_id(type_id)
+    if base in ("scr", "tpp"):
+        out["perform_scr"] = base == "scr"
+    if base == "core":
+        downstream = bool(ours.get("n_eval_reconstruction_batches", 1))
+        variance = bool(ours.get("n_eval_sparsity_variance_batches", 1))
+        out.update(compute_kl=downstream, compute_ce_loss=downstream, compute_l2_norms=variance,
+                   compute_sparsity_metrics=variance, compute_variance_metrics=variance,
+                   compute_featurewise_density_statistics=variance)  # fmt: skip
+    out[OURS_KEY] = dict(ours)
+    return out
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -144,7 +326,7 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     cfg = rec["sae_cfg_dict"]
     if not isinstance(cfg.get("architecture"), str) or not isinstance(cfg.get("d_sae"), int):
         raise NotSAEBenchReadable("sae_cfg_dict needs architecture (str) and d_sae (int)")
-    type_id = rec["eval_type_id"]
+    type_id = base_type_id(rec["eval_type_id"])
     if not REQUIRED_METRICS:
         raise RuntimeError("no eval is registered: call saeravel.evals.api.discover() first")
     if type_id not in REQUIRED_METRICS:
@@ -172,6 +354,6 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
         eval_config=rec["eval_config"],
         sae_class=cfg["architecture"],
         d_sae=cfg["d_sae"],
-        eval_type_id=type_id,
+        eval_type_id=rec["eval_type_id"],
     )
     return head

@@ -57,7 +57,12 @@ Data sources:
 Differences from SAEBench: main latents are ranked by mean activation difference, not by
 the weights of an L1-regularised probe, and ``k`` is chosen on validation rather than test
 F1; probes are scikit-learn logistic regressions with ``C`` chosen on validation; the
-ground-truth probes are one-vs-rest per class rather than one multi-class probe.
+ground-truth probes are one-vs-rest per class rather than one multi-class probe. The
+``embedded`` task is not SAEBench's: its results are ``eval_type_id``
+``absorption_<parent attribute>`` (``absorption_continent``), never ``absorption_first_letter``,
+with SAEBench's absorption metrics; in the SAEBench copy its per-continent details move to
+``eval_result_unstructured.details`` (SAEBench's per-letter records need ``first_letter``), and a
+failing letter's undefined fields are -1.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ from saeravel.probing import (
     linear_probe_weights,
     top_k_by_mean_difference,
 )
+from saeravel.saebench import absorption_type_id
 from saeravel.taskdata import SPLITS, data_source, entity_features, entity_splits
 
 log = logging.getLogger(__name__)
@@ -596,4 +602,10 @@ def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
         "classes": data.classes,
         "n_rows": {s: len(data.labels[s]) for s in SPLITS},
     }
-    return EvalOutput(metrics, results, unstructured, summary=[summarize(metrics)])
+    return EvalOutput(
+        metrics,
+        results,
+        unstructured,
+        summary=[summarize(metrics)],
+        saebench_type_id=absorption_type_id(data.class_key),
+    )

@@ -94,12 +94,15 @@ class JobChoices:
 
 @dataclass
 class EvalOutput:
-    """What an eval returns: metric groups, per-item details, and summary lines to print."""
+    """What an eval returns: metric groups, per-item details, and summary lines to print;
+    ``saebench_type_id`` overrides the registered one for this result (absorption's non-letter
+    task)."""
 
     metrics: dict[str, Any]
     details: Any = None
     unstructured: Any = None
     summary: list[str] = field(default_factory=list)
+    saebench_type_id: str | None = None
 
 
 @dataclass(frozen=True)

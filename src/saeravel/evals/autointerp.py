@@ -32,6 +32,29 @@ The judge is any OpenAI-compatible chat-completions endpoint (``judge.base_url``
 ``judge.model``), with the API key read from the environment variable ``judge.api_key_env``.
 Every answer is cached under ``<cache_dir>/autointerp`` keyed by a hash of the model, the
 messages and the generation parameters, so a rerun makes no request.
+
+Differences from SAEBench (``sae_bench/evals/autointerp/main.py``, v0.6.0):
+
+1. Judge: SAEBench calls OpenAI's ``gpt-4o-mini`` with the API's default temperature and no
+   answer cache; ours any OpenAI-compatible endpoint, temperature 0 by default, cached.
+2. Random scoring windows: SAEBench draws them uniformly and labels them inactive without
+   looking (their activations are set to 0), so a random window where the latent fires counts
+   against a correct prediction; ours draws only windows with no activation above
+   ``act_threshold``, so the label is true.
+3. Importance-sampled windows: SAEBench samples among all positive activations below the
+   smallest top activation, so a window below ``act_threshold`` can be scored as "inactive";
+   ours samples above ``act_threshold`` only.
+4. A latent with no importance-sampling candidate: SAEBench skips it silently (reported
+   neither as scored nor as dead); ours scores it with the windows it has.
+5. Special tokens: SAEBench zeroes their activations but shows them in the windows (BOS as
+   its string); ours never shows or counts them.
+6. Unparseable answers: SAEBench drops the latent (and a failed request raises); ours records
+   the latent as NaN with the reason and leaves it out of the mean and standard deviation.
+7. Parsing: SAEBench keeps the text after the last "activates on" and reads predictions as
+   digits separated by commas or "and"; ours strips a "The latent fires on" preamble, reads
+   the first line, and accepts ``#3`` / ``[1, 2]`` forms and "no examples".
+8. Text: SAEBench reads ``total_tokens`` of its dataset in rows of ``llm_context_size``; ours
+   packs rows that start with BOS (as ``eval=core``), or the embedded world's fact sequences.
 """
 
 from __future__ import annotations

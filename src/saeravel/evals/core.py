@@ -18,12 +18,40 @@ latents, ``x_hat = sae.reconstruct(x)``):
   tokens; ``explained_variance_legacy`` = per-token ``1 - ||x - x_hat||^2 / ||x - mean_b||^2``
   (``mean_b`` the mean of the token's batch), averaged (SAEBench's original definition).
 * ``mse = E||x - x_hat||^2`` (sum over dimensions, mean over tokens); ``cossim`` = mean
-  per-token cosine (0 when a vector is zero).
-* ``l0 = E #{f != 0}``, ``l1 = E sum |f|``; ``l2_ratio = E ||x_hat|| / ||x||``;
-  ``relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>``.
+  per-token ``cos(x, x_hat)`` over the tokens whose activation is non-zero (``||x|| >=``
+  :data:`L2_NORM_FLOOR`; a zero ``x_hat`` there counts as 0).
+* ``l0 = E #{f != 0}``, ``l1 = E sum |f|``; ``l2_ratio = E ||x_hat|| / ||x||`` over the same
+  non-zero tokens; ``relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>``.
 * feature density = fraction of counted tokens on which a latent is nonzero.
 
-A ratio with a zero denominator is NaN, and NaN is reported as NaN.
+A ratio with a zero denominator is NaN, and NaN is reported as NaN (``null`` in
+``result.json``; -1 in the SAEBench copy, as SAEBench's core writes it).
+
+Differences from SAEBench (``sae_bench/evals/core/main.py``, v0.6.0; same names, other numbers):
+
+* ``explained_variance``: SAEBench's total variance is ``E||x||^2 - (E_{t,d} x_{t,d}^2)^2``
+  (the squared mean of the squared entries, not ``||E x||^2``), so its EV is lower for the
+  same reconstruction (0.968 where ours is 0.990 on one trained SAE).
+* ``mse``: SAEBench divides each token's ``||x - x_hat||^2`` by the number of counted tokens
+  in its batch before averaging; ours is the plain per-token mean (hundreds of times larger
+  than SAEBench's at its batch sizes).
+* zero ablation: SAEBench zeroes the hook at every position, BOS included; ours only at
+  counted positions (special positions keep their activation), so ``ce_loss_with_ablation``
+  and ``kl_div_with_ablation`` differ (8.39 vs 8.12 on the embedded model) and so do the
+  scores.
+* SAE splicing: SAEBench's default (``exclude_special_tokens_from_reconstruction=False``)
+  splices the SAE at special positions too; ours never does (``exclude_special_tokens``).
+* ``cossim``: SAEBench divides by ``||x||`` and ``||x_hat||`` without a floor, so one zero
+  vector makes the mean NaN (-1 in its file); ours averages over tokens with a non-zero
+  activation and counts a zero reconstruction there as 0.
+* ``l2_ratio``: SAEBench counts ``||x|| < 1e-4`` as 1 (such tokens weigh ``||x_hat||``);
+  ours leaves them out.
+* ``l1``: SAEBench sums the latents as they are; ours sums ``|f|`` (the same for non-negative
+  activations). Feature density: SAEBench counts ``f > 0``, ours ``f != 0``.
+* ``relative_reconstruction_bias``: SAEBench averages one ratio per batch; ours is the ratio
+  of means over all tokens (the same for one batch).
+* defaults: ``n_eval_sparsity_variance_batches`` 10 here, 1 in SAEBench; ``frac_dead`` is
+  saeravel's extra.
 """
 
 from __future__ import annotations
@@ -50,7 +78,9 @@ from saeravel.taskdata import data_source, token_batches
 
 log = logging.getLogger(__name__)
 
-L2_NORM_FLOOR = 1e-4  # |x| below this counts as 1 in l2_ratio (as sae_lens does)
+# Tokens with |x| below this are left out of cossim and l2_ratio (sae_lens and SAEBench count
+# such |x| as 1 in l2_ratio and take the cosine of a zero vector as NaN).
+L2_NORM_FLOOR = 1e-4
 
 
 @dataclass
@@ -191,7 +221,7 @@ class SparsityVarianceStats:
 
     KEYS = (
         "l0", "l1", "l2_in", "l2_out", "l2_ratio", "xhat_sq", "x_dot_xhat", "x_sq",
-        "resid_sq", "ev_legacy", "cossim",
+        "resid_sq", "ev_legacy", "cossim", "n_nonzero",
     )  # fmt: skip
 
     def __init__(self, d_in: int, d_sae: int) -> None:
@@ -219,18 +249,22 @@ class SparsityVarianceStats:
         resid = (xs - xh).pow(2).sum(-1)
         norm_in, norm_out = xs.norm(dim=-1), xh.norm(dim=-1)
         centred = (xs - xs.mean(0)).pow(2).sum(-1)
+        # cossim and l2_ratio average over tokens whose activation is not (nearly) zero only
+        nonzero = norm_in >= L2_NORM_FLOOR
+        cos = torch.nn.functional.cosine_similarity(xs, xh, dim=-1, eps=1e-8)
         per_token = {
             "l0": active.sum(-1).double(),
             "l1": fs.abs().sum(-1).double(),
             "l2_in": norm_in,
             "l2_out": norm_out,
-            "l2_ratio": norm_out / torch.where(norm_in < L2_NORM_FLOOR, 1.0, norm_in),
+            "l2_ratio": torch.where(nonzero, norm_out / norm_in.clamp_min(L2_NORM_FLOOR), 0.0),
             "xhat_sq": norm_out.pow(2),
             "x_dot_xhat": (xs * xh).sum(-1),
             "x_sq": norm_in.pow(2),
             "resid_sq": resid,
             "ev_legacy": 1 - resid / centred,
-            "cossim": torch.nn.functional.cosine_similarity(xs, xh, dim=-1, eps=1e-8),
+            "cossim": torch.where(nonzero, cos, 0.0),
+            "n_nonzero": nonzero.double(),
         }
         for key, vals in per_token.items():
             self.sums[key] += vals.sum().item()
@@ -246,6 +280,8 @@ class SparsityVarianceStats:
         """reconstruction_quality, shrinkage, sparsity and misc_metrics groups."""
         n = self.n_tokens
         mean = {k: _safe_div(v, n) for k, v in self.sums.items()}
+        for key in ("cossim", "l2_ratio"):  # over tokens with a non-zero activation
+            mean[key] = _safe_div(self.sums[key], self.sums["n_nonzero"])
         if n:
             variance = mean["x_sq"] - (self.sum_x / n).pow(2).sum().item()
         else:
@@ -470,10 +506,33 @@ def summarize(metrics: dict) -> str:
         ("model_performance_preservation.ce_loss_score", "CE loss score"),
         ("reconstruction_quality.explained_variance", "explained variance"),
     ),
-    saebench_required={
-        "reconstruction_quality": ("explained_variance", "mse", "cossim"),
+    saebench_required={  # every category SAEBench 0.6.0's core schema requires
+        "model_behavior_preservation": ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"),
+        "model_performance_preservation": (
+            "ce_loss_score",
+            "ce_loss_with_ablation",
+            "ce_loss_with_sae",
+            "ce_loss_without_sae",
+        ),
+        "reconstruction_quality": (
+            "explained_variance",
+            "explained_variance_legacy",
+            "mse",
+            "cossim",
+        ),
+        "shrinkage": ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"),
         "sparsity": ("l0", "l1"),
-    },
+        "token_stats": ("total_tokens_eval_reconstruction", "total_tokens_eval_sparsity_variance"),
+        "misc_metrics": (
+            "freq_over_1_percent",
+            "freq_over_10_percent",
+            "normalized_freq_over_1_percent",
+            "normalized_freq_over_10_percent",
+            "average_max_encoder_cosine_sim",
+            "average_max_decoder_cosine_sim",
+            "frac_alive",
+        ),
+    },  # fmt: skip
 )
 def run(cfg: Any, ctx: EvalContext) -> EvalOutput:
     """Run the core eval on the job's model, SAE and layer."""

@@ -31,6 +31,24 @@ Data (``data_source``):
   answer is the model's next-token choice among ``n_choices`` values of the attribute (the true
   one and distractors with distinct first tokens). Retain question sets are the other
   continents.
+
+Differences from SAEBench (``sae_bench/evals/unlearning``, v0.6.0):
+
+* ranking ties: SAEBench reverses numpy's ascending ``argsort`` of the forget frequencies, so
+  among equal frequencies the higher latent index comes first; ours the lower.
+* where the clamp applies: SAEBench zeroes every latent at position 0 (BOS) and clamps at
+  every other position where a chosen latent is active, padding and EOS included; ours clamps
+  at counted positions only (special positions keep their activation).
+* the retain bar: SAEBench hard-codes ``all_side_effects_mcq >= 0.99``; ours is
+  ``retain_accuracy_threshold`` (default 0.99).
+* the clamp is applied in model space (``decode`` of saeravel's SAE, input normalisation
+  undone); SAEBench decodes the sae_lens SAE directly (the same for SAEs without input
+  normalisation).
+* the embedded data source (one continent forgotten, attribute questions over the city
+  world) is saeravel's own; SAEBench has only WMDP-bio / MMLU.
+* defaults: SAEBench's ``n_features_list`` is (10, 20), ``multipliers`` (25, 50, 100, 200) and
+  ``retain_thresholds`` (0.001, 0.01), as here; its ``dataset_size`` and ``seq_len`` (1024
+  each) likewise.
 """
 
 from __future__ import annotations
