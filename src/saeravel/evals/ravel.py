@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from saeravel.cache import inside
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig, EvalOutput, register
 from saeravel.ravel.data import download_ravel, load_ravel_city
@@ -492,7 +493,7 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
         default=str,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = Path(ctx.cache_dir) / "ravel_filter" / f"{model.name}-{key}.json"
+    path = inside(ctx.cache_dir, "ravel_filter", f"{model.name}-{key}.json")
     if path.exists():
         try:
             entry = json.loads(path.read_text())
@@ -1416,6 +1417,6 @@ def run(cfg: Any, ctx: Any) -> Any:
             metrics["ravel"].setdefault(name, {})[attr] = r
             summary.append(_summary_row(name, attr, r))
             if cfg.save_artifacts:
-                atomic_torch_save(ctx.output_dir / f"ravel_{name}_{attr}.pt", state)
+                atomic_torch_save(inside(ctx.output_dir, f"ravel_{name}_{attr}.pt"), state)
     metrics["ravel"]["baseline"] = metrics["baselines"]["none"]
     return EvalOutput(metrics=metrics, details=details, summary=summary)

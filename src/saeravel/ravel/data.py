@@ -29,6 +29,18 @@ CITY_FILES = {
 }
 
 
+_SHAPES: dict[str, tuple[str, Any]] = {
+    "entities": ("an object of entity -> {attribute: value}", lambda v: isinstance(v, dict)),
+    "templates": (
+        "an object of attribute -> [prompt with %s, ...]",
+        lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+    ),
+    "template_split": ("an object of prompt -> split name", lambda v: isinstance(v, str)),
+    "entity_split": ("an object of entity -> split name", lambda v: isinstance(v, str)),
+    "wikipedia": ("an object of prompt -> {split, entity}", lambda v: isinstance(v, dict)),
+}
+
+
 def load_ravel_city(folder: str | Path) -> CityWorld:
     """Read RAVEL's city files from ``folder`` (a clear error names any missing file)."""
     folder = Path(folder)
@@ -37,7 +49,15 @@ def load_ravel_city(folder: str | Path) -> CityWorld:
         raise UserError(f"RAVEL data folder {folder} lacks {', '.join(missing)}")
 
     def read(key: str) -> dict:
-        return json.loads((folder / CITY_FILES[key]).read_text())
+        path = folder / CITY_FILES[key]
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"RAVEL data file {path} is not readable JSON ({exc})") from None
+        want, ok = _SHAPES[key]
+        if not isinstance(data, dict) or not data or not all(ok(v) for v in data.values()):
+            raise UserError(f"RAVEL data file {path} is not {want} (RAVEL's city file layout)")
+        return data
 
     templates = read("templates")
     # RAVEL stores a few duplicated templates; keep each once, in order.

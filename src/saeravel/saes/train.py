@@ -23,6 +23,7 @@ from saeravel.cache import (
     CorruptEntry,
     deterministic_torch,
     file_record,
+    inside,
     load_or_build,
     read_json,
     torch_load,
@@ -290,7 +291,7 @@ class TrainedSource:
             sort_keys=True,
         )
         key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        return self.cache_dir / "saes" / f"{model.name}-L{self.layer}-{key}"
+        return inside(self.cache_dir, "saes", f"{model.name}-L{self.layer}-{key}")
 
     def load(self, model: LoadedModel) -> SAE:
         """Load from the cache (validated), or train and cache."""
