@@ -143,7 +143,7 @@ def test_training_batch_sizes_change_the_hash_inference_ones_do_not() -> None:
 
 def _record(**over: Any) -> dict[str, Any]:
     rec = results.build_record(
-        eval_name="ravel", eval_cfg={"name": "ravel"}, metrics={"ravel": {"x": 1.0}},
+        eval_name="ravel", eval_cfg={"name": "ravel", "epochs": 2}, metrics={"ravel": {"x": 1.0}},
         details=None, unstructured=None, sae_identity=None, sae_cfg=None, model_name="m",
         model_info={}, layer=0, hook_name="blocks.0.hook_resid_post",
         resolved_config={"eval": {"name": "ravel", "epochs": 2}, "seed": 0}, job_id="abc",

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from saeravel import report
 from saeravel.checkpoint import CheckpointStore
 from saeravel.config import register_configs
-from saeravel.results import atomic_write_json, build_record, job_hash, load_complete
+from saeravel.results import atomic_write_json, build_record, job_hash, load_complete, seal
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -91,7 +91,7 @@ def _ravel_record(
         runtime_s=1.0,
     )
     rec["datetime_epoch_millis"] = millis
-    return rec
+    return seal(rec)  # its checksum covers the edit
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +383,8 @@ def test_pipeline_skips_a_job_whose_result_exists(tmp_path: Path) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     jid = job_hash(resolved)
     rec["saeravel"]["job_hash"], rec["saeravel"]["config"] = jid, resolved  # this job's record
+    rec["eval_config"] = resolved["eval"]
+    rec = seal(rec)
     atomic_write_json(tmp_path / "results" / "ravel" / f"{jid}.json", rec)
     assert (
         run(_compose([*overrides, "device=cpu", "log_level=WARNING"]))["eval_id"] == rec["eval_id"]

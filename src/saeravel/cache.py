@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +38,57 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+# A name from a config that becomes part of a file name (model.name, sae.family, ...).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# Config values that name files or folders under paths.cache_dir / paths.results_dir.
+PATH_NAMES = ("model.name", "sae.family", "eval.name")
+
+
+def check_name(value: Any, what: str) -> str:
+    """``value`` as a safe file-name part: letters, digits and ``. _ - +``, not starting with
+    a dot (so no ``..``, no separators, no absolute path); a one-line :class:`UserError`
+    naming ``what`` (the config key) otherwise."""
+    from saeravel.errors import UserError
+
+    text = str(value)
+    if not _SAFE_NAME.match(text) or len(text) > 200:
+        raise UserError(
+            f"{what}={text!r} cannot name a file: it becomes part of cache and result file names, "
+            "so use letters, digits and . _ - + (not starting with a dot; no '/', '..' or "
+            "absolute paths)"
+        )
+    return text
+
+
+def check_path_names(resolved: Mapping[str, Any]) -> None:
+    """Every config value that becomes part of a file name (:data:`PATH_NAMES`, and the keys
+    and values of ``sae.run_ids``) passes :func:`check_name`: checked on the config, before
+    anything loads or is written."""
+    for dotted in PATH_NAMES:
+        node: Any = resolved
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if node is not None:
+            check_name(node, dotted)
+    sae = resolved.get("sae")
+    run_ids = sae.get("run_ids") if isinstance(sae, Mapping) else None
+    if isinstance(run_ids, Mapping):
+        for layer, run_id in run_ids.items():
+            check_name(run_id, f"sae.run_ids.{layer}")
+
+
+def inside(root: str | os.PathLike, *parts: str) -> Path:
+    """``root/parts...``, refused (one-line :class:`UserError`) unless it resolves inside
+    ``root``: the last guard of a file name built from config values."""
+    from saeravel.errors import UserError
+
+    base = Path(root).resolve()
+    path = Path(root).joinpath(*parts)
+    if not path.resolve().is_relative_to(base) or path.resolve() == base:
+        raise UserError(f"{'/'.join(parts)!r} would be written outside {root}; refused")
+    return path
 
 
 class CorruptEntry(Exception):

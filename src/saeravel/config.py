@@ -20,6 +20,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
+from saeravel.results import Reuse
 from saeravel.schema import StrEnum
 
 # ----------------------------------------------------------------------------- models
@@ -174,13 +175,20 @@ class LocalSAEConfig(SAEConfig):
 class CustomSAEConfig(SAEConfig):
     """Any object with ``encode``/``decode``: ``object`` is a Hydra ``_target_`` node
     (``sae.object._target_=mypkg.saes.MySAE``, its keyword arguments beside it), built by the
-    source after its checks (``_recursive_`` false: Hydra does not build it first)."""
+    source after its checks (``_recursive_`` false: Hydra does not build it first).
+
+    A ``_target_`` runs code. ``object._target_`` must name a class that defines ``encode``
+    and ``decode`` (checked on the imported class before anything is called); a factory
+    function, any other callable, or a nested ``_target_`` in its arguments runs only with
+    ``allow_factory=true``, which lets this config run arbitrary code
+    (saeravel.errors.check_code_target)."""
 
     _target_: str = "saeravel.saes.custom.CustomSource"
     _recursive_: bool = False
     object: dict[str, Any] = field(default_factory=lambda: {"_target_": MISSING})
     hook_name: str = MISSING
     d_in: int = MISSING
+    allow_factory: bool = False
 
 
 @dataclass
@@ -294,6 +302,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     force: bool = False
+    reuse: Reuse = Reuse.same_code
     log_level: str = "INFO"
 
 

@@ -36,3 +36,61 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(cause, UserError):
             raise cause from None
         raise
+
+
+def check_code_target(
+    obj: Any,
+    target: str,
+    kwargs: Any = None,
+    allow_factory: bool = False,
+    *,
+    needs: tuple[str, ...] = ("encode", "decode"),
+    what: str = "custom SAE",
+    opt_in: str = "sae.allow_factory=true",
+) -> None:
+    """A config's ``_target_`` runs code: before anything is called, the imported ``obj``
+    (named ``target``) must be a class that defines every method of ``needs``; a function or
+    any other callable (``shutil.copy``, ``builtins.open``), and nested ``_target_`` nodes in
+    its keyword arguments ``kwargs`` (Hydra would call them while building it), are accepted
+    only with the explicit opt-in ``opt_in``, which runs arbitrary code. A one-line
+    :class:`UserError` otherwise; nothing is called here."""
+    import inspect
+
+    if allow_factory:
+        if not callable(obj):
+            raise UserError(f"{what} target {target!r} is a {type(obj).__name__}, not callable")
+        return
+    if not inspect.isclass(obj):
+        raise UserError(
+            f"{what} target {target!r} is a {type(obj).__name__}, not a class: a _target_ runs "
+            f"code, so it must name a class defining {' and '.join(needs)} (a factory function "
+            f"runs only with {opt_in}, which lets the config run arbitrary code)"
+        )
+    missing = [m for m in needs if not callable(inspect.getattr_static(obj, m, None))]
+    if missing:
+        raise UserError(
+            f"{what} target {target!r} is a class that has no callable "
+            f"{', '.join(f'{m}()' for m in missing)}; it needs {' and '.join(f'{m}()' for m in needs)}"
+            " (checked on the class, before it is built)"
+        )
+    nested = _nested_target(kwargs)
+    if nested is not None:
+        raise UserError(
+            f"{what} target {target!r} has a nested _target_ {nested!r} in its arguments, which "
+            f"Hydra would call while building it; allowed only with {opt_in} (runs arbitrary code)"
+        )
+
+
+def _nested_target(node: Any) -> str | None:
+    if isinstance(node, dict):
+        if "_target_" in node:
+            return str(node["_target_"])
+        values = list(node.values())
+    elif isinstance(node, list | tuple):
+        values = list(node)
+    else:
+        return None
+    for value in values:
+        if (found := _nested_target(value)) is not None:
+            return found
+    return None

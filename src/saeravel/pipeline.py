@@ -14,9 +14,11 @@ naming the failed jobs and a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import errno
+import json
 import logging
 import os
 import random
@@ -32,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from saeravel import __version__
+from saeravel.cache import check_path_names
 from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import (
     UserError,
@@ -42,15 +45,20 @@ from saeravel.hooks import resid_layer, resid_post, resid_pre
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
+    Reuse,
     atomic_write_json,
     build_record,
+    code_mismatch,
     file_lock,
     git_commit,
     job_hash,
     load_stored,
     no_space_error,
+    remove_stale_temps,
+    saebench_filename,
     saebench_path,
     saebench_record,
+    served_record,
 )
 from saeravel.saes.base import SAE
 from saeravel.saes.source import build_sae_source, check_known_width
@@ -65,14 +73,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_PROBE_BYTES = 64 * 1024  # a disk without this much room fails the probe (nothing else written)
+
+
 def _check_writable(folder: Path) -> None:
+    """``folder`` exists (created if missing) and takes a write of :data:`_PROBE_BYTES`
+    (written, synced and removed): an unwritable folder or a full disk (or quota) is a one-line
+    :class:`UserError` naming the folder, before anything else is written there."""
+    probe = folder / f".write_probe.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_probe"
-        probe.write_text("")
-        probe.unlink()
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * _PROBE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise no_space_error(folder) from None
         raise UserError(f"folder {folder} is not writable ({exc.strerror})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
@@ -138,15 +159,51 @@ def _write_result(
     folder: Path, record: Mapping[str, Any], spec: EvalSpec | None, index_id: str | None = None
 ) -> Path:
     """Write ``record`` into ``folder`` (``result.json``, or ``<job hash>.json`` in the job-hash
-    index when ``index_id`` is given) and its SAEBench translation (saebench_path: a folder
-    named after the eval, a file named after the SAE)."""
+    index when ``index_id`` is given) and its SAEBench translation (saebench_path: a folder named after the eval, a file named after
+    the SAE). The translation
+    is written first: a job killed between the two writes has no record, so its rerun computes
+    (or serves) it and writes both; a record without its translation is repaired on a skip
+    (:func:`_repair_saebench_copy`)."""
     name = f"{index_id}.json" if index_id else "result.json"
-    path = atomic_write_json(folder / name, record, strict=True)
     flatten = spec.saebench_metrics() if spec is not None else None
     atomic_write_json(
         folder / saebench_path(record, index_id), saebench_record(record, flatten), strict=True
     )
-    return path
+    return atomic_write_json(folder / name, record, strict=True)
+
+
+def _repair_saebench_copy(index: Path, record: Mapping[str, Any], spec: EvalSpec, jid: str) -> None:
+    """Rewrite the index's SAEBench translation of ``record`` when it is missing or is not of
+    this record (a kill between an older saeravel's two writes left the record alone)."""
+    path = index / saebench_filename(record, jid)
+    try:
+        ok = json.loads(path.read_text()).get("eval_id") == record["eval_id"]
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        flatten = spec.saebench_metrics()
+        atomic_write_json(path, saebench_record(record, flatten), strict=True)
+        log.warning("SAEBench copy %s was missing or stale; rewritten from %s.json", path, jid)
+
+
+def check_run_folder(out_dir: Path, jid: str) -> None:
+    """A run folder holds one job: a ``result.json`` of another job (another job hash) in
+    ``out_dir`` is a one-line :class:`UserError`, and nothing in the folder is touched."""
+    path = out_dir / "result.json"
+    if not path.is_file():
+        return
+    try:
+        rec = json.loads(path.read_text())
+        other = rec["saeravel"]["job_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        other = None
+    if other == jid:
+        return
+    what = f"the result of job {other}" if other else "a result.json that is not a saeravel result"
+    raise UserError(
+        f"run folder {out_dir} already holds {what}; this job is {jid}: give it its own "
+        "hydra.run.dir (nothing was changed)"
+    )
 
 
 # The running job's checkpoint store, for the line printed on Ctrl-C.
@@ -159,6 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     start = time.time()
     check_known_keys(cfg)
     resolved = _resolve(cfg)
+    check_path_names(resolved)  # names that become file names: no '..', '/', absolute paths
     # Every check that needs nothing from the model, before anything loads (and before the job
     # hash, which reads the eval's registration).
     spec = check_job(cfg, _job_choices(cfg))
@@ -168,6 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     store = index / f"{jid}.json"
     checkpoint = CheckpointStore(store.with_suffix(".ckpt"))
     _ACTIVE["checkpoint"] = checkpoint
+    check_run_folder(out_dir, jid)  # before anything is written into it
     uses_sae = spec.needs_sae(cfg.eval)
     job_logger = build_logger(cfg.get("logger"))  # a bad logger option fails here
     sae_name = cfg.sae.get("family", "?") if uses_sae else "none"
@@ -178,7 +237,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     )  # fmt: skip
     _check_writable(out_dir)
     _check_writable(index)
-    if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint, False)):
+    for folder in (out_dir, index, checkpoint.folder):  # temps of writers killed earlier
+        if folder is not None:
+            remove_stale_temps(folder)
+    policy = str(cfg.get("reuse", Reuse.same_code))
+    if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint, policy)):
         return done
     # One process at a time computes a job: an identical job started at the same moment (two
     # sweeps, a requeue) waits here, then returns the result the first one wrote. The lock is
@@ -187,7 +250,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     with file_lock(
         Path(cfg.paths.results_dir) / ".locks" / cfg.eval.name / f"{jid}.lock", busy=busy
     ):
-        if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint)):
+        if not cfg.force and (
+            done := _stored(store, jid, resolved, out_dir, spec, checkpoint, policy, warn=True)
+        ):
             return done
         return _compute(cfg, resolved, jid, spec, uses_sae, job_logger, checkpoint, start)
 
@@ -207,18 +272,31 @@ def _stored(
     out_dir: Path,
     spec: EvalSpec,
     checkpoint: CheckpointStore,
-    warn: bool = True,
+    policy: str = Reuse.same_code,
+    warn: bool = False,
 ) -> dict[str, Any] | None:
-    """This job's checked stored record (also copied into this run's folder), or None (with a
-    warning saying why a stored record is not this job's when ``warn``)."""
-    done, why = load_stored(store, jid, resolved)
+    """This job's stored record if the ``reuse`` policy serves it (copied into this run's
+    folder, naming the code that computed it and the code that served it), or None (with one
+    warning saying why a stored record is not served when ``warn``). Under ``reuse=strict`` a
+    stored record that is not served is a :class:`UserError` (nothing recomputed)."""
+    done, why = load_stored(store, jid, resolved, policy)
     if done is not None:
-        log.info("job %s already complete (%s); skipping (force=true reruns)", jid, store)
-        _write_result(out_dir, done, spec)  # this sweep's folder is complete too
+        other = code_mismatch(done)
+        log.info(
+            "job %s already complete (%s); skipping (force=true reruns)%s", jid, store,
+            f"; reuse=any_code serves it although {other}" if other else "",
+        )  # fmt: skip
+        _repair_saebench_copy(store.parent, done, spec, jid)
+        _write_result(out_dir, served_record(done, policy, store), spec)  # the run folder too
         checkpoint.clear()  # left over if a job stopped between its result and this cleanup
         return done
+    if why is not None and policy == Reuse.strict:
+        raise UserError(
+            f"stored result {store} is not served ({why}); reuse=strict does not recompute: "
+            "move it away, or run with reuse=same_code to recompute it"
+        )
     if why is not None and warn:
-        log.warning("stored result %s is not this job's (%s); recomputing", store, why)
+        log.warning("stored result %s is not served (%s); recomputing", store, why)
     return None
 
 
@@ -290,7 +368,8 @@ def _compute(
         job_id=jid,
         runtime_s=round(time.time() - start, 2),
     )
-    path = _write_result(out_dir, record, spec)
+    policy = str(cfg.get("reuse", Reuse.same_code))
+    path = _write_result(out_dir, served_record(record, policy, None), spec)
     _write_result(index, record, spec, index_id=jid)
     checkpoint.clear()  # the result is complete: nothing left to resume
     job_logger.log_result(record, path)
@@ -374,6 +453,7 @@ class SweepSummary(_Callback):
         if (msg := _folder_error(Path(str(config.hydra.sweep.dir)))) is not None:
             print(f"error: {msg} (hydra.sweep.dir)", file=sys.stderr, flush=True)
             sys.exit(2)
+        _record_dead_submitit_jobs()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _FAILED:
@@ -386,6 +466,41 @@ class SweepSummary(_Callback):
         sys.exit(2 if all(f.user_error for f in failed) else 1)
 
 
+def _record_dead_submitit_jobs() -> None:
+    """Make a submitit job (``hydra/launcher=local`` or ``slurm``) that died without a result
+    (killed, out of memory, timed out) a :class:`JobFailure` of the sweep, like a job that
+    failed, instead of submitit's ``UncompletedJobError`` ending the sweep with a traceback
+    before :class:`SweepSummary` reports: the launcher reads each job's result through
+    ``submitit.Job.results``, which is wrapped here for this process (once)."""
+    try:
+        from submitit.core import core, utils
+    except ImportError:  # no submitit: no submitit launcher either
+        return
+    if getattr(core.Job.results, "_saeravel", False):
+        return
+    real = core.Job.results
+
+    def results(self: Any) -> list[Any]:
+        try:
+            return real(self)
+        except utils.UncompletedJobError:
+            from hydra.core.utils import JobReturn, JobStatus
+
+            label = f"submitit job {self.job_id}"
+            with contextlib.suppress(Exception):  # the job's own arguments name it better
+                args = self.submission().args
+                overrides = sorted(str(o) for o in args[0] if not str(o).startswith("hydra"))
+                label = f"#{args[2]} ({','.join(overrides) or 'no overrides'})"
+            why = f"died without a result (killed, out of memory or out of time? log: {self.paths.stderr})"
+            failure = JobFailure(label, why, user_error=False)
+            ret = JobReturn()
+            ret.status, ret.return_value = JobStatus.COMPLETED, failure
+            return [ret]
+
+    results._saeravel = True  # type: ignore[attr-defined]
+    core.Job.results = results  # type: ignore[method-assign]
+
+
 def main_guarded(cfg: DictConfig) -> dict[str, Any] | JobFailure | None:
     """``run`` for the command line. A :class:`UserError` (or a full disk) becomes one line on
     stderr and exit code 2; Ctrl-C one line and exit code 130; anything else is logged with the
@@ -395,10 +510,10 @@ def main_guarded(cfg: DictConfig) -> dict[str, Any] | JobFailure | None:
     logging.raiseExceptions = False  # a full disk must not print a traceback per log line
     _ACTIVE.clear()
     try:
-        return run(cfg)
+        with _ctrl_c_deadline():
+            return run(cfg)
     except KeyboardInterrupt:
-        where = _progress(_ACTIVE.get("checkpoint"))
-        print(f"stopped; rerun the same command to continue{where}", file=sys.stderr, flush=True)
+        print(_stopped_line(), file=sys.stderr, flush=True)
         sys.exit(130)
     except (UserError, OSError) as exc:
         if isinstance(exc, OSError):
@@ -413,6 +528,60 @@ def main_guarded(cfg: DictConfig) -> dict[str, Any] | JobFailure | None:
         sys.exit(2)
     except Exception as exc:
         return _crashed(cfg, exc)
+
+
+def _stopped_line() -> str:
+    return f"stopped; rerun the same command to continue{_progress(_ACTIVE.get('checkpoint'))}"
+
+
+CTRL_C_GRACE_S = 8.0  # after Ctrl-C, the process is gone within this (the promise is 10 s)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deadline() -> Any:
+    """Ctrl-C ends the process with exit code 130 within :data:`CTRL_C_GRACE_S` seconds,
+    whatever it is doing. The first SIGINT raises KeyboardInterrupt as usual (the job unwinds,
+    prints its line, temp files are removed) and starts a daemon timer; if the process still
+    runs when it fires (stuck inside the job, e.g. a thread pool waiting for its workers, or
+    at interpreter exit joining a non-daemon thread), the timer prints the line if it was not
+    printed and ends the process with ``os._exit(130)``. A caller that goes on after
+    :func:`main_guarded` returned (tests, a basic-launcher sweep) is left alone. Only in the
+    main thread, and only where SIGINT has Python's default handler (not ignored)."""
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    state = {"in_job": True}
+
+    def expire() -> None:
+        if state["in_job"]:  # still unwinding the job after the grace period
+            with contextlib.suppress(Exception):
+                print(_stopped_line(), file=sys.stderr, flush=True)
+        elif threading.main_thread().is_alive():
+            return  # the job ended and its caller goes on: not ours to stop
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        os._exit(130)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        timer = threading.Timer(CTRL_C_GRACE_S, expire)
+        timer.daemon = True
+        timer.start()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: as usual
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        state["in_job"] = False
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _crashed(cfg: DictConfig, exc: Exception) -> JobFailure:

@@ -25,7 +25,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -39,6 +41,7 @@ from typing import Any, BinaryIO
 from saeravel import RESULT_SCHEMA_VERSION, __version__
 from saeravel import saebench as sb
 from saeravel.errors import UserError
+from saeravel.schema import StrEnum
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ LIBRARIES = ("torch", "transformer-lens", "sae-lens", "hydra-core", "omegaconf",
 NON_RESULT_PATHS: dict[str, str] = {
     "device": "where the job runs (cpu/cuda), not what it computes",
     "force": "whether an existing result is recomputed",
+    "reuse": "which stored results may be served instead of recomputing (the result is the same)",
     "log_level": "how much is logged",
     "paths": "where caches, results and this job's folder live",
     "model.device": "interpolates `device`",
@@ -204,6 +208,59 @@ def no_space_error(folder: Path, needed: int | None = None, at_least: bool = Fal
     )
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+# ``.<name>.<pid>@<host>.<random>.tmp``: the writer's pid and host, so a later run can tell a
+# dead writer's temp file from a live one's.
+_TEMP = re.compile(r"^\..+\.(\d+)@([A-Za-z0-9-]+)\.[^.]+\.tmp$")
+STALE_TEMP_S = 3600  # a temp file this old is stale whoever wrote it (other host, old format)
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of :func:`atomic_write`'s temp files for ``path``: hidden, with this process's
+    pid and host (see :func:`remove_stale_temps`)."""
+    return f".{path.name}.{os.getpid()}@{_HOST}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of dead writers in ``folder`` (not recursive): those of
+    :func:`atomic_write` whose pid on this host is gone, and any ``.*.tmp`` older than
+    :data:`STALE_TEMP_S` (another host's, or an older saeravel's without a pid). A live
+    writer's temp file is left alone. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")) or not entry.is_file():
+            continue
+        m = _TEMP.match(name)
+        try:
+            old = now - entry.stat().st_mtime > STALE_TEMP_S
+        except OSError:
+            continue
+        dead = m is not None and m.group(2) == _HOST and not _pid_alive(int(m.group(1)))
+        if dead or old:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d temp file(s) of interrupted writes in %s", len(removed), folder)
+    return removed
+
+
 def atomic_write(
     path: str | os.PathLike, write: Callable[[BinaryIO], Any], size: int | None = None
 ) -> Path:
@@ -218,7 +275,7 @@ def atomic_write(
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -320,7 +377,7 @@ def build_record(
     cfg_dict = dict(sae_cfg or {})
     cfg_dict.setdefault("architecture", sae_architecture(sae_cfg))
     cfg_dict.setdefault("d_sae", 0)
-    return {
+    record = {
         "eval_type_id": eval_type_id or eval_name,
         "eval_config": dict(eval_cfg),
         "eval_id": str(uuid.uuid4()),
@@ -349,14 +406,72 @@ def build_record(
             "config": dict(resolved_config),
         },
     }
+    return seal(record)
+
+
+CHECKSUM_KEY = "checksum"
+
+
+def record_checksum(rec: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of a record's content without its ``checksum`` key: the canonical
+    strict JSON (sorted keys), so the value survives a write and a read back."""
+    body = {k: v for k, v in rec.items() if k != CHECKSUM_KEY}
+    plain = json.loads(json.dumps(strict_json(body), allow_nan=False, default=_json_default))
+    blob = json.dumps(plain, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def seal(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """``rec`` with its :func:`record_checksum` as the last key (written last in the file)."""
+    body = {k: v for k, v in rec.items() if k != CHECKSUM_KEY}
+    body[CHECKSUM_KEY] = record_checksum(body)
+    return body
+
+
+class Reuse(StrEnum):
+    """The ``reuse`` option: which stored result of a job may be served instead of computing it.
+
+    Every policy serves only a record that is whole (its checksum matches), of this job (job
+    hash and result-relevant config, ``eval_config`` included), of this result schema, with
+    metrics. ``same_code`` (default) also needs the code version that computed it (commit and
+    uncommitted diff, :func:`git_commit`) to be the running one; otherwise the job is
+    recomputed with one warning naming why. ``any_code`` serves a record of another code version
+    on purpose (e.g. after a commit that changes no result), saying so in one line.
+    ``strict``: as ``same_code``, but a stored record that fails a check is an error (one line,
+    nothing recomputed or overwritten) instead of being recomputed."""
+
+    same_code = "same_code"
+    any_code = "any_code"
+    strict = "strict"
+
+
+def served_record(
+    rec: Mapping[str, Any], policy: str, source: str | os.PathLike | None
+) -> dict[str, Any]:
+    """The copy of ``rec`` written into a run folder: ``saeravel.served`` names the code that
+    served it, the reuse policy and where it came from (``source``: the stored record's path;
+    None when this run computed it); ``saeravel.git_commit`` stays the code that computed it.
+    Sealed again (:func:`seal`)."""
+    out = json.loads(json.dumps(strict_json(dict(rec)), default=_json_default))
+    out["saeravel"]["served"] = {
+        "git_commit": git_commit(),
+        "saeravel": __version__,
+        "reuse": str(policy),
+        "from": "computed by this run" if source is None else str(source),
+        "datetime_epoch_millis": int(time.time() * 1000),
+    }
+    return seal(out)
 
 
 def check_record(
     rec: Any, job_id: str | None = None, resolved_config: Mapping[str, Any] | None = None
 ) -> str | None:
     """Why ``rec`` is not a complete result of the job ``job_id`` with ``resolved_config``
-    (None: it is). Checks the top-level keys and their types, non-empty metrics, the saeravel
-    block (complete, job hash, config), and the result-relevant config (:func:`result_config`)."""
+    (None: it is). Checks the top-level keys and their types, non-empty metrics, the checksum
+    (required when ``job_id`` is given, i.e. before a record is served; verified whenever
+    present), the saeravel block (complete, schema version, job hash, config), and the
+    result-relevant config (:func:`result_config`), in ``saeravel.config`` and in
+    ``eval_config``. The code version is :func:`code_mismatch`'s check."""
     if not isinstance(rec, dict):
         return f"not a JSON object ({type(rec).__name__})"
     for key, kind in REQUIRED_KEYS.items():
@@ -368,9 +483,21 @@ def check_record(
             )
     if not rec["eval_result_metrics"]:
         return "its metrics are empty"
+    if not _has_value(rec["eval_result_metrics"]):
+        return "its metrics are empty"
+    if CHECKSUM_KEY not in rec:
+        if job_id is not None:  # serving a record needs its checksum; reading one for a report not
+            return "it has no checksum (written by an older saeravel, or by hand)"
+    elif rec[CHECKSUM_KEY] != record_checksum(rec):
+        return "its checksum does not match its content (edited or damaged after it was written)"
     meta = rec["saeravel"]
     if meta.get("complete") is not True:
         return "it is not marked complete"
+    if meta.get("schema_version") != RESULT_SCHEMA_VERSION:
+        return (
+            f"it has result schema {meta.get('schema_version')!r}, this saeravel writes "
+            f"{RESULT_SCHEMA_VERSION!r}"
+        )
     if not isinstance(meta.get("config"), dict):
         return "it records no config"
     if job_id is not None and meta.get("job_hash") != job_id:
@@ -380,7 +507,31 @@ def check_record(
         if want != got:
             diff = _first_difference(want, got)
             return f"its config differs from this job's ({diff})"
+        want_eval = want.get("eval")
+        got_eval = result_config({"eval": rec["eval_config"]}).get("eval")
+        if isinstance(want_eval, dict) and want_eval != got_eval:
+            diff = _first_difference({"eval": want_eval}, {"eval": got_eval}, "")
+            return f"its eval_config differs from this job's ({diff.replace('eval.', 'eval_config.', 1)})"
     return None
+
+
+def _has_value(obj: Any) -> bool:
+    """Whether a (nested) metrics block holds any value that is not an empty container."""
+    if isinstance(obj, Mapping):
+        return any(_has_value(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_value(v) for v in obj)
+    return True
+
+
+def code_mismatch(rec: Mapping[str, Any]) -> str | None:
+    """Why ``rec`` was not computed by the running code (None: it was): its recorded
+    ``saeravel.git_commit`` (commit + hash of the uncommitted diff) against :func:`git_commit`."""
+    meta = rec.get("saeravel") if isinstance(rec.get("saeravel"), Mapping) else {}
+    got, want = meta.get("git_commit"), git_commit()
+    if got == want:
+        return None
+    return f"it was computed by code {got or 'of unknown version'}, this is {want or 'unknown'}"
 
 
 def _first_difference(want: Any, got: Any, prefix: str = "") -> str:
@@ -397,10 +548,14 @@ def _first_difference(want: Any, got: Any, prefix: str = "") -> str:
 
 
 def load_stored(
-    path: str | os.PathLike, job_id: str, resolved_config: Mapping[str, Any]
+    path: str | os.PathLike,
+    job_id: str,
+    resolved_config: Mapping[str, Any],
+    reuse: str = Reuse.same_code,
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """The stored record at ``path`` if it is this job's complete result: ``(record, None)``;
-    else ``(None, why)``, with ``why`` None when there is no file at all."""
+    """The stored record at ``path`` if the ``reuse`` policy (:class:`Reuse`) lets this job
+    serve it: ``(record, None)``; else ``(None, why)``, with ``why`` None when there is no file
+    at all."""
     try:
         with open(path) as fh:
             rec = json.load(fh)
@@ -409,6 +564,8 @@ def load_stored(
     except (OSError, ValueError) as exc:
         return None, f"unreadable ({type(exc).__name__}: {exc})"
     why = check_record(rec, job_id, resolved_config)
+    if why is None and str(reuse) != Reuse.any_code:
+        why = code_mismatch(rec)
     return (rec, None) if why is None else (None, why)
 
 

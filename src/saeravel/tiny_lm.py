@@ -56,6 +56,7 @@ from saeravel.cache import (
     CorruptEntry,
     deterministic_torch,
     file_record,
+    inside,
     load_or_build,
     read_json,
     torch_load,
@@ -437,7 +438,7 @@ class EmbeddedModel:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def folder(self) -> Path:
-        return self.cache_dir / "models" / f"{self.name}-{self.key()}"
+        return inside(self.cache_dir, "models", f"{self.name}-{self.key()}")
 
     def offline_needs(self, ctx: Any) -> list[Any]:
         """Nothing to download; with ``ctx.train`` (``--train-embedded``) the trained model in

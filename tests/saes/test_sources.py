@@ -63,7 +63,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
             ):
                 cfg[key] = value
         if "object" in cfg.keys() and OmegaConf.is_missing(cfg.object, "_target_"):
-            cfg.object._target_ = "collections.OrderedDict"  # sae=custom's object
+            cfg.object._target_ = "saeravel.saes.base.SAE"  # a class with encode/decode
         src = instantiate(cfg)
         assert isinstance(src, expected[schema]), name
         assert src.layer == 5 and src.family == raw.get("family", "none")

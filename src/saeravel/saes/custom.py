@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from saeravel.errors import UserError
+from saeravel.errors import UserError, check_code_target
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, CustomSAE, SAEIdentity
 from saeravel.saes.source import SAESource
@@ -69,6 +69,7 @@ class CustomSource(SAESource):
         object: Mapping[str, Any] | None = None,  # noqa: A002 (the config key)
         hook_name: str = "",
         d_in: int = 0,
+        allow_factory: bool = False,  # see saeravel.errors.check_code_target
     ) -> None:
         self.family = family
         self.layer = int(layer)
@@ -85,9 +86,7 @@ class CustomSource(SAESource):
         self.object["_target_"] = self.target
         if self.d_in < 1:
             raise UserError(f"sae.d_in={self.d_in}: the custom SAE's input width must be >= 1")
-        factory = import_object(self.target)  # one line naming what is missing
-        if not callable(factory):
-            raise UserError(f"custom SAE target {self.target!r} is a {type(factory).__name__}")
+        check_code_target(import_object(self.target), self.target, self.kwargs, allow_factory)
         self._sae: CustomSAE | None = None
 
     def _build(self) -> CustomSAE:

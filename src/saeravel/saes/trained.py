@@ -14,6 +14,7 @@ import torch
 from saeravel.cache import (
     CorruptEntry,
     file_record,
+    inside,
     load_or_build,
     read_json,
     torch_load,
@@ -154,7 +155,7 @@ class TrainedSource(SAESource):
             sort_keys=True,
         )
         key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        return self.cache_dir / "saes" / f"{model.name}-L{self.layer}-{key}"
+        return inside(self.cache_dir, "saes", f"{model.name}-L{self.layer}-{key}")
 
     def load(self, model: LoadedModel) -> SAE:
         """Load from the cache (validated), or train and cache."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore, entry_name
 from saeravel.evals.api import EvalOutput, JobChoices, register
 from saeravel.evals.ravel.config import RavelEvalConfig, check, chosen_methods
@@ -122,7 +123,7 @@ def run(cfg: Any, ctx: Any) -> Any:
             summary.append(summary_row(name, attr, r))
             if cfg.save_artifacts:  # the trained state, and the refined mask named apart
                 for suffix, st in state.items():
-                    atomic_torch_save(ctx.output_dir / f"ravel_{name}_{attr}{suffix}.pt", st)
+                    atomic_torch_save(inside(ctx.output_dir, f"ravel_{name}_{attr}{suffix}.pt"), st)
         compared = [m for m in (*methods, "oracle") if m in outcomes["methods"]]
         details["verdict"][attr] = verdict(outcomes, cfg.bootstrap, cfg.confidence, ctx.seed,
                                            compared)  # fmt: skip

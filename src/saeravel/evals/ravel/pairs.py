@@ -11,11 +11,11 @@ import json
 import logging
 import random
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import UserError
 from saeravel.evals.ravel.data import download_ravel, load_ravel_city
@@ -97,7 +97,7 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
         default=str,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    path = Path(ctx.cache_dir) / "ravel_filter" / f"{model.name}-{key}.json"
+    path = inside(ctx.cache_dir, "ravel_filter", f"{model.name}-{key}.json")
     if path.exists():
         try:
             entry = json.loads(path.read_text())
