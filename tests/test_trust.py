@@ -32,7 +32,7 @@ from saeravel.cache import CorruptEntry, check_name, inside, torch_load
 from saeravel.config import register_configs
 from saeravel.errors import UserError, check_code_target
 from saeravel.pipeline import main_guarded, run
-from saeravel.results import job_hash, remove_stale_temps, saebench_filename, seal
+from saeravel.results import job_hash, remove_stale_temps, saebench_filename, saebench_path, seal
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -204,12 +204,12 @@ def test_a_killed_saebench_copy_write_is_repaired_on_the_rerun(
     cfg = _compose(tmp_path)
     first = run(cfg)
     stored = _index(tmp_path)
-    copy = stored.parent / saebench_filename(first, first["saeravel"]["job_hash"])
+    copy = stored.parent / saebench_path(first, first["saeravel"]["job_hash"])
     good = json.loads(copy.read_text())
     copy.unlink()
     host = results._HOST
-    dead = stored.parent / f".{copy.name}.{_dead_pid()}@{host}.x1y2.tmp"
-    live = stored.parent / f".{copy.name}.{os.getpid()}@{host}.x3y4.tmp"
+    dead = copy.parent / f".{copy.name}.{_dead_pid()}@{host}.x1y2.tmp"
+    live = copy.parent / f".{copy.name}.{os.getpid()}@{host}.x3y4.tmp"
     old = stored.parent / f".{stored.name}.legacy.tmp"
     for tmp in (dead, live, old):
         tmp.write_text('{"half": ')
@@ -239,8 +239,11 @@ def test_the_saebench_copy_is_written_before_the_record(
     monkeypatch.setattr(pipeline, "atomic_write_json", spy)
     rec = run(_compose(tmp_path))
     jid = rec["saeravel"]["job_hash"]
-    assert order.index(saebench_filename(rec, jid)) < order.index(f"{jid}.json")
-    assert order.index(saebench_filename(rec)) < order.index("result.json")
+    copies = [i for i, name in enumerate(order) if name == saebench_filename(rec)]
+    last = -1
+    for pos in sorted(order.index(r) for r in (f"{jid}.json", "result.json")):
+        assert any(last < i < pos for i in copies), order  # each record's copy comes first
+        last = pos
 
 
 def test_remove_stale_temps_keeps_live_writers(tmp_path: Path) -> None:
@@ -318,10 +321,9 @@ class _Evil:
 
 
 def _loaders(tmp: Path) -> dict[str, Any]:
-    from saeravel.saes.loaders import _torch_load
-
     from saeravel.checkpoint import CheckpointStore
-    from saeravel.evals.ravel import load_basis
+    from saeravel.evals.ravel.methods import load_basis
+    from saeravel.saes.formats import torch_load_state_dict as _torch_load
 
     store = CheckpointStore(tmp / "ckpt")
     return {
@@ -570,16 +572,16 @@ def test_a_local_sweep_whose_job_dies_ends_with_the_summary(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("key", "content", "why"),
     [
-        ("templates", ["a %s"], "is not an object of attribute -> [prompt with %s, ...]"),
-        ("entities", {"Paris": "France"}, "is not an object of entity -> {attribute: value}"),
-        ("entity_split", {"Paris": 1}, "is not an object of entity -> split name"),
+        ("templates", ["a %s"], "is not RAVEL's templates file"),
+        ("entities", {"Paris": "France"}, "is not RAVEL's entities file"),
+        ("entity_split", {"Paris": 1}, "is not RAVEL's entity_split file"),
         ("wikipedia", "{not json", "is not readable JSON"),
     ],
 )
 def test_a_wrongly_shaped_ravel_file_is_one_line(
     tmp_path: Path, key: str, content: Any, why: str
 ) -> None:
-    from saeravel.ravel.data import CITY_FILES, load_ravel_city
+    from saeravel.evals.ravel.data import CITY_FILES, load_ravel_city
 
     good = {
         "entities": {"Paris": {"Country": "France"}},

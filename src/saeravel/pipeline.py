@@ -55,7 +55,6 @@ from saeravel.results import (
     load_stored,
     no_space_error,
     remove_stale_temps,
-    saebench_filename,
     saebench_path,
     saebench_record,
     served_record,
@@ -159,11 +158,10 @@ def _write_result(
     folder: Path, record: Mapping[str, Any], spec: EvalSpec | None, index_id: str | None = None
 ) -> Path:
     """Write ``record`` into ``folder`` (``result.json``, or ``<job hash>.json`` in the job-hash
-    index when ``index_id`` is given) and its SAEBench translation (saebench_path: a folder named after the eval, a file named after
-    the SAE). The translation
-    is written first: a job killed between the two writes has no record, so its rerun computes
-    (or serves) it and writes both; a record without its translation is repaired on a skip
-    (:func:`_repair_saebench_copy`)."""
+    index when ``index_id`` is given) and its SAEBench translation (saebench_path: a folder
+    named after the eval, a file named after the SAE). The translation is written first: a job
+    killed between the two writes has no record, so its rerun computes (or serves) it and writes
+    both; a record without its translation is repaired on a skip (:func:`_repair_saebench_copy`)."""
     name = f"{index_id}.json" if index_id else "result.json"
     flatten = spec.saebench_metrics() if spec is not None else None
     atomic_write_json(
@@ -175,7 +173,7 @@ def _write_result(
 def _repair_saebench_copy(index: Path, record: Mapping[str, Any], spec: EvalSpec, jid: str) -> None:
     """Rewrite the index's SAEBench translation of ``record`` when it is missing or is not of
     this record (a kill between an older saeravel's two writes left the record alone)."""
-    path = index / saebench_filename(record, jid)
+    path = index / saebench_path(record, jid)
     try:
         ok = json.loads(path.read_text()).get("eval_id") == record["eval_id"]
     except (OSError, ValueError, AttributeError):
@@ -237,7 +235,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     )  # fmt: skip
     _check_writable(out_dir)
     _check_writable(index)
-    for folder in (out_dir, index, checkpoint.folder):  # temps of writers killed earlier
+    # temps of writers killed earlier: the run folder, the index, this job's SAEBench copies
+    # (saebench/<eval>/ in the run folder, <job hash>/ in the index) and its checkpoints
+    sb_folders = (out_dir / "saebench" / str(cfg.eval.name), index / jid)
+    for folder in (out_dir, index, *sb_folders, checkpoint.folder):
         if folder is not None:
             remove_stale_temps(folder)
     policy = str(cfg.get("reuse", Reuse.same_code))
