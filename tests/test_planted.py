@@ -356,6 +356,80 @@ def test_trained_sae_on_the_planted_model_is_graded(tmp_path):
     assert set(rec["per_block"]) == {*ATTRIBUTES, "identity"}
 
 
+# ----------------------------------------------------------------------------- margin
+
+
+def rotated_projector(truth: PlantedTruth, attr: str, degrees: float) -> torch.Tensor:
+    """The projector onto A's block turned by ``degrees`` into the other planted blocks (each
+    basis vector of the block tilted into its own direction of the others): a subspace that
+    is ``degrees`` wrong on every direction."""
+    import math
+
+    B = truth.block_basis(attr)
+    C = torch.cat([truth.block_basis(b) for b in truth.blocks if b != attr], 1)[:, : B.shape[1]]
+    t = math.radians(degrees)
+    Bt = B * math.cos(t) + C * math.sin(t)
+    return Bt @ Bt.T
+
+
+def missing_dim_projector(truth: PlantedTruth, attr: str, j: int = 0) -> torch.Tensor:
+    """The projector onto A's block less its ``j``-th dim."""
+    B = truth.block_basis(attr)
+    B = torch.cat([B[:, :j], B[:, j + 1 :]], 1)
+    return B @ B.T
+
+
+def _partial_swaps(s, attr: str) -> dict[str, float]:
+    t = s.lm.truth
+    ps = {"oracle": t.projector(attr), "rot30": rotated_projector(t, attr, 30),
+          "missing_dim": missing_dim_projector(t, attr)}  # fmt: skip
+    return {k: run_score(s, FixedIntervention("oracle", projector=P), attr)["disentangle"]
+            for k, P in ps.items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("basis", BASES)
+def test_margin_and_dense_codes_grade_partial_swaps(tmp_path, basis):
+    """``model.codes=dense model.margin=0.99``: a 30-degree-wrong subspace swap and a swap
+    missing one dim of the block both cost >= 0.2 disentangle; the exact swap keeps 1.0
+    (measured at these sizes, rotated: Country rot30 0.075 / missing dim 0.657, Continent
+    0.333 / 0.627)."""
+    s = setup(planted(basis, codes="dense", margin=0.99), tmp_path)
+    assert s.stats["n_known_prompts"] == s.stats["n_prompts"]
+    for a in ("Country", "Continent"):
+        d = _partial_swaps(s, a)
+        assert d["oracle"] == 1.0, (a, d)
+        assert d["rot30"] <= 0.8 and d["missing_dim"] <= 0.8, (a, d)
+
+
+def test_default_readout_does_not_grade_partial_swaps(worlds):
+    """The broken variant the dials fix: one-hot codes and the 0.1 margin give a 30-degree
+    error and a missing dim (nearly) full credit (Country 0.932 / 0.968 at these sizes)."""
+    d = _partial_swaps(worlds["rotated"], "Country")
+    assert d["oracle"] == 1.0
+    assert d["rot30"] > 0.8 and d["missing_dim"] > 0.8, d
+
+
+def test_one_hot_codes_need_dense_codes_for_a_missing_dim(tmp_path):
+    """A high margin alone catches the rotation, not the missing dim: with one-hot codes the
+    dim is one value, touched by few pairs."""
+    d = _partial_swaps(setup(planted("rotated", margin=0.99), tmp_path), "Country")
+    assert d["oracle"] == 1.0 and d["rot30"] <= 0.8 and d["missing_dim"] > 0.8, d
+
+
+def test_dense_codes_keep_the_exact_sae_exact(tmp_path):
+    lm = planted("rotated", codes="dense", margin=0.99)
+    truth = lm.truth
+    sae = planted_sae(truth, 0)
+    assert truth.atom_recovery(sae)["min"] > 0.999
+    H = torch.stack([truth.representation(e) for e in list(lm.world.entities)[:50]])
+    torch.testing.assert_close(sae.reconstruct(H), H, atol=1e-5, rtol=0)
+    # every value atom uses every dim of its block (measured: top dim holds 0.24-0.66 on average)
+    for a in ATTRIBUTES:
+        coords = truth.value_atoms(a) @ truth.block_basis(a)
+        assert bool((coords.abs() > 1e-4).all())
+        assert float((coords**2).max(dim=1).values.mean()) < 0.75
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -373,6 +447,8 @@ def test_unknown_basis_fails_at_composition():
         _compose(["model.basis=bogus"])
     with pytest.raises(ConfigCompositionException, match="bogus"):
         _compose(["sae=planted", "sae.dictionary=bogus"])
+    with pytest.raises(ConfigCompositionException, match="bogus"):
+        _compose(["model.codes=bogus"])
     cfg = _compose(["model.basis=mixed"])
     assert cfg.model.basis.value == "mixed"
 
@@ -387,6 +463,10 @@ def test_too_small_world_is_one_line_user_error():
         instantiate(_compose(["model.d_model=20"]).model).load()
     with pytest.raises(UserError, match="not a site"):
         instantiate(_compose(["layer=1"]).model).load()  # block 1 is the readout
+    for bad in ("-0.1", "1.0"):
+        with pytest.raises(UserError, match=r"model.margin=.* must be in \[0, 1\)") as err:
+            instantiate(_compose([f"model.margin={bad}"]).model).load()
+        assert "\n" not in str(err.value)
 
 
 def test_planted_sae_needs_the_planted_model(tiny_model):

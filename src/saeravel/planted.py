@@ -8,7 +8,9 @@ residual after block ``layer`` at the entity's last token, the representation is
 
     h(e) = m + R c(e),   c(e) = [onehot(Country) ; onehot(Continent) ; onehot(Language) ; z_e]
 
-scaled by ``value_scale``: one-hot value codes per attribute block, ``z_e`` a low-dimensional
+scaled by ``value_scale``: one-hot value codes per attribute block (``codes=dense``: each
+value a dense unit vector of its block instead, a random orthonormal code, so every value uses
+every dim; the onehot() above then reads C_A[value]), ``z_e`` a low-dimensional
 random identity code (``id_dims``; it is read by nothing, so it cannot be used to memorise
 entities), ``m`` the entity-marker direction, the one part identical for every entity, kept
 OUTSIDE the rotated subspace. ``R`` is the identity except on the planted subspace (the
@@ -24,8 +26,12 @@ template ends with "country", "continent" or "language"), its key is the entity 
 a BOS attention sink takes the attention of every head whose attribute is not asked, so
 those read nothing. Its OV circuit is the projector onto the attribute's block, and the
 unembedding row of each value word is that value's atom times ``logit_scale``, so the answer
-to A is read from A's block and from nothing else; "." gets a small bias (0.1 of a full
-logit), so a value word is followed by ".". Coordinates: the blocks first (Country,
+to A is read from A's block and from nothing else. "." is the competitor: its bias is
+``margin`` of a full value logit, so a value is answered only when its atom reads more than
+``margin`` of a full value, and "." follows the value word. The default (0.1, one-hot codes)
+is lenient: any swap that moves more than half of each atom scores as exact. ``margin=0.99``
+with ``codes=dense`` grades partial swaps: a subspace 30 degrees wrong, or the block less one
+dim, costs >= 0.2 disentangle, while the exact block swap stays at 1.0 (tests/test_planted.py). Coordinates: the blocks first (Country,
 Continent, Language, identity), then the marker, the BOS dim, one query dim per attribute,
 and unused dims up to ``d_model``.
 
@@ -59,11 +65,12 @@ ATTRIBUTES = ("Country", "Continent", "Language")
 IDENTITY = "identity"
 BASES = ("aligned", "rotated", "mixed")
 DICTIONARIES = ("planted", "random")
+CODES = ("onehot", "dense")
 QUERY_WORD = {"Country": "country", "Continent": "continent", "Language": "language"}
 PREFIX_WORD = "Port"  # the shared first token of the two-token names
 MIN_SPLIT_ENTITIES = 4  # train and test each need this many entities
 ATTENTION_GAP = 20.0  # logit margin of the readout's attention (entity vs sink)
-END_BIAS = 0.1  # logit of "." as a fraction of a full value logit
+END_BIAS = 0.1  # default model.margin: logit of "." as a fraction of a full value logit
 
 # Every template ends with the attribute's query word: that is what the readout's query reads.
 TEMPLATES = {
@@ -222,6 +229,22 @@ def basis_matrix(basis: str, blocks: dict[str, list[int]], d_model: int, seed: i
     return R.float()
 
 
+def value_codes(kind: str, sizes: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
+    """Each attribute's value codes in its block [n_values, n_values], orthonormal rows:
+    ``onehot`` (the identity: a value is one dim) or ``dense`` (a random orthogonal matrix:
+    every value uses every dim of its block, so a swap missing any dim misses part of every
+    value's atom, and the margin can grade it)."""
+    out = {}
+    for i, (a, n) in enumerate(sizes.items()):
+        if kind == "onehot":
+            out[a] = torch.eye(n)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1000 + 17 + i)
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        out[a] = (q * torch.sign(torch.diagonal(r))).float()
+    return out
+
+
 @dataclass
 class PlantedTruth:
     """What the planted world knows: every block's subspace at the site, the atoms, the
@@ -238,6 +261,20 @@ class PlantedTruth:
     identity_codes: dict[str, torch.Tensor]
     dims: dict[str, int] = field(default_factory=dict)  # marker, bos, query_<A>
     config: dict[str, Any] = field(default_factory=dict)
+    value_codes: dict[str, torch.Tensor] = field(default_factory=dict)  # A -> [n_values, n_dims]
+    margin: float = END_BIAS
+
+    def code_matrix(self, attr: str) -> torch.Tensor:
+        """A's value codes in its block's coordinates, one orthonormal row per value
+        (the identity for ``model.codes=onehot``)."""
+        if attr in self.value_codes:
+            return self.value_codes[attr]
+        return torch.eye(len(self.blocks[attr]))
+
+    def value_atoms(self, attr: str) -> torch.Tensor:
+        """A's value atoms at the site [n_values, d_model], unit norm, in value order: the
+        readout's unembedding rows (times ``logit_scale``) and the exact SAE's decoder rows."""
+        return self.code_matrix(attr) @ self.block_basis(attr).T
 
     def block_basis(self, name: str) -> torch.Tensor:
         """Orthonormal columns [d_model, n] spanning block ``name`` at the site."""
@@ -254,7 +291,7 @@ class PlantedTruth:
         """h(entity) [d_model]: the residual at the site at the entity's last token."""
         c = torch.zeros(self.d_model)
         for a in ATTRIBUTES:
-            c[self.blocks[a][self.codes[entity][a]]] = self.value_scale
+            c[self.blocks[a]] = self.value_scale * self.code_matrix(a)[self.codes[entity][a]]
         c[self.blocks[IDENTITY]] = self.identity_codes[entity]
         return self.marker + self.R @ c
 
@@ -263,8 +300,8 @@ class PlantedTruth:
         +- one per identity coordinate."""
         rows, labels = [], []
         for a in ATTRIBUTES:
-            for j, col in enumerate(self.block_basis(a).T):
-                rows.append(col)
+            for j, row in enumerate(self.value_atoms(a)):
+                rows.append(row)
                 labels.append(f"{a}={self.values[a][j]}")
         for j, col in enumerate(self.block_basis(IDENTITY).T):
             rows += [col, -col]
@@ -304,6 +341,7 @@ class PlantedTruth:
             "constant_part": "entity-marker direction (coordinate "
             f"{self.dims['marker']}, outside the rotated subspace), norm 1",
             "value_scale": self.value_scale,
+            "margin": self.margin,
             "n_entities": len(self.codes),
             **self.config,
         }
@@ -355,9 +393,12 @@ def build_readout_model(
         sd[f"blocks.{L}.attn.W_K"][h, truth.dims["bos"], 1] = 1.0
         sd[f"blocks.{L}.attn.W_V"][h, :, :n] = B
         sd[f"blocks.{L}.attn.W_O"][h, :n, :] = B.T
-        for j, v in enumerate(truth.values[a]):
-            sd["unembed.W_U"][:, ids(v)] = logit_scale * B[:, j]
-    sd["unembed.b_U"][ids(".")] = END_BIAS * logit_scale * truth.value_scale
+        for v, atom in zip(truth.values[a], truth.value_atoms(a), strict=True):
+            sd["unembed.W_U"][:, ids(v)] = logit_scale * atom
+    # "." is the competitor every value must beat: a value is answered only when its atom
+    # reads more than `margin` of a full value (and after the value, where no head reads
+    # anything, "." ends the answer).
+    sd["unembed.b_U"][ids(".")] = truth.margin * logit_scale * truth.value_scale
     model.load_state_dict(sd)
     if not hasattr(model, "ln_final"):  # normalization_type=None has none; SuffixRunner calls it
         model.ln_final = torch.nn.Identity()
@@ -409,6 +450,8 @@ class PlantedModel:
         nesting: float = 0.0,
         value_scale: float = 1.0,
         logit_scale: float = 10.0,
+        margin: float = END_BIAS,
+        codes: Any = "onehot",
         split_fractions: list[float] | None = None,
         world_seed: int = 0,
         basis_seed: int = 0,
@@ -422,6 +465,14 @@ class PlantedModel:
         basis = _value(basis)
         if basis not in BASES:
             raise UserError(f"unknown model.basis {basis!r}; valid: {', '.join(BASES)}")
+        codes = _value(codes)
+        if codes not in CODES:
+            raise UserError(f"unknown model.codes {codes!r}; valid: {', '.join(CODES)}")
+        if not 0.0 <= margin < 1.0:
+            raise UserError(
+                f"model.margin={margin} must be in [0, 1): the fraction of a full value the "
+                "right value's atom must read (at >= 1 not even the true value is answered)"
+            )
         if dtype != "float32":
             raise UserError(f"model {name} is built in float32 only; got model.dtype={dtype}")
         self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
@@ -465,7 +516,8 @@ class PlantedModel:
         self.cfg = {
             "n_entities": n_entities, "n_two_token": n_two_token, "sizes": self.sizes,
             "id_dims": id_dims, "basis": basis, "nesting": nesting, "value_scale": value_scale,
-            "logit_scale": logit_scale, "split_fractions": fr, "world_seed": world_seed,
+            "logit_scale": logit_scale, "margin": margin, "codes": codes, "split_fractions": fr,
+            "world_seed": world_seed,
             "basis_seed": basis_seed, "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx,
         }  # fmt: skip
         self.device = resolve_device(device)
@@ -502,7 +554,9 @@ class PlantedModel:
             basis=c["basis"], d_model=self.d_model, blocks=blocks, R=R, marker=marker,
             value_scale=c["value_scale"], values=values, codes=codes, identity_codes=ident,
             dims=dims, config={"nesting": c["nesting"], "id_dims": k, "world_seed": c["world_seed"],
-                               "basis_seed": c["basis_seed"], "n_two_token": c["n_two_token"]},
+                               "basis_seed": c["basis_seed"], "n_two_token": c["n_two_token"],
+                               "codes": c["codes"]},
+            value_codes=value_codes(c["codes"], self.sizes, c["world_seed"]), margin=c["margin"],
         )  # fmt: skip
         return truth, world
 
