@@ -430,6 +430,79 @@ def test_dense_codes_keep_the_exact_sae_exact(tmp_path):
         assert float((coords**2).max(dim=1).values.mean()) < 0.75
 
 
+# ----------------------------------------------------------------------------- superposition
+
+
+def test_superposition_world_reads_values_by_their_atoms(tmp_path):
+    """``model.superposition=16``: Country's 20 and Continent's 6 values are random unit atoms
+    of one shared 16-dim block; the readout still answers (nearly) every fact, no subspace
+    holds one attribute alone (the oracle swaps both), and the feature-swap ceiling, recorded
+    in ``describe()``, is below 1 and what swapping exactly the two atoms scores."""
+    lm = planted("aligned", superposition=16, d_model=64)
+    truth = lm.truth
+    assert truth.block_of("Country") == truth.block_of("Continent") != truth.block_of("Language")
+    assert len(truth.blocks[truth.block_of("Country")]) == 16
+    ceiling = lm.info["planted"]["superposition"]["feature_swap_ceiling"]
+    s = setup(lm, tmp_path)
+    assert s.stats["n_known_prompts"] >= 0.9 * s.stats["n_prompts"], s.stats
+    for a in ("Country", "Continent"):
+        assert 0.9 <= ceiling[a]["disentangle"] < 1.0, ceiling
+        oracle = run_score(s, ProjectorSwap(truth.projector(a)), a)
+        assert oracle["disentangle"] <= 0.8, oracle  # moves the other attribute too
+
+        class AtomSwap(FixedIntervention):  # exactly the two atoms: the ceiling's swap
+            def forward(self, b, src, a=a):
+                A = truth.value_atoms(a) * truth.value_scale
+                ib, isrc = truth.readout(a, b), truth.readout(a, src)
+                return b - A[ib] + A[isrc]
+
+        swap = run_score(s, AtomSwap("none"), a)
+        assert abs(swap["disentangle"] - ceiling[a]["disentangle"]) <= 0.05, (swap, ceiling)
+    assert ceiling["Language"]["disentangle"] == 1.0  # its own block: nothing interferes
+
+
+def test_exact_sae_in_superposition_has_the_true_atoms(tmp_path):
+    lm = planted("aligned", superposition=16, d_model=64)
+    truth = lm.truth
+    sae = planted_sae(truth, 0)
+    assert truth.atom_recovery(sae)["min"] > 0.999
+    assert sae.activation == "jumprelu"
+    e = next(iter(lm.world.entities))
+    f = sae.encode(truth.representation(e)[None])[0]
+    _, labels = truth.atoms()
+    on = {labels[i] for i in torch.nonzero(f > 0.5).flatten().tolist()}
+    assert {f"{a}={truth.values[a][truth.codes[e][a]]}" for a in ATTRIBUTES} <= on
+
+
+# ----------------------------------------------------------------------------- absorption
+
+
+def test_absorbed_sae_moves_continent_with_country(tmp_path):
+    """``model.absorption=true`` (with ``nesting=1``): the exact SAE's Country latents write
+    their Continent too and no Continent latent exists; it still reconstructs every entity,
+    but masking the Country latents moves Continent (isolation falls) and no latent moves
+    Continent alone, while the aligned block's neurons stay exact."""
+    lm = planted("aligned", nesting=1.0, absorption=True)
+    truth = lm.truth
+    sae = planted_sae(truth, 0)
+    labels = truth.sae_labels()
+    assert sae.d_sae == len(labels) and not any(lab.startswith("Continent=") for lab in labels)
+    H = torch.stack([truth.representation(e) for e in list(lm.world.entities)[:50]])
+    torch.testing.assert_close(sae.reconstruct(H), H, atol=1e-5, rtol=0)
+    s = setup(lm, tmp_path)
+    keep = torch.tensor([lab.startswith("Country=") for lab in labels])
+    d = truth.d_model
+    for a in ("Country", "Continent"):
+        r = run_score(s, fixed_mask(SAEMask(sae), keep), a)
+        print(f"\nabsorbed SAE, Country latents swapped, scored as {a}: cause {r['cause']:.3f} "
+              f"isolation {r['isolation']:.3f} disentangle {r['disentangle']:.3f}")  # fmt: skip
+        # isolation here spans Continent and Language prompts; Language is never moved
+        assert r["disentangle"] <= 0.8 and min(r["cause"], r["isolation"]) <= 0.6, (a, r)
+        block = torch.zeros(d, dtype=torch.bool)
+        block[truth.blocks[a]] = True
+        assert run_score(s, neuron_mask(d, block), a)["disentangle"] >= 0.95
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -463,6 +536,10 @@ def test_too_small_world_is_one_line_user_error():
         instantiate(_compose(["model.d_model=20"]).model).load()
     with pytest.raises(UserError, match="not a site"):
         instantiate(_compose(["layer=1"]).model).load()  # block 1 is the readout
+    with pytest.raises(UserError, match=r"model.superposition=26 must be 0 \(off\) or in 2..25"):
+        instantiate(_compose(["model.superposition=26", "model.n_country=20"]).model).load()
+    with pytest.raises(UserError, match="model.absorption=true needs model.nesting=1.0"):
+        instantiate(_compose(["model.absorption=true"]).model).load()
     for bad in ("-0.1", "1.0"):
         with pytest.raises(UserError, match=r"model.margin=.* must be in \[0, 1\)") as err:
             instantiate(_compose([f"model.margin={bad}"]).model).load()

@@ -138,3 +138,19 @@ def test_fixed_with_the_oracles_basis_is_the_oracle(tmp_path):
     assert country["disentangle"] == m["baselines"]["oracle"]["Country"]["disentangle"] >= 0.98
     assert continent["cause"] == 0.0 and continent["isolation"] == 0.0
     assert country["basis"]["from"] == "basis_file" and country["basis"]["rank"] == 20
+
+
+def _three(tmp: Path, basis: str, dials: list[str]) -> dict[str, dict]:
+    """sae, das and neurons (one job each) on a planted world with ``dials``."""
+    return {meth: _run(tmp / meth, basis, [*dials, f"eval.method={meth}"])
+            for meth in ("sae", "das", "neurons")}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_absorption_band(tmp_path):
+    """The SAE's Country latents carry their Continent (``model.absorption``): the SAE mask
+    cannot isolate either attribute, DAS and the aligned neurons can."""
+    m = _three(tmp_path, "aligned", ["model.nesting=1.0", "model.absorption=true"])
+    assert max(_dis(m["sae"], "sae")) <= 0.55, _dis(m["sae"], "sae")
+    assert min(_dis(m["das"], "das")) >= 0.95, _dis(m["das"], "das")
+    assert min(_dis(m["neurons"], "neurons")) >= 0.9, _dis(m["neurons"], "neurons")

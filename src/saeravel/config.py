@@ -132,6 +132,8 @@ class PlantedModelConfig(ModelConfig):
     logit_scale: float = 10.0
     margin: float = 0.1
     codes: PlantedCodes = PlantedCodes.onehot
+    superposition: int = 0
+    absorption: bool = False
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
     world_seed: int = 0
     basis_seed: int = 0
