@@ -458,7 +458,8 @@ def test_superposition_world_reads_values_by_their_atoms(tmp_path):
 
         swap = run_score(s, AtomSwap("none"), a)
         assert abs(swap["disentangle"] - ceiling[a]["disentangle"]) <= 0.05, (swap, ceiling)
-    assert ceiling["Language"]["disentangle"] == 1.0  # its own block: nothing interferes
+    assert set(ceiling) == {"Country", "Continent"}
+    assert ceiling["Country"]["isolation_by_attribute"]["Language"] == 1.0  # its own block
 
 
 def test_exact_sae_in_superposition_has_the_true_atoms(tmp_path):
