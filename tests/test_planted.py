@@ -367,8 +367,8 @@ def rotated_projector(truth: PlantedTruth, attr: str, degrees: float) -> torch.T
 
     B = truth.block_basis(attr)
     C = torch.cat([truth.block_basis(b) for b in truth.blocks if b != attr], 1)[:, : B.shape[1]]
-    t = math.radians(degrees)
-    Bt = B * math.cos(t) + C * math.sin(t)
+    t, m = math.radians(degrees), C.shape[1]  # m < B's dims: only the first m dims tilt
+    Bt = torch.cat([B[:, :m] * math.cos(t) + C * math.sin(t), B[:, m:]], 1)
     return Bt @ Bt.T
 
 
