@@ -165,3 +165,63 @@ def test_convergence_is_signed():
     rising = convergence([1.0, 1.009])
     assert rising["flattened"] is False and rising["rising"] is True
     assert convergence([1.0, 0.9])["flattened"] is False  # still falling
+
+
+def _three(tmp: Path, basis: str, dials: list[str]) -> dict[str, dict]:
+    """sae, das and neurons (one job each) on a planted world with ``dials``."""
+    return {meth: _run(tmp / meth, basis, [*dials, f"eval.method={meth}"])
+            for meth in ("sae", "das", "neurons")}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_absorption_band(tmp_path):
+    """The SAE's Country latents carry their Continent (``model.absorption``): the SAE mask
+    cannot isolate either attribute, DAS and the aligned neurons can."""
+    m = _three(tmp_path, "aligned", ["model.nesting=1.0", "model.absorption=true"])
+    print("\nabsorption: " + " ".join(f"{k} {_dis(m[k], k)}" for k in m))
+    assert max(_dis(m["sae"], "sae")) <= 0.55, _dis(m["sae"], "sae")
+    assert min(_dis(m["das"], "das")) >= 0.95, _dis(m["das"], "das")
+    assert min(_dis(m["neurons"], "neurons")) >= 0.9, _dis(m["neurons"], "neurons")
+
+
+SUPERPOSITION = ["model.superposition=16", "model.d_model=64"]
+
+
+@pytest.fixture(scope="module")
+def superposition(tmp_path_factory) -> dict[str, list[float]]:
+    """Country / Continent disentangle of the planted SAE mask, DAS and neurons (trained by
+    the pipeline), the oracle and the feature-swap ceiling, on the aligned superposition
+    world (20 Country + 6 Continent values as random unit atoms of one 16-dim block)."""
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["model=planted-city-lm", "device=cpu", *SMALL,
+                                            *SUPERPOSITION, "paths.output_dir=unused"])  # fmt: skip
+    ceiling = instantiate(cfg.model).load().info["planted"]["superposition"]["feature_swap_ceiling"]
+    m = _three(tmp_path_factory.mktemp("superposition"), "aligned", SUPERPOSITION)
+    out = {k: _dis(m[k], k) for k in m} | {"oracle": _dis(m["sae"], "oracle")}
+    out["ceiling"] = [ceiling[a]["disentangle"] for a in ("Country", "Continent")]
+    print(f"\nsuperposition: {out}")
+    return out
+
+
+@pytest.mark.slow
+def test_superposition_sae_beats_das_and_neurons(superposition):
+    """Measured: ceiling 0.963 / 0.961, sae 0.890 / 0.880, das 0.803 / 0.800, neurons 0.48 /
+    0.52, oracle (the shared block: both attributes) 0.5 / 0.5."""
+    m = superposition
+    for i in range(2):
+        assert m["sae"][i] >= m["das"][i] + 0.05, m
+        assert m["neurons"][i] <= 0.6 and m["oracle"][i] <= 0.55, m
+        assert m["sae"][i] <= m["ceiling"][i] + 0.01, m  # the ceiling bounds a latent mask
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: the exact JumpReLU SAE's mask scores 0.890 / "
+                   "0.880 against a ceiling of 0.963 / 0.961 (its latents read 1 plus the "
+                   "atoms' interference, the ceiling swaps exact atoms); the issue's band of "
+                   "0.03 does not hold with an SAE whose encoder is linear")  # fmt: skip
+def test_superposition_sae_within_003_of_the_ceiling(superposition):
+    m = superposition
+    for i in range(2):
+        assert m["sae"][i] >= m["ceiling"][i] - 0.03, m

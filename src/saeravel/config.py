@@ -105,6 +105,15 @@ class PlantedBasis(str, Enum):
     mixed = "mixed"
 
 
+class PlantedCodes(str, Enum):
+    """The planted world's value codes in each attribute's block (saeravel.planted):
+    ``onehot`` (a value is one dim) or ``dense`` (random orthonormal: every value uses every
+    dim of its block)."""
+
+    onehot = "onehot"
+    dense = "dense"
+
+
 @dataclass
 class PlantedModelConfig(ModelConfig):
     """The planted ground-truth world: an analytic transformer whose entity representation at
@@ -121,6 +130,10 @@ class PlantedModelConfig(ModelConfig):
     nesting: float = 0.0
     value_scale: float = 1.0
     logit_scale: float = 10.0
+    margin: float = 0.1
+    codes: PlantedCodes = PlantedCodes.onehot
+    superposition: int = 0
+    absorption: bool = False
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
     world_seed: int = 0
     basis_seed: int = 0

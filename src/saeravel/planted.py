@@ -8,7 +8,9 @@ residual after block ``layer`` at the entity's last token, the representation is
 
     h(e) = m + R c(e),   c(e) = [onehot(Country) ; onehot(Continent) ; onehot(Language) ; z_e]
 
-scaled by ``value_scale``: one-hot value codes per attribute block, ``z_e`` a low-dimensional
+scaled by ``value_scale``: one-hot value codes per attribute block (``codes=dense``: each
+value a dense unit vector of its block instead, a random orthonormal code, so every value uses
+every dim; the onehot() above then reads C_A[value]), ``z_e`` a low-dimensional
 random identity code (``id_dims``; it is read by nothing, so it cannot be used to memorise
 entities), ``m`` the entity-marker direction, the one part identical for every entity, kept
 OUTSIDE the rotated subspace. ``R`` is the identity except on the planted subspace (the
@@ -24,14 +26,35 @@ template ends with "country", "continent" or "language"), its key is the entity 
 a BOS attention sink takes the attention of every head whose attribute is not asked, so
 those read nothing. Its OV circuit is the projector onto the attribute's block, and the
 unembedding row of each value word is that value's atom times ``logit_scale``, so the answer
-to A is read from A's block and from nothing else; "." gets a small bias (0.1 of a full
-logit), so a value word is followed by ".". Coordinates: the blocks first (Country,
+to A is read from A's block and from nothing else. "." is the competitor: its bias is
+``margin`` of a full value logit, so a value is answered only when its atom reads more than
+``margin`` of a full value, and "." follows the value word. The default (0.1, one-hot codes)
+is lenient: any swap that moves more than half of each atom scores as exact. ``margin=0.99``
+with ``codes=dense`` grades partial swaps: a subspace 30 degrees wrong, or the block less one
+dim, costs >= 0.2 disentangle, while the exact block swap stays at 1.0 (tests/test_planted.py). Coordinates: the blocks first (Country,
 Continent, Language, identity), then the marker, the BOS dim, one query dim per attribute,
 and unused dims up to ``d_model``.
 
+Superposition (``superposition=k`` > 0): Country's and Continent's values are random unit
+atoms (nearly orthogonal) of ONE shared block of ``k`` dims, fewer than their values; the
+readout still reads each attribute's value by its atoms (Continent's head writes to ``k``
+answer dims of its own, so Country's words do not read it). No subspace holds one attribute
+alone, so the oracle (the shared block's projector) moves both; the reference is the
+feature-swap ceiling (:meth:`PlantedTruth.feature_swap_ceiling`, in ``describe()``): the base's
+atom of A replaced by the source's, the best any mask over exact value latents can do, below 1
+by the atoms' interference. The exact SAE there is a JumpReLU with the true atoms (threshold
+half a value), whose latents read 1 plus that interference.
+
+Absorption (``absorption=true``, needs ``nesting=1``): the exact SAE's Country latents write
+their Country atom plus f(Country)'s Continent atom and there is no Continent latent, so the
+SAE still reconstructs every entity but no set of its latents moves either attribute alone;
+the world itself is unchanged (its blocks stay separable for DAS and, aligned, neurons).
+
 The truth (:class:`PlantedTruth`, ``LoadedModel.truth``) gives each block's projector at the
-site and grades any SAE's decoder by atom recovery. ``sae=planted``
-(:mod:`saeravel.saes.planted`) builds the exact SAE from the truth.
+site, the exact SAE's weights (:meth:`PlantedTruth.sae_weights`, labels
+:meth:`PlantedTruth.sae_labels`) and grades any SAE's decoder by atom recovery.
+``sae=planted`` (:mod:`saeravel.saes.planted`) builds the exact SAE from the truth (or a
+random orthonormal dictionary of the same subspace).
 """
 
 from __future__ import annotations
@@ -55,11 +78,15 @@ FORMAT_VERSION = 1
 ATTRIBUTES = ("Country", "Continent", "Language")
 IDENTITY = "identity"
 BASES = ("aligned", "rotated", "mixed")
+CODES = ("onehot", "dense")
+SHARED = "Country+Continent"  # the block Country and Continent share with model.superposition
+SUPERPOSED = ("Country", "Continent")
+SAE_THRESHOLD = 0.5  # the exact SAE's JumpReLU threshold in superposition (half a value)
 QUERY_WORD = {"Country": "country", "Continent": "continent", "Language": "language"}
 PREFIX_WORD = "Port"  # the shared first token of the two-token names
 MIN_SPLIT_ENTITIES = 4  # train and test each need this many entities
 ATTENTION_GAP = 20.0  # logit margin of the readout's attention (entity vs sink)
-END_BIAS = 0.1  # logit of "." as a fraction of a full value logit
+END_BIAS = 0.1  # default model.margin: logit of "." as a fraction of a full value logit
 
 # Every template ends with the attribute's query word: that is what the readout's query reads.
 TEMPLATES = {
@@ -218,6 +245,31 @@ def basis_matrix(basis: str, blocks: dict[str, list[int]], d_model: int, seed: i
     return R.float()
 
 
+def value_codes(
+    kind: str, sizes: dict[str, int], seed: int, superposition: int = 0
+) -> dict[str, torch.Tensor]:
+    """Each attribute's value codes in its block [n_values, n_values], orthonormal rows:
+    ``onehot`` (the identity: a value is one dim) or ``dense`` (a random orthogonal matrix:
+    every value uses every dim of its block, so a swap missing any dim misses part of every
+    value's atom, and the margin can grade it). With ``superposition`` > 0, Country's and
+    Continent's values are random unit vectors of their shared block of that many dims."""
+    superposed = SUPERPOSED if superposition else ()
+    out = {}
+    for i, (a, n) in enumerate(sizes.items()):
+        if a in superposed:  # nearly orthogonal: random unit vectors of the shared block
+            gen = torch.Generator().manual_seed(seed * 1000 + 31 + i)
+            x = torch.randn(n, superposition, generator=gen, dtype=torch.float64)
+            out[a] = (x / x.norm(dim=1, keepdim=True)).float()
+            continue
+        if kind == "onehot":
+            out[a] = torch.eye(n)
+            continue
+        gen = torch.Generator().manual_seed(seed * 1000 + 17 + i)
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        out[a] = (q * torch.sign(torch.diagonal(r))).float()
+    return out
+
+
 @dataclass
 class PlantedTruth:
     """What the planted world knows: every block's subspace at the site, the atoms, the
@@ -234,9 +286,47 @@ class PlantedTruth:
     identity_codes: dict[str, torch.Tensor]
     dims: dict[str, int] = field(default_factory=dict)  # marker, bos, query_<A>
     config: dict[str, Any] = field(default_factory=dict)
+    value_codes: dict[str, torch.Tensor] = field(default_factory=dict)  # A -> [n_values, n_dims]
+    margin: float = END_BIAS
+    attr_block: dict[str, str] = field(default_factory=dict)  # A -> its block, where not A's own
+    entity_split: dict[str, str] = field(default_factory=dict)  # entity -> train / val / test
+    absorption: bool = False  # the exact SAE's Country latents carry their Continent
+
+    def block_of(self, name: str) -> str:
+        """The block holding attribute (or block) ``name``: in superposition Country and
+        Continent both live in the shared block."""
+        return self.attr_block.get(name, name)
+
+    @property
+    def superposed(self) -> bool:
+        return SHARED in self.blocks
+
+    def answer_basis(self, attr: str) -> torch.Tensor:
+        """Where the readout head of ``attr`` writes the block it read [d_model, n]: the
+        block itself, except Continent's in superposition, which writes to its own answer
+        dims (else Country's value words would read the Continent head's output)."""
+        key = f"answer_{attr}"
+        if key not in self.dims:
+            return self.block_basis(attr)
+        n = len(self.blocks[self.block_of(attr)])
+        return torch.eye(self.d_model)[:, self.dims[key] : self.dims[key] + n]
+
+    def code_matrix(self, attr: str) -> torch.Tensor:
+        """A's value codes in its block's coordinates, one orthonormal row per value
+        (the identity for ``model.codes=onehot``)."""
+        if attr in self.value_codes:
+            return self.value_codes[attr]
+        return torch.eye(len(self.blocks[self.block_of(attr)]))
+
+    def value_atoms(self, attr: str) -> torch.Tensor:
+        """A's value atoms at the site [n_values, d_model], unit norm, in value order: the
+        readout's unembedding rows (times ``logit_scale``) and the exact SAE's decoder rows."""
+        return self.code_matrix(attr) @ self.block_basis(attr).T
 
     def block_basis(self, name: str) -> torch.Tensor:
-        """Orthonormal columns [d_model, n] spanning block ``name`` at the site."""
+        """Orthonormal columns [d_model, n] spanning block ``name`` (or the block holding
+        attribute ``name``) at the site."""
+        name = self.block_of(name)
         if name not in self.blocks:
             raise UserError(f"no planted block {name!r}; valid: {', '.join(self.blocks)}")
         return self.R[:, self.blocks[name]]
@@ -250,7 +340,9 @@ class PlantedTruth:
         """h(entity) [d_model]: the residual at the site at the entity's last token."""
         c = torch.zeros(self.d_model)
         for a in ATTRIBUTES:
-            c[self.blocks[a][self.codes[entity][a]]] = self.value_scale
+            c[self.blocks[self.block_of(a)]] += (
+                self.value_scale * self.code_matrix(a)[self.codes[entity][a]]
+            )
         c[self.blocks[IDENTITY]] = self.identity_codes[entity]
         return self.marker + self.R @ c
 
@@ -259,13 +351,124 @@ class PlantedTruth:
         +- one per identity coordinate."""
         rows, labels = [], []
         for a in ATTRIBUTES:
-            for j, col in enumerate(self.block_basis(a).T):
-                rows.append(col)
+            for j, row in enumerate(self.value_atoms(a)):
+                rows.append(row)
                 labels.append(f"{a}={self.values[a][j]}")
         for j, col in enumerate(self.block_basis(IDENTITY).T):
             rows += [col, -col]
             labels += [f"{IDENTITY}[{j}]+", f"{IDENTITY}[{j}]-"]
         return torch.stack(rows), labels
+
+    def sae_weights(self) -> dict[str, Any]:
+        """The exact SAE's weights as :class:`~saeravel.saes.base.SAE` keyword arguments:
+        decoder rows = :meth:`atoms`, encoder = decoder transposed, ``b_dec`` = the marker.
+        Orthonormal atoms: ReLU, exact on every h(e). In superposition the value atoms are
+        not orthogonal, so a JumpReLU (threshold half a value on Country's and Continent's
+        latents, 0 elsewhere) keeps the other values' interference out; each true latent then
+        reads 1 plus its interference with the entity's other superposed value: the SAE an
+        SAE with these atoms is, not an oracle encoder."""
+        if self.absorption:
+            return self._absorbed_sae_weights()
+        atoms, labels = self.atoms()
+        kw: dict[str, Any] = {"W_enc": atoms.T.clone(), "b_enc": torch.zeros(len(atoms)),
+                              "W_dec": atoms.clone(), "b_dec": self.marker.clone(),
+                              "activation": "relu"}  # fmt: skip
+        if self.superposed:
+            sup = torch.tensor([lab.split("=")[0] in SUPERPOSED for lab in labels])
+            kw["W_enc"][:, sup] = self._superposed_encoder(atoms[sup]).T
+            kw["activation"] = "jumprelu"
+            kw["threshold"] = sup.float() * SAE_THRESHOLD * self.value_scale
+        return kw
+
+    def _superposed_encoder(self, atoms: torch.Tensor, ridge: float = 0.01) -> torch.Tensor:
+        """Encoder rows for superposed atoms [n, d_model]: each the linear filter that reads
+        its own atom as exactly 1 with the least energy from all the other superposed atoms
+        (``w_v = C^-1 a_v / a_v' C^-1 a_v``, ``C`` their second moment plus ``ridge``)."""
+        A = atoms.double()
+        S = self.block_basis(SHARED).double()
+        X = A @ S  # block coordinates
+        rows = []
+        for v in range(len(X)):
+            others = torch.cat([X[:v], X[v + 1 :]])
+            C = others.T @ others + ridge * torch.eye(X.shape[1], dtype=X.dtype)
+            w = torch.linalg.solve(C, X[v])
+            rows.append(w / (w @ X[v]))
+        return (torch.stack(rows) @ S.T).float()
+
+    def continent_of_country(self) -> list[int]:
+        """f: Country index -> Continent index, from the entities (``nesting=1``: every
+        entity has Continent = f(Country); the training split shows every Country)."""
+        f: dict[int, int] = {}
+        for c in self.codes.values():
+            if f.setdefault(c["Country"], c["Continent"]) != c["Continent"]:
+                raise UserError("absorption needs model.nesting=1 (Continent = f(Country))")
+        return [f[i] for i in range(len(self.values["Country"]))]
+
+    def sae_labels(self) -> list[str]:
+        """The exact SAE's latent labels, in latent order (:meth:`atoms`' labels, less the
+        Continent latents under absorption)."""
+        _, labels = self.atoms()
+        if self.absorption:
+            labels = [lab for lab in labels if not lab.startswith("Continent=")]
+        return labels
+
+    def _absorbed_sae_weights(self) -> dict[str, Any]:
+        """Absorption: each Country latent reads its Country atom and writes that atom plus
+        its Continent's (exact, as every entity's Continent is f(Country)); no Continent
+        latent exists, so no set of latents moves Continent alone or Country alone."""
+        atoms, labels = self.atoms()
+        keep = [i for i, lab in enumerate(labels) if not lab.startswith("Continent=")]
+        enc, dec = atoms[keep].clone(), atoms[keep].clone()
+        cont = self.value_atoms("Continent")
+        for j, k in enumerate(self.continent_of_country()):
+            dec[j] = dec[j] + cont[k]  # Country latents come first in atoms()
+        return {"W_enc": enc.T.contiguous(), "b_enc": torch.zeros(len(keep)), "W_dec": dec,
+                "b_dec": self.marker.clone(), "activation": "relu"}  # fmt: skip
+
+    @torch.no_grad()
+    def readout(self, attr: str, H: torch.Tensor) -> torch.Tensor:
+        """The readout's answer to ``attr`` for each row of ``H`` [n, d_model]: the value
+        index whose atom reads most, or -1 where none reads more than ``margin`` ("." wins)."""
+        read = (H - self.marker) @ self.value_atoms(attr).T
+        best, idx = read.max(dim=1)
+        return torch.where(best > self.margin * self.value_scale, idx, -1)
+
+    @torch.no_grad()
+    def feature_swap_ceiling(
+        self, split: str = "test", attributes: tuple[str, ...] = SUPERPOSED
+    ) -> dict[str, dict[str, Any]]:
+        """The best any mask over exact value latents can do, per attribute A of
+        ``attributes``: the base's atom of A replaced by the source's, ``h_b - a_A(b) +
+        a_A(s)``, over every ordered pair of ``split`` entities the model knows. Cause: pairs
+        whose A values differ answer the source's; isolation: each other attribute of
+        ``attributes`` (RAVEL's default pair, Country and Continent) keeps the base's answer,
+        also given per attribute of the world (``isolation_by_attribute``)."""
+        ents = [e for e in sorted(self.codes) if self.entity_split.get(e) == split]
+        H = torch.stack([self.representation(e) for e in ents])
+        idx = {a: torch.tensor([self.codes[e][a] for e in ents]) for a in ATTRIBUTES}
+        known = torch.ones(len(ents), dtype=torch.bool)
+        for a in ATTRIBUTES:
+            known &= self.readout(a, H) == idx[a]
+        H = H[known]
+        idx = {a: v[known] for a, v in idx.items()}
+        n = len(H)
+        out: dict[str, dict[str, Any]] = {}
+        if n < 2:
+            return out
+        b, s = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        b, s = b.flatten(), s.flatten()
+        for a in attributes:
+            A = self.value_atoms(a) * self.value_scale
+            Hs = H[b] - A[idx[a][b]] + A[idx[a][s]]
+            diff = idx[a][b] != idx[a][s]
+            cause = float((self.readout(a, Hs) == idx[a][s])[diff].float().mean())
+            by = {o: round(float((self.readout(o, Hs) == idx[o][b]).float().mean()), 4)
+                  for o in ATTRIBUTES if o != a}  # fmt: skip
+            iso = sum(by[o] for o in attributes if o != a) / max(1, len(attributes) - 1)
+            out[a] = {"cause": round(cause, 4), "isolation": round(iso, 4),
+                      "disentangle": round((cause + iso) / 2, 4), "isolation_by_attribute": by,
+                      "n_entities": n}  # fmt: skip
+        return out
 
     @torch.no_grad()
     def atom_recovery(self, sae: Any) -> dict[str, Any]:
@@ -283,7 +486,7 @@ class PlantedTruth:
             "d_sae": int(dec.shape[0]),
             "per_block": {},
         }
-        for b in self.blocks:
+        for b in [*ATTRIBUTES, IDENTITY]:
             sel = torch.tensor([lab.startswith(b) for lab in labels])
             out["per_block"][b] = {"mean": float(best[sel].mean()), "min": float(best[sel].min())}
         return out
@@ -300,9 +503,18 @@ class PlantedTruth:
             "constant_part": "entity-marker direction (coordinate "
             f"{self.dims['marker']}, outside the rotated subspace), norm 1",
             "value_scale": self.value_scale,
+            "margin": self.margin,
             "n_entities": len(self.codes),
             **self.config,
         }
+        if self.superposed:
+            out["superposition"] = {
+                "shared_block": SHARED, "dims": len(self.blocks[SHARED]),
+                "values": sum(len(self.values[a]) for a in SUPERPOSED),
+                "oracle": "no subspace holds Country or Continent alone: the oracle swaps the "
+                "shared block (both attributes); feature_swap_ceiling is the reference",
+                "feature_swap_ceiling": self.feature_swap_ceiling(),
+            }  # fmt: skip
         if self.basis == "mixed":
             owner = {i: b for b, ix in self.blocks.items() for i in ix}
             pairs = mixed_pairs(self.blocks)
@@ -323,7 +535,7 @@ def build_readout_model(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     d, n_heads = truth.d_model, len(ATTRIBUTES)
-    d_head = max(len(truth.blocks[a]) for a in ATTRIBUTES)
+    d_head = max(len(truth.blocks[truth.block_of(a)]) for a in ATTRIBUTES)
     cfg = HookedTransformerConfig(
         n_layers=n_layers, d_model=d, n_heads=n_heads, d_head=d_head, d_vocab=len(tokenizer),
         n_ctx=n_ctx, attn_only=True, normalization_type=None, act_fn="relu",
@@ -350,10 +562,14 @@ def build_readout_model(
         sd[f"blocks.{L}.attn.W_K"][h, truth.dims["marker"], 0] = 1.0
         sd[f"blocks.{L}.attn.W_K"][h, truth.dims["bos"], 1] = 1.0
         sd[f"blocks.{L}.attn.W_V"][h, :, :n] = B
-        sd[f"blocks.{L}.attn.W_O"][h, :n, :] = B.T
-        for j, v in enumerate(truth.values[a]):
-            sd["unembed.W_U"][:, ids(v)] = logit_scale * B[:, j]
-    sd["unembed.b_U"][ids(".")] = END_BIAS * logit_scale * truth.value_scale
+        out = truth.answer_basis(a)  # where the head writes what it read (B's coordinates)
+        sd[f"blocks.{L}.attn.W_O"][h, :n, :] = out.T
+        for v, code in zip(truth.values[a], truth.code_matrix(a), strict=True):
+            sd["unembed.W_U"][:, ids(v)] = logit_scale * (out @ code)
+    # "." is the competitor every value must beat: a value is answered only when its atom
+    # reads more than `margin` of a full value (and after the value, where no head reads
+    # anything, "." ends the answer).
+    sd["unembed.b_U"][ids(".")] = truth.margin * logit_scale * truth.value_scale
     model.load_state_dict(sd)
     if not hasattr(model, "ln_final"):  # normalization_type=None has none; SuffixRunner calls it
         model.ln_final = torch.nn.Identity()
@@ -403,8 +619,12 @@ class PlantedModel:
         id_dims: int = 8,
         basis: Any = "aligned",
         nesting: float = 0.0,
+        absorption: bool = False,
         value_scale: float = 1.0,
         logit_scale: float = 10.0,
+        margin: float = END_BIAS,
+        codes: Any = "onehot",
+        superposition: int = 0,
         split_fractions: list[float] | None = None,
         world_seed: int = 0,
         basis_seed: int = 0,
@@ -418,6 +638,14 @@ class PlantedModel:
         basis = _value(basis)
         if basis not in BASES:
             raise UserError(f"unknown model.basis {basis!r}; valid: {', '.join(BASES)}")
+        codes = _value(codes)
+        if codes not in CODES:
+            raise UserError(f"unknown model.codes {codes!r}; valid: {', '.join(CODES)}")
+        if not 0.0 <= margin < 1.0:
+            raise UserError(
+                f"model.margin={margin} must be in [0, 1): the fraction of a full value the "
+                "right value's atom must read (at >= 1 not even the true value is answered)"
+            )
         if dtype != "float32":
             raise UserError(f"model {name} is built in float32 only; got model.dtype={dtype}")
         self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
@@ -426,12 +654,21 @@ class PlantedModel:
                 raise UserError(f"model.n_{a.lower()}={n}: an attribute needs >= 2 values")
         if id_dims < 0:
             raise UserError(f"model.id_dims={id_dims} must be >= 0")
+        n_sup = self.sizes["Country"] + self.sizes["Continent"]
+        if superposition and not 2 <= superposition < n_sup:
+            raise UserError(
+                f"model.superposition={superposition} must be 0 (off) or in 2..{n_sup - 1}: "
+                f"the dims Country and Continent share, fewer than their {n_sup} values"
+            )
         n_sub = sum(self.sizes.values()) + id_dims
-        need = n_sub + 2 + len(ATTRIBUTES)
+        if superposition:
+            n_sub += superposition - n_sup
+        need = n_sub + 2 + len(ATTRIBUTES) + superposition  # + Continent's answer dims
         if d_model < need:
             raise UserError(
                 f"model.d_model={d_model} is too small for the planted world: it needs >= {need} "
-                f"({n_sub} planted dims + marker + BOS + {len(ATTRIBUTES)} query dims)"
+                f"({n_sub} planted dims + marker + BOS + {len(ATTRIBUTES)} query dims"
+                f"{f' + {superposition} answer dims' if superposition else ''})"
             )
         if n_layers < 2:
             raise UserError(
@@ -445,6 +682,12 @@ class PlantedModel:
                 )
         if not 0.0 <= nesting <= 1.0:
             raise UserError(f"model.nesting={nesting} must be in [0, 1]")
+        if absorption and (nesting != 1.0 or superposition or codes != "onehot"):
+            raise UserError(
+                f"model.absorption=true needs model.nesting=1.0 (got {nesting}: the absorbed "
+                "Country atoms carry f(Country)'s Continent), model.superposition=0 and "
+                "model.codes=onehot"
+            )
         if not 0 <= n_two_token <= n_entities:
             raise UserError(f"model.n_two_token={n_two_token} must be in 0..{n_entities}")
         fr = list(split_fractions if split_fractions is not None else [0.6, 0.1, 0.3])
@@ -461,7 +704,9 @@ class PlantedModel:
         self.cfg = {
             "n_entities": n_entities, "n_two_token": n_two_token, "sizes": self.sizes,
             "id_dims": id_dims, "basis": basis, "nesting": nesting, "value_scale": value_scale,
-            "logit_scale": logit_scale, "split_fractions": fr, "world_seed": world_seed,
+            "logit_scale": logit_scale, "margin": margin, "codes": codes, "superposition": superposition,
+            "absorption": absorption, "split_fractions": fr,
+            "world_seed": world_seed,
             "basis_seed": basis_seed, "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx,
         }  # fmt: skip
         self.device = resolve_device(device)
@@ -480,11 +725,15 @@ class PlantedModel:
         )  # fmt: skip
         blocks: dict[str, list[int]] = {}
         start = 0
-        for b, n in [*self.sizes.items(), (IDENTITY, c["id_dims"])]:
+        sup = c["superposition"]
+        own = [(a, n) for a, n in self.sizes.items() if not (sup and a in SUPERPOSED)]
+        for b, n in [*([(SHARED, sup)] if sup else []), *own, (IDENTITY, c["id_dims"])]:
             blocks[b] = list(range(start, start + n))
             start += n
         dims = {"marker": start, "bos": start + 1}
         dims.update({f"query_{a}": start + 2 + i for i, a in enumerate(ATTRIBUTES)})
+        if sup:
+            dims["answer_Continent"] = start + 2 + len(ATTRIBUTES)
         R = basis_matrix(c["basis"], blocks, self.d_model, c["basis_seed"])
         marker = torch.zeros(self.d_model)
         marker[dims["marker"]] = 1.0
@@ -498,7 +747,12 @@ class PlantedModel:
             basis=c["basis"], d_model=self.d_model, blocks=blocks, R=R, marker=marker,
             value_scale=c["value_scale"], values=values, codes=codes, identity_codes=ident,
             dims=dims, config={"nesting": c["nesting"], "id_dims": k, "world_seed": c["world_seed"],
-                               "basis_seed": c["basis_seed"], "n_two_token": c["n_two_token"]},
+                               "basis_seed": c["basis_seed"], "n_two_token": c["n_two_token"],
+                               "codes": c["codes"], "superposition": sup,
+                               "absorption": c["absorption"]},
+            entity_split=dict(world.entity_split), absorption=c["absorption"],
+            value_codes=value_codes(c["codes"], self.sizes, c["world_seed"], sup),
+            margin=c["margin"], attr_block={a: SHARED for a in SUPERPOSED} if sup else {},
         )  # fmt: skip
         return truth, world
 
@@ -525,5 +779,3 @@ class PlantedModel:
         }
         return LoadedModel(model=model, name=self.name, processing={}, world=world, info=info,
                            truth=truth)  # fmt: skip
-
-

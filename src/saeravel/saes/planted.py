@@ -32,10 +32,15 @@ def exact_sae(atoms: torch.Tensor, b_dec: torch.Tensor, layer: int, identity: SA
 
 
 def planted_sae(truth: PlantedTruth, layer: int) -> SAE:
-    """Atoms Q U_a e_v per value and +- per identity coordinate; exact on every h(e)."""
-    atoms, _ = truth.atoms()
-    ident = SAEIdentity(family="planted", extra={"dictionary": "planted", "n_atoms": len(atoms)})
-    return exact_sae(atoms, truth.marker, layer, ident)
+    """The truth's exact SAE (:meth:`PlantedTruth.sae_weights`): one atom per value (its value
+    vector; with ``model.absorption`` a country's atom carries its continent's) and +- per
+    identity coordinate; exact on every h(e) (a JumpReLU in superposition)."""
+    kw = truth.sae_weights()
+    ident = SAEIdentity(
+        family="planted", extra={"dictionary": "planted", "n_atoms": len(kw["W_dec"])}
+    )
+    return SAE(**kw, apply_b_dec_to_input=True, hook_name=resid_post(layer), identity=ident,
+               cfg_dict={"planted": ident.extra})  # fmt: skip
 
 
 def random_dictionary(truth: PlantedTruth, layer: int, seed: int = 0) -> SAE:
