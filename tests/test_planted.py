@@ -378,7 +378,7 @@ def _partial_swaps(s, attr: str) -> dict[str, float]:
     t = s.lm.truth
     ps = {"oracle": t.projector(attr), "rot30": rotated_projector(t, attr, 30),
           "missing_dim": missing_dim_projector(t, attr)}  # fmt: skip
-    return {k: run_score(s, FixedIntervention("oracle", projector=P), attr)["disentangle"]
+    return {k: run_score(s, ProjectorSwap(P), attr)["disentangle"]
             for k, P in ps.items()}  # fmt: skip
 
 
