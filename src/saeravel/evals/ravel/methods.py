@@ -294,26 +294,31 @@ def probe_selection(job: RavelJob, attr: str) -> dict[str, Any]:
         rows.append({"count": n, "ce_first_token": ce, **_rates(ok, pairs[split]),
                      "test": _rates(ok_test, pairs["test"])})  # fmt: skip
 
+    def score_of(r: dict[str, Any]) -> float:  # held-out isolation counts where scored
+        return r.get("disentangle_all", r["disentangle"])
+
     def best_row() -> dict[str, Any]:
-        return max(rows, key=lambda r: (r["disentangle"], -r["count"]))
+        return max(rows, key=lambda r: (score_of(r), -r["count"]))
 
     for n in counts:
         try_count(n)
+    best = best_row()
     while p.refine_counts:  # bisect the gaps beside the best count: any count up to the cap
         tried = sorted(r["count"] for r in rows)
-        c = best_row()["count"]
-        i = tried.index(c)
-        gaps = [(tried[i - 1], c)] if i > 0 else []
-        gaps += [(c, tried[i + 1])] if i + 1 < len(tried) else []
+        i = tried.index(best["count"])
+        gaps = [(tried[i - 1], tried[i])] if i > 0 else []
+        gaps += [(tried[i], tried[i + 1])] if i + 1 < len(tried) else []
         mids = [(a + b) // 2 for a, b in gaps if b - a > 1]
         if not mids:
             break
         for n in mids:
             try_count(n)
+            if score_of(rows[-1]) > score_of(best):  # strictly better only: a tie
+                best = rows[-1]  # on validation (a value it lacks) keeps the grid's count
     rows.sort(key=lambda r: r["count"])
-    best = best_row()
-    log.info("sae_probe/%s: best count %d of %s on %s (disentangle %.3f)", attr, best["count"],
-             counts, split, best["disentangle"])  # fmt: skip
+    log.info("sae_probe/%s: best count %d of %s on %s (%s %.3f)", attr, best["count"],
+             [r["count"] for r in rows], split,
+             "disentangle_all" if "disentangle_all" in best else "disentangle", score_of(best))  # fmt: skip
     return {"latents": ranked[: best["count"]], "best_count": best["count"], "split": split,
             "rule": "first_token", "curve": rows, "ranked_top": ranked[: cfg.report_top_latents],
             **info}  # fmt: skip

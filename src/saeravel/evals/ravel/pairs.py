@@ -238,6 +238,12 @@ def build_pairs(
             ps = split_pairs(a, "val", set(val_entities), val_rng)
         pairs[a]["val"] = ps
     heldout = heldout_pairs(cfg, ctx, world, attrs, entities, set(ent_in["test"]), template_ok)
+    if any(pairs[a]["val"] for a in attrs):  # selection on validation sees held-out leaks too
+        held_val = heldout_pairs(cfg, ctx, world, attrs, entities, set(val_entities), template_ok,
+                                 "val")  # fmt: skip
+        for a in attrs:
+            if pairs[a]["val"]:
+                pairs[a]["val"] += held_val["pairs"][a]
     for a in attrs:
         pairs[a]["test"] += heldout["pairs"][a]
     stats = {
@@ -279,7 +285,7 @@ def heldout_attributes(cfg: Any, world: CityWorld) -> list[str]:
 
 def heldout_pairs(
     cfg: Any, ctx: Any, world: CityWorld, attrs: list[str], entities: list[str],
-    test_entities: set[str], template_ok: Any,
+    test_entities: set[str], template_ok: Any, split: str = "test",
 ) -> dict[str, Any]:  # fmt: skip
     """Held-out isolation pairs: for each intervened attribute, test pairs whose base asks an
     attribute no method trains on (kind ``heldout``; target: the base's own value), from the
@@ -287,7 +293,8 @@ def heldout_pairs(
     their own RNG so every other pair is as without them. Under the saeravel protocol the
     source shares the base's template (as for trained attributes). An attribute with no
     prompt template for the protocol, or that the model knows for no test entity, is skipped
-    and named."""
+    and named. ``split="val"``: the same for the validation entities (what selections on
+    validation, e.g. ``sae_probe``'s count, are scored on)."""
     model = ctx.model.model
     out: dict[str, Any] = {"attributes": [], "skipped": {}, "pairs": {a: [] for a in attrs}}
     held = heldout_attributes(cfg, world)
@@ -309,14 +316,14 @@ def heldout_pairs(
         for e in ents
         for h in templates
         for t in templates[h]
-        if template_ok(Prompt(t, e, h, [], 0, 0), "test")
+        if template_ok(Prompt(t, e, h, [], 0, 0), split)
     ]
     known = known_filter(cfg, ctx, world, prompts) if prompts else []
     kept = [p for p, k in zip(prompts, known, strict=True) if k]
     by_entity: dict[str, list[Prompt]] = {}
     for p in prompts:  # sources: any of the entity's prompts (isolation needs no known source)
         by_entity.setdefault(p.entity, []).append(p)
-    rng = random.Random(f"{ctx.seed}-heldout")
+    rng = random.Random(f"{ctx.seed}-heldout" + ("" if split == "test" else f"-{split}"))
     usable = [h for h in templates if any(p.attribute == h for p in kept)]
     for h in templates:
         if h not in usable:
