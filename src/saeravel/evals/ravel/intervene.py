@@ -1,7 +1,11 @@
 """Interventions (mask over SAE latents, mask over neurons, DAS) and the fast forward.
 
 Every method maps the base's and the source's residual vectors at the entity's last token
-(after block ``layer``) to the vector patched into the base run.
+(after block ``layer``) to the vector patched into the base run. A mask method's patched vector
+is affine in its binarised mask: :meth:`Intervention.flip_terms` gives each entry's rank-1
+change, which refinement adds instead of re-running the method per flip. :class:`SAEMask`
+also takes its inputs' latents precomputed (:meth:`SAEMask.forward_latents`: the SAE is frozen,
+so the job encodes each prompt once).
 
 Fast forward (:class:`SuffixRunner`): the model is frozen, so everything before the entity
 is the same at every step. Per prompt template, the keys and values of the tokens before

@@ -1,7 +1,8 @@
 """The RAVEL eval's data: the world (embedded or RAVEL's city files), the knowledge filter,
 base/source pairs per attribute and split, the residual vectors of every prompt
-(:class:`VectorBank`), what featurizers fit on (:class:`FitData`), and :class:`RavelJob`, the
-one object holding all of a job's shared state that training, scoring and the featurizers take.
+(:class:`VectorBank`) and their SAE latents (:class:`LatentBank`, encoded once per prompt),
+what featurizers fit on (:class:`FitData`), and :class:`RavelJob`, the one object holding all
+of a job's shared state that training, scoring and the featurizers take.
 """
 
 from __future__ import annotations
@@ -409,8 +410,8 @@ class LatentBank:
 @dataclass
 class RavelJob:
     """A RAVEL job's shared state: its config and context, the world, the pairs per attribute
-    and split, the vector bank, the fast forward (``runner``), the SAE latents of each prompt
-    (``latents``, None without an SAE), the decoder (``runner`` and decoder None with
+    and split, the vector bank, the fast forward (``runner``, None with ``eval.fast=false``),
+    the SAE latents of each prompt (``latents``, None without an SAE), the decoder (None with
     ``eval.fast=false``), the checkpoint store, what featurizers fit on, and ``shared``: what
     one featurizer leaves for another within the job (the joint MDAS fit, ``sae_probe``'s
     latents per attribute)."""

@@ -1,6 +1,8 @@
 """Training a featurizer's parameters with the model frozen (:func:`train_method`, checkpointed
-and resumable), the first-token evaluation on training pairs, the convergence summary and the
-greedy refinement of a trained mask (:func:`refine_mask`)."""
+and resumable; an SAE mask reads its inputs' latents from the job's ``LatentBank``, encoded once
+per prompt), the first-token evaluation on training pairs, the convergence summary and the
+greedy refinement of a trained mask (:func:`refine_mask`: rank-1 flips, candidates ranked by
+gradient x delta, the top ``eval.mask.refine_budget`` verified exactly)."""
 
 from __future__ import annotations
 
