@@ -226,3 +226,38 @@ def test_latent_bank_encodes_each_prompt_once_and_keeps_it_sparse():
     assert torch.equal(f, sae.encode_normalized(z))
     assert torch.equal(mu, mu0) and torch.equal(std, std0)
     assert all(len(c[1]) <= 5 for c in lb._codes.values())  # top-k 5: sparse
+
+
+class RerunSAE(SAEMask):
+    def flip_terms(self, b, s):
+        return None
+
+
+class CountingRunner(ToyRunner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    def logits(self, bases, v, n_last=None):
+        self.rows += len(bases)
+        return super().logits(bases, v, n_last)
+
+
+def test_sae_flips_rerun_only_the_pairs_they_move():
+    """A top-k SAE's latent is active on few pairs: its flip re-runs only those (the others'
+    CE is unchanged), and the search ends where re-running every pair per flip ends."""
+    pairs, bank = _toy()
+    sae = _sae("layer_norm", "topk", d_sae=48)
+    fast, slow = SAEMask(sae), RerunSAE(sae)
+    with torch.no_grad():
+        fast.mask.param.copy_(torch.randn(48, generator=torch.Generator().manual_seed(1)))
+    slow.load_state_dict(fast.state_dict())
+    out = []
+    for m in (fast, slow):
+        job = _job(bank, refine_budget=0)
+        job.runner = CountingRunner()
+        out.append((refine_mask(job, m, pairs, "t"), job.runner.rows))
+    (a, rows_fast), (b, rows_slow) = out
+    assert torch.equal(fast.mask.param, slow.mask.param) and a["flips"] == b["flips"] > 0
+    assert a["train_ce_hard_after"] == pytest.approx(b["train_ce_hard_after"], abs=1e-5)
+    assert rows_fast < rows_slow / 2

@@ -232,10 +232,11 @@ def _rates(ok: list[bool], pairs: list[Pair]) -> dict[str, float]:
     return out
 
 
-def _batch_ce(
+def _row_ce(
     job: RavelJob, bases: list[Prompt], v: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
-    return F.cross_entropy(_logits(job, bases, v).float(), target, reduction="sum")
+    """Per pair, the cross-entropy of the target's first token with ``v`` patched in."""
+    return F.cross_entropy(_logits(job, bases, v).float(), target, reduction="none")
 
 
 @torch.no_grad()
@@ -252,7 +253,9 @@ def refine_mask(
 
     Cost: the patched vector is affine in the hard mask (``method.flip_terms``), so the subset's
     patched vectors are computed once and a flip is scored by adding its rank-1 term (no SAE
-    re-encoding, no rotation recomputed); only the suffix forward runs per verification. With
+    re-encoding, no rotation recomputed); only the suffix forward of the pairs the term moves
+    runs per verification (an SAE latent is active on few of them; the others' CE is kept).
+    The refined mask's CE is recomputed by the method at the end. With
     more candidates than ``eval.mask.refine_budget``, one backward pass ranks them first by the
     first-order estimate of each flip's CE change (the gradient of the CE at the patched vectors
     dotted with the flip's delta, summed over pairs: attribution patching) and only the top
@@ -270,27 +273,45 @@ def refine_mask(
     )
     candidates = list(range(mask.param.numel())) if live is None else live(subset)
     mask.hard = True
-    rows = []  # per batch: bases, target, base and source vectors, patched vectors, flip terms
+    rows = []  # per batch: bases, target, base and source vectors, patched vectors, flip terms, CE per pair
     for batch in batches_by_prefix(subset, lambda q: q.base.prefix, 64, random.Random(0)):
         b = job.bank([q.base for q in batch])
         s = job.bank([q.source for q in batch])
+        bases = [q.base for q in batch]
         target = torch.tensor([q.target_token for q in batch], device=b.device)
-        rows.append([[q.base for q in batch], target, b, s, method(b, s), method.flip_terms(b, s)])
+        v = method(b, s)
+        rows.append(
+            [bases, target, b, s, v, method.flip_terms(b, s), _row_ce(job, bases, v, target)]
+        )
     rank1 = all(r[5] is not None for r in rows)
     n = max(1, len(subset))
-
-    def total(vs: list[torch.Tensor]) -> float:
-        return sum(_batch_ce(job, r[0], v, r[1]).item() for r, v in zip(rows, vs, strict=True)) / n
 
     def sign(j: int) -> float:
         return -1.0 if float(mask.param[j]) > 0 else 1.0
 
-    def flipped(j: int) -> list[torch.Tensor]:
-        if not rank1:
-            return [method(r[2], r[3]) for r in rows]
-        return [r[4] + sign(j) * r[5][0][:, j, None] * r[5][1][j] for r in rows]
+    def trial(j: int) -> tuple[float, list[Any]]:
+        """The summed CE change of flipping ``j`` (the bit already flipped unless rank1) and,
+        per batch, the rows that change with their new vectors and CE. A rank-1 flip re-runs
+        only the pairs its term moves (an SAE latent active in neither base nor source moves
+        nothing)."""
+        change, updates = 0.0, []
+        for bases, target, b, s, v, terms, ce in rows:
+            if rank1:
+                c = terms[0][:, j]
+                idx = torch.nonzero(c).flatten()
+                if idx.numel() == 0:
+                    updates.append(None)
+                    continue
+                new_v = v[idx] + sign(j) * c[idx, None] * terms[1][j]
+            else:
+                idx = torch.arange(len(bases), device=v.device)
+                new_v = method(b, s)
+            new_ce = _row_ce(job, [bases[i] for i in idx.tolist()], new_v, target[idx])
+            change += float(new_ce.sum() - ce[idx].sum())
+            updates.append((idx, new_v, new_ce))
+        return change, updates
 
-    start = total([r[4] for r in rows])
+    start = sum(float(r[6].sum()) for r in rows) / n
     best = start
     flips, evals, ranked = 0, 0, False
     for _ in range(cfg.mask.refine_passes):
@@ -303,19 +324,23 @@ def refine_mask(
         changed = False
         for j in tqdm(order, desc=f"{desc} refine", leave=False):
             old = float(mask.param[j])
-            vs = flipped(j) if rank1 else []  # the rank-1 term's sign reads the unflipped bit
-            mask.param[j] = -old if old != 0 else 1.0
-            vs = vs or flipped(j)
-            ce = total(vs)
+            if not rank1:
+                mask.param[j] = -old if old != 0 else 1.0
+            change, updates = trial(j)  # rank1: the term's sign reads the unflipped bit
             evals += 1
-            if ce < best - 1e-6:
-                best, changed, flips = ce, True, flips + 1
-                for r, v in zip(rows, vs, strict=True):
-                    r[4] = v
+            if best + change / n < best - 1e-6:
+                best, changed, flips = best + change / n, True, flips + 1
+                mask.param[j] = -old if old != 0 else 1.0
+                for r, u in zip(rows, updates, strict=True):
+                    if u is not None:
+                        idx, new_v, new_ce = u
+                        r[4], r[6] = r[4].index_put((idx,), new_v), r[6].index_put((idx,), new_ce)
             else:
                 mask.param[j] = old
         if not changed:
             break
+    if flips:  # the refined mask's CE from the method itself (no accumulated rounding)
+        best = sum(float(_row_ce(job, r[0], method(r[2], r[3]), r[1]).sum()) for r in rows) / n
     mask.hard = False
     seconds = time.perf_counter() - t0
     log.info("%s: refinement flipped %d entries; %d candidates listed, %d verified exactly "
@@ -335,10 +360,10 @@ def _ranked(
     patched vectors, dotted with each flip's delta (``sign * coef[:, j] * dirs[j]``)."""
     idx = torch.tensor(candidates, dtype=torch.long)
     est = torch.zeros(len(candidates), dtype=torch.float64)
-    for bases, target, _, _, v, (coef, dirs) in rows:
+    for bases, target, _, _, v, (coef, dirs), _ in rows:
         with torch.enable_grad():
             x = v.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(_batch_ce(job, bases, x, target), x)
+            (grad,) = torch.autograd.grad(_row_ce(job, bases, x, target).sum(), x)
         i = idx.to(coef.device)
         est += ((grad @ dirs[i].T) * coef[:, i]).sum(0).double().cpu()
     est *= torch.tensor([sign(j) for j in candidates], dtype=torch.float64)
