@@ -118,7 +118,7 @@ class MaskConfig:
     # flips verified exactly per pass, the most promising first by a first-order estimate
     # (gradient x flip delta, one backward pass); 0: every candidate (exhaustive, least
     # confident first)
-    refine_budget: int = 256
+    refine_budget: int = 64
 
 
 @dataclass
