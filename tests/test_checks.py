@@ -56,6 +56,8 @@ CASES = {
     "unlearning_corpus": (["eval=unlearning", "eval.forget_corpus_path=/no/such/file.jsonl"],
                           "eval.forget_corpus_path=/no/such/file.jsonl does not exist"),
     "ravel": (["eval=ravel", "eval.epochs=0"], "eval.epochs=0 must be an integer >= 1"),
+    "ravel_refine_budget": (["eval=ravel", "eval.mask.refine_budget=-1"],
+                            "eval.mask.refine_budget=-1 must be an integer >= 0"),
     "ravel_data_dir": (["eval=ravel", "eval.data_dir=/no/such/folder"],
                        "RAVEL data folder /no/such/folder does not exist"),
     "ravel_embedded_data_dir": (["eval=ravel", "eval.data_source=embedded", "eval.data_dir=/x"],

@@ -14,9 +14,10 @@ Module map, lowest first (each imports only the ones above it; none imports this
   one projector swap (the oracle and a given basis).
 - ``config``: the schema (enums, ``RavelEvalConfig``, ``RavelMethod``: the method names) and
   the value checks that need no model.
-- ``pairs``: world, knowledge filter, pairs (held-out isolation pairs too), vector bank, and ``RavelJob``, the one object a
-  job's training, scoring and featurizers share.
-- ``train``: training with the model frozen (checkpointed), first-token evaluation, refinement.
+- ``pairs``: world, knowledge filter, pairs (held-out isolation pairs too), vector bank, SAE
+  latent bank, and ``RavelJob``, the one object a job's training, scoring and featurizers share.
+- ``train``: training with the model frozen (checkpointed), first-token evaluation, refinement
+  (rank-1 flips, ranked by gradient x delta, a budget of exact checks).
 - ``score``: generations and cause / isolation / disentangle with intervals.
 - ``methods``: the featurizer registry (``FEATURIZERS``), each method's basis, selection,
   needs, fitting and scoring; the references scored beside them.

@@ -115,6 +115,10 @@ class MaskConfig:
     refine: bool = True
     refine_pairs: int = 256
     refine_passes: int = 1
+    # flips verified exactly per pass, the most promising first by a first-order estimate
+    # (gradient x flip delta, one backward pass); 0: every candidate (exhaustive, least
+    # confident first)
+    refine_budget: int = 64
 
 
 @dataclass
@@ -348,6 +352,12 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
             raise UserError(f"{name}={value} must be a finite number > 0")
     if not 0 < cfg.mask.anneal_fraction <= 1:
         raise UserError(f"eval.mask.anneal_fraction={cfg.mask.anneal_fraction} must be in (0, 1]")
+    budget = cfg.mask.refine_budget
+    if not isinstance(budget, int) or budget < 0:
+        raise UserError(
+            f"eval.mask.refine_budget={budget} must be an integer >= 0 (0 = verify every "
+            "candidate flip)"
+        )
     if cfg.mask.l1 < 0 or cfg.mask.refine_passes < 0:
         raise UserError(
             f"eval.mask.l1={cfg.mask.l1} and eval.mask.refine_passes={cfg.mask.refine_passes} "

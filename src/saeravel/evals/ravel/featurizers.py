@@ -43,10 +43,12 @@ import torch
 from torch import nn
 
 from saeravel.evals.ravel.intervene import (
+    FlipTerms,
     Intervention,
     LearnedMask,
     mask_or_first_k,
     orthogonal_linear,
+    rotated_flip_terms,
     rotation,
 )
 
@@ -105,6 +107,14 @@ class PCASwap(Intervention):
 
     def penalty(self) -> torch.Tensor:
         return self.mask().mean() if self.mask is not None else torch.zeros(())
+
+    def flip_terms(self, b: torch.Tensor, s: torch.Tensor) -> FlipTerms | None:
+        """Component ``j`` moves the vector by its z-space coordinate of ``s - b`` along
+        ``C[j] * sd``."""
+        if self.mask is None:
+            return None
+        C, sd = self.components.to(b.dtype), self.scale.to(b.dtype)
+        return ((s - b) / sd) @ C.T, C * sd
 
 
 # ----------------------------------------------------------------------------- boundless DAS
@@ -229,6 +239,10 @@ class MultiTaskDAS(Intervention):
 
     def penalty(self) -> torch.Tensor:
         return torch.stack([m().mean() for m in self.masks.values()]).mean()
+
+    def flip_terms(self, b: torch.Tensor, s: torch.Tensor) -> FlipTerms:
+        """Those of the active attribute's mask (refinement flips it)."""
+        return rotated_flip_terms(rotation(self.rot), b, s)
 
     def set_temperature(self, t: float) -> None:
         for m in self.masks.values():

@@ -1,7 +1,11 @@
 """Interventions (mask over SAE latents, mask over neurons, DAS) and the fast forward.
 
 Every method maps the base's and the source's residual vectors at the entity's last token
-(after block ``layer``) to the vector patched into the base run.
+(after block ``layer``) to the vector patched into the base run. A mask method's patched vector
+is affine in its binarised mask: :meth:`Intervention.flip_terms` gives each entry's rank-1
+change, which refinement adds instead of re-running the method per flip. :class:`SAEMask`
+also takes its inputs' latents precomputed (:meth:`SAEMask.forward_latents`: the SAE is frozen,
+so the job encodes each prompt once).
 
 Fast forward (:class:`SuffixRunner`): the model is frozen, so everything before the entity
 is the same at every step. Per prompt template, the keys and values of the tokens before
@@ -64,6 +68,8 @@ def rotation(lin: nn.Module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- methods
+
+Latents = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # (latents, (mean, std))
 
 
 def temperature(
@@ -132,11 +138,17 @@ def mask_or_first_k(
         raise ValueError(f"unknown {what}.mode {mode!r}; valid: mask, fixed")
 
 
+FlipTerms = tuple[torch.Tensor, torch.Tensor]  # (coef [n, m], dirs [m, d])
+
+
 class Intervention(nn.Module):
     """Base class: ``forward(base, source) -> patched`` on [batch, d_model] vectors."""
 
     # Weight of :meth:`penalty` in the training loss; None: the recipe's ``eval.mask.l1``.
     penalty_weight: float | None = None
+    # Whether :meth:`forward_latents` takes cached SAE latents of the inputs (a frozen SAE's
+    # encodings, made once per prompt by the job's ``LatentBank``) instead of re-encoding them.
+    uses_latents: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,6 +163,13 @@ class Intervention(nn.Module):
         return {
             k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith("sae.")
         }
+
+    def flip_terms(self, b: torch.Tensor, s: torch.Tensor) -> FlipTerms | None:
+        """The patched vector is affine in the binarised mask: turning entry ``j`` on adds
+        ``coef[:, j, None] * dirs[j]`` to each row (turning it off subtracts it). Returns
+        ``(coef [n, m], dirs [m, d])`` for inputs [n, d], or None when the method has no such
+        form (refinement then re-runs the method per flip)."""
+        return None
 
 
 class NeuronMask(Intervention):
@@ -167,11 +186,17 @@ class NeuronMask(Intervention):
     def penalty(self) -> torch.Tensor:
         return self.mask().mean()
 
+    def flip_terms(self, b: torch.Tensor, s: torch.Tensor) -> FlipTerms:
+        """Entry ``j`` moves dim ``j`` by ``s_j - b_j``."""
+        return s - b, torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)
+
 
 class SAEMask(Intervention):
     """Mix base and source SAE latents with a learned mask and decode. Each input is
     normalised with its own statistics; the result is mapped back with the base's.
     ``add_error`` adds the base's reconstruction error back."""
+
+    uses_latents = True
 
     def __init__(
         self, sae: Any, init: float = 0.0, add_error: bool = False, straight_through: bool = False
@@ -181,10 +206,17 @@ class SAEMask(Intervention):
         self.mask = LearnedMask(sae.d_sae, init, straight_through)
         self.add_error = add_error
 
+    def encode(self, x: torch.Tensor) -> Latents:
+        """What the mix needs of one input: its latents and its normalisation statistics."""
+        z, stats = self.sae.normalize(x)
+        return self.sae.encode_normalized(z), stats
+
     def forward(self, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        zb, stats = self.sae.normalize(b)
-        zs, _ = self.sae.normalize(s)
-        fb, fs = self.sae.encode_normalized(zb), self.sae.encode_normalized(zs)
+        return self.forward_latents(b, self.encode(b), self.encode(s))
+
+    def forward_latents(self, b: torch.Tensor, enc_b: Latents, enc_s: Latents) -> torch.Tensor:
+        """:meth:`forward` with the inputs' :meth:`encode` given (cached: the SAE is frozen)."""
+        (fb, stats), (fs, _) = enc_b, enc_s
         m = self.mask()
         out = self.sae.denormalize(self.sae.decode_normalized(fb + m * (fs - fb)), stats)
         if self.add_error:
@@ -193,6 +225,16 @@ class SAEMask(Intervention):
 
     def penalty(self) -> torch.Tensor:
         return self.mask().mean()
+
+    def flip_terms(self, b: torch.Tensor, s: torch.Tensor) -> FlipTerms | None:
+        """Latent ``j`` moves the decoded vector by ``(fs_j - fb_j) W_dec[j]`` in normalised
+        space, times the base's std in model space. None for an SAE without a linear decoder
+        (``W_dec``), e.g. a custom one."""
+        W_dec = getattr(self.sae, "W_dec", None)
+        if not isinstance(W_dec, torch.Tensor):
+            return None
+        (fb, (_, std)), (fs, _) = self.encode(b), self.encode(s)
+        return (fs - fb) * std, W_dec.to(b.dtype)
 
 
 class DAS(Intervention):
@@ -216,6 +258,15 @@ class DAS(Intervention):
 
     def penalty(self) -> torch.Tensor:
         return self.mask().mean() if self.mask is not None else torch.zeros(())
+
+    def flip_terms(self, b: torch.Tensor, s: torch.Tensor) -> FlipTerms | None:
+        return rotated_flip_terms(rotation(self.rot), b, s) if self.mask is not None else None
+
+
+def rotated_flip_terms(R: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> FlipTerms:
+    """Flip terms of a swap in the rotated coordinates ``x @ R``: rotated dim ``j`` moves the
+    vector by ``(s - b) R[:, j]`` along ``R[:, j]`` (the rotation fixed: computed once)."""
+    return (s - b) @ R, R.T
 
 
 class FixedIntervention(Intervention):

@@ -1,7 +1,8 @@
 """The RAVEL eval's data: the world (embedded or RAVEL's city files), the knowledge filter,
 base/source pairs per attribute and split, the residual vectors of every prompt
-(:class:`VectorBank`), what featurizers fit on (:class:`FitData`), and :class:`RavelJob`, the
-one object holding all of a job's shared state that training, scoring and the featurizers take.
+(:class:`VectorBank`) and their SAE latents (:class:`LatentBank`, encoded once per prompt),
+what featurizers fit on (:class:`FitData`), and :class:`RavelJob`, the one object holding all
+of a job's shared state that training, scoring and the featurizers take.
 """
 
 from __future__ import annotations
@@ -375,10 +376,49 @@ class VectorBank:
         return torch.stack([self.vec[id(p)] for p in prompts])
 
 
+class LatentBank:
+    """The frozen SAE's latents and normalisation statistics of each prompt's vector in
+    ``bank``, encoded once per prompt (on first use, in batches of ``batch_size``) and kept
+    sparse (the nonzero latents' indices and values), so a training step of an SAE mask reads
+    them instead of re-encoding its bases and sources (``Intervention.forward_latents``).
+    Densified per call: the latents equal the encoder's output exactly. Keyed by prompt
+    identity, as :class:`VectorBank`; the prompt is kept so a reused id is another prompt."""
+
+    def __init__(self, sae: Any, bank: Any, batch_size: int = 256) -> None:
+        self.sae, self.bank, self.batch_size = sae, bank, batch_size
+        self._codes: dict[int, tuple[Prompt, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _encode(self, prompts: list[Prompt]) -> None:
+        todo = list(
+            {id(p): p for p in prompts if self._codes.get(id(p), (None,))[0] is not p}.values()
+        )
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            with torch.no_grad():
+                z, (mu, std) = self.sae.normalize(self.bank(chunk))
+                f = self.sae.encode_normalized(z)
+            for k, p in enumerate(chunk):
+                idx = torch.nonzero(f[k]).flatten()
+                self._codes[id(p)] = (p, idx, f[k, idx].clone(), torch.cat([mu[k], std[k]]))
+
+    def __call__(
+        self, prompts: list[Prompt]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Latents [n, d_sae] and (mean [n, 1], std [n, 1]) of ``prompts``' vectors."""
+        self._encode(prompts)
+        codes = [self._codes[id(p)] for p in prompts]
+        stats = torch.stack([c[3] for c in codes])
+        f = torch.zeros(len(prompts), self.sae.d_sae, dtype=stats.dtype, device=stats.device)
+        rows = torch.cat([torch.full_like(c[1], k) for k, c in enumerate(codes)])
+        f[rows, torch.cat([c[1] for c in codes])] = torch.cat([c[2] for c in codes])
+        return f, (stats[:, :1], stats[:, 1:])
+
+
 @dataclass
 class RavelJob:
     """A RAVEL job's shared state: its config and context, the world, the pairs per attribute
-    and split, the vector bank, the fast forward (``runner``) and decoder (both None with
+    and split, the vector bank, the fast forward (``runner``, None with ``eval.fast=false``),
+    the SAE latents of each prompt (``latents``, None without an SAE), the decoder (None with
     ``eval.fast=false``), the checkpoint store, what featurizers fit on, and ``shared``: what
     one featurizer leaves for another within the job (the joint MDAS fit, ``sae_probe``'s
     latents per attribute)."""
@@ -389,6 +429,7 @@ class RavelJob:
     pairs: dict[str, dict[str, list[Pair]]] = field(default_factory=dict)
     bank: VectorBank | None = None
     runner: SuffixRunner | None = None
+    latents: LatentBank | None = None
     decoder: CachedDecoder | None = None
     store: Any = field(default_factory=CheckpointStore.disabled)
     fit: FitData | None = None
@@ -420,4 +461,5 @@ class RavelJob:
             }.values()
         )
         fit = FitData(bank(train_prompts), train_prompts)  # pca and sae_probe fit on these only
-        return cls(cfg, ctx, world, pairs, bank, runner, decoder, store, fit, stats)
+        latents = LatentBank(ctx.sae, bank) if ctx.sae is not None else None
+        return cls(cfg, ctx, world, pairs, bank, runner, latents, decoder, store, fit, stats)
