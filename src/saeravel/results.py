@@ -49,6 +49,7 @@ NON_RESULT_PATHS: dict[str, str] = {
     "device": "where the job runs (cpu/cuda), not what it computes",
     "force": "whether an existing result is recomputed",
     "log_level": "how much is logged",
+    "logger": "which experiment logger (none, wandb) records the job, not what it computes",
     "paths": "where caches, results and this job's folder live",
     "model.device": "interpolates `device`",
     "model.batch_size": "inference batch size of the model (forward passes only)",

@@ -841,6 +841,7 @@ def train_method(
             opt.step()
             epoch_loss += loss.item() * len(batch)
             step += 1
+            ctx.log_metrics({f"{desc}/loss": loss.item(), f"{desc}/temperature": t}, step)
             bar.update()
             if timer is not None and timer.due(step):
                 store.save(ckpt_name, {
