@@ -380,3 +380,152 @@ def test_seed_identity_ignores_sae_seeds_only_for_reference_methods() -> None:
     assert figures.seed_of(row("das", 1)) == figures.seed_of(row("das", 2))
     assert figures.seed_of(row("sae", 1)) != figures.seed_of(row("sae", 2))
     assert figures.seed_of(row(None, 1)) != figures.seed_of(row(None, 2))  # core etc.
+
+
+# ----------------------------------------------------------------------------- paper folders
+# tests/report_fixtures.py: all eight methods, references, curves, intervals, layers 0-4,
+# two SAEs, two seeds, a verdict block, core and sparse probing; two models in one folder.
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, report.Report]:
+    from report_fixtures import paper_folder
+
+    folder = paper_folder(tmp_path_factory.mktemp("two"))
+    return folder, report.build_report(folder)
+
+
+def _md_tables(markdown: str) -> list[list[str]]:
+    """The header row of every markdown table."""
+    lines = markdown.splitlines()
+    return [ln.strip("|").split("|") for prev, ln in zip(["", *lines], lines, strict=False)
+            if ln.startswith("|") and not prev.startswith("|")]  # fmt: skip
+
+
+def test_two_models_get_one_narrow_table_each_and_their_own_figures(two_models) -> None:
+    folder, rep = two_models
+    headers = _md_tables(rep.markdown)
+    assert headers and max(len(h) for h in headers) <= report.MAX_COLUMNS
+    for model in ("tiny-city-lm", "planted-city-lm"):
+        assert f"### ravel: {model}" in rep.markdown and f"### core: {model}" in rep.markdown
+        for fig in ("ravel_vs_layer", "ravel_methods", "cause_vs_isolation", "training_curves",
+                    "core_vs_l0", "sparse_probing_vs_l0"):  # fmt: skip
+            assert f"{fig}_{model}.png" in rep.figures, fig
+    # the settings that differ within a model are one line, not dozens of columns
+    assert "differs: sae.k" in rep.markdown and "differs: sae.dictionary" in rep.markdown
+    assert "model.n_country" not in rep.markdown.split("## ravel (")[1].split("###")[1]
+    ravel = rep.tables[0]
+    first = [r["attribute"] for r in ravel.rows if r["part"] == "tiny-city-lm"][0]
+    assert first == "Country"  # the config's order, not alphabetical
+    for name, fig in rep.figures.items():
+        _no_overlap(fig)
+        labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        assert all(len(lab) < 60 for lab in labels), (name, labels)
+        assert "model." not in fig.get_suptitle()
+
+
+def test_paper_figures_draw_oracle_verdict_curves_and_blank_undefined(two_models) -> None:
+    _, rep = two_models
+    planted = rep.figures["ravel_vs_layer_planted-city-lm.png"].axes[0]
+    oracle = _line(planted, "oracle (true subspace)")
+    assert set(oracle.get_ydata()) == {0.99}
+    tiny = rep.figures["ravel_vs_layer_tiny-city-lm.png"].axes[0]
+    assert not [ln for ln in tiny.get_lines() if ln.get_label().startswith("oracle")]
+    bars = rep.figures["ravel_methods_tiny-city-lm.png"]
+    assert "layer 2" in bars.get_suptitle()
+    diffs = [ax for ax in bars.axes if "paired difference" in ax.get_xlabel()]
+    assert len(diffs) == 2  # one per attribute: the verdict block of the layer-2 job
+    assert [t.get_text() for t in diffs[0].get_yticklabels()][0] == "das - sae"
+    curves = rep.figures["training_curves_tiny-city-lm.png"].axes[0]
+    das = [ln for ln in curves.get_lines() if ln.get_label() == "das"]
+    assert das and len(das[0].get_xdata()) == 30
+    core = rep.figures["core_vs_l0_tiny-city-lm.png"].axes[0]
+    assert "1 SAE(s): undefined" in core.get_title()  # clean CE above the ablated CE
+    ys = [float(c.lines[0].get_ydata()[0]) for c in core.containers]
+    assert 2.75 not in ys and len(ys) == 3
+    assert "undefined score(s) left out" in rep.markdown
+
+
+def test_a_verdict_free_result_draws_bars_without_differences(tmp_path: Path) -> None:
+    from report_fixtures import ravel_record, write
+
+    write(tmp_path, "a", ravel_record("tiny", 1))
+    fig = report.build_report(tmp_path).figures["ravel_methods.png"]
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 8 * len(ATTRS)
+
+
+def test_methods_option_and_split_by(tmp_path: Path, capsys) -> None:
+    from report_fixtures import paper_folder
+
+    folder = paper_folder(tmp_path / "r", models=("tiny",))
+    rep = report.build_report(folder, methods=["sae", "neurons", "das"])
+    assert {r["method"] for r in rep.tables[0].rows} == {"sae", "neurons", "das"}
+    labels = {ln.get_label() for ln in rep.figures["ravel_vs_layer.png"].axes[0].get_lines()}
+    assert "pca" not in labels and "das" in labels
+    assert report.main([str(folder), "--methods", "sae,dass"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dass" in err[0] and "das" in err[0]
+    rep = report.build_report(folder, split_by=["sae.k"])
+    assert {r["part"] for r in rep.tables[0].rows} == {"tiny-city-lm, sae.k=16",
+                                                       "tiny-city-lm, sae.k=32"}  # fmt: skip
+    assert "ravel_vs_layer_tiny-city-lm_sae.k_16.png" in rep.figures
+
+
+def test_stale_figures_of_an_earlier_run_are_removed(tmp_path: Path) -> None:
+    from report_fixtures import paper_folder
+
+    folder = paper_folder(tmp_path / "r", models=("tiny",))
+    out = tmp_path / "out"
+    report.build_report(folder, out)
+    assert (out / "ravel_vs_layer.png").exists()
+    (out / "notes.png").write_bytes(b"mine")  # not the report's: kept
+    paper_folder(folder, models=("planted",))  # a second model: suffixed names now
+    rep = report.build_report(folder, out)
+    assert not (out / "ravel_vs_layer.png").exists()
+    assert (out / "ravel_vs_layer_tiny-city-lm.png").exists() and (out / "notes.png").exists()
+    assert "Removed" in rep.markdown and "ravel_vs_layer.png" in rep.markdown
+
+
+def test_symlinks_followed_and_other_json_ignored_quietly(tmp_path: Path, caplog) -> None:
+    from report_fixtures import ravel_record, write
+
+    real = tmp_path / "elsewhere"
+    write(real, "job", ravel_record("tiny", 1))
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle: visited once
+    (root / "job.ckpt").mkdir()
+    (root / "job.ckpt" / "state.json").write_text('{"step": 3}')
+    (root / "wandb" / "run").mkdir(parents=True)
+    (root / "wandb" / "run" / "scores.table.json").write_text('{"columns": []}')
+    (root / "other.json").write_text('{"columns": ["a"], "data": []}')  # a wandb table
+    (root / "broken.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="saeravel.report"):
+        rep = report.build_report(root)
+    assert len({r["job_hash"] for r in rep.tables[0].rows}) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1 and "broken.json" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_bad_folders_are_one_line_each(tmp_path: Path, capsys, caplog) -> None:
+    from report_fixtures import ravel_record, write
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.json").write_text("[]")
+    assert report.main([str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no saeravel results" in err[0] and "Traceback" not in err[0]
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    mixed = tmp_path / "mixed"
+    old = ravel_record("tiny", 1)
+    old["saeravel"]["schema_version"] = 1
+    write(mixed, "a", old)
+    write(mixed, "b", ravel_record("tiny", 2))
+    with caplog.at_level("WARNING", logger="saeravel.report"):
+        rep = report.build_report(mixed)
+    versions = [r.getMessage() for r in caplog.records if "result versions" in r.getMessage()]
+    assert len(versions) == 1 and "version 1: 1" in versions[0]
+    assert "several result versions" in rep.markdown
