@@ -35,11 +35,11 @@ from typing import Any
 SAE_METHOD = "sae"
 ISO_DISENTANGLE = (0.5, 0.6, 0.7, 0.8, 0.9)
 # Fixed colours and markers per RAVEL method, so a method looks the same in every figure.
-METHOD_STYLES: dict[str, tuple[str, str]] = {
+METHOD_STYLES: dict[str, tuple[str, str]] = {  # in the order drawn and listed
+    "neurons": ("#1f77b4", "^"),  # blue
     "das": ("#d62728", "s"),  # red
     "boundless_das": ("#ff7f0e", "D"),  # orange
     "mdas": ("#8c564b", "P"),  # brown
-    "neurons": ("#1f77b4", "^"),  # blue
     "pca": ("#9467bd", "v"),  # purple
     "sae_probe": ("#bcbd22", "X"),  # olive
     "fixed": ("#7f7f7f", "h"),  # grey

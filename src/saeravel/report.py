@@ -573,7 +573,11 @@ def attribute_order(records: Iterable[Record]) -> list[str]:
 
 def build_tables(records: Iterable[Record]) -> list[Table]:
     """The ravel table (records with a ``ravel`` metric group), its over-seeds table, and one
-    flat table per other eval. Rows are keyed by job hash; differing settings are columns."""
+    flat table per other eval. Rows are keyed by job hash; differing settings are columns.
+    Ravel rows are ordered by part, attribute (config order), method (SAE, neurons, DAS, ...
+    as in the figures), SAE and layer."""
+    from saeravel import figures
+
     by_eval: dict[str, list[Record]] = {}
     for rec in records:
         by_eval.setdefault(RAVEL_EVAL if has_ravel_metrics(rec) else rec.eval_type, []).append(rec)
@@ -588,9 +592,11 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
             rows = [row for r in recs for row in ravel_rows(r, settings, seeds)]
             rows, notes = _merge_reruns(rows, millis)
             rank = {a: i for i, a in enumerate(attribute_order(recs))}
+            mrank = {m: i for i, m in enumerate(("sae", *figures.METHOD_STYLES))}
             rows.sort(
                 key=lambda r: (
-                    r["part"], rank.get(r["attribute"], len(rank)), r["method"], r["sae"],
+                    r["part"], rank.get(r["attribute"], len(rank)),
+                    mrank.get(r["method"], len(mrank)), r["method"], r["sae"],
                     r["layer"],
                     *[str(r.get(c)) for c in extra_cols], r["seed"] or 0,
                 )
