@@ -11,6 +11,7 @@ import json
 import logging
 import struct
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -21,11 +22,14 @@ from saeravel.errors import UserError
 from saeravel.logger import (
     NoLogger,
     WandbLogger,
-    _sweep_names,
     build_logger,
     flatten,
     has_wandb_credentials,
     logged_job,
+    run_group,
+    run_identity,
+    scores_table,
+    wandb_host,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -196,6 +200,12 @@ def test_credentials_are_found_in_env_and_netrc(tmp_path, monkeypatch):
     netrc.write_text("machine example.org login u password p\n")
     assert not has_wandb_credentials()  # an entry for another host
     netrc.write_text("machine api.wandb.ai login user password k" + "0" * 39 + "\n")
+    assert has_wandb_credentials()  # the host behind wandb 0.31's default
+    import wandb
+
+    default = urlsplit(str(wandb.Settings().base_url)).netloc  # where `wandb login` writes
+    netrc.write_text(f"machine {default} login user password k" + "1" * 39 + "\n")
+    assert wandb_host() == str(wandb.Settings().base_url).rstrip("/")
     assert has_wandb_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
     assert not has_wandb_credentials()  # a self-hosted server needs its own entry
@@ -224,25 +234,44 @@ def test_flatten_joins_keys_and_drops_none():
     assert got == {"a/b/c": 1.5, "a/e": [1, 2], "f": "x"}
 
 
-def test_group_is_the_sweep_folder_under_multirun(tmp_path, monkeypatch):
+def test_group_is_the_experiment_and_sweep_name(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    assert _sweep_names(tmp_path) == (None, None)  # not under Hydra
+    assert run_group(tmp_path) is None  # not under Hydra
     sweep = tmp_path / "multirun" / "2026-01-02" / "03-04-05"
     cfg = _compose([f"hydra.sweep.dir={sweep}", "hydra.job.num=0"], return_hydra_config=True)
     cfg.hydra.mode = RunMode.MULTIRUN
     HydraConfig.instance().set_config(cfg)
     try:
-        assert _sweep_names(sweep / "4_layer=2") == (str(sweep.resolve()), "4_layer=2")
-        monkeypatch.chdir(tmp_path)  # inside the working directory: a relative group
-        assert _sweep_names(sweep / "4_layer=2") == ("multirun/2026-01-02/03-04-05", "4_layer=2")
+        assert run_group(sweep / "4_layer=2") == "sweep 2026-01-02/03-04-05"
         OmegaConf.set_readonly(cfg.hydra, False)  # set_config made it read-only
+        cfg.hydra.runtime.choices["experiment"] = "paper_grid"
+        HydraConfig.instance().set_config(cfg)
+        assert run_group(sweep / "4_layer=2") == "paper_grid 2026-01-02/03-04-05"
+        OmegaConf.set_readonly(cfg.hydra, False)
         cfg.hydra.mode = RunMode.RUN
         HydraConfig.instance().set_config(cfg)
-        assert _sweep_names(sweep / "4_layer=2") == (None, None)
+        assert run_group(sweep / "4_layer=2") == "paper_grid"  # one run of an experiment
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_run_name_and_tags_come_from_model_sae_layer_method_and_eval():
+    cfg, resolved = _resolved(Path("job"), "layer=1", "eval.method=das")
+    name, tags = run_identity(resolved)
+    model, family = cfg.model.name, cfg.sae.family
+    assert name == f"ravel das {model} L1 {family}"
+    assert tags == [f"model:{model}", f"sae:{family}", "layer:1", "method:das", "eval:ravel"]
+
+
+def test_scores_table_has_a_row_per_method_and_attribute(tmp_path):
+    cols, rows = scores_table(_record(tmp_path / "r.json"))
+    assert cols[:5] == ["method", "attribute", "cause", "isolation", "disentangle"]
+    assert [r[:5] for r in rows] == [["sae", "Country", 0.25, 0.75, 0.5],
+                                     ["das", "Country", 0.5, 0.625, 0.5625]]  # fmt: skip
+    cols, rows = scores_table({"eval_result_metrics": {"sparsity": {"l0": 3, "x": None}}})
+    assert (cols, rows) == (["metric", "value"], [["sparsity/l0", 3.0]])
 
 
 def test_every_logger_key_has_a_comment():
@@ -261,8 +290,11 @@ def test_wandb_offline_run_holds_config_curves_metrics_and_artifact(wandb_env):
     out.mkdir()
     cfg, resolved = _resolved(out, "logger.tags=[unit]", "logger.group=g1")
     record = _record(out / "result.json")
+    (out / "ravel_das_Country.pt").write_bytes(b"rotation")  # eval.save_artifacts' files
     logger = build_logger(cfg.logger)
     logger.start(resolved, "0123abcd", out)
+    for step, (loss, temp) in enumerate([(2.5, 10.0), (2.25, 5.0)], start=1):  # live, in training
+        logger.log_metrics({"das/Country/loss": loss, "das/Country/temperature": temp}, step)
     logger.log_result(record, out / "result.json")
     logger.finish(ok=True)
 
@@ -274,10 +306,16 @@ def test_wandb_offline_run_holds_config_curves_metrics_and_artifact(wandb_env):
     assert config["model"]["name"] == resolved["model"]["name"]
     assert config["eval"]["epochs"] == resolved["eval"]["epochs"]
     assert config["logger"]["_target_"] == "saeravel.logger.WandbLogger"
-    assert (run.project, run.run_group, list(run.tags)) == ("saeravel", "g1", ["unit"])
+    name, tags = run_identity(resolved)
+    assert (run.project, run.run_group, run.display_name) == ("saeravel", "g1", name)
+    assert list(run.tags) == [*tags, "unit"]
     assert run.job_type == "ravel"
 
     rows = _history(recs)
+    live = [(r["train_step"], r["train/das/Country/loss"], r["train/das/Country/temperature"])
+            for r in rows if "train/das/Country/loss" in r]  # fmt: skip
+    assert live == [(1, 2.5, 10.0), (2, 2.25, 5.0)]
+    assert [r for r in rows if any(k.startswith("scores") for k in r)]  # the scores Table
     for key, curve in record["eval_result_details"]["training_curves"].items():
         got = [(r["epoch"], r[f"train_loss/{key}"]) for r in rows if f"train_loss/{key}" in r]
         assert got == [(i + 1, v) for i, v in enumerate(curve)], key
@@ -285,6 +323,7 @@ def test_wandb_offline_run_holds_config_curves_metrics_and_artifact(wandb_env):
     assert charts == {"train_loss_chart/Country", "train_loss_chart/Continent"}
     metrics = _of(recs, "metric")
     assert any(m.glob_name == "train_loss/*" and m.step_metric == "epoch" for m in metrics)
+    assert any(m.glob_name == "train/*" and m.step_metric == "train_step" for m in metrics)
 
     summary = _summary(recs)
     for key, value in flatten(record["eval_result_metrics"]).items():
@@ -293,7 +332,7 @@ def test_wandb_offline_run_holds_config_curves_metrics_and_artifact(wandb_env):
 
     (art,) = [a for a in _of(recs, "artifact") if a.type == "result"]  # (charts are tables)
     assert (art.type, art.name) == ("result", "ravel-0123abcd")
-    assert [c.path for c in art.manifest.contents] == ["result.json"]
+    assert sorted(c.path for c in art.manifest.contents) == ["ravel_das_Country.pt", "result.json"]
     assert art.manifest.contents[0].digest  # the file's hash, computed from result.json
     (end,) = _of(recs, "exit")
     assert end.exit_code == 0
@@ -320,3 +359,37 @@ def test_online_without_key_warns_once_and_logs_offline(wandb_env, monkeypatch, 
     assert not [a for a in _of(recs, "artifact") if a.type == "result"]
     (end,) = _of(recs, "exit")
     assert end.exit_code == 1
+
+
+def test_the_logger_is_not_part_of_the_job_identity(tmp_path):
+    from saeravel.results import job_hash
+
+    out = f"paths.output_dir={tmp_path}"
+    plain = _compose([out])
+    logged = _compose([out, "logger=wandb", "logger.tags=[paper]", "logger.mode=online"])
+    resolve = lambda c: OmegaConf.to_container(c, resolve=True)  # noqa: E731
+    assert job_hash(resolve(plain)) == job_hash(resolve(logged))
+    assert job_hash(resolve(plain)) != job_hash(resolve(_compose([out, "seed=1"])))
+
+
+def test_a_stored_job_logs_its_stored_result(tmp_path):
+    """``logger=wandb`` after a run without it: the job is skipped and its stored record is
+    what the logger receives (pipeline._log_stored)."""
+    from saeravel import pipeline
+
+    calls = []
+
+    class Spy(NoLogger):
+        def start(self, resolved_cfg, job_hash, output_dir):
+            calls.append(("start", job_hash))
+
+        def log_result(self, record, result_path):
+            calls.append(("result", record["eval_id"], Path(result_path).name))
+
+        def finish(self, ok):
+            calls.append(("finish", ok))
+
+    record = {"eval_id": "e1"}
+    got = pipeline._log_stored(Spy(), {}, "h1", tmp_path, record)
+    assert got is record
+    assert calls == [("start", "h1"), ("result", "e1", "result.json"), ("finish", True)]

@@ -76,8 +76,9 @@ def test_jobs_differing_in_layer_and_epochs_are_never_one_line(tmp_path: Path) -
     rep = _sweep(tmp_path, {"a": (["layer=0", "eval.epochs=2"], 0.1), "b": (["layer=1"], 0.9)})
     ravel = rep.tables[0]
     assert ravel.settings == ["eval.epochs"]
-    labels = {report.line_label(r, ravel.settings) for r in ravel.rows}
-    assert labels == {"das (eval.epochs=2)", "das (eval.epochs=30)"}  # 30: the saeravel recipe
+    report.parts_of(ravel)
+    labels = {report.line_label(r) for r in ravel.rows}
+    assert labels == {"das [eval.epochs=2]", "das [eval.epochs=30]"}  # 30: the saeravel recipe
 
 
 def test_seed_and_setting_together(tmp_path: Path) -> None:
@@ -100,7 +101,7 @@ def test_a_force_rerun_of_one_job_keeps_the_newest(tmp_path: Path) -> None:
     atomic_write_json(tmp_path / "b" / "result.json", new, strict=True)
     ravel = report.build_report(tmp_path).tables[0]
     assert {r["cause"] for r in ravel.rows} == {0.8}
-    assert len(ravel.notes) == 2 and all("kept b/result.json" in n for n in ravel.notes)
+    assert len(ravel.notes) == 1 and "kept b/result.json" in ravel.notes[0]  # one line per job
 
 
 def test_saebench_copies_and_null_scores_are_read_right(tmp_path: Path) -> None:
@@ -177,47 +178,59 @@ def _finite_x(line: Any) -> list[int]:
     return [round(x) for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if y == y]
 
 
-def test_ravel_figure_has_attribute_panels_gaps_error_bars_and_reference_styles(
+def _no_overlap(fig: Any) -> None:
+    """The figure legend and caption sit clear of every panel and of the title."""
+    fig.canvas.draw()
+    panels = [ax.get_tightbbox() for ax in fig.axes if ax.get_visible()]
+    for leg in fig.legends:
+        box = leg.get_window_extent()
+        assert all(not box.overlaps(p) for p in panels), "legend over a panel"
+    for text in fig.texts:
+        box = text.get_window_extent()
+        assert all(not box.overlaps(p) for p in panels), "caption over a panel"
+        assert all(not box.overlaps(leg.get_window_extent()) for leg in fig.legends)
+
+
+def test_ravel_figure_has_attribute_panels_gaps_error_bars_and_method_colours(
     tmp_path: Path,
 ) -> None:
     rep = _ravel_sweep(tmp_path)
     assert (tmp_path / "report" / "ravel_vs_layer.png").stat().st_size > 0
     fig = rep.figures["ravel_vs_layer.png"]
     axes = fig.axes
-    assert len(axes) == 3 * len(ATTRS)  # disentangle / cause / isolation x attributes
-    assert {ax.get_title() for ax in axes} >= {f"{a} intervened" for a in ATTRS}
-    assert all(ax.get_shared_y_axes().joined(axes[0], ax) for ax in axes)
+    assert [ax.get_title() for ax in axes] == [f"{a} intervened" for a in ATTRS]  # Country first
     assert len({ax.get_ylim() for ax in axes}) == 1
     for ax in axes:
-        a_line, b_line = _line(ax, "sae: famA"), _line(ax, "sae: famB")
+        a_line, b_line = _line(ax, "SAE famA"), _line(ax, "SAE famB")
         assert _finite_x(a_line) == [0, 1, 3]  # markers only where measured
         assert _finite_x(b_line) == [0, 3]
         ys = list(b_line.get_ydata())
         assert len(ys) == 3 and ys[1] != ys[1]  # NaN at layer 1: the line is broken there
-        assert a_line.get_marker() == "o" and a_line.get_linestyle() == "-"
-        for ref in ("das", "neurons"):
-            line = _line(ax, ref)
-            assert line.get_linestyle() != "-"  # references are dashed / dotted ...
-            r, g, b, _ = matplotlib.colors.to_rgba(line.get_color())
-            assert r == g == b  # ... and grey
+        colours = {lab: matplotlib.colors.to_hex(_line(ax, lab).get_color())
+                   for lab in ("SAE famA", "SAE famB", "das", "neurons")}  # fmt: skip
+        assert len(set(colours.values())) == 4  # four distinct colours ...
+        for lab in ("das", "neurons"):
+            r, g, b, _ = matplotlib.colors.to_rgba(colours[lab])
+            assert not r == g == b  # ... and the methods are not grey references
         assert len(ax.containers) >= 4  # error bars for every line
+        assert _finite_x(_line(ax, "no intervention")) == [0, 1, 3]
     # famA at layer 1 has two seeds: its bar is their std; elsewhere the bootstrap interval.
     segs = [seg for c in axes[0].containers for coll in c.lines[2] for seg in coll.get_segments()]
     heights = [float(seg[1][1] - seg[0][1]) for seg in segs]
     two_seeds = 2 * 0.025 / 2**0.5  # disentangle 0.75 and 0.775: +- their std
     assert any(h == pytest.approx(two_seeds) for h in heights)
     assert any(h == pytest.approx(0.07) for h in heights)  # the interval [d - 0.04, d + 0.03]
-    title = fig.get_suptitle()
-    assert "protocol=saeravel" in title and "match=first_token" in title
-    assert "split=entity" in title
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "protocol=saeravel" in caption and "match=first_token" in caption
+    _no_overlap(fig)
 
 
 def test_a_reference_method_under_two_saes_is_one_seed(tmp_path: Path) -> None:
     """famA and famB jobs at layer 0 share seed 0: their DAS result is one measurement, so
     its error bar is the bootstrap interval, not a zero std over two copies."""
     ax = _ravel_sweep(tmp_path).figures["ravel_vs_layer.png"].axes[0]
-    grey = matplotlib.colors.to_rgb(_line(ax, "das").get_color())
-    das = [c for c in ax.containers if tuple(c.lines[2][0].get_colors()[0][:3]) == grey]
+    colour = matplotlib.colors.to_rgb(_line(ax, "das").get_color())
+    das = [c for c in ax.containers if tuple(c.lines[2][0].get_colors()[0][:3]) == colour]
     assert len(das) == 1
     seg = next(s for s in das[0].lines[2][0].get_segments() if s[0][0] < 0.5)  # layer 0
     assert seg[1][1] - seg[0][1] == pytest.approx(0.07)
@@ -229,36 +242,27 @@ def test_no_intervention_baseline_is_visible_with_one_layer(tmp_path: Path) -> N
     atomic_write_json(tmp_path / "a" / "result.json", rec, strict=True)
     fig = report.build_report(tmp_path).figures["ravel_vs_layer.png"]
     base = _line(fig.axes[0], "no intervention")
-    assert _finite_x(base) == [2]
-    assert base.get_marker() == "_" and base.get_markersize() >= 10  # a visible tick
+    assert len(_finite_x(base)) == 2  # a short segment across the one layer
     labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert "no intervention" in labels
 
 
-def test_cause_vs_isolation_has_a_panel_per_method_line_and_references(tmp_path: Path) -> None:
+def test_cause_vs_isolation_has_a_panel_per_attribute_with_methods_as_points(
+    tmp_path: Path,
+) -> None:
     rep = _ravel_sweep(tmp_path)
     fig = rep.figures["cause_vs_isolation.png"]
-    titled = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
-    assert sorted(ax.get_title() for ax in titled) == [
-        "das (reference)",
-        "neurons (reference)",
-        "sae: famA (SAE)",
-        "sae: famB (SAE)",
-    ]
-    for ax in titled:
-        assert not ax.get_legend()  # the legend is the figure's, outside the panels
+    assert [ax.get_title() for ax in fig.axes] == [f"{a} intervened" for a in ATTRS]
+    for ax in fig.axes:
         iso = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
         assert len(iso) == 5  # cause + isolation = const lines
         offsets = [tuple(p) for coll in ax.collections for p in coll.get_offsets()]
         assert (1.0, 0.0) in offsets and (0.1, 1.0) in offsets  # none and swap points
-    fam_a = next(ax for ax in titled if ax.get_title() == "sae: famA (SAE)")
-    n_points = sum(len(c.get_offsets()) for c in fam_a.collections[-len(ATTRS) :])
-    assert n_points == 3 * len(ATTRS)  # one point per (layer, attribute): seeds averaged
+        assert len(ax.collections) == 2 + 4  # none, swap + SAE famA, famB, neurons, das
+    assert "layer 3" in fig.get_suptitle()  # most method lines (0 and 3), higher scores
     labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
-    assert "no intervention (none)" in labels and "swap (whole vector)" in labels
-    fig.canvas.draw()
-    leg_box = fig.legends[0].get_window_extent()
-    assert all(not leg_box.overlaps(ax.get_window_extent()) for ax in titled)
+    assert {"SAE famA", "das", "no intervention", "swap (whole vector)"} <= set(labels)
+    _no_overlap(fig)
 
 
 def test_neuronpedia_links_only_for_saes_with_an_id(tmp_path: Path) -> None:
@@ -290,7 +294,9 @@ def test_ravel_table_puts_disentangle_first_and_keeps_intervals_in_the_csv(
     ravel = rep.tables[0]
     start = ravel.columns.index("disentangle")
     assert ravel.columns[start : start + 3] == ["disentangle", "cause", "isolation"]
-    header = rep.markdown.split("## ravel (")[1].splitlines()[4]
+    header = next(
+        ln for ln in rep.markdown.split("## ravel (")[1].splitlines() if ln.startswith("|")
+    )
     assert header.index("disentangle") < header.index("cause") < header.index("isolation")
     assert "disentangle_lo" not in header  # interval columns are CSV-only
     csv_header = (tmp_path / "report" / "ravel.csv").read_text().splitlines()[0].split(",")
@@ -345,21 +351,26 @@ def test_core_and_sparse_probing_get_headline_first_tables_and_l0_figures(
     assert metric_cols[:4] == ["sparsity.l0", "model_performance_preservation.ce_loss_score",
                                "model_performance_preservation.ce_loss_with_sae",
                                "reconstruction_quality.explained_variance"]  # fmt: skip
-    md_header = rep.markdown.split("## core (")[1].splitlines()[4]
+    md_header = next(
+        ln for ln in rep.markdown.split("## core (")[1].splitlines() if ln.startswith("|")
+    )
     assert md_header.index("sparsity.l0") < md_header.index("misc_metrics.frac_alive")
     for name, n_panels in (("core_vs_l0.png", 2), ("sparse_probing_vs_l0.png", 2)):
         assert (tmp_path / "report" / name).exists()
         fig = rep.figures[name]
         assert len(fig.axes) == n_panels
         ax = fig.axes[0]
-        assert "L0" in ax.get_xlabel()
-        lines = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: label on container
-        assert set(lines) == {"famA", "famB"}
-        assert list(lines["famA"].get_xdata()) == [10.0, 20.0, 40.0]  # sorted by L0
+        assert "L0" in ax.get_xlabel() and ax.get_xscale() == "log"
+        points = [c.lines[0] for c in ax.containers]
+        assert all(len(p.get_xdata()) == 1 for p in points)  # no line joins two SAEs
+        assert sorted(float(p.get_xdata()[0]) for p in points) == [10, 15, 20, 30, 40]
     sp_ax = rep.figures["sparse_probing_vs_l0.png"].axes[1]  # all-latent probe accuracy
-    fam_a = next(c.lines[0] for c in sp_ax.containers if c.get_label() == "famA")
-    assert list(fam_a.get_ydata()) == [0.7, 0.8, 0.9]  # joined to core's L0 per SAE
-    assert "3 from eval=core" in rep.markdown or "5 from eval=core" in rep.markdown
+    got = sorted((float(c.lines[0].get_xdata()[0]), float(c.lines[0].get_ydata()[0]))
+                 for c in sp_ax.containers)  # fmt: skip
+    assert got[:3] == [(10.0, 0.7), (15.0, 0.6), (20.0, 0.8)]  # joined to core's L0 per SAE
+    llm = [ln for ln in sp_ax.get_lines() if ln.get_label() == "LLM (no SAE)"]
+    assert len(llm) == 1 and llm[0].get_ydata()[0] == pytest.approx(0.95)  # the LLM baseline
+    assert "5 from eval=core" in rep.markdown
 
 
 def test_seed_identity_ignores_sae_seeds_only_for_reference_methods() -> None:
@@ -369,3 +380,152 @@ def test_seed_identity_ignores_sae_seeds_only_for_reference_methods() -> None:
     assert figures.seed_of(row("das", 1)) == figures.seed_of(row("das", 2))
     assert figures.seed_of(row("sae", 1)) != figures.seed_of(row("sae", 2))
     assert figures.seed_of(row(None, 1)) != figures.seed_of(row(None, 2))  # core etc.
+
+
+# ----------------------------------------------------------------------------- paper folders
+# tests/report_fixtures.py: all eight methods, references, curves, intervals, layers 0-4,
+# two SAEs, two seeds, a verdict block, core and sparse probing; two models in one folder.
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, report.Report]:
+    from report_fixtures import paper_folder
+
+    folder = paper_folder(tmp_path_factory.mktemp("two"))
+    return folder, report.build_report(folder)
+
+
+def _md_tables(markdown: str) -> list[list[str]]:
+    """The header row of every markdown table."""
+    lines = markdown.splitlines()
+    return [ln.strip("|").split("|") for prev, ln in zip(["", *lines], lines, strict=False)
+            if ln.startswith("|") and not prev.startswith("|")]  # fmt: skip
+
+
+def test_two_models_get_one_narrow_table_each_and_their_own_figures(two_models) -> None:
+    folder, rep = two_models
+    headers = _md_tables(rep.markdown)
+    assert headers and max(len(h) for h in headers) <= report.MAX_COLUMNS
+    for model in ("tiny-city-lm", "planted-city-lm"):
+        assert f"### ravel: {model}" in rep.markdown and f"### core: {model}" in rep.markdown
+        for fig in ("ravel_vs_layer", "ravel_methods", "cause_vs_isolation", "training_curves",
+                    "core_vs_l0", "sparse_probing_vs_l0"):  # fmt: skip
+            assert f"{fig}_{model}.png" in rep.figures, fig
+    # the settings that differ within a model are one line, not dozens of columns
+    assert "differs: sae.k" in rep.markdown and "differs: sae.dictionary" in rep.markdown
+    assert "model.n_country" not in rep.markdown.split("## ravel (")[1].split("###")[1]
+    ravel = rep.tables[0]
+    first = [r["attribute"] for r in ravel.rows if r["part"] == "tiny-city-lm"][0]
+    assert first == "Country"  # the config's order, not alphabetical
+    for name, fig in rep.figures.items():
+        _no_overlap(fig)
+        labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+        assert all(len(lab) < 60 for lab in labels), (name, labels)
+        assert "model." not in fig.get_suptitle()
+
+
+def test_paper_figures_draw_oracle_verdict_curves_and_blank_undefined(two_models) -> None:
+    _, rep = two_models
+    planted = rep.figures["ravel_vs_layer_planted-city-lm.png"].axes[0]
+    oracle = _line(planted, "oracle (true subspace)")
+    assert list(oracle.get_ydata()) == pytest.approx([0.99] * 5)
+    tiny = rep.figures["ravel_vs_layer_tiny-city-lm.png"].axes[0]
+    assert not [ln for ln in tiny.get_lines() if ln.get_label().startswith("oracle")]
+    bars = rep.figures["ravel_methods_tiny-city-lm.png"]
+    assert "layer 2" in bars.get_suptitle()
+    diffs = [ax for ax in bars.axes if "paired difference" in ax.get_xlabel()]
+    assert len(diffs) == 2  # one per attribute: the verdict block of the layer-2 job
+    assert [t.get_text() for t in diffs[0].get_yticklabels()][0] == "das - sae"
+    curves = rep.figures["training_curves_tiny-city-lm.png"].axes[0]
+    das = [ln for ln in curves.get_lines() if ln.get_label() == "das"]
+    assert das and len(das[0].get_xdata()) == 30
+    core = rep.figures["core_vs_l0_tiny-city-lm.png"].axes[0]
+    assert "1 SAE(s): undefined" in core.get_title()  # clean CE above the ablated CE
+    ys = [float(c.lines[0].get_ydata()[0]) for c in core.containers]
+    assert 2.75 not in ys and len(ys) == 3
+    assert "undefined score(s) left out" in rep.markdown
+
+
+def test_a_verdict_free_result_draws_bars_without_differences(tmp_path: Path) -> None:
+    from report_fixtures import ravel_record, write
+
+    write(tmp_path, "a", ravel_record("tiny", 1))
+    fig = report.build_report(tmp_path).figures["ravel_methods.png"]
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 8 * len(ATTRS)
+
+
+def test_methods_option_and_split_by(tmp_path: Path, capsys) -> None:
+    from report_fixtures import paper_folder
+
+    folder = paper_folder(tmp_path / "r", models=("tiny",))
+    rep = report.build_report(folder, methods=["sae", "neurons", "das"])
+    assert {r["method"] for r in rep.tables[0].rows} == {"sae", "neurons", "das"}
+    labels = {ln.get_label() for ln in rep.figures["ravel_vs_layer.png"].axes[0].get_lines()}
+    assert "pca" not in labels and "das" in labels
+    assert report.main([str(folder), "--methods", "sae,dass"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dass" in err[0] and "das" in err[0]
+    rep = report.build_report(folder, split_by=["sae.k"])
+    assert {r["part"] for r in rep.tables[0].rows} == {"tiny-city-lm, sae.k=16",
+                                                       "tiny-city-lm, sae.k=32"}  # fmt: skip
+    assert "ravel_vs_layer_tiny-city-lm_sae.k_16.png" in rep.figures
+
+
+def test_stale_figures_of_an_earlier_run_are_removed(tmp_path: Path) -> None:
+    from report_fixtures import paper_folder
+
+    folder = paper_folder(tmp_path / "r", models=("tiny",))
+    out = tmp_path / "out"
+    report.build_report(folder, out)
+    assert (out / "ravel_vs_layer.png").exists()
+    (out / "notes.png").write_bytes(b"mine")  # not the report's: kept
+    paper_folder(folder, models=("planted",))  # a second model: suffixed names now
+    rep = report.build_report(folder, out)
+    assert not (out / "ravel_vs_layer.png").exists()
+    assert (out / "ravel_vs_layer_tiny-city-lm.png").exists() and (out / "notes.png").exists()
+    assert "Removed" in rep.markdown and "ravel_vs_layer.png" in rep.markdown
+
+
+def test_symlinks_followed_and_other_json_ignored_quietly(tmp_path: Path, caplog) -> None:
+    from report_fixtures import ravel_record, write
+
+    real = tmp_path / "elsewhere"
+    write(real, "job", ravel_record("tiny", 1))
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle: visited once
+    (root / "job.ckpt").mkdir()
+    (root / "job.ckpt" / "state.json").write_text('{"step": 3}')
+    (root / "wandb" / "run").mkdir(parents=True)
+    (root / "wandb" / "run" / "scores.table.json").write_text('{"columns": []}')
+    (root / "other.json").write_text('{"columns": ["a"], "data": []}')  # a wandb table
+    (root / "broken.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="saeravel.report"):
+        rep = report.build_report(root)
+    assert len({r["job_hash"] for r in rep.tables[0].rows}) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warnings) == 1 and "broken.json" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_bad_folders_are_one_line_each(tmp_path: Path, capsys, caplog) -> None:
+    from report_fixtures import ravel_record, write
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.json").write_text("[]")
+    assert report.main([str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no saeravel results" in err[0] and "Traceback" not in err[0]
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    mixed = tmp_path / "mixed"
+    old = ravel_record("tiny", 1)
+    old["saeravel"]["schema_version"] = 1
+    write(mixed, "a", old)
+    write(mixed, "b", ravel_record("tiny", 2))
+    with caplog.at_level("WARNING", logger="saeravel.report"):
+        rep = report.build_report(mixed)
+    versions = [r.getMessage() for r in caplog.records if "result versions" in r.getMessage()]
+    assert len(versions) == 1 and "version 1: 1" in versions[0]
+    assert "several result versions" in rep.markdown

@@ -1,17 +1,26 @@
-"""The report's figures (matplotlib, Agg backend): RAVEL scores over layers, cause vs
-isolation, and SAEBench-style metric-vs-L0 plots.
+"""The report's figures (matplotlib, Agg backend), drawn from the report's table rows
+(saeravel.report), never from result files.
 
-Input is the report's table rows (saeravel.report), never result files. Conventions:
+Figures of one *part* (a model, or a model and the values of ``--split-by`` keys):
 
-* an SAE line is the ``sae`` method of one SAE family (and differing setting); every other
-  method (das, neurons, pca, ...) is a *reference* drawn in grey with its own dash and marker;
-* a line is drawn only between two consecutive layers of the figure's layer grid (the union
-  of the layers measured in it) that the line measured: a layer it lacks breaks the line, and
-  markers sit only at measured layers;
-* error bars: the standard deviation over seeds where a point has more than one seed, else the
-  result's bootstrap interval (``ci95``-style fields) when it has one;
-* the no-intervention baseline is a dotted black line with a wide horizontal tick at every
-  measured layer, so it shows with one layer too.
+* :func:`ravel_layer_figure`: disentangle vs layer, one panel per attribute (the config's
+  order). SAE families, neurons, DAS and every other method are lines of their own colour and
+  marker (:func:`method_style`: the methods are the comparison, not grey references); the
+  no-intervention baseline, the SAE-reconstruction reference and, where the world knows it
+  (the planted model), the oracle are thin black / grey lines;
+* :func:`methods_bar_figure`: the methods at one layer as bars with their interval, per
+  attribute; below, the paired differences of the result's ``verdict`` block when it has one;
+* :func:`cause_isolation_figure`: cause vs isolation, one panel per attribute, each method line
+  a point (with its layer written beside it when several layers were measured);
+* :func:`training_curves_figure`: each method's per-epoch training loss, a panel per attribute;
+* :func:`metric_vs_l0_figure`: SAEBench-style, a metric per panel against L0 on a log axis;
+  one point per SAE (never a line joining different SAEs), colour by SAE family, marker by
+  architecture, the LLM's own score as a dashed line where the eval has one, undefined scores
+  left out and counted in the panel.
+
+Error bars: the standard deviation over seeds where a point has several, else the result's
+bootstrap interval (``<score>_lo`` / ``<score>_hi``). Legends sit below the panels, titles are
+one short line, and a figure's settings are in a caption line, never in each label.
 """
 
 from __future__ import annotations
@@ -24,12 +33,30 @@ from pathlib import Path
 from typing import Any
 
 SAE_METHOD = "sae"
-PANEL_SCORES = ("disentangle", "cause", "isolation")
 ISO_DISENTANGLE = (0.5, 0.6, 0.7, 0.8, 0.9)
-REFERENCE_STYLES = (("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"),
-                    ((0, (1, 1)), "P"), ((0, (6, 2)), "X"), ((0, (3, 1, 1, 1, 1, 1)), "h"))  # fmt: skip
-REFERENCE_GREYS = ("0.35", "0.55", "0.2", "0.65", "0.45", "0.3", "0.6")
-ATTRIBUTE_MARKERS = "osD^v<>ph"
+# Fixed colours and markers per RAVEL method, so a method looks the same in every figure.
+METHOD_STYLES: dict[str, tuple[str, str]] = {  # in the order drawn and listed
+    "neurons": ("#1f77b4", "^"),  # blue
+    "das": ("#d62728", "s"),  # red
+    "boundless_das": ("#ff7f0e", "D"),  # orange
+    "mdas": ("#8c564b", "P"),  # brown
+    "pca": ("#9467bd", "v"),  # purple
+    "sae_probe": ("#bcbd22", "X"),  # olive
+    "fixed": ("#7f7f7f", "h"),  # grey
+}
+# SAE families: greens, teals and pinks, none of the method colours above.
+SAE_COLORS = ("#2ca02c", "#17becf", "#e377c2", "#006d2c", "#41ab5d", "#0868ac", "#ae017e")
+OTHER_COLORS = ("#637939", "#843c39", "#393b79", "#7b4173", "#3182bd", "#e6550d")
+OTHER_MARKERS = "<>p*d8H"
+ARCH_MARKERS = {"topk": "o", "standard": "s", "relu": "s", "jumprelu": "D", "gated": "^",
+                "batch_topk": "v", "e2e": "P", "custom": "X", "none": "."}  # fmt: skip
+REFERENCE_LINES = (  # (row column, label, style)
+    ("oracle", "oracle (true subspace)", {"color": "black", "linestyle": "-", "linewidth": 1.0}),
+    ("baseline", "no intervention", {"color": "0.35", "linestyle": ":", "linewidth": 1.2}),
+    ("sae_recon", "SAE reconstruction only", {"color": "0.55", "linestyle": "-.",
+                                              "linewidth": 1.0}),
+)  # fmt: skip
+SEED_COLUMNS = ("seed", "model.train_seed", "sae.seed", "eval.seed")  # report.SEED_KEYS
 
 
 def _plt() -> Any:
@@ -54,14 +81,16 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return out
 
 
-SEED_COLUMNS = ("seed", "model.train_seed", "sae.seed", "eval.seed")  # report.SEED_KEYS
+def is_reference(method: str) -> bool:
+    """Whether a RAVEL method is not the SAE mask (the SAE families' own lines)."""
+    return method != SAE_METHOD
 
 
 def seed_of(row: Mapping[str, Any]) -> tuple:
-    """The seed identity of a row: a reference method's result does not depend on the SAE, so
+    """The seed identity of a row: a method that does not use the SAE does not depend on it, so
     its ``sae.*`` seeds are left out (the same DAS job under two SAEs is one seed)."""
     method = row.get("method")  # None: a row of an SAE eval (core, ...), the SAE's own seed
-    ref = method is not None and is_reference(str(method))
+    ref = method is not None and not str(method).startswith("sae")
     keys = [k for k in SEED_COLUMNS if not (ref and k.startswith("sae."))]
     return tuple(str(row.get(k)) for k in keys)
 
@@ -87,297 +116,422 @@ def point(rows: Sequence[Mapping[str, Any]], score: str) -> tuple[float, float, 
     return mean, math.nan, math.nan, 1
 
 
-def is_reference(method: str) -> bool:
-    """Whether a RAVEL method is drawn as a reference (every method but the SAE mask)."""
-    return method != SAE_METHOD
-
-
-def _common(rows: Sequence[Mapping[str, Any]], key: str) -> str:
-    values = sorted({str(r.get(key)) for r in rows if r.get(key) not in (None, "")})
-    return values[0] if len(values) == 1 else ("mixed" if values else "?")
-
-
-def ravel_title(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``protocol=..., match=..., split=...`` of the rows (``mixed`` when they differ)."""
-    return (
-        f"protocol={_common(rows, 'protocol')}, match={_common(rows, 'match')}, "
-        f"split={_common(rows, 'split_by')}"
-    )
-
-
-def _order(labels: Sequence[str], method_of: Mapping[str, str]) -> list[str]:
-    """SAE lines first, then references, each sorted."""
-    return sorted(labels, key=lambda lab: (is_reference(method_of[lab]), lab))
-
-
-def _styles(labels: Sequence[str], method_of: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def method_style(labels: Sequence[str], method_of: Mapping[str, str]) -> dict[str, dict]:
+    """A distinct colour and marker per line: SAE families solid in greens / teals / pinks,
+    each other method its fixed :data:`METHOD_STYLES` colour (dashed)."""
     styles: dict[str, dict[str, Any]] = {}
-    n_sae = n_ref = 0
+    n_sae = n_other = 0
+    used: dict[str, int] = {}
     for lab in labels:
-        if is_reference(method_of[lab]):
-            ls, mk = REFERENCE_STYLES[n_ref % len(REFERENCE_STYLES)]
-            color = REFERENCE_GREYS[n_ref % len(REFERENCE_GREYS)]
-            styles[lab] = {"color": color, "linestyle": ls, "marker": mk, "linewidth": 1.3,
-                           "markersize": 5, "markerfacecolor": "white"}  # fmt: skip
-            n_ref += 1
-        else:
-            styles[lab] = {"color": f"C{n_sae % 10}", "linestyle": "-", "marker": "o",
-                           "linewidth": 2.0, "markersize": 6}  # fmt: skip
+        method = method_of[lab]
+        if method == SAE_METHOD:
+            color, marker, ls = SAE_COLORS[n_sae % len(SAE_COLORS)], "o", "-"
             n_sae += 1
+        elif method in METHOD_STYLES:
+            color, marker = METHOD_STYLES[method]
+            n = used.get(method, 0)  # variants of one method: lighter, another dash
+            color, ls = _lighter(color, min(0.25 * n, 0.6)), ("--", "-.", ":")[n % 3]
+            used[method] = n + 1
+        else:
+            color = OTHER_COLORS[n_other % len(OTHER_COLORS)]
+            marker, ls = OTHER_MARKERS[n_other % len(OTHER_MARKERS)], "--"
+            n_other += 1
+        styles[lab] = {"color": color, "marker": marker, "linestyle": ls}
     return styles
 
 
-def legend_columns(labels: Sequence[str], width_in: float, most: int = 3) -> int:
-    """Legend columns that fit ``labels`` (8 pt text, about 14 characters per inch) across a
-    figure ``width_in`` wide."""
+def _lighter(color: str, amount: float) -> str:
+    """``color`` blended with white by ``amount`` (0: unchanged)."""
+    from matplotlib.colors import to_hex, to_rgb
+
+    if amount <= 0:
+        return color
+    r, g, b = to_rgb(color)
+    return to_hex((r + (1 - r) * amount, g + (1 - g) * amount, b + (1 - b) * amount))
+
+
+def order_lines(labels: Sequence[str], method_of: Mapping[str, str]) -> list[str]:
+    """SAE family lines first, then the methods in :data:`METHOD_STYLES` order, then others."""
+    rank = {m: i for i, m in enumerate(METHOD_STYLES)}
+
+    def key(lab: str) -> tuple:
+        m = method_of[lab]
+        return (m != SAE_METHOD, rank.get(m, len(rank)), lab)
+
+    return sorted(labels, key=key)
+
+
+def _bottom(
+    fig: Any,
+    handles: list,
+    labels: list[str],
+    caption: str,
+    width: float,
+    height: float,
+    title: str,
+) -> float:
+    """Resize ``fig`` to ``height`` of panels plus a legend (under the panels) and a caption
+    (under the legend), lay it out and return the total height in inches."""
     longest = max((len(lab) for lab in labels), default=1) + 6
-    return max(1, min(most, len(labels), int(width_in * 14 // longest)))
+    ncol = max(1, min(len(labels), int(width * 12 // longest), 5))
+    leg_h = 0.22 * math.ceil(len(labels) / ncol) + 0.3 if labels else 0.0
+    lines = textwrap.wrap(caption, int(width * 14))[:5] if caption else []
+    cap_h = 0.15 * len(lines) + 0.08 if lines else 0.0
+    total = height + leg_h + cap_h
+    fig.set_size_inches(width, total)
+    if lines:
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, color="0.3", va="bottom")
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, cap_h / total))  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, (leg_h + cap_h) / total, 1, 1 - 0.35 / total))
+    return total
 
 
-def _on_grid(grid: Sequence[int], pts: Mapping[int, float]) -> list[float]:
-    """Values over the layer grid, NaN where not measured (matplotlib breaks the line)."""
-    return [pts.get(layer, math.nan) for layer in grid]
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+
+
+def _handles(axes: Sequence[Any]) -> tuple[list, list[str]]:
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels and not lab.startswith("_"):
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels
 
 
 def ravel_layer_figure(
     rows: Sequence[Mapping[str, Any]],
     label_of: Callable[[Mapping[str, Any]], str],
+    attrs: Sequence[str],
     path: Path,
     title: str,
-    legend_title: str = "",
+    caption: str = "",
 ) -> tuple[Path, Any]:
-    """Disentangle, cause and isolation (rows of panels) vs layer for every attribute
-    (columns), all panels sharing the y axis; returns the path and the (closed) figure."""
+    """Disentangle vs layer, one panel per attribute (``attrs`` order), shared y; a line per
+    method line, broken at a layer it did not measure; reference lines where the rows have
+    them (:data:`REFERENCE_LINES`)."""
     plt = _plt()
-    attrs = sorted({str(r["attribute"]) for r in rows})
     grid = sorted({int(r["layer"]) for r in rows})
     method_of = {label_of(r): str(r["method"]) for r in rows}
-    labels = _order(list(method_of), method_of)
-    styles = _styles(labels, method_of)
-    n_handles = len(labels) + 1
-    width = max(3.3 * len(attrs), 6.0) + 0.8
-    ncol = legend_columns([*labels, legend_title], width)
-    legend_in = 0.2 * math.ceil(n_handles / ncol) + 0.45
-    height = 2.4 * len(PANEL_SCORES) + 0.9 + legend_in
-    fig, axes = plt.subplots(
-        len(PANEL_SCORES), len(attrs), figsize=(width, height), sharex=True, sharey=True,
-        squeeze=False,
-    )  # fmt: skip
-    # Lines side by side within a fifth of a layer step, so error bars of equal scores do not
-    # hide each other and every marker stays next to its tick.
+    labels = order_lines(list(method_of), method_of)
+    styles = method_style(labels, method_of)
+    width = max(3.6 * len(attrs), 6.5)
+    height = 3.6
+    fig, axes = plt.subplots(1, len(attrs), figsize=(width, height), sharey=True, squeeze=False)
     step = min((b - a for a, b in zip(grid, grid[1:], strict=False)), default=1)
-    dx = 0.2 * step / max(len(labels) - 1, 1)
+    dx = 0.25 * step / max(len(labels) - 1, 1)  # lines side by side: error bars stay apart
     for j, attr in enumerate(attrs):
+        ax = axes[0][j]
         sub = [r for r in rows if r["attribute"] == attr]
-        for i, score in enumerate(PANEL_SCORES):
-            ax = axes[i][j]
-            for k, lab in enumerate(labels):
-                mine = [r for r in sub if label_of(r) == lab]
-                if not mine:
-                    continue
-                by_layer: dict[int, tuple[float, float, float, int]] = {}
-                for layer in sorted({int(r["layer"]) for r in mine}):
-                    by_layer[layer] = point([r for r in mine if r["layer"] == layer], score)
-                ref = is_reference(method_of[lab])
-                shift = (k - (len(labels) - 1) / 2) * dx
-                xs = [g + shift for g in grid]
-                ys = _on_grid(grid, {lay: p[0] for lay, p in by_layer.items()})
-                ax.plot(xs, ys, label=lab, **styles[lab])
-                err = [(lay + shift, *p) for lay, p in by_layer.items() if not math.isnan(p[1])]
-                if err:
-                    ax.errorbar(
-                        [e[0] for e in err], [e[1] for e in err],
-                        yerr=[[e[2] for e in err], [e[3] for e in err]],
-                        fmt="none", ecolor=styles[lab]["color"], capsize=2.5,
-                        elinewidth=0.8 if ref else 1.1, alpha=0.45 if ref else 0.9,
-                    )  # fmt: skip
-            base_col = "baseline" if score == "disentangle" else f"baseline_{score}"
-            base = {
-                layer: point([r for r in sub if r["layer"] == layer], base_col)[0] for layer in grid
+        for k, lab in enumerate(labels):
+            mine = [r for r in sub if label_of(r) == lab]
+            if not mine:
+                continue
+            shift = (k - (len(labels) - 1) / 2) * dx if len(grid) > 1 else 0.0
+            pts = {
+                lay: point([r for r in mine if int(r["layer"]) == lay], "disentangle")
+                for lay in sorted({int(r["layer"]) for r in mine})
             }
-            if any(not math.isnan(v) for v in base.values()):
-                ax.plot(grid, _on_grid(grid, base), color="black", linestyle=":", marker="_",
-                        markersize=18, markeredgewidth=2, linewidth=1.2,
-                        label="no intervention")  # fmt: skip
-            ax.set_ylim(-0.03, 1.05)
-            ax.grid(alpha=0.3)
-            if i == 0:
-                ax.set_title(f"{attr} intervened", fontsize=10)
-            if j == 0:
-                ax.set_ylabel(score)
-            if i == len(PANEL_SCORES) - 1:
-                ax.set_xlabel("layer")
-                ax.set_xticks(grid)
-                if len(grid) == 1:
-                    ax.set_xlim(grid[0] - 1, grid[0] + 1)
-    handles, seen = [], set()
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in seen:
-                seen.add(lab)
-                handles.append((h, lab))
-    fig.legend([h for h, _ in handles], [lab for _, lab in handles], loc="lower center",
-               ncol=ncol, fontsize=8, frameon=False, title=legend_title or None,
-               title_fontsize=7)  # fmt: skip
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            st = styles[lab]
+            ys = [pts[g][0] if g in pts else math.nan for g in grid]
+            ax.plot([g + shift for g in grid], ys, label=lab, linewidth=1.8, markersize=6, **st)
+            err = [(g + shift, *p) for g, p in pts.items() if not math.isnan(p[1])]
+            if err:
+                ax.errorbar([e[0] for e in err], [e[1] for e in err],
+                            yerr=[[e[2] for e in err], [e[3] for e in err]], fmt="none",
+                            ecolor=st["color"], capsize=2.5, elinewidth=1.0, alpha=0.8)  # fmt: skip
+        for col, lab, st in REFERENCE_LINES:
+            vals = {g: point([r for r in sub if int(r["layer"]) == g], col)[0] for g in grid}
+            if all(math.isnan(v) for v in vals.values()):
+                continue
+            xs = grid if len(grid) > 1 else [grid[0] - 0.5, grid[0] + 0.5]
+            ys = [vals[g] for g in grid] if len(grid) > 1 else [vals[grid[0]]] * 2
+            ax.plot(xs, ys, label=lab, zorder=1, **st)
+        ax.set_title(f"{attr} intervened", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_xticks(grid)
+        if len(grid) == 1:
+            ax.set_xlim(grid[0] - 1, grid[0] + 1)
+        ax.set_ylim(0.3, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("disentangle (cause + isolation) / 2")
+    handles, labs = _handles(axes[0])
+    _bottom(fig, handles, labs, caption, width, height, title)
+    _save(fig, path)
     return path, fig
 
 
-def _reference_points(rows: Sequence[Mapping[str, Any]], name: str) -> list[tuple[float, float]]:
-    """(isolation, cause) of a no-training baseline (``baseline`` = none, ``swap``) per
-    (job, attribute), deduplicated."""
-    out = set()
-    for r in rows:
-        c, i = r.get(f"{name}_cause"), r.get(f"{name}_isolation")
-        if _finite([c]) and _finite([i]):
-            out.add((float(i), float(c)))
-    return sorted(out)
+def methods_bar_figure(
+    rows: Sequence[Mapping[str, Any]],
+    label_of: Callable[[Mapping[str, Any]], str],
+    attrs: Sequence[str],
+    path: Path,
+    title: str,
+    verdict: Mapping[str, Mapping[str, Any]] | None = None,
+    caption: str = "",
+) -> tuple[Path, Any]:
+    """Disentangle of each method line at one layer (``rows`` of that layer), bars grouped by
+    attribute, error bars as in :func:`point`; the no-intervention baseline as a dashed line.
+    With ``verdict`` (``{attr: {"a - b": {"disentangle": {"diff", "ci"}}}}``), a second panel
+    row draws each paired difference with its interval."""
+    plt = _plt()
+    method_of = {label_of(r): str(r["method"]) for r in rows}
+    labels = order_lines(list(method_of), method_of)
+    styles = method_style(labels, method_of)
+    pairs = _verdict_pairs(verdict, attrs)
+    width = max(1.0 + 0.45 * len(labels) * len(attrs), 6.5)
+    top_h = 3.4
+    diff_h = 0.32 * max((len(p) for p in pairs.values()), default=0) + 1.0 if pairs else 0.0
+    height = top_h + diff_h
+    nrows = 2 if pairs else 1
+    fig = plt.figure(figsize=(width, height))
+    gs = fig.add_gridspec(nrows, len(attrs) if pairs else 1,
+                          height_ratios=[top_h, diff_h] if pairs else [1])  # fmt: skip
+    ax = fig.add_subplot(gs[0, :])
+    n = len(labels)
+    bw = 0.8 / max(n, 1)
+    for k, lab in enumerate(labels):
+        xs, ys, lo, hi = [], [], [], []
+        for j, attr in enumerate(attrs):
+            sel = [r for r in rows if r["attribute"] == attr and label_of(r) == lab]
+            if not sel:
+                continue
+            m, el, eh, _ = point(sel, "disentangle")
+            xs.append(j + (k - (n - 1) / 2) * bw)
+            ys.append(m)
+            lo.append(0 if math.isnan(el) else el)
+            hi.append(0 if math.isnan(eh) else eh)
+        st = styles[lab]
+        ax.bar(xs, ys, width=bw * 0.92, color=st["color"], label=lab,
+               hatch=None if method_of[lab] == SAE_METHOD else "", edgecolor="white")  # fmt: skip
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor="black", capsize=2, elinewidth=0.9)
+    for j, attr in enumerate(attrs):
+        base = point([r for r in rows if r["attribute"] == attr], "baseline")[0]
+        if not math.isnan(base):
+            ax.hlines(base, j - 0.45, j + 0.45, colors="0.3", linestyles="--", linewidth=1,
+                      label="no intervention" if j == 0 else "_")  # fmt: skip
+        oracle = point([r for r in rows if r["attribute"] == attr], "oracle")[0]
+        if not math.isnan(oracle):
+            ax.hlines(oracle, j - 0.45, j + 0.45, colors="black", linewidth=1.2,
+                      label="oracle (true subspace)" if j == 0 else "_")  # fmt: skip
+    ax.set_xticks(range(len(attrs)))
+    ax.set_xticklabels([f"{a} intervened" for a in attrs])
+    ax.set_ylabel("disentangle")
+    ax.set_ylim(0.3, 1.02)
+    ax.grid(axis="y", alpha=0.3)
+    if pairs:
+        for j, attr in enumerate(attrs):
+            dax = fig.add_subplot(gs[1, j])
+            items = pairs.get(attr, [])
+            for i, (_name, diff, ci) in enumerate(items):
+                err = [[max(diff - ci[0], 0)], [max(ci[1] - diff, 0)]] if ci else None
+                strong = ci is not None and (ci[0] > 0 or ci[1] < 0)
+                dax.errorbar([diff], [i], xerr=err, fmt="o", color="black" if strong else "0.55",
+                             capsize=2.5, markersize=4)  # fmt: skip
+            dax.axvline(0, color="0.4", linewidth=0.8)
+            dax.set_yticks(range(len(items)))
+            dax.set_yticklabels([it[0] for it in items], fontsize=7)
+            dax.set_ylim(-0.6, len(items) - 0.4)
+            dax.invert_yaxis()
+            dax.set_xlabel(f"{attr}: paired difference in disentangle", fontsize=8)
+            dax.grid(axis="x", alpha=0.3)
+    handles, labs = _handles([ax])
+    _bottom(fig, handles, labs, caption, width, height, title)
+    _save(fig, path)
+    return path, fig
+
+
+def _verdict_pairs(
+    verdict: Mapping[str, Any] | None, attrs: Sequence[str]
+) -> dict[str, list[tuple[str, float, list[float] | None]]]:
+    """``{attr: [(pair name, diff, [lo, hi] or None)]}`` of a result's verdict block; empty
+    when there is none or it has no readable entries."""
+    out: dict[str, list[tuple[str, float, list[float] | None]]] = {}
+    if not isinstance(verdict, Mapping):
+        return out
+    for attr in attrs:
+        entries = verdict.get(attr)
+        if not isinstance(entries, Mapping):
+            continue
+        for name, val in entries.items():
+            d = val.get("disentangle") if isinstance(val, Mapping) else None
+            diff = _finite([d.get("diff")]) if isinstance(d, Mapping) else []
+            if not diff:
+                continue
+            ci = d.get("ci")
+            ci_ok = isinstance(ci, list | tuple) and len(_finite(list(ci))) == 2
+            out.setdefault(attr, []).append((str(name), diff[0], list(ci) if ci_ok else None))
+    return out
 
 
 def cause_isolation_figure(
     rows: Sequence[Mapping[str, Any]],
     label_of: Callable[[Mapping[str, Any]], str],
+    attrs: Sequence[str],
     path: Path,
     title: str,
+    caption: str = "",
 ) -> tuple[Path, Any]:
-    """Cause vs isolation, one panel per method line (SAE families first): points coloured by
-    layer, marker by attribute, seeds averaged; dotted lines of equal disentangle and the
-    ``none`` / ``swap`` reference points; legend and colour bar outside the data."""
+    """Cause vs isolation, one panel per attribute; each method line a point per layer (seeds
+    averaged; the layer written beside it when there are several), dotted lines of equal
+    disentangle, the no-intervention and swap corners as black marks."""
     plt = _plt()
-    from matplotlib.colors import BoundaryNorm
     from matplotlib.lines import Line2D
 
     method_of = {label_of(r): str(r["method"]) for r in rows}
-    labels = _order(list(method_of), method_of)
-    attrs = sorted({str(r["attribute"]) for r in rows})
+    labels = order_lines(list(method_of), method_of)
+    styles = method_style(labels, method_of)
     grid = sorted({int(r["layer"]) for r in rows})
-    cmap = plt.get_cmap("viridis", max(len(grid), 2))
-    # colour by the layer's position in the grid: one equal band per measured layer
-    norm = BoundaryNorm([i - 0.5 for i in range(len(grid) + 1)], cmap.N)
-    ncol = min(len(labels), 3)
-    nrow = math.ceil(len(labels) / ncol)
-    height = 3.6 * nrow + 1.5
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 1.2, height),
-                             sharex=True, sharey=True, squeeze=False)  # fmt: skip
-    refs = {"none": _reference_points(rows, "baseline"), "swap": _reference_points(rows, "swap")}
-    ref_style = {"none": ("P", "no intervention (none)"), "swap": ("*", "swap (whole vector)")}
-    sc = None
-    for n, lab in enumerate(labels):
-        ax = axes[n // ncol][n % ncol]
+    width = max(3.8 * len(attrs), 6.5)
+    height = 4.0
+    fig, axes = plt.subplots(1, len(attrs), figsize=(width, height), sharey=True, squeeze=False)
+    for j, attr in enumerate(attrs):
+        ax = axes[0][j]
         for d in ISO_DISENTANGLE:
             xs = [max(0.0, 2 * d - 1), min(1.0, 2 * d)]
-            ax.plot(xs, [2 * d - x for x in xs], color="0.75", linestyle=":", linewidth=0.9,
-                    zorder=0)  # fmt: skip
+            ax.plot(xs, [2 * d - x for x in xs], color="0.8", linestyle=":", linewidth=0.9,
+                    zorder=0, label="_")  # fmt: skip
             ax.text(xs[1] - 0.01, 2 * d - xs[1] + 0.015, f"{d:g}", fontsize=6, color="0.5",
                     ha="right")  # fmt: skip
-        for name, pts in refs.items():
+        sub = [r for r in rows if r["attribute"] == attr]
+        for name, marker in (("baseline", "P"), ("swap", "*")):
+            pts = {(r.get(f"{name}_isolation"), r.get(f"{name}_cause")) for r in sub}
+            pts = {p for p in pts if len(_finite(list(p))) == 2}
             if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=ref_style[name][0],
-                           s=70, color="black", alpha=0.5, zorder=2, linewidths=0)  # fmt: skip
-        mine = [r for r in rows if label_of(r) == lab]
-        for a, attr in enumerate(attrs):
-            pts = []
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=70,
+                           color="black", alpha=0.6, zorder=2, linewidths=0)  # fmt: skip
+        for lab in labels:
+            st = styles[lab]
             for layer in grid:
-                sel = [r for r in mine if r["attribute"] == attr and r["layer"] == layer]
-                if sel:
-                    pts.append(
-                        (point(sel, "isolation")[0], point(sel, "cause")[0], grid.index(layer))
-                    )
-            if pts:
-                sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts],
-                                cmap=cmap, norm=norm, marker=ATTRIBUTE_MARKERS[a % 9], s=38,
-                                edgecolors="black", linewidths=0.4, zorder=3)  # fmt: skip
-        kind = "reference" if is_reference(method_of[lab]) else "SAE"
-        ax.set_title(textwrap.fill(f"{lab} ({kind})", 48), fontsize=8)
+                sel = [r for r in sub if label_of(r) == lab and int(r["layer"]) == layer]
+                if not sel:
+                    continue
+                x, y = point(sel, "isolation")[0], point(sel, "cause")[0]
+                if math.isnan(x) or math.isnan(y):
+                    continue
+                ax.scatter([x], [y], color=st["color"], marker=st["marker"], s=45,
+                           edgecolors="black", linewidths=0.4, zorder=3)  # fmt: skip
+                if len(grid) > 1:
+                    ax.annotate(str(layer), (x, y), xytext=(3, 3), textcoords="offset points",
+                                fontsize=6, color=st["color"])  # fmt: skip
         ax.set(xlim=(-0.04, 1.06), ylim=(-0.04, 1.06))
         ax.set_aspect("equal")
         ax.grid(alpha=0.25)
-        if n % ncol == 0:
-            ax.set_ylabel("cause")
-        if n // ncol == nrow - 1 or n + ncol >= len(labels):
-            ax.set_xlabel("isolation")
-            ax.tick_params(labelbottom=True)  # the panel below is empty: show this one's ticks
-    for n in range(len(labels), nrow * ncol):
-        axes[n // ncol][n % ncol].set_visible(False)
-    handles = [Line2D([], [], marker=ATTRIBUTE_MARKERS[a % 9], linestyle="", color="0.5",
-                      markeredgecolor="black", label=f"{attr} intervened")
-               for a, attr in enumerate(attrs)]  # fmt: skip
-    handles += [Line2D([], [], marker=ref_style[k][0], linestyle="", color="black", alpha=0.5,
-                       markersize=9, label=ref_style[k][1]) for k in refs if refs[k]]  # fmt: skip
-    handles.append(
-        Line2D([], [], color="0.6", linestyle=":", label="equal disentangle (value at the right)")
-    )
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
-               frameon=False)  # fmt: skip
-    fig.suptitle(title + (f"; layer {grid[0]}" if len(grid) == 1 else ""), fontsize=10)
-    fig.tight_layout(rect=(0, 0.75 / height, 0.9 if len(grid) > 1 else 1, 0.96))
-    if sc is not None and len(grid) > 1:
-        cax = fig.add_axes((0.91, 0.2, 0.015, 0.6))
-        bar = fig.colorbar(sc, cax=cax, ticks=range(len(grid)))
-        bar.set_ticklabels([str(g) for g in grid])
-        bar.set_label("layer")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.set_title(f"{attr} intervened", fontsize=10)
+        ax.set_xlabel("isolation")
+    axes[0][0].set_ylabel("cause")
+    handles = [Line2D([], [], color=styles[lab]["color"], marker=styles[lab]["marker"],
+                      linestyle="", markeredgecolor="black", label=lab) for lab in labels]  # fmt: skip
+    handles += [Line2D([], [], marker="P", linestyle="", color="black", alpha=0.6,
+                       label="no intervention"),
+                Line2D([], [], marker="*", linestyle="", color="black", alpha=0.6, markersize=9,
+                       label="swap (whole vector)"),
+                Line2D([], [], color="0.7", linestyle=":", label="equal disentangle")]  # fmt: skip
+    text = caption + ("; numbers beside points: layer" if len(grid) > 1 else "")
+    title += f", layer {grid[0]}" if len(grid) == 1 else ""
+    _bottom(fig, handles, [h.get_label() for h in handles], text.strip("; "), width, height, title)
+    _save(fig, path)
+    return path, fig
+
+
+def training_curves_figure(
+    curves: Sequence[tuple[str, str, str, Sequence[float]]],
+    attrs: Sequence[str],
+    path: Path,
+    title: str,
+    caption: str = "",
+) -> tuple[Path, Any]:
+    """Per-epoch training loss: ``curves`` are (line label, method, attribute, losses); one
+    panel per attribute, a line per method line (several jobs of a line: each drawn thin)."""
+    plt = _plt()
+    method_of = {lab: m for lab, m, _, _ in curves}
+    labels = order_lines(list(method_of), method_of)
+    styles = method_style(labels, method_of)
+    width = max(3.8 * len(attrs), 6.5)
+    height = 3.4
+    fig, axes = plt.subplots(1, len(attrs), figsize=(width, height), squeeze=False)
+    for j, attr in enumerate(attrs):
+        ax = axes[0][j]
+        for lab in labels:
+            mine = [c for lb, _, a, c in curves if lb == lab and a == attr and c]
+            for n, curve in enumerate(mine):
+                st = styles[lab]
+                ax.plot(range(1, len(curve) + 1), curve, color=st["color"],
+                        linestyle=st["linestyle"], linewidth=1.6 if len(mine) == 1 else 0.9,
+                        label=lab if n == 0 else "_")  # fmt: skip
+        ax.set_title(f"{attr} intervened", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss (cross-entropy)")
+    handles, labs = _handles(axes[0])
+    _bottom(fig, handles, labs, caption, width, height, title)
+    _save(fig, path)
     return path, fig
 
 
 def metric_vs_l0_figure(
     rows: Sequence[Mapping[str, Any]],
     metrics: Sequence[tuple[str, str]],
-    line_of: Callable[[Mapping[str, Any]], str],
+    color_of: Callable[[Mapping[str, Any]], str],
     point_of: Callable[[Mapping[str, Any]], str],
     path: Path,
     title: str,
+    baselines: Mapping[str, float] | None = None,
+    caption: str = "",
 ) -> tuple[Path, Any]:
-    """SAEBench-style trade-off plot: one panel per headline metric (column, label), the SAE's
-    L0 (``l0`` column of each row) on x, one line per ``line_of`` (an SAE family at one
-    layer) through its SAEs (``point_of``) in L0 order; seeds of one SAE averaged, their
-    standard deviation as error bars."""
+    """SAEBench-style: one panel per (column, label) in ``metrics``; each SAE (``point_of``)
+    one marker at its L0 (``l0`` column) on a log axis, seeds averaged with their std as the
+    bar; colour by ``color_of`` (SAE family), marker by the row's ``architecture``; no line
+    joins two SAEs. ``baselines[column]``: the LLM's own score, a dashed line. NaN scores
+    (undefined) are not drawn; each panel says how many were left out."""
     plt = _plt()
-    lines = sorted({line_of(r) for r in rows})
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import ScalarFormatter
+
+    colors = sorted({color_of(r) for r in rows})
+    cmap = {c: SAE_COLORS[i % len(SAE_COLORS)] if i < len(SAE_COLORS)
+            else OTHER_COLORS[i % len(OTHER_COLORS)] for i, c in enumerate(colors)}  # fmt: skip
+    archs = sorted({str(r.get("architecture") or "custom") for r in rows})
     n = len(metrics)
-    fig, axes = plt.subplots(1, n, figsize=(4.0 * n + 2.8, 3.8), squeeze=False)
-    l0s = _finite([r.get("l0") for r in rows])
+    width = max(4.0 * n, 6.5)
+    height = 3.6
+    fig, axes = plt.subplots(1, n, figsize=(width, height), squeeze=False)
     for ax, (col, label) in zip(axes[0], metrics, strict=True):
-        for k, line in enumerate(lines):
-            mine = [r for r in rows if line_of(r) == line]
-            pts = []
-            for key in sorted({point_of(r) for r in mine}):
-                sel = [r for r in mine if point_of(r) == key]
-                x, y = point(sel, "l0")[0], point(sel, col)
-                if not math.isnan(x) and not math.isnan(y[0]):
-                    pts.append((x, *y))
-            pts.sort()
-            if not pts:
+        blank = 0
+        for key in sorted({point_of(r) for r in rows}):
+            sel = [r for r in rows if point_of(r) == key]
+            x, y = point(sel, "l0")[0], point(sel, col)
+            if math.isnan(x) or x <= 0:
                 continue
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                        yerr=[[0 if math.isnan(p[2]) else p[2] for p in pts],
-                              [0 if math.isnan(p[3]) else p[3] for p in pts]],
-                        color=f"C{k % 10}", marker="o", linewidth=1.6, markersize=5, capsize=2.5,
-                        label=line)  # fmt: skip
-        ax.set_xlabel("L0 (active latents per token)")
-        ax.set_ylabel(label)
-        ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
-        if l0s and min(l0s) > 0 and max(l0s) / min(l0s) > 20:
-            ax.set_xscale("log")
-    handles, labs = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labs:
-                handles.append(h)
-                labs.append(lab)
-    width = 4.0 * n + 2.8
-    fig.legend(handles, labs, loc="center left", bbox_to_anchor=(1 - 2.7 / width, 0.5),
-               fontsize=8, frameon=False, title="SAE family", title_fontsize=8)  # fmt: skip
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 2.8 / width, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            if math.isnan(y[0]):
+                blank += 1
+                continue
+            arch = str(sel[0].get("architecture") or "custom")
+            err = [[0 if math.isnan(y[1]) else y[1]], [0 if math.isnan(y[2]) else y[2]]]
+            ax.errorbar([x], [y[0]], yerr=err, fmt=ARCH_MARKERS.get(arch, "X"),
+                        color=cmap[color_of(sel[0])], markersize=6, capsize=2,
+                        markeredgecolor="black", markeredgewidth=0.4)  # fmt: skip
+        base = (baselines or {}).get(col)
+        if base is not None and not math.isnan(base):
+            ax.axhline(base, color="black", linestyle="--", linewidth=1, label="LLM (no SAE)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.margins(0.1)
+        ax.set_xlabel("L0 (active latents per token, log)")
+        ax.set_title(label + (f"\n({blank} SAE(s): undefined, not drawn)" if blank else ""),
+                     fontsize=9)  # fmt: skip
+        ax.grid(alpha=0.3, which="both")
+    handles = [Line2D([], [], color=cmap[c], marker="o", linestyle="", label=c) for c in colors]
+    handles += [Line2D([], [], color="0.5", marker=ARCH_MARKERS.get(a, "X"), linestyle="",
+                       markeredgecolor="black", label=f"architecture: {a}") for a in archs]  # fmt: skip
+    if any(b is not None and not math.isnan(b) for b in (baselines or {}).values()):
+        handles.append(Line2D([], [], color="black", linestyle="--", label="LLM (no SAE)"))
+    _bottom(fig, handles, [h.get_label() for h in handles], caption, width, height, title)
+    _save(fig, path)
     return path, fig

@@ -243,7 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             remove_stale_temps(folder)
     policy = str(cfg.get("reuse", Reuse.same_code))
     if not cfg.force and (done := _stored(store, jid, resolved, out_dir, spec, checkpoint, policy)):
-        return done
+        return _log_stored(job_logger, resolved, jid, out_dir, done)
     # One process at a time computes a job: an identical job started at the same moment (two
     # sweeps, a requeue) waits here, then returns the result the first one wrote. The lock is
     # the kernel's (flock), so a job killed with -9 releases it.
@@ -254,7 +254,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         if not cfg.force and (
             done := _stored(store, jid, resolved, out_dir, spec, checkpoint, policy, warn=True)
         ):
-            return done
+            return _log_stored(job_logger, resolved, jid, out_dir, done)
         return _compute(cfg, resolved, jid, spec, uses_sae, job_logger, checkpoint, start)
 
 
@@ -299,6 +299,17 @@ def _stored(
     if why is not None and warn:
         log.warning("stored result %s is not served (%s); recomputing", store, why)
     return None
+
+
+def _log_stored(
+    job_logger: Any, resolved: Mapping[str, Any], jid: str, out_dir: Path, record: dict[str, Any]
+) -> dict[str, Any]:
+    """A skipped job's stored result, logged to the job's logger (``logger=wandb`` after a run
+    without it logs the result instead of recomputing it; the logger is not in the job hash)."""
+    job_logger.start(resolved, jid, out_dir)
+    job_logger.log_result(record, out_dir / "result.json")
+    job_logger.finish(ok=True)
+    return record
 
 
 def _compute(
@@ -350,6 +361,7 @@ def _compute(
         cache_dir=Path(cfg.paths.cache_dir),
         output_dir=out_dir,
         checkpoint=checkpoint,
+        log_metrics=job_logger.log_metrics,
     )
     output: EvalOutput = spec.run(cfg.eval, ctx)
     record = build_record(

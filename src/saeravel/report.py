@@ -1,30 +1,36 @@
-"""Collect the result JSONs under a folder into one table, a CSV and figures.
+"""Collect the result JSONs under a folder into tables, CSVs and figures a paper can use.
 
-``python -m saeravel.report <folder> [--out DIR]`` finds every result record under
-``<folder>`` (``result.json`` files of a sweep, or the job-hash index
-``<results_dir>/<eval>/<hash>.json``), and writes:
+``python -m saeravel.report <folder> [--out DIR] [--methods das,neurons,sae] [--split-by KEY]``
+finds every result record under ``<folder>`` (symlinked folders followed; ``result.json`` files
+of a sweep, or the job-hash index ``<results_dir>/<eval>/<hash>.json``), and writes:
 
 * ``ravel.csv``: one row per (job, method, attribute intervened) with disentangle, cause,
-  isolation and the no-intervention baseline's disentangle (CSV only: each score's bootstrap
-  interval, the none / swap baselines' components, protocol / match / split, kept entries);
-* ``ravel_over_seeds.csv``: mean, standard deviation and n of each score over the seeds of
-  otherwise identical jobs (:data:`SEED_KEYS` are the keys that count as seeds);
-* ``<eval>.csv`` for every other eval: one row per job, one column per metric
-  (``group.metric``), the eval's registered headline metrics first;
-* ``neuronpedia.csv``: the kept latents of every SAE with a ``neuronpedia_id``, with URLs;
-* ``report.md``: the same tables in markdown (the CLI prints it too), and the links;
-* figures (PNG, saeravel.figures): ``ravel_vs_layer.png`` (disentangle, cause and isolation
-  vs layer, a panel per attribute), ``cause_vs_isolation.png`` (a panel per method line) and
-  ``<eval>_vs_l0.png`` (the SAEBench evals' headline metrics vs L0 per SAE family).
+  isolation and the no-intervention baseline, every differing setting as its own column, the
+  bootstrap intervals, the none / swap / SAE-reconstruction / oracle references, the kept
+  entries and provenance; ``ravel_over_seeds.csv``: mean, std and n over the seeds of
+  otherwise identical jobs (:data:`SEED_KEYS`); ``<eval>.csv`` for every other eval (one row
+  per job, every metric); ``neuronpedia.csv``: kept latents of SAEs with a Neuronpedia id;
+* ``report.md`` (printed too): per eval, one table per *part* (a model, or a model and each
+  ``--split-by`` value), at most 12 columns. Settings that differ inside a part are summarised
+  in one line above its table: a single one gets a column, several become variants ``v1``,
+  ``v2``... named in that line (never one column per key). Attributes in the config's order;
+* figures per part (saeravel.figures): ``ravel_vs_layer`` (disentangle vs layer per
+  attribute: SAE families, neurons, DAS and the other methods in their own colours, with the
+  no-intervention, SAE-reconstruction and oracle references), ``ravel_methods`` (the methods
+  at one layer as bars with intervals, and the ``verdict`` block's paired differences when the
+  result has one), ``cause_vs_isolation`` (a panel per attribute, methods as points),
+  ``training_curves`` and SAEBench-style ``<eval>_vs_l0`` (log L0, a marker per
+  architecture, the LLM's own score, undefined scores left out and counted). File names get
+  ``_<part>`` when there are several parts. Figures and tables of an earlier run of the report
+  into the same folder that this run did not write again are removed (only files listed in
+  the folder's manifest, :data:`MANIFEST`).
 
-Rows are keyed by job hash (saeravel.results.job_hash), so two different jobs are never
-merged: the config values that differ between the records (``pandas.json_normalize`` of
-their result-relevant configs) become columns, named by their dotted config path, and the
-table notes and figure legends name them. A file that is not JSON, or JSON that is not a
-saeravel result, is named in a warning and skipped; SAEBench-named copies
-(``*_eval_results.json``) are not read. When one job has several records (a rerun with
-``force=true``) the newest (``datetime_epoch_millis``) is kept and the report says which file
-was dropped.
+Rows are keyed by job hash (saeravel.results.job_hash): two different jobs are never merged;
+a job with several records (``force=true`` reruns) keeps the newest and names the file
+dropped. JSON that is not a saeravel result (checkpoints, wandb tables, SAEBench-named copies
+``*_eval_results.json``) is ignored quietly; an unreadable file or a broken result is one
+warning line; records of several result versions are one warning line; a folder without
+any result is a one-line error (exit 2).
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from saeravel.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +66,16 @@ RAVEL_COLUMNS = (*KEY_COLUMNS, *SCORES, "baseline")
 RAVEL_DETAIL_COLUMNS = (
     *[f"{s}_{k}" for s in SCORES for k in ("lo", "hi")],
     "baseline_cause", "baseline_isolation", "swap_cause", "swap_isolation",
-    "protocol", "match", "split_by", "mask_kept", "kept_top", "neuronpedia_id",
+    "sae_recon", "oracle", "protocol", "match", "split_by", "mask_kept", "kept_top",
+    "neuronpedia_id",
 )  # fmt: skip
 PROVENANCE_COLUMNS = ("job_hash", "eval_id", "finished", "file")
-HIDDEN_COLUMNS = (*PROVENANCE_COLUMNS, *RAVEL_DETAIL_COLUMNS, "sae_identity")
+HIDDEN_COLUMNS = (*PROVENANCE_COLUMNS, *RAVEL_DETAIL_COLUMNS, "sae_identity", "part", "variant",
+                  "variant_label", "architecture")  # fmt: skip
+MAX_COLUMNS = 12  # widest markdown table
+MANIFEST = ".saeravel_report.json"  # the files the report wrote into its folder last time
+SKIP_DIRS = ("wandb", ".locks", ".git", "__pycache__")  # never hold results
+SKIP_DIR_SUFFIXES = (".ckpt",)  # a job's checkpoints
 # Each eval's headline metrics (``group.metric`` columns), first in its table in this order,
 # the other metrics alphabetically after, and the metrics the SAEBench-style figure plots vs
 # L0: from each eval's registration (``headline_metrics``, ``plotted``; :func:`eval_facts`).
@@ -83,6 +98,7 @@ class Record:
     path: Path
     data: dict[str, Any]
     root: Path | None = None  # the folder searched; ``file`` columns are relative to it
+    part: str = ""  # the report part (model, and --split-by values) it is shown in
 
     @property
     def shown_path(self) -> str:
@@ -127,6 +143,23 @@ class Record:
     def seed(self) -> int | None:
         seed = (self.data["saeravel"].get("config") or {}).get("seed")
         return int(seed) if isinstance(seed, int) else None
+
+    @property
+    def version(self) -> Any:
+        return self.data["saeravel"].get("schema_version")
+
+    def attributes(self) -> list[str]:
+        """The attributes in the record's config order (``eval.attributes``), else in the
+        order of its metrics."""
+        cfg = (self.data["saeravel"].get("config") or {}).get("eval") or {}
+        attrs = cfg.get("attributes") if isinstance(cfg, Mapping) else None
+        out = [str(a) for a in attrs] if isinstance(attrs, list) else []
+        group = self.data["eval_result_metrics"].get(RAVEL_GROUP)
+        for by_attr in group.values() if isinstance(group, Mapping) else ():
+            for a in by_attr if isinstance(by_attr, Mapping) else ():
+                if str(a) not in out:
+                    out.append(str(a))
+        return out
 
     @property
     def sae(self) -> str:
@@ -190,8 +223,42 @@ def is_result(data: Any) -> bool:
     )
 
 
+def _looks_like_result(data: Any) -> bool:
+    """Whether a JSON that fails :func:`is_result` was meant to be one (a broken record worth
+    a warning) rather than some other JSON (a checkpoint's, a wandb table: ignored quietly)."""
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("saeravel"), dict)
+        and ("eval_result_metrics" in data or "eval_type_id" in data)
+    )
+
+
+def json_files(root: Path) -> list[Path]:
+    """Every ``*.json`` under ``root``, following symlinked folders (each real folder once),
+    without checkpoint, wandb and lock folders, SAEBench-named copies and hidden files."""
+    if root.is_file():
+        return [root]
+    out: list[Path] = []
+    seen: set[str] = set()
+    for here, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a symlink loop, or a folder reached twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(
+            d for d in dirs if d not in SKIP_DIRS and not d.endswith(SKIP_DIR_SUFFIXES)
+        )
+        for name in sorted(names):
+            if name.endswith(".json") and not name.endswith(SAEBENCH_SUFFIX):
+                if not name.startswith("."):
+                    out.append(Path(here) / name)
+    return out
+
+
 def collect(folder: str | Path) -> tuple[list[Record], list[tuple[Path, str]]]:
-    """Every result record under ``folder`` and the files skipped (with the reason).
+    """Every result record under ``folder`` and the files skipped (with the reason): an
+    unreadable file and a broken result are one warning each; other JSON is ignored quietly.
 
     The same record found twice (same ``eval_id``, e.g. a sweep's ``result.json`` and its copy
     in the job-hash index) counts once.
@@ -199,29 +266,26 @@ def collect(folder: str | Path) -> tuple[list[Record], list[tuple[Path, str]]]:
     root = Path(folder)
     if not root.exists():
         raise FileNotFoundError(f"no such folder: {root}")
-    paths = (
-        [root]
-        if root.is_file()
-        else sorted(
-            p for p in root.rglob("*.json") if p.is_file() and not p.name.endswith(SAEBENCH_SUFFIX)
-        )
-    )
     records: list[Record] = []
     skipped: list[tuple[Path, str]] = []
     seen: set[str] = set()
-    for path in paths:
+    for path in json_files(root):
         try:
             with open(path) as fh:
                 data = json.load(fh)
         except (OSError, ValueError) as exc:
-            reason = f"unreadable or corrupt JSON ({type(exc).__name__}: {exc})"
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"unreadable or corrupt JSON ({type(exc).__name__}: {text})"
             log.warning("skipping %s: %s", path, reason)
             skipped.append((path, reason))
             continue
         if not is_result(data):
-            reason = "not a saeravel result (no eval_type_id/eval_result_metrics/saeravel.*)"
-            log.warning("skipping %s: %s", path, reason)
-            skipped.append((path, reason))
+            if _looks_like_result(data):
+                reason = "an incomplete saeravel result (model_name, layer or metrics missing)"
+                log.warning("skipping %s: %s", path, reason)
+                skipped.append((path, reason))
+            else:
+                log.debug("ignoring %s: not a saeravel result", path)
             continue
         eval_id = data.get("eval_id")
         if isinstance(eval_id, str) and eval_id in seen:
@@ -231,6 +295,17 @@ def collect(folder: str | Path) -> tuple[list[Record], list[tuple[Path, str]]]:
             seen.add(eval_id)
         records.append(Record(path, data, root))
     return records, skipped
+
+
+def version_note(records: Sequence[Record]) -> str | None:
+    """One line when the records are of several result versions (else None)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[str(r.version)] = counts.get(str(r.version), 0) + 1
+    if len(counts) < 2:
+        return None
+    what = ", ".join(f"version {v}: {n} record(s)" for v, n in sorted(counts.items()))
+    return f"results of several result versions ({what}); a column a version lacks is empty"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -310,7 +385,14 @@ def ravel_rows(
     if not isinstance(group, Mapping):
         return []
     base = group.get(BASELINE_METHOD) or {}
-    swap = (rec.data["eval_result_metrics"].get("baselines") or {}).get("swap") or {}
+    refs = rec.data["eval_result_metrics"].get("baselines") or {}
+    swap = refs.get("swap") or {}
+
+    def ref(name: str, attribute: str) -> float:
+        by_attr = refs.get(name) if isinstance(refs, Mapping) else None
+        sc = by_attr.get(attribute) if isinstance(by_attr, Mapping) else None
+        return _num(sc.get("disentangle")) if isinstance(sc, Mapping) else math.nan
+
     extra = _setting_columns(rec, settings, seeds)
     cfg = rec.config
     setup = {k: cfg.get(f"eval.{k}") for k in ("protocol", "match", "split_by")}
@@ -328,6 +410,7 @@ def ravel_rows(
             sw = sw if isinstance(sw, Mapping) else {}
             kept = scores.get("kept_top")
             row = {
+                "part": rec.part or rec.model,
                 "model": rec.model,
                 "sae": rec.sae,
                 "layer": rec.layer,
@@ -342,6 +425,8 @@ def ravel_rows(
                 "baseline_isolation": _num(b.get("isolation")),
                 "swap_cause": _num(sw.get("cause")),
                 "swap_isolation": _num(sw.get("isolation")),
+                "sae_recon": ref("sae_recon", str(attribute)),
+                "oracle": ref("oracle", str(attribute)),
                 **setup,
                 "mask_kept": scores.get("mask_kept"),
                 "kept_top": json.dumps(kept) if isinstance(kept, list) else None,
@@ -374,10 +459,14 @@ def generic_rows(
     rec: Record, settings: Sequence[str] = (), seeds: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """One row per record: every scalar metric as a ``group.metric`` column."""
+    from saeravel.results import sae_architecture
+
     row: dict[str, Any] = {"model": rec.model, "sae": rec.sae, "layer": rec.layer, "seed": rec.seed}
     row.update(_setting_columns(rec, settings, seeds))
     row.update(_flatten(rec.data["eval_result_metrics"]))
     row["sae_identity"] = sae_key(rec)
+    row["part"] = rec.part or rec.model
+    row["architecture"] = sae_architecture(rec.data.get("sae_cfg_dict"))
     row.update(rec.provenance())
     return [row]
 
@@ -434,26 +523,45 @@ def _merge_reruns(
             continue
         new, dropped = (row, old) if millis[row["file"]] >= millis[old["file"]] else (old, row)
         best[key] = new
-        notes.append(
-            f"duplicate (job {key[0]}, method={key[1]}, attribute={key[2]}): kept {new['file']} "
-            f"(newer), dropped {dropped['file']}"
-        )
+        note = f"duplicate (job {key[0]}): kept {new['file']} (newer), dropped {dropped['file']}"
+        if note not in notes:
+            notes.append(note)
     for note in notes:
         log.warning(note)
     return list(best.values()), notes
 
 
 def _differ_note(settings: Sequence[str], seeds: Sequence[str]) -> str:
-    what = ", ".join(settings) if settings else "none besides model, sae, layer and method"
+    if not settings:
+        what = "none besides model, sae, layer and method"
+    elif len(settings) <= 4:
+        what = ", ".join(settings)
+    else:  # two models differ in every model.* key: the per-part lines say what matters
+        what = f"{len(settings)} config keys (each a column of the CSV; summarised per table)"
     return (
         f"settings that differ between these jobs: {what}; seeds (averaged in the over-seeds "
         f"table): {', '.join(seeds) or 'one seed only'} (seed keys: {', '.join(SEED_KEYS)})"
     )
 
 
+def attribute_order(records: Iterable[Record]) -> list[str]:
+    """The attributes of ``records`` in their configs' order (``eval.attributes``: Country
+    before Continent in the default config), first appearance first."""
+    out: list[str] = []
+    for rec in records:
+        for a in rec.attributes():
+            if a not in out:
+                out.append(a)
+    return out
+
+
 def build_tables(records: Iterable[Record]) -> list[Table]:
     """The ravel table (records with a ``ravel`` metric group), its over-seeds table, and one
-    flat table per other eval. Rows are keyed by job hash; differing settings are columns."""
+    flat table per other eval. Rows are keyed by job hash; differing settings are columns.
+    Ravel rows are ordered by part, attribute (config order), method (SAE, neurons, DAS, ...
+    as in the figures), SAE and layer."""
+    from saeravel import figures
+
     by_eval: dict[str, list[Record]] = {}
     for rec in records:
         by_eval.setdefault(RAVEL_EVAL if has_ravel_metrics(rec) else rec.eval_type, []).append(rec)
@@ -467,9 +575,13 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
         if name == RAVEL_EVAL:
             rows = [row for r in recs for row in ravel_rows(r, settings, seeds)]
             rows, notes = _merge_reruns(rows, millis)
+            rank = {a: i for i, a in enumerate(attribute_order(recs))}
+            mrank = {m: i for i, m in enumerate(("sae", *figures.METHOD_STYLES))}
             rows.sort(
                 key=lambda r: (
-                    r["model"], r["attribute"], r["method"], r["sae"], r["layer"],
+                    r["part"], rank.get(r["attribute"], len(rank)),
+                    mrank.get(r["method"], len(mrank)), r["method"], r["sae"],
+                    r["layer"],
                     *[str(r.get(c)) for c in extra_cols], r["seed"] or 0,
                 )
             )  # fmt: skip
@@ -480,7 +592,7 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
         recs, notes = _newest_per_job(recs)
         rows = [row for r in recs for row in generic_rows(r, settings, seeds)]
         rows.sort(
-            key=lambda r: (r["model"], r["sae"], r["layer"], *[str(r.get(c)) for c in extra_cols])
+            key=lambda r: (r["part"], r["sae"], r["layer"], *[str(r.get(c)) for c in extra_cols])
         )
         keys = [*GENERIC_KEY_COLUMNS, "seed", *extra_cols]
         present = {c for r in rows for c in r} - set(keys) - set(HIDDEN_COLUMNS)
@@ -498,7 +610,7 @@ def seed_spread(rows: list[dict[str, Any]], settings: Sequence[str] = ()) -> Tab
     setting (``pandas.DataFrame.groupby``); only :data:`SEED_KEYS` vary inside a group."""
     import pandas as pd
 
-    keys = [c for c in KEY_COLUMNS if c != "seed"] + list(settings)
+    keys = ["part"] + [c for c in KEY_COLUMNS if c != "seed"] + list(settings)
     scores = [*SCORES, "baseline"]
     cols = [*keys, "n_seeds"] + [f"{s}_{k}" for s in scores for k in ("mean", "std")]
     note = (
@@ -532,12 +644,12 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def to_markdown(table: Table, columns: Sequence[str] | None = None) -> str:
-    """A markdown table of ``table`` (without the provenance and CSV-only detail columns by
-    default)."""
+def to_markdown(table: Table, columns: Sequence[str] | None = None, rows: Any = None) -> str:
+    """A markdown table of ``table`` (``rows``: a subset; default columns: all but the
+    provenance and CSV-only detail columns)."""
     cols = list(columns or [c for c in table.columns if c not in HIDDEN_COLUMNS])
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in table.rows:
+    for row in table.rows if rows is None else rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines)
 
@@ -553,47 +665,253 @@ def write_csv(table: Table, path: str | Path) -> Path:
     return path
 
 
-def line_label(row: Mapping[str, Any], settings: Sequence[str] = ()) -> str:
-    """Legend label of a row: SAE masks by family, other methods by name, then the row's value
-    of every differing setting (SAE settings only on SAE lines); seeds are averaged."""
-    label = f"sae: {row['sae']}" if row["method"] == "sae" else str(row["method"])
-    shown = [k for k in settings if row["method"] == "sae" or not k.startswith("sae.")]
-    if shown:
-        label += " (" + ", ".join(f"{k}={_fmt(row.get(k))}" for k in shown) + ")"
-    return label
+# ----------------------------------------------------------------------------- parts, variants
 
 
-def _legend_title(settings: Sequence[str]) -> str:
-    return "differs: " + ", ".join(settings) if settings else "mean over seeds"
+def part_label(rec: Record, split_by: Sequence[str]) -> str:
+    """The part a record is shown in: its model, then ``key=value`` of each ``split_by`` key."""
+    cfg = rec.config
+    extra = [f"{k}={_fmt(cfg.get(k))}" for k in split_by]
+    return ", ".join([rec.model, *extra])
 
 
-def ravel_figures(table: Table, out_dir: str | Path) -> dict[Path, Any]:
-    """Per model: ``ravel_vs_layer.png`` (disentangle, cause and isolation vs layer, one
-    panel per attribute, shared y) and ``cause_vs_isolation.png`` (one panel per method
-    line); see saeravel.figures for the conventions."""
+@dataclass
+class Variants:
+    """Settings that differ inside one part: ``keys``, and per variant id (``v1``...) the
+    values; ``column`` is what the tables show (the key itself when only one differs)."""
+
+    keys: list[str]
+    values: dict[str, tuple] = field(default_factory=dict)
+
+    @property
+    def column(self) -> str | None:
+        if not self.keys:
+            return None
+        return self.keys[0] if len(self.keys) == 1 else "variant"
+
+    def caption(self) -> str:
+        """One line naming what differs (and what each variant is)."""
+        if not self.keys:
+            return ""
+        if len(self.keys) == 1:
+            return f"differs: {self.keys[0]}"
+        each = "; ".join(
+            f"{vid}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in zip(self.keys, vals, strict=True))
+            for vid, vals in self.values.items()
+        )
+        return f"variants (settings that differ: {', '.join(self.keys)}): {each}"
+
+
+def assign_variants(rows: list[dict[str, Any]], settings: Sequence[str]) -> Variants:
+    """Give each row of one part its ``variant`` (the value when one setting differs inside
+    the part, else ``v1``, ``v2``... in sorted order of the values)."""
+    keys = [
+        k for k in settings
+        if len({json.dumps(r.get(k), default=str) for r in rows}) > 1
+        and any(_num(r.get(k)) != _num(r.get("layer")) for r in rows)  # e.g. model.site_layer
+    ]  # fmt: skip
+    out = Variants(keys)
+    if not keys:
+        for r in rows:
+            r["variant"] = r["variant_label"] = ""
+        return out
+    combos = sorted(
+        {tuple(r.get(k) for k in keys) for r in rows}, key=lambda t: json.dumps(t, default=str)
+    )
+    ids = {c: f"v{i + 1}" for i, c in enumerate(combos)}
+    out.values = {ids[c]: c for c in combos}
+    ref_keys = [k for k in keys if not k.startswith("sae.")]
+    ref_combos = sorted({tuple(r.get(k) for k in ref_keys) for r in rows}, key=json.dumps)
+    ref_ids = {c: f"r{i + 1}" for i, c in enumerate(ref_combos)}
+    for r in rows:
+        combo = tuple(r.get(k) for k in keys)
+        r["variant"] = _fmt(combo[0]) if len(keys) == 1 else ids[combo]
+        label = f"{keys[0]}={_fmt(combo[0])}" if len(keys) == 1 else ids[combo]
+        if not str(r.get("method") or "sae").startswith("sae"):  # a method without the SAE
+            ref = tuple(r.get(k) for k in ref_keys)
+            label = (", ".join(f"{k}={_fmt(v)}" for k, v in zip(ref_keys, ref, strict=True))
+                     if len(ref_keys) <= 2 else ref_ids[ref])  # fmt: skip
+        r["variant_label"] = label
+    if len(ref_keys) > 2:
+        out.values.update({i: c for c, i in ref_ids.items()})
+    return out
+
+
+def parts_of(table: Table) -> dict[str, tuple[list[dict[str, Any]], Variants]]:
+    """The rows of each part of ``table`` (in order) with their variants assigned."""
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for r in table.rows:
+        parts.setdefault(str(r.get("part") or r.get("model")), []).append(r)
+    return {p: (rows, assign_variants(rows, table.settings)) for p, rows in parts.items()}
+
+
+def _markdown_columns(table: Table, var: Variants, rows: list[dict[str, Any]]) -> list[str]:
+    """At most :data:`MAX_COLUMNS` columns: keys, the variant, then scores / headline metrics."""
+    var_col = ["variant"] if var.column else []
+    seeds = len({r.get("seed") for r in rows}) > 1
+    if table.name == RAVEL_EVAL:
+        cols = ["sae", "layer", "method", "attribute", *var_col, *(["seed"] if seeds else []),
+                *SCORES, "baseline"]  # fmt: skip
+    elif table.name == "ravel_over_seeds":
+        cols = ["sae", "layer", "method", "attribute", *var_col, "n_seeds", "disentangle_mean",
+                "disentangle_std", "cause_mean", "isolation_mean", "baseline_mean"]  # fmt: skip
+    else:
+        keys = ["sae", "layer", *var_col, *(["seed"] if seeds else [])]
+        present = {c for r in rows for c, v in r.items() if v is not None}
+        metrics = [c for c in table.columns if c in present and c not in HIDDEN_COLUMNS
+                   and c not in keys and c not in ("model", "seed") and c not in table.settings
+                   and c not in SEED_KEYS]  # fmt: skip
+        cols = keys + metrics[: MAX_COLUMNS - len(keys)]
+    return cols[:MAX_COLUMNS]
+
+
+def table_markdown(table: Table) -> list[str]:
+    """Markdown lines of ``table``: one sub-table per part, with its settings line."""
+    out: list[str] = []
+    parts = parts_of(table)
+    for part, (rows, var) in parts.items():
+        cols = _markdown_columns(table, var, rows)
+        header = [f"### {table.name}: {part} ({len(rows)} rows)", ""]
+        if var.column and var.column != "variant":  # one setting: name the column after it
+            shown = [var.column if c == "variant" else c for c in cols]
+            rows_shown = [{**r, var.column: r["variant"]} for r in rows]
+            cols = shown
+        else:
+            rows_shown = rows
+        line = var.caption()
+        hidden = [c for c in table.columns if c not in cols and c not in HIDDEN_COLUMNS]
+        if table.name not in (RAVEL_EVAL, "ravel_over_seeds") and hidden:
+            line += ("; " if line else "") + f"{len(hidden)} more columns in {table.name}.csv"
+        out += header + ([line, ""] if line else []) + [to_markdown(table, cols, rows_shown), ""]
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def line_label(row: Mapping[str, Any], families: int = 1) -> str:
+    """Legend label of a row: ``SAE <family>`` for the SAE mask, the method's name otherwise
+    (an SAE-based method gets its family when the part has several), then ``[variant]``."""
+    method = str(row["method"])
+    if method == "sae":
+        label = f"SAE {row['sae']}"
+    elif method.startswith("sae") and families > 1:
+        label = f"{method} ({row['sae']})"
+    else:
+        label = method
+    return label + (f" [{row['variant_label']}]" if row.get("variant_label") else "")
+
+
+def bar_layer(rows: Sequence[Mapping[str, Any]]) -> int:
+    """The layer of the methods bar chart: where the most method lines were measured (ties:
+    the highest mean disentangle)."""
+    by: dict[int, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(int(r["layer"]), []).append(r)
+
+    def key(layer: int) -> tuple:
+        sel = by[layer]
+        vals = [v for v in (_num(r.get("disentangle")) for r in sel) if not math.isnan(v)]
+        lines = {(r["method"], r["sae"], r.get("variant")) for r in sel}
+        return (len(lines), sum(vals) / len(vals) if vals else -1.0, -layer)
+
+    return max(by, key=key)
+
+
+def _verdict(records: Sequence[Record], layer: int) -> Mapping[str, Any] | None:
+    """The newest ``eval_result_details["verdict"]`` of ``records`` at ``layer``, if any."""
+    for rec in sorted(records, key=lambda r: -r.millis):
+        details = rec.data.get("eval_result_details")
+        v = details.get("verdict") if isinstance(details, Mapping) else None
+        if rec.layer == layer and isinstance(v, Mapping) and v:
+            return v
+    return None
+
+
+def _curves(
+    records: Sequence[Record], layer: int, label_of: Any, variant_of: Mapping[str, str]
+) -> list[tuple[str, str, str, list[float]]]:
+    out = []
+    for rec in records:
+        details = rec.data.get("eval_result_details")
+        curves = details.get("training_curves") if isinstance(details, Mapping) else None
+        if rec.layer != layer or not isinstance(curves, Mapping):
+            continue
+        for key, curve in curves.items():
+            method, _, attr = str(key).rpartition("/")
+            vals = _finite_list(curve)
+            if not method or not vals:
+                continue
+            row = {"method": method, "sae": rec.sae,
+                   "variant_label": variant_of.get((rec.shown_path, method), "")}  # fmt: skip
+            out.append((label_of(row), method, attr, vals))
+    return out
+
+
+def _finite_list(values: Any) -> list[float]:
+    if not isinstance(values, list):
+        return []
+    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def ravel_figures(table: Table, records: Sequence[Record], out_dir: str | Path) -> dict[Path, Any]:
+    """Per part: ``ravel_vs_layer``, ``ravel_methods``, ``cause_vs_isolation`` and (when the
+    records have them) ``training_curves`` (see saeravel.figures)."""
     from saeravel import figures
 
     out = Path(out_dir)
-    st = table.settings
-    models = sorted({r["model"] for r in table.rows})
+    parts = parts_of(table)
+    attrs_all = attribute_order(records)
     written: dict[Path, Any] = {}
-    for model in models:
-        rows = [r for r in table.rows if r["model"] == model]
-        suffix = "" if len(models) == 1 else f"_{figures.slug(model)}"
-        setup = figures.ravel_title(rows)
-        bars = "error bars: std over seeds (n>1), else the 95% bootstrap interval"
+    for part, (rows, var) in parts.items():
+        suffix = "" if len(parts) == 1 else f"_{figures.slug(part)}"
+        attrs = [a for a in attrs_all if any(r["attribute"] == a for r in rows)]
+        families = len({r["sae"] for r in rows if str(r["method"]).startswith("sae")})
+
+        def label_of(r: Mapping[str, Any], families: int = families) -> str:
+            return line_label(r, families)
+
+        setup = figures_setup(rows)
+        caption = "; ".join(x for x in (setup, var.caption()) if x)
+        bars = "bars: std over seeds (n>1), else the 95% bootstrap interval"
         path, fig = figures.ravel_layer_figure(
-            rows, lambda r: line_label(r, st), out / f"ravel_vs_layer{suffix}.png",
-            f"{model}: RAVEL scores vs layer ({setup})\n{bars}; mean over seeds",
-            _legend_title(st) if st else "",
+            rows, label_of, attrs, out / f"ravel_vs_layer{suffix}.png",
+            f"{part}: disentangle vs layer", f"{caption}; {bars}",
+        )  # fmt: skip
+        written[path] = fig
+        layer = bar_layer(rows)
+        mine = [r for r in records if (r.part or r.model) == part and has_ravel_metrics(r)]
+        at = [r for r in rows if int(r["layer"]) == layer]
+        path, fig = figures.methods_bar_figure(
+            at, label_of, attrs, out / f"ravel_methods{suffix}.png",
+            f"{part}: methods at layer {layer}", _verdict(mine, layer), f"{caption}; {bars}",
         )  # fmt: skip
         written[path] = fig
         path, fig = figures.cause_isolation_figure(
-            rows, lambda r: line_label(r, st), out / f"cause_vs_isolation{suffix}.png",
-            f"{model}: cause vs isolation ({setup}); mean over seeds",
+            at, label_of, attrs, out / f"cause_vs_isolation{suffix}.png",
+            f"{part}: cause vs isolation", caption,
         )  # fmt: skip
         written[path] = fig
+        variant_of = {(str(r["file"]), str(r["method"])): str(r.get("variant_label") or "")
+                      for r in rows}  # fmt: skip
+        curves = _curves(mine, layer, label_of, variant_of)
+        if curves:
+            path, fig = figures.training_curves_figure(
+                curves, attrs, out / f"training_curves{suffix}.png",
+                f"{part}: training loss per epoch, layer {layer}", caption,
+            )  # fmt: skip
+            written[path] = fig
     return written
+
+
+def figures_setup(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``protocol=..., match=..., split=...`` of the rows (``mixed`` when they differ)."""
+
+    def common(key: str) -> str:
+        values = sorted({str(r.get(key)) for r in rows if r.get(key) not in (None, "")})
+        return values[0] if len(values) == 1 else ("mixed" if values else "?")
+
+    return f"protocol={common('protocol')}, match={common('match')}, split={common('split_by')}"
 
 
 def attach_l0(table: Table, core: Table | None) -> str:
@@ -623,10 +941,42 @@ def attach_l0(table: Table, core: Table | None) -> str:
     )
 
 
+def defined(row: Mapping[str, Any], column: str) -> float:
+    """``row[column]`` or NaN where the score is undefined: a CE-loss score whose zero-ablation
+    CE is not above the clean CE (the score's denominator), a KL score whose zero-ablation
+    KL is not positive."""
+    value = _num(row.get(column))
+    if column.endswith("ce_loss_score"):
+        group = column.rsplit(".", 1)[0] + "." if "." in column else ""
+        abl, clean = (
+            _num(row.get(f"{group}ce_loss_with_ablation")),
+            _num(row.get(f"{group}ce_loss_without_sae")),
+        )
+        if not math.isnan(abl) and not math.isnan(clean) and abl <= clean:
+            return math.nan
+    if column.endswith("kl_div_score"):
+        group = column.rsplit(".", 1)[0] + "." if "." in column else ""
+        abl = _num(row.get(f"{group}kl_div_with_ablation"))
+        if not math.isnan(abl) and abl <= 0:
+            return math.nan
+    return value
+
+
+def llm_baseline(rows: Sequence[Mapping[str, Any]], column: str) -> float | None:
+    """The LLM's own score beside an SAE score (``sae.sae_X`` -> ``llm.llm_X``), mean over
+    ``rows``; None when the eval records none."""
+    group, _, name = column.rpartition(".")
+    if group != "sae" or not name.startswith("sae_"):
+        return None
+    vals = [_num(r.get(f"llm.llm_{name[4:]}")) for r in rows]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
 def l0_figures(tables: Sequence[Table], out_dir: str | Path) -> tuple[dict[Path, Any], list[str]]:
-    """SAEBench-style figures: per eval with ``plotted`` metrics, the headline metric(s)
-    vs L0, one line per SAE family and layer (and differing non-SAE setting), one point per
-    SAE (seeds averaged). Returns the files and one note per eval."""
+    """SAEBench-style figures: per eval with ``plotted`` metrics (its registration) and per part, each
+    metric vs L0 (see saeravel.figures.metric_vs_l0_figure). Returns the files and one note
+    per eval (where L0 came from, undefined scores left out)."""
     from saeravel import figures
 
     core = next((t for t in tables if t.name == "core"), None)
@@ -642,29 +992,36 @@ def l0_figures(tables: Sequence[Table], out_dir: str | Path) -> tuple[dict[Path,
         if not metrics or not rows:
             notes.append(f"{table.name}: no figure ({note}; metrics found: {len(metrics)})")
             continue
-        st = table.settings
-        other = [k for k in st if not k.startswith("sae.")]
-        layers = len({r["layer"] for r in rows}) > 1
+        blanked = 0
+        plotted = []
+        for r in rows:
+            row = dict(r)
+            for c, _ in metrics:
+                v = defined(r, c)
+                blanked += math.isnan(v) and not math.isnan(_num(r.get(c)))
+                row[c] = v
+            plotted.append(row)
+        parts = parts_of(Table(table.name, table.columns, plotted, [], table.settings))
+        for part, (mine, var) in parts.items():
+            layers = len({r["layer"] for r in mine}) > 1
 
-        def line_of(r: Mapping[str, Any], other: list[str] = other, layers: bool = layers) -> str:
-            lab = str(r["sae"]) + (f" (layer {r['layer']})" if layers else "")
-            if other:
-                lab += " [" + ", ".join(f"{k}={_fmt(r.get(k))}" for k in other) + "]"
-            return lab
+            def color_of(r: Mapping[str, Any], layers: bool = layers) -> str:
+                lab = str(r["sae"]) + (f", layer {r['layer']}" if layers else "")
+                return lab + (f" [{r['variant_label']}]" if r.get("variant_label") else "")
 
-        def point_of(r: Mapping[str, Any], st: list[str] = st) -> str:
-            return json.dumps([r.get("sae_identity"), *[str(r.get(k)) for k in st]])
+            def point_of(r: Mapping[str, Any]) -> str:
+                return json.dumps([r.get("sae_identity"), r.get("layer"), r.get("variant")])
 
-        models = sorted({r["model"] for r in rows})
-        for model in models:
-            mine = [r for r in rows if r["model"] == model]
-            suffix = "" if len(models) == 1 else f"_{figures.slug(model)}"
+            base = {c: llm_baseline(mine, c) for c, _ in metrics}
+            suffix = "" if len(parts) == 1 else f"_{figures.slug(part)}"
             path, fig = figures.metric_vs_l0_figure(
-                mine, metrics, line_of, point_of, Path(out_dir) / f"{table.name}_vs_l0{suffix}.png",
-                f"{model}: {table.name} vs L0 (one point per SAE, mean over seeds, bars: std)",
+                mine, metrics, color_of, point_of, Path(out_dir) / f"{table.name}_vs_l0{suffix}.png",
+                f"{part}: {table.name} vs L0 (one point per SAE)",
+                {c: v for c, v in base.items() if v is not None}, var.caption(),
             )  # fmt: skip
             written[path] = fig
-        notes.append(f"{table.name}: {note}")
+        extra = f"; {blanked} undefined score(s) left out of the figure" if blanked else ""
+        notes.append(f"{table.name}: {note}{extra}")
     return written, notes
 
 
@@ -738,26 +1095,85 @@ def neuronpedia_markdown(table: Table, per_line: int = 16) -> list[str]:
     return lines
 
 
-def build_report(folder: str | Path, out_dir: str | Path | None = None) -> Report:
+def _filter_methods(tables: list[Table], methods: Sequence[str]) -> None:
+    """Keep only the RAVEL rows of ``methods``; an unknown method is a one-line error naming
+    the ones present."""
+    ravel = [t for t in tables if t.name in (RAVEL_EVAL, "ravel_over_seeds")]
+    present = sorted({str(r["method"]) for t in ravel for r in t.rows})
+    unknown = [m for m in methods if m not in present]
+    if unknown:
+        raise UserError(
+            f"--methods: no RAVEL results of {', '.join(unknown)} here; "
+            f"methods in these results: {', '.join(present) or 'none'}"
+        )
+    for t in ravel:
+        t.rows = [r for r in t.rows if str(r["method"]) in methods]
+
+
+def _remove_stale(out: Path, written: Sequence[Path]) -> list[str]:
+    """Remove the files an earlier run of the report wrote into ``out`` (its manifest) that
+    this run did not write again; record this run's files. Returns the names removed."""
+    manifest = out / MANIFEST
+    names = sorted({p.name for p in written if p.parent.resolve() == out.resolve()})
+    removed = []
+    try:
+        old = json.loads(manifest.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        old = []
+    for name in old if isinstance(old, list) else []:
+        stale = out / str(name)
+        if str(name) not in names and "/" not in str(name) and stale.is_file():
+            stale.unlink()
+            removed.append(str(name))
+    from saeravel.results import atomic_write_json
+
+    atomic_write_json(manifest, {"files": names})
+    return removed
+
+
+def build_report(
+    folder: str | Path,
+    out_dir: str | Path | None = None,
+    methods: Sequence[str] = (),
+    split_by: Sequence[str] = (),
+) -> Report:
     """Collect ``folder``'s results; write CSVs, ``report.md`` and figures to ``out_dir``
-    (default ``<folder>/report``); return the tables and the markdown text."""
+    (default ``<folder>/report``); return the tables and the markdown text. ``methods``: the
+    RAVEL methods shown (default all); ``split_by``: config keys whose values split the
+    tables and figures further than by model. No result under ``folder`` is a
+    :class:`~saeravel.errors.UserError`."""
     folder = Path(folder)
     out = Path(out_dir) if out_dir is not None else folder / "report"
     records, skipped = collect(folder)
+    if not records:
+        raise UserError(
+            f"no saeravel results under {folder} ({len(skipped)} unreadable or broken JSON "
+            "files); point the report at a run folder (outputs/) or a results index"
+        )
+    for rec in records:
+        rec.part = part_label(rec, split_by)
+    versions = version_note(records)
+    if versions:
+        log.warning(versions)
     tables = build_tables(records)
+    if methods:
+        _filter_methods(tables, methods)
     files: list[Path] = []
     parts = [f"# saeravel report: {folder}", "", f"{len(records)} result records."]
+    if versions:
+        parts += ["", f"Note: {versions}."]
     figs, l0_notes = l0_figures(tables, out)
     for table in tables:
         files.append(write_csv(table, out / f"{table.name}.csv"))
         parts += ["", f"## {table.name} ({len(table.rows)} rows)", ""]
         if table.about:
             parts += [table.about, ""]
-        parts += [to_markdown(table)]
+        parts += table_markdown(table)
         if table.notes:
-            parts += ["", *[f"- {n}" for n in table.notes]]
+            parts += [*[f"- {n}" for n in table.notes]]
         if table.name == RAVEL_EVAL and table.rows:
-            figs.update(ravel_figures(table, out))
+            ravel_recs = [r for r in records if has_ravel_metrics(r)]
+            figs.update(ravel_figures(table, ravel_recs, out))
     links = neuronpedia_table(r for r in records if has_ravel_metrics(r))
     if links.rows:
         files.append(write_csv(links, out / "neuronpedia.csv"))
@@ -765,31 +1181,54 @@ def build_report(folder: str | Path, out_dir: str | Path | None = None) -> Repor
         parts += neuronpedia_markdown(links)
         tables.append(links)
     files += list(figs)
+    if figs:
+        parts += ["", "## figures", "", *[f"- {p.name}" for p in figs]]
     if l0_notes:
         parts += ["", "## figures vs L0", "", *[f"- {n}" for n in l0_notes]]
     if skipped:
         parts += ["", "## skipped files", ""] + [f"- {p}: {why}" for p, why in skipped]
-    markdown = "\n".join(parts) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown)
     files.append(out / "report.md")
+    removed = _remove_stale(out, files)
+    if removed:
+        parts += [
+            "",
+            f"Removed {len(removed)} file(s) of an earlier report run: {', '.join(removed)}",
+        ]
+    markdown = "\n".join(parts) + "\n"
+    (out / "report.md").write_text(markdown)
     named = {p.name: f for p, f in figs.items()}
     return Report(tables=tables, skipped=skipped, files=files, markdown=markdown, figures=named)
 
 
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m saeravel.report <folder> [--out DIR]``."""
+    """CLI: ``python -m saeravel.report <folder> [--out DIR] [--methods A,B] [--split-by K]``;
+    a bad input is one line and exit code 2."""
     parser = argparse.ArgumentParser(
         prog="python -m saeravel.report",
         description="Collect saeravel result JSONs under a folder into CSV, markdown and figures.",
     )
     parser.add_argument("folder", help="folder searched recursively for result JSON files")
     parser.add_argument("--out", default=None, help="output folder (default: <folder>/report)")
+    parser.add_argument(
+        "--methods", type=_list, default=[],
+        help="RAVEL methods to show, comma-separated (e.g. sae,neurons,das); default: all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split-by", action="append", default=[], metavar="KEY",
+        help="config key (dotted, e.g. eval.protocol) whose values get their own tables and "
+        "figures, besides the model; repeatable",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
-        report = build_report(args.folder, args.out)
-    except FileNotFoundError as exc:
+        report = build_report(args.folder, args.out, args.methods, args.split_by)
+    except (FileNotFoundError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.markdown)

@@ -55,6 +55,7 @@ NON_RESULT_PATHS: dict[str, str] = {
     "force": "whether an existing result is recomputed",
     "reuse": "which stored results may be served instead of recomputing (the result is the same)",
     "log_level": "how much is logged",
+    "logger": "which experiment logger (none, wandb) records the job, not what it computes",
     "paths": "where caches, results and this job's folder live",
     "model.device": "interpolates `device`",
     "model.batch_size": "inference batch size of the model (forward passes only)",

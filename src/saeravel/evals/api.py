@@ -65,6 +65,10 @@ class TextSourceConfig(EvalConfig):
             raise UserError(f"eval.context_size must be >= 1 (got {self.context_size})")
 
 
+def no_log(metrics: dict[str, float], step: int | None = None) -> None:
+    """The default :attr:`EvalContext.log_metrics`: drop the values."""
+
+
 @dataclass
 class EvalContext:
     """Everything an eval's ``run`` receives besides its own config."""
@@ -80,6 +84,9 @@ class EvalContext:
     extra: dict[str, Any] = field(default_factory=dict)
     # This job's checkpoints (<results_dir>/<eval>/<hash>.ckpt/); a no-op store by default.
     checkpoint: CheckpointStore = field(default_factory=CheckpointStore.disabled)
+    # Live values during the job, ``log_metrics({"das/Country/loss": 2.1}, step)``: the job's
+    # experiment logger (saeravel.logger, logger=wandb) or a no-op.
+    log_metrics: Callable[[dict[str, float], int | None], None] = no_log
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.formats import from_apollo_state_dict
 from saeravel.saes.source import SAESource
 from saeravel.saes.util import few, first_line, layer_map, missing_layer
+from saeravel.wandb_auth import has_wandb_credentials, wandb_host
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,12 @@ class ApolloWandbSource(SAESource):
         return {}
 
     def _check_key(self) -> None:
-        if os.environ.get("WANDB_API_KEY"):
+        if has_wandb_credentials():
             return
         alt = _NO_KEY_ROUTES.get(self.family, "gpt2-small-res_sle-ajt")
         raise UserError(
             f"{self.family}: the SAE is read from wandb run {self.project}/{self.run_id()}, "
-            f"which needs WANDB_API_KEY even for public runs; set it, or use the same SAEs "
+            f"which needs WANDB_API_KEY (or `wandb login`) even for public runs; set it, or use the same SAEs "
             f"through sae_lens without a key: sae=sae_lens sae.release={alt} "
             "(gpt2-small-res_sle-ajt = e2e, gpt2-small-res_slefr-ajt = e2e+ds)"
         )
@@ -114,15 +114,13 @@ class ApolloWandbSource(SAESource):
         def check() -> list[Path]:
             ckpt = self.cached_checkpoint()
             if ckpt is None:
-                hint = (
-                    "" if os.environ.get("WANDB_API_KEY") else "; fetching it needs WANDB_API_KEY"
-                )
+                hint = "" if has_wandb_credentials() else "; fetching it needs WANDB_API_KEY"
                 raise UserError(f"not in the cache ({dest}){hint}")
             return [ckpt.parent]
 
         hosts = ()
-        if os.environ.get("WANDB_API_KEY"):  # without it, fetch fails at once with the route
-            hosts = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai",)
+        if has_wandb_credentials():  # without a key, fetch fails at once with the route
+            hosts = (wandb_host(),)  # the host the installed client talks to
         return [
             Need(
                 "apollo", run_path, f"wandb {run_path}", str(dest), check,

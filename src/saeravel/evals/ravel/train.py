@@ -71,6 +71,7 @@ def train_method(
     from saeravel.checkpoint import rng_state, set_rng_state
 
     cfg, ctx, bank, runner = job.cfg, job.ctx, job.bank, job.runner
+    log_live = getattr(ctx, "log_metrics", None)
     params = [p for p in method.parameters() if p.requires_grad]
     if not params:
         return []
@@ -161,6 +162,8 @@ def train_method(
             opt.step()
             epoch_loss += loss.item() * len(batch)
             step += 1
+            if log_live is not None:  # the job logger's live curve (wandb), a no-op by default
+                log_live({f"{desc}/loss": loss.item(), f"{desc}/temperature": t}, step)
             bar.update()
             if timer is not None and timer.due(step):
                 store.save(ckpt_name, {
