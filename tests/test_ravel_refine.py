@@ -163,7 +163,7 @@ def test_budget_verifies_the_top_ranked_flips_only_and_states_the_cost(caplog):
         info = refine_mask(_job(bank, refine_budget=4), method, pairs, "toy")
     assert (method.mask.param > 0).nonzero().flatten().tolist() == [0, 1]
     assert info["ranked"] and info["evaluations"] == 4 and info["flips"] == 4
-    assert info["candidates"] == 6 and info["budget"] == 4 and info["seconds"] >= 0
+    assert info["candidates"] == 6 and info["budget"] == 4
     assert "6 candidates listed, 4 verified exactly (budget 4" in caplog.text
     method = _wrong_mask()
     info = refine_mask(_job(bank, refine_budget=2), method, pairs, "toy")
