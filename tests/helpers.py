@@ -21,6 +21,16 @@ HOOK0 = "blocks.0.hook_resid_post"
 ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}
 """The tiny test model's architecture (2 layers, d_model 64) for ``tiny_lm.build_model``."""
 
+SMALL_CITY = [
+    "model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.d_mlp=256",
+    "model.local_layers=2", "model.n_cities=40", "model.attributes=[Country,Continent]",
+    "model.train_steps=250", "model.train_batch=32", "model.lr=3e-3", "model.default_layer=1",
+    "sae.steps=300", "sae.expansion=4", "sae.k=8", "sae.n_sequences=300",
+    "eval.epochs=3", "eval.max_pairs_per_split=80", "eval.max_entities=null",
+]  # fmt: skip
+"""Overrides of the default job for a 3-layer, d_model 64 model over 40 cities that learns
+Country and Continent in ~200 steps (with a small trained SAE and a short RAVEL eval)."""
+
 
 def identity_sae(
     *, d_sae: int = 2 * D, hook: str = HOOK0, normalize: str = "none", d: int = D
@@ -85,11 +95,15 @@ class CliRun:
 
 
 def run_cli(args: list[str], folder: Path) -> CliRun:
-    """``python run.py hydra.run.dir=<folder>/out *args`` in this process (the caller sets
-    $SAERAVEL_CACHE / $SAERAVEL_RESULTS, see conftest's ``cli`` fixture)."""
+    """``python run.py *args hydra.run.dir=<folder>/out`` in this process (the caller sets
+    $SAERAVEL_CACHE / $SAERAVEL_RESULTS, see conftest's ``cli`` fixture). The run folder goes
+    last (argparse takes no override after a flag such as ``-m`` otherwise) and only where
+    ``args`` set none."""
     from saeravel.cli import main
 
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args = [*args, f"hydra.run.dir={folder / 'out'}"]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([f"hydra.run.dir={folder / 'out'}", *args])
+        code = main(args)
     return CliRun(code, out.getvalue(), err.getvalue(), folder)

@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_ravel_eval import SMALL
 
 import saeravel.checkpoint as checkpoint_mod
 import saeravel.evals.ravel.train as ravel_mod
 from saeravel.checkpoint import CheckpointStore, SaveTimer, entry_name, rng_state, set_rng_state
 from saeravel.errors import UserError
 from saeravel.pipeline import run
+
+from helpers import SMALL_CITY
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 TEMPERATURE = ravel_mod.temperature  # the real one, whatever a test has patched in
@@ -162,7 +163,7 @@ def _cfg(tmp: Path, cache: Path, results: Path, extra: list[str]):
         return compose(
             config_name="config",
             overrides=[
-                *SMALL,
+                *SMALL_CITY,
                 f"paths.cache_dir={cache}",
                 f"paths.output_dir={tmp}",
                 f"paths.results_dir={results}",

@@ -131,6 +131,24 @@ def test_unwritable_results_dir(cli, tmp_path):
     assert "is not writable" in line and str(blocker) in line
 
 
+@pytest.mark.parametrize(
+    ("args", "which"),
+    [
+        (["hydra.run.dir={tmp}/file/out"], "hydra.run.dir"),
+        (["-m", "hydra.sweep.dir={tmp}/file/sweep", "layer=0,1"], "hydra.sweep.dir"),
+        (["paths.output_dir={tmp}/file/o"], "file/o"),
+    ],
+    ids=["run-dir", "sweep-dir", "output-dir"],
+)
+def test_unwritable_run_folder(cli, tmp_path, args, which):
+    """A run, sweep or output folder under a regular file: one line naming it, before any job
+    starts (a sweep's jobs never run)."""
+    (tmp_path / "file").write_text("")
+    line = cli(args).error_line()
+    assert "is not writable" in line and str(tmp_path / "file") in line and which in line, line
+    assert not (tmp_path / "results").exists()
+
+
 def test_calls_in_one_process_are_independent(cli, tmp_path):
     """Hydra's global state is cleared and the root logger put back after every call: the
     second run's pre-check still runs, and no handler of the first job is left behind."""

@@ -1,4 +1,4 @@
-"""Shared by the SAE source tests: tiny sae_lens SAEs, file writers and the entrypoint runner.
+"""Shared by the SAE source tests: tiny sae_lens SAEs and file writers.
 
 No network: sae_lens SAEs are built in-process, OpenAI and Apollo files are written to
 ``tmp_path`` in their real formats.
@@ -6,7 +6,6 @@ No network: sae_lens SAEs are built in-process, OpenAI and Apollo files are writ
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,30 +140,3 @@ def saved_sae_lens(folder: Path, **cfg: Any) -> Path:
 def custom(target: str, d_in: int = 128, kwargs: dict[str, Any] | None = None) -> CustomSource:
     node = {"_target_": target, **(kwargs or {})}
     return CustomSource("custom", 1, node, "blocks.1.hook_resid_post", d_in)
-
-
-def run_cli(args: list[str], tmp_path: Path, pythonpath: Path | None = None):
-    import os
-    import subprocess
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", WANDB_MODE="offline",
-               SAERAVEL_CACHE=str(tmp_path / "cache"), SAERAVEL_RESULTS=str(tmp_path / "res"))  # fmt: skip
-    env.pop("WANDB_API_KEY", None)
-    paths = [str(ROOT / "src"), *([str(pythonpath)] if pythonpath else [])]
-    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
-    # The cache is empty: had the embedded model been loaded, it would train for minutes
-    # and the timeout would fail the test, so a pass also shows the check came first.
-    return subprocess.run(
-        [sys.executable, "run.py", f"hydra.run.dir={tmp_path / 'out'}", "eval=core", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-
-
-def assert_one_line_error(proc: Any, tmp_path: Path, expected: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert 1 <= len(lines) <= 3, proc.stderr
-    assert expected in proc.stderr, proc.stderr
-    assert not (tmp_path / "out" / "result.json").exists()
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("model.pt"))

@@ -3,9 +3,6 @@ model choice still wins, and `--cfg job --resolve` prints the config."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,10 +30,7 @@ def test_embedded_default_unchanged():
         assert compose("config", overrides=["paths.output_dir=x"]).model.name == "tiny-city-lm"
 
 
-def test_cfg_job_resolve_prints_the_config():
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "--cfg", "job", "--resolve",
-                          "eval=ravel", "sae=apollo_e2e", "layer=5"],
-                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "name: gpt2-small" in out.stdout and "Traceback" not in out.stderr
+def test_cfg_job_resolve_prints_the_config(cli):
+    run = cli(["--cfg", "job", "--resolve", "eval=ravel", "sae=apollo_e2e", "layer=5"])
+    assert run.code == 0, run.err[-2000:]
+    assert "name: gpt2-small" in run.out and "Traceback" not in run.err

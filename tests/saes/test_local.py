@@ -15,12 +15,10 @@ from saes_helpers import (
     HOOK,
     K,
     assert_matches_sae_lens,
-    assert_one_line_error,
     custom,
     inputs,
     make_sae_lens,
     openai_state_dict,
-    run_cli,
     saved_sae_lens,
 )
 
@@ -240,20 +238,21 @@ CLI_FILE_CASES = [
 
 
 @pytest.mark.parametrize("case", CLI_FILE_CASES)
-def test_cli_bad_local_file(tmp_path: Path, case: str) -> None:
+def test_cli_bad_local_file(cli, tmp_path: Path, case: str) -> None:
     fmt, expected = BAD_FILES[case]
     path = bad_sae(tmp_path, case)
-    proc = run_cli(["sae=local", f"sae.path={path}", f"sae.format={fmt}"], tmp_path)
-    assert_one_line_error(proc, tmp_path, expected)
+    line = cli(["eval=core", "sae=local", f"sae.path={path}", f"sae.format={fmt}"]).error_line()
+    assert expected in line, line
 
 
-def test_cli_good_file_of_the_wrong_width_says_so(tmp_path: Path) -> None:
+def test_cli_good_file_of_the_wrong_width_says_so(cli, tmp_path: Path) -> None:
     """A valid OpenAI SAE of width 64 on the embedded model (d_model 128): the width, not the
     weight processing the SAE asks for (which the embedded model also lacks)."""
     torch.save(openai_state_dict("TopK"), tmp_path / "v5.pt")
-    args = ["sae=local", f"sae.path={tmp_path / 'v5.pt'}", "sae.hook_name=blocks.1.hook_resid_post"]
-    proc = run_cli(args, tmp_path)
-    assert_one_line_error(proc, tmp_path, "has d_in=64 but model tiny-city-lm has d_model=128")
+    args = ["eval=core", "sae=local", f"sae.path={tmp_path / 'v5.pt'}",
+            "sae.hook_name=blocks.1.hook_resid_post"]  # fmt: skip
+    line = cli(args).error_line()
+    assert "has d_in=64 but model tiny-city-lm has d_model=128" in line, line
 
 
 def test_known_width_is_checked_against_the_config(tmp_path: Path, bad_toy: Path) -> None:

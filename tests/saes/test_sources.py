@@ -7,12 +7,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from saes_helpers import (
-    BAD_TOY,
-    assert_one_line_error,
-    run_cli,
-    sae_yamls,
-)
+from saes_helpers import sae_yamls
 
 from saeravel.saes.apollo import ApolloWandbSource
 from saeravel.saes.custom import CustomSource
@@ -118,7 +113,10 @@ def test_known_d_in_defaults_to_unknown() -> None:
         (["model=gpt2-small", "sae=apollo_e2e", "layer=5"], "needs WANDB_API_KEY"),
     ],
 )  # fmt: skip
-def test_cli_bad_sae_config(tmp_path: Path, args: list[str], expected: str) -> None:
-    (tmp_path / "bad_toy_sae.py").write_text(BAD_TOY)
-    proc = run_cli(args, tmp_path, pythonpath=tmp_path)
-    assert_one_line_error(proc, tmp_path, expected)
+def test_cli_bad_sae_config(
+    cli, bad_toy: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], expected: str
+) -> None:
+    """In-process (``cli``); ``bad_toy`` puts the user's module bad_toy_sae on sys.path."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    line = cli(["eval=core", *args], WANDB_MODE="offline").error_line()
+    assert expected in line, line

@@ -27,6 +27,6 @@ Adding a featurizer: a member of ``config.RavelMethod`` (its name, the one place
 ``methods`` refuses to load when the two differ), one :class:`~.methods.Featurizer` subclass
 decorated with ``@featurizer`` in ``methods`` (its ``nn.Module`` in ``featurizers`` if new),
 its options as a sub-config in ``config`` (documented in ``conf/eval/ravel.yaml``), and its
-tests (the algebra in ``tests/test_ravel_featurizers.py``, a band in
-``tests/test_ravel_planted.py``).
+tests (the algebra in ``tests/evals/ravel/test_featurizers.py``, a band in
+``tests/evals/ravel/test_planted_bands.py``).
 """

@@ -12,7 +12,9 @@ import yaml
 
 from saeravel.evals.api import discover
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "eval"
+from helpers import ROOT
+
+CONF = ROOT / "conf" / "eval"
 NOT_COVERED: set[str] = set()
 # Defaults-list entries beyond the schema and _self_: RAVEL's training-recipe group.
 EXTRA_DEFAULTS = {"ravel": [{"recipe": "saeravel"}]}

@@ -12,23 +12,16 @@ from hydra import compose, initialize_config_dir
 from saeravel.errors import UserError
 from saeravel.pipeline import run
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from helpers import ROOT, SMALL_CITY
 
-# A 3-layer, d_model 64 model over 40 cities that learns Country and Continent in ~200 steps.
-SMALL = [
-    "model.n_layers=3", "model.d_model=64", "model.n_heads=4", "model.d_mlp=256",
-    "model.local_layers=2", "model.n_cities=40", "model.attributes=[Country,Continent]",
-    "model.train_steps=250", "model.train_batch=32", "model.lr=3e-3", "model.default_layer=1",
-    "sae.steps=300", "sae.expansion=4", "sae.k=8", "sae.n_sequences=300",
-    "eval.epochs=3", "eval.max_pairs_per_split=80", "eval.max_entities=null",
-]  # fmt: skip
+CONF = str(ROOT / "conf")
 
 
 def _cfg(tmp: Path, cache: Path, extra: list[str]):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         return compose(
             config_name="config",
-            overrides=SMALL
+            overrides=SMALL_CITY
             + [
                 f"paths.cache_dir={cache}",
                 f"paths.output_dir={tmp / 'out'}",

@@ -5,12 +5,13 @@ soft-caps (as Gemma-2), and on the planted model; one vector set or several stac
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import torch
 
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.prompts import Prompt, bos_id, few_shot_templates, tokenize_prompt
+
+from helpers import ROOT
 
 
 def _tiny_prompts(tiny_model) -> list[Prompt]:
@@ -93,7 +94,7 @@ def test_eval_scores_equal_with_and_without_caches(tmp_path):
 
     from saeravel.pipeline import run
 
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = str(ROOT / "conf")
     small = ["model=planted-city-lm", "model.basis=rotated", "sae=planted", "device=cpu",
              "model.n_entities=60", "model.n_country=10", "model.n_continent=4",
              "model.n_language=6", "model.id_dims=6", "model.d_model=48", "eval.epochs=2",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,9 +12,8 @@ from saeravel.models import LoadedModel
 from saeravel.probing import ProbeConfig
 from saeravel.saes.base import CustomSAE, SAEIdentity
 
-from helpers import ARCH, HOOK0, D, ctx_for, identity_sae
+from helpers import ARCH, HOOK0, ROOT, D, ctx_for, identity_sae
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTINENTS = ("Alpha", "Beta", "Gamma", "Delta")
 
 
@@ -183,7 +180,7 @@ def test_hf_dataset_that_cannot_be_loaded_is_a_one_line_error(planted, tmp_path,
 
 def test_saebench_rules_are_the_defaults_and_checked():
     """SAEBench's rules are the defaults; a misspelt one fails when the config is composed
-    (that the YAML equals the schema's defaults is tests/test_eval_yaml.py's check)."""
+    (that the YAML equals the schema's defaults is tests/evals/test_eval_yaml.py's check)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 

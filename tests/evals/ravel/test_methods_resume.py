@@ -16,7 +16,9 @@ import saeravel.evals.ravel.train as ravel_mod
 from saeravel.checkpoint import CheckpointStore
 from saeravel.pipeline import run
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from helpers import ROOT
+
+CONF = str(ROOT / "conf")
 SMALL = ["model=planted-city-lm", "model.basis=rotated", "sae=none", "device=cpu",
          "model.n_entities=120", "model.n_country=20", "model.n_continent=6",
          "model.n_language=10", "model.id_dims=6", "model.d_model=48",

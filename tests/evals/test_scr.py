@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +14,7 @@ from saeravel.models import LoadedModel
 from saeravel.probing import ProbeConfig, top_latents
 from saeravel.saes.base import SAE, SAEIdentity
 
-from helpers import ARCH, HOOK0, D, cell_world, ctx_for, identity_sae
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from helpers import ARCH, HOOK0, ROOT, D, cell_world, ctx_for, identity_sae
 
 # ----------------------------------------------------------------------------- units
 
@@ -259,7 +255,7 @@ def test_bad_input_is_a_one_line_user_error(planted, tmp_path):
 
 def test_saebench_rules_are_the_defaults_and_checked():
     """SAEBench's rules are the defaults; a misspelt one fails when the config is composed
-    (that the YAML equals the schema's defaults is tests/test_eval_yaml.py's check)."""
+    (that the YAML equals the schema's defaults is tests/evals/test_eval_yaml.py's check)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 

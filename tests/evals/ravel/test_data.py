@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,9 @@ from saeravel.evals.ravel.prompts import (
     tokenize_prompt,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "ravel"
+from helpers import ROOT
+
+SHARED = ROOT.parent / "shared" / "ravel"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/ravel not present")
 
 

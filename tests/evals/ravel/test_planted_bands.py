@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from saeravel.pipeline import run
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from helpers import ROOT
+
+CONF = str(ROOT / "conf")
 SMALL = ["model.n_entities=120", "model.n_country=20", "model.n_continent=6",
          "model.n_language=10", "model.id_dims=6", "model.d_model=48",
          "eval.max_pairs_per_split=200", "eval.max_entities=null", "eval.checkpoint_every_s=0"]  # fmt: skip
