@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ from saeravel.results import (
     strict_json,
 )
 
+from helpers import ROOT
+
 jsonschema = pytest.importorskip("jsonschema")
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = ROOT / "conf"
 WHEEL = "sae_bench-0.6.0-py3-none-any.whl"
 
 
@@ -43,7 +46,13 @@ WHEEL = "sae_bench-0.6.0-py3-none-any.whl"
 def schemas(request: pytest.FixtureRequest) -> dict[str, dict]:
     """eval_type_id -> SAEBench 0.6.0's JSON schema of its result file."""
     env = os.environ.get("SAERAVEL_CACHE")
-    folder = Path(env) / "sae-bench-wheel" if env else request.config.cache.mkdir("sae-bench-wheel")
+    cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    if env:
+        folder = Path(env) / "sae-bench-wheel"
+    elif cache is not None:
+        folder = cache.mkdir("sae-bench-wheel")
+    else:
+        folder = Path(tempfile.gettempdir()) / "saeravel-sae-bench-wheel"
     folder.mkdir(parents=True, exist_ok=True)
     wheel = folder / WHEEL
     if not wheel.exists():
