@@ -166,9 +166,11 @@ def test_report_collects_ravel_results_and_skips_foreign_files(
     with caplog.at_level(logging.WARNING, logger="saeravel.report"):
         rep = report.build_report(results_folder, tmp_path / "out")
     skipped = {p.relative_to(results_folder).as_posix() for p, _ in rep.skipped}
-    assert skipped == {"broken/result.json", "world.json", "list.json"}
+    assert skipped == {"broken/result.json"}  # a broken result is named in a warning ...
     for name in skipped:
         assert any(name in r.getMessage() for r in caplog.records), name
+    for name in ("world.json", "list.json"):  # ... JSON that is no result is ignored quietly
+        assert not any(name in r.getMessage() for r in caplog.records), name
 
     ravel, spread, core = rep.tables
     assert spread.name == "ravel_over_seeds" and all(r["n_seeds"] >= 1 for r in spread.rows)
@@ -200,11 +202,9 @@ def test_report_collects_ravel_results_and_skips_foreign_files(
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
     md = (out / "report.md").read_text()
     assert md == rep.markdown
-    assert (
-        "| model | sae | layer | method | attribute | seed | disentangle | cause | isolation | baseline |"
-        in md
-    )
-    assert "| tiny-city-lm | trained | 0 | sae | Country |  | 0.725 | 0.900 | 0.550 |" in md
+    assert "### ravel: tiny-city-lm (12 rows)" in md  # one table per model, named above it
+    assert "| sae | layer | method | attribute | disentangle | cause | isolation | baseline |" in md
+    assert "| trained | 0 | sae | Country | 0.725 | 0.900 | 0.550 | 0.500 |" in md
 
 
 def test_report_cli(results_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -216,10 +216,13 @@ def test_report_cli(results_folder: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 def test_report_of_a_folder_without_results(tmp_path: Path) -> None:
+    from saeravel.errors import UserError
+
     (tmp_path / "x.json").write_text("{}")
-    rep = report.build_report(tmp_path)
-    assert rep.tables == [] and len(rep.skipped) == 1
-    assert (tmp_path / "report" / "report.md").exists()
+    with pytest.raises(UserError, match="no saeravel results under") as err:
+        report.build_report(tmp_path)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "report" / "report.md").exists()
 
 
 # ----------------------------------------------------------------------------- launcher configs
