@@ -47,7 +47,7 @@ import torch
 
 from saeravel.errors import UserError
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.world import CityWorld
+from saeravel.world import RAVEL_SCHEMAS, CityWorld
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,42 @@ TEMPLATES = {
         "visitors to %s hear the language",
     ],
 }
+
+# Generic templates of a RAVEL entity type's attributes (model.entity_type other than city):
+# each ends with the attribute's query word (its name lowercased, spaces as "_").
+GENERIC_TEMPLATES = (
+    "%s is a thing with the {q}",
+    "%s belongs to the {q}",
+    "the home of %s is the {q}",
+    "visitors to %s see the {q}",
+)
+PLANTED_ENTITY_TYPES = tuple(RAVEL_SCHEMAS)
+
+
+def query_word(attribute: str) -> str:
+    """The word ending every template of ``attribute`` (what the readout's query reads)."""
+    return QUERY_WORD.get(attribute) or attribute.lower().replace(" ", "_")
+
+
+def planted_templates(attributes: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """Four templates per attribute: city's own (:data:`TEMPLATES`), else the generic ones."""
+    return {
+        a: list(TEMPLATES[a]) if a in TEMPLATES
+        else [t.format(q=query_word(a)) for t in GENERIC_TEMPLATES]
+        for a in attributes
+    }  # fmt: skip
+
+
+def schema_sizes(entity_type: str, max_values: int) -> dict[str, int]:
+    """A RAVEL type's attributes (in its order) with its value counts
+    (:data:`saeravel.world.RAVEL_SCHEMAS`, written from the data), each at most
+    ``max_values`` (the planted subspace needs one dim per value)."""
+    if entity_type not in RAVEL_SCHEMAS:
+        raise UserError(
+            f"unknown model.entity_type {entity_type!r}; valid: {', '.join(PLANTED_ENTITY_TYPES)}"
+        )
+    return {a: min(n, max_values) for a, n in RAVEL_SCHEMAS[entity_type].items()}
+
 
 _ONSETS = "b d f g k l m n p r s t v z br dr gr kl pl st tr vr".split()
 _VOWELS = "a e i o u".split()
@@ -124,15 +160,19 @@ def build_planted_world(
     seed: int,
 ) -> tuple[CityWorld, dict[str, list[str]], dict[str, dict[str, int]]]:
     """The nonce world, the value words per attribute (in code order) and each entity's
-    value indices. Values are drawn independently per entity; a fraction ``nesting`` of the
-    entities gets Continent = f(Country) for one fixed random f."""
+    value indices. The attributes are ``sizes``' keys, in order (city: Country, Continent,
+    Language). Values are drawn independently per entity; a fraction ``nesting`` of the
+    entities gets its second attribute (city: Continent) = f(first) for one fixed random f."""
     rng = random.Random(seed)
-    used = {w for ts in TEMPLATES.values() for t in ts for w in t.replace("%s", " ").split()}
+    attrs = list(sizes)
+    first, second = attrs[0], attrs[1]
+    temps_by_attr = planted_templates(attrs)
+    used = {w for ts in temps_by_attr.values() for t in ts for w in t.replace("%s", " ").split()}
     used |= {PREFIX_WORD, "."}
-    values = {a: nonce_words(sizes[a], rng, used, 2) for a in ATTRIBUTES}
+    values = {a: nonce_words(sizes[a], rng, used, 2) for a in attrs}
     names = nonce_words(n_entities, rng, used, 3)
     names = [f"{PREFIX_WORD} {w}" if i < n_two_token else w for i, w in enumerate(names)]
-    f = [rng.randrange(sizes["Continent"]) for _ in range(sizes["Country"])]
+    f = [rng.randrange(sizes[second]) for _ in range(sizes[first])]
     nested = set(rng.sample(range(n_entities), round(nesting * n_entities)))
     order = sorted(names)
     rng.shuffle(order)
@@ -141,7 +181,7 @@ def build_planted_world(
     # its own, so the attributes stay independent): a mask entry of a value no training pair
     # shows cannot be learnt, and would be scored as the method's failure. The rest is drawn.
     balanced = {}
-    for a in ATTRIBUTES:
+    for a in attrs:
         seq = [v % sizes[a] for v in range(n_tr)]
         rng.shuffle(seq)
         balanced[a] = seq
@@ -149,25 +189,25 @@ def build_planted_world(
     codes: dict[str, dict[str, int]] = {}
     for i, e in enumerate(names):
         if e in train_index:
-            c = {a: balanced[a][train_index[e]] for a in ATTRIBUTES}
+            c = {a: balanced[a][train_index[e]] for a in attrs}
         else:
-            c = {a: rng.randrange(sizes[a]) for a in ATTRIBUTES}
+            c = {a: rng.randrange(sizes[a]) for a in attrs}
         if i in nested:
-            c["Continent"] = f[c["Country"]]
+            c[second] = f[c[first]]
         codes[e] = c
     entity_split = {e: "train" for e in order[:n_tr]}
     entity_split.update({e: "val" for e in order[n_tr : n_tr + n_va]})
     entity_split.update({e: "test" for e in order[n_tr + n_va :]})
     template_split = {}
-    for temps in TEMPLATES.values():
+    for temps in temps_by_attr.values():
         for i, t in enumerate(temps):
             template_split[t] = "test" if i == len(temps) - 1 else ("val" if i == 2 else "train")
     world = CityWorld(
-        entities={e: {a: values[a][codes[e][a]] for a in ATTRIBUTES} for e in sorted(names)},
-        templates={a: list(t) for a, t in TEMPLATES.items()},
+        entities={e: {a: values[a][codes[e][a]] for a in attrs} for e in sorted(names)},
+        templates={a: list(t) for a, t in temps_by_attr.items()},
         template_split=template_split,
         entity_split=entity_split,
-        few_shot_prompts={a: TEMPLATES[a][0] for a in ATTRIBUTES},  # zero-shot
+        few_shot_prompts={a: temps_by_attr[a][0] for a in attrs},  # zero-shot
     )
     return world, values, codes
 
@@ -235,6 +275,11 @@ class PlantedTruth:
     dims: dict[str, int] = field(default_factory=dict)  # marker, bos, query_<A>
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The planted attributes (every block but the identity code), in block order."""
+        return tuple(b for b in self.blocks if b != IDENTITY)
+
     def block_basis(self, name: str) -> torch.Tensor:
         """Orthonormal columns [d_model, n] spanning block ``name`` at the site."""
         if name not in self.blocks:
@@ -249,7 +294,7 @@ class PlantedTruth:
     def representation(self, entity: str) -> torch.Tensor:
         """h(entity) [d_model]: the residual at the site at the entity's last token."""
         c = torch.zeros(self.d_model)
-        for a in ATTRIBUTES:
+        for a in self.attributes:
             c[self.blocks[a][self.codes[entity][a]]] = self.value_scale
         c[self.blocks[IDENTITY]] = self.identity_codes[entity]
         return self.marker + self.R @ c
@@ -258,7 +303,7 @@ class PlantedTruth:
         """The planted atoms [n_atoms, d_model] (unit norm) and their labels: one per value,
         +- one per identity coordinate."""
         rows, labels = [], []
-        for a in ATTRIBUTES:
+        for a in self.attributes:
             for j, col in enumerate(self.block_basis(a).T):
                 rows.append(col)
                 labels.append(f"{a}={self.values[a][j]}")
@@ -322,8 +367,8 @@ def build_readout_model(
     """The analytic HookedTransformer: no-op blocks, then the per-attribute readout block."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    d, n_heads = truth.d_model, len(ATTRIBUTES)
-    d_head = max(len(truth.blocks[a]) for a in ATTRIBUTES)
+    d, n_heads = truth.d_model, len(truth.attributes)
+    d_head = max(len(truth.blocks[a]) for a in truth.attributes)
     cfg = HookedTransformerConfig(
         n_layers=n_layers, d_model=d, n_heads=n_heads, d_head=d_head, d_vocab=len(tokenizer),
         n_ctx=n_ctx, attn_only=True, normalization_type=None, act_fn="relu",
@@ -338,11 +383,11 @@ def build_readout_model(
     W_E[tokenizer.bos_token_id, truth.dims["bos"]] = 1.0
     for e in world.entities:
         W_E[ids(e.split()[-1])] = truth.representation(e)
-    for a in ATTRIBUTES:
-        W_E[ids(QUERY_WORD[a]), truth.dims[f"query_{a}"]] = 1.0
+    for a in truth.attributes:
+        W_E[ids(query_word(a)), truth.dims[f"query_{a}"]] = 1.0
     L = n_layers - 1
     scale = d_head**0.5  # cancels the attention's 1/sqrt(d_head)
-    for h, a in enumerate(ATTRIBUTES):
+    for h, a in enumerate(truth.attributes):
         B = truth.block_basis(a)
         n = B.shape[1]
         sd[f"blocks.{L}.attn.W_Q"][h, truth.dims[f"query_{a}"], 0] = 2 * ATTENTION_GAP * scale
@@ -400,6 +445,8 @@ class PlantedModel:
         n_country: int = 40,
         n_continent: int = 6,
         n_language: int = 12,
+        entity_type: Any = "city",
+        max_values: int = 12,
         id_dims: int = 8,
         basis: Any = "aligned",
         nesting: float = 0.0,
@@ -420,18 +467,24 @@ class PlantedModel:
             raise UserError(f"unknown model.basis {basis!r}; valid: {', '.join(BASES)}")
         if dtype != "float32":
             raise UserError(f"model {name} is built in float32 only; got model.dtype={dtype}")
-        self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
-        for a, n in self.sizes.items():
-            if n < 2:
-                raise UserError(f"model.n_{a.lower()}={n}: an attribute needs >= 2 values")
+        entity_type = _value(entity_type)
+        if entity_type == "city":  # today's schema: the counts are model.n_*
+            self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
+            for a, n in self.sizes.items():
+                if n < 2:
+                    raise UserError(f"model.n_{a.lower()}={n}: an attribute needs >= 2 values")
+        else:
+            if max_values < 2:
+                raise UserError(f"model.max_values={max_values}: an attribute needs >= 2 values")
+            self.sizes = schema_sizes(entity_type, max_values)
         if id_dims < 0:
             raise UserError(f"model.id_dims={id_dims} must be >= 0")
         n_sub = sum(self.sizes.values()) + id_dims
-        need = n_sub + 2 + len(ATTRIBUTES)
+        need = n_sub + 2 + len(self.sizes)
         if d_model < need:
             raise UserError(
                 f"model.d_model={d_model} is too small for the planted world: it needs >= {need} "
-                f"({n_sub} planted dims + marker + BOS + {len(ATTRIBUTES)} query dims)"
+                f"({n_sub} planted dims + marker + BOS + {len(self.sizes)} query dims)"
             )
         if n_layers < 2:
             raise UserError(
@@ -464,6 +517,8 @@ class PlantedModel:
             "logit_scale": logit_scale, "split_fractions": fr, "world_seed": world_seed,
             "basis_seed": basis_seed, "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx,
         }  # fmt: skip
+        if entity_type != "city":  # city's key (and caches) stay as before the dial existed
+            self.cfg.update({"entity_type": entity_type, "max_values": max_values})
         self.device = resolve_device(device)
 
     def key(self) -> str:
@@ -484,7 +539,7 @@ class PlantedModel:
             blocks[b] = list(range(start, start + n))
             start += n
         dims = {"marker": start, "bos": start + 1}
-        dims.update({f"query_{a}": start + 2 + i for i, a in enumerate(ATTRIBUTES)})
+        dims.update({f"query_{a}": start + 2 + i for i, a in enumerate(self.sizes)})
         R = basis_matrix(c["basis"], blocks, self.d_model, c["basis_seed"])
         marker = torch.zeros(self.d_model)
         marker[dims["marker"]] = 1.0
@@ -525,5 +580,3 @@ class PlantedModel:
         }
         return LoadedModel(model=model, name=self.name, processing={}, world=world, info=info,
                            truth=truth)  # fmt: skip
-
-

@@ -6,7 +6,8 @@ Module map, lowest first (each imports only the ones above it; none imports this
 - ``verdict``: per-pair outcomes and paired differences between methods (a paired
   bootstrap over base entities).
 - ``prompts``: prompts with located entities, matching rules, base/source pairs.
-- ``data``: RAVEL's city files (download once, or ``eval.data_dir``).
+- ``data``: RAVEL's files of any of its five entity types (download once, or
+  ``eval.data_dir``), each type's attributes, the entity-type checks.
 - ``intervene``: the mask, neuron, SAE-mask and DAS interventions, the references, the
   fast forward (``SuffixRunner``).
 - ``decode``: greedy decoding with a patched entity through key/value caches.
