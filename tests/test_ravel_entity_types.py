@@ -181,3 +181,28 @@ def test_unknown_entity_type_is_refused_by_the_schema_and_the_loader():
 
     with pytest.raises(UserError, match="unknown model.entity_type 'animal'; valid: city"):
         PlantedModel("p", n_layers=2, d_model=80, default_layer=0, entity_type="animal").validate()
+
+
+def test_download_extracts_every_type_and_prefetch_names_the_type(tmp_path):
+    """The archive (a local file:// copy of data.tgz's layout) yields every type's files; the
+    prefetch need of a type looks for that type's files."""
+    import io
+    import tarfile
+
+    from saeravel.evals.ravel.data import ALL_FILES, download_ravel, offline_need
+
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as tar:
+        for name in ALL_FILES:
+            data = b"{}"
+            info = tarfile.TarInfo(f"data/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "data.tgz"
+    archive.write_bytes(blob.getvalue())
+    need = offline_need(tmp_path / "cache", "verb")
+    with pytest.raises(UserError, match="lacks 5 of 5 verb files"):
+        need.check()
+    dest = download_ravel(tmp_path / "cache", url=archive.as_uri(), entity_type="verb")
+    assert sorted(p.name for p in dest.iterdir()) == sorted(ALL_FILES)
+    assert need.check() == [dest]
