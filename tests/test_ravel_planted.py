@@ -165,3 +165,15 @@ def test_convergence_is_signed():
     rising = convergence([1.0, 1.009])
     assert rising["flattened"] is False and rising["rising"] is True
     assert convergence([1.0, 0.9])["flattened"] is False  # still falling
+
+
+@pytest.mark.parametrize("basis", ["aligned", "rotated"])
+def test_rlap_band(tmp_path, basis):
+    """RLAP (RAVEL's adversarial probe subspace, no interchange training) on the planted world:
+    the value's block is linearly readable, so the subspace a probe cannot read past holds it
+    and its swap transfers the value (never the oracle's 1.0 exactly: the relaxation is fit on
+    the training vectors only)."""
+    m = _run(tmp_path, basis, ["eval.method=rlap", "sae=none", "eval.protocol=ravel"])
+    dis = _dis(m, "rlap")
+    assert min(dis) >= 0.7, dis
+    assert min(dis) > max(_dis(m, "none")), dis

@@ -31,6 +31,7 @@ class RavelMethod(StrEnum):
     mdas = "mdas"
     sae_probe = "sae_probe"
     fixed = "fixed"
+    rlap = "rlap"
     all = "all"
 
 
@@ -185,6 +186,16 @@ class SAEProbeConfig:
 
 
 @dataclass
+class RLAPConfig:
+    """RLAP (RAVEL's linear adversarial probe, R-LACE): the rank-``rank`` subspace a linear
+    probe of the value cannot read past (null: the attribute's training values - 1)."""
+
+    rank: int | None = None
+    steps: int = 300
+    lr: float = 0.01  # the adversary classifier's Adam rate (the projection: plain gradient steps)
+
+
+@dataclass
 class FixedConfig:
     """A given basis: ``basis_file`` (torch tensor [k, d_model]) or the decoder directions of
     the SAE ``latents``; neither: the latents ``sae_probe`` picks for the attribute."""
@@ -234,6 +245,7 @@ class RavelEvalConfig(EvalConfig):
     mdas: MDASConfig = field(default_factory=MDASConfig)
     sae_probe: SAEProbeConfig = field(default_factory=SAEProbeConfig)
     fixed: FixedConfig = field(default_factory=FixedConfig)
+    rlap: RLAPConfig = field(default_factory=RLAPConfig)
     bootstrap: int = 1000
     confidence: float = 0.95
     report_top_latents: int = 32
@@ -304,6 +316,12 @@ def _check_methods(cfg: Any) -> None:
         raise UserError(
             f"eval.sae_probe.steps={cfg.sae_probe.steps} must be >= 1, lr={cfg.sae_probe.lr} > 0 "
             f"and l1={cfg.sae_probe.l1} >= 0"
+        )
+    rl = cfg.rlap
+    if (rl.rank is not None and rl.rank < 1) or rl.steps < 1 or not rl.lr > 0:
+        raise UserError(
+            f"eval.rlap.rank={rl.rank} must be >= 1 or null, steps={rl.steps} >= 1 and "
+            f"lr={rl.lr} > 0"
         )
     fx = cfg.fixed
     if fx.basis_file and fx.latents is not None:
