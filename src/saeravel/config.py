@@ -125,6 +125,10 @@ class PlantedModelConfig(ModelConfig):
     n_country: int = 40
     n_continent: int = 6
     n_language: int = 12
+    # the attribute schema: city (Country, Continent, Language; counts model.n_*) or another
+    # RAVEL type's attributes with its value counts, each at most max_values
+    entity_type: str = "city"
+    max_values: int = 12
     id_dims: int = 8
     basis: PlantedBasis = PlantedBasis.aligned
     nesting: float = 0.0

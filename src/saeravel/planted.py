@@ -70,7 +70,7 @@ import torch
 
 from saeravel.errors import UserError
 from saeravel.models import LoadedModel, resolve_device
-from saeravel.world import CityWorld
+from saeravel.world import RAVEL_SCHEMAS, CityWorld
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,42 @@ TEMPLATES = {
         "visitors to %s hear the language",
     ],
 }
+
+# Generic templates of a RAVEL entity type's attributes (model.entity_type other than city):
+# each ends with the attribute's query word (its name lowercased, spaces as "_").
+GENERIC_TEMPLATES = (
+    "%s is a thing with the {q}",
+    "%s belongs to the {q}",
+    "the home of %s is the {q}",
+    "visitors to %s see the {q}",
+)
+PLANTED_ENTITY_TYPES = tuple(RAVEL_SCHEMAS)
+
+
+def query_word(attribute: str) -> str:
+    """The word ending every template of ``attribute`` (what the readout's query reads)."""
+    return QUERY_WORD.get(attribute) or attribute.lower().replace(" ", "_")
+
+
+def planted_templates(attributes: list[str] | tuple[str, ...]) -> dict[str, list[str]]:
+    """Four templates per attribute: city's own (:data:`TEMPLATES`), else the generic ones."""
+    return {
+        a: list(TEMPLATES[a]) if a in TEMPLATES
+        else [t.format(q=query_word(a)) for t in GENERIC_TEMPLATES]
+        for a in attributes
+    }  # fmt: skip
+
+
+def schema_sizes(entity_type: str, max_values: int) -> dict[str, int]:
+    """A RAVEL type's attributes (in its order) with its value counts
+    (:data:`saeravel.world.RAVEL_SCHEMAS`, written from the data), each at most
+    ``max_values`` (the planted subspace needs one dim per value)."""
+    if entity_type not in RAVEL_SCHEMAS:
+        raise UserError(
+            f"unknown model.entity_type {entity_type!r}; valid: {', '.join(PLANTED_ENTITY_TYPES)}"
+        )
+    return {a: min(n, max_values) for a, n in RAVEL_SCHEMAS[entity_type].items()}
+
 
 _ONSETS = "b d f g k l m n p r s t v z br dr gr kl pl st tr vr".split()
 _VOWELS = "a e i o u".split()
@@ -151,15 +187,19 @@ def build_planted_world(
     seed: int,
 ) -> tuple[CityWorld, dict[str, list[str]], dict[str, dict[str, int]]]:
     """The nonce world, the value words per attribute (in code order) and each entity's
-    value indices. Values are drawn independently per entity; a fraction ``nesting`` of the
-    entities gets Continent = f(Country) for one fixed random f."""
+    value indices. The attributes are ``sizes``' keys, in order (city: Country, Continent,
+    Language). Values are drawn independently per entity; a fraction ``nesting`` of the
+    entities gets its second attribute (city: Continent) = f(first) for one fixed random f."""
     rng = random.Random(seed)
-    used = {w for ts in TEMPLATES.values() for t in ts for w in t.replace("%s", " ").split()}
+    attrs = list(sizes)
+    first, second = attrs[0], attrs[1]
+    temps_by_attr = planted_templates(attrs)
+    used = {w for ts in temps_by_attr.values() for t in ts for w in t.replace("%s", " ").split()}
     used |= {PREFIX_WORD, "."}
-    values = {a: nonce_words(sizes[a], rng, used, 2) for a in ATTRIBUTES}
+    values = {a: nonce_words(sizes[a], rng, used, 2) for a in attrs}
     names = nonce_words(n_entities, rng, used, 3)
     names = [f"{PREFIX_WORD} {w}" if i < n_two_token else w for i, w in enumerate(names)]
-    f = [rng.randrange(sizes["Continent"]) for _ in range(sizes["Country"])]
+    f = [rng.randrange(sizes[second]) for _ in range(sizes[first])]
     nested = set(rng.sample(range(n_entities), round(nesting * n_entities)))
     order = sorted(names)
     rng.shuffle(order)
@@ -168,7 +208,7 @@ def build_planted_world(
     # its own, so the attributes stay independent): a mask entry of a value no training pair
     # shows cannot be learnt, and would be scored as the method's failure. The rest is drawn.
     balanced = {}
-    for a in ATTRIBUTES:
+    for a in attrs:
         seq = [v % sizes[a] for v in range(n_tr)]
         rng.shuffle(seq)
         balanced[a] = seq
@@ -176,25 +216,25 @@ def build_planted_world(
     codes: dict[str, dict[str, int]] = {}
     for i, e in enumerate(names):
         if e in train_index:
-            c = {a: balanced[a][train_index[e]] for a in ATTRIBUTES}
+            c = {a: balanced[a][train_index[e]] for a in attrs}
         else:
-            c = {a: rng.randrange(sizes[a]) for a in ATTRIBUTES}
+            c = {a: rng.randrange(sizes[a]) for a in attrs}
         if i in nested:
-            c["Continent"] = f[c["Country"]]
+            c[second] = f[c[first]]
         codes[e] = c
     entity_split = {e: "train" for e in order[:n_tr]}
     entity_split.update({e: "val" for e in order[n_tr : n_tr + n_va]})
     entity_split.update({e: "test" for e in order[n_tr + n_va :]})
     template_split = {}
-    for temps in TEMPLATES.values():
+    for temps in temps_by_attr.values():
         for i, t in enumerate(temps):
             template_split[t] = "test" if i == len(temps) - 1 else ("val" if i == 2 else "train")
     world = CityWorld(
-        entities={e: {a: values[a][codes[e][a]] for a in ATTRIBUTES} for e in sorted(names)},
-        templates={a: list(t) for a, t in TEMPLATES.items()},
+        entities={e: {a: values[a][codes[e][a]] for a in attrs} for e in sorted(names)},
+        templates={a: list(t) for a, t in temps_by_attr.items()},
         template_split=template_split,
         entity_split=entity_split,
-        few_shot_prompts={a: TEMPLATES[a][0] for a in ATTRIBUTES},  # zero-shot
+        few_shot_prompts={a: temps_by_attr[a][0] for a in attrs},  # zero-shot
     )
     return world, values, codes
 
@@ -323,6 +363,11 @@ class PlantedTruth:
         readout's unembedding rows (times ``logit_scale``) and the exact SAE's decoder rows."""
         return self.code_matrix(attr) @ self.block_basis(attr).T
 
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The planted attributes (every block but the identity code), in block order."""
+        return tuple(b for b in self.blocks if b != IDENTITY)
+
     def block_basis(self, name: str) -> torch.Tensor:
         """Orthonormal columns [d_model, n] spanning block ``name`` (or the block holding
         attribute ``name``) at the site."""
@@ -339,7 +384,7 @@ class PlantedTruth:
     def representation(self, entity: str) -> torch.Tensor:
         """h(entity) [d_model]: the residual at the site at the entity's last token."""
         c = torch.zeros(self.d_model)
-        for a in ATTRIBUTES:
+        for a in self.attributes:
             c[self.blocks[self.block_of(a)]] += (
                 self.value_scale * self.code_matrix(a)[self.codes[entity][a]]
             )
@@ -350,7 +395,7 @@ class PlantedTruth:
         """The planted atoms [n_atoms, d_model] (unit norm) and their labels: one per value,
         +- one per identity coordinate."""
         rows, labels = [], []
-        for a in ATTRIBUTES:
+        for a in self.attributes:
             for j, row in enumerate(self.value_atoms(a)):
                 rows.append(row)
                 labels.append(f"{a}={self.values[a][j]}")
@@ -445,9 +490,9 @@ class PlantedTruth:
         also given per attribute of the world (``isolation_by_attribute``)."""
         ents = [e for e in sorted(self.codes) if self.entity_split.get(e) == split]
         H = torch.stack([self.representation(e) for e in ents])
-        idx = {a: torch.tensor([self.codes[e][a] for e in ents]) for a in ATTRIBUTES}
+        idx = {a: torch.tensor([self.codes[e][a] for e in ents]) for a in self.attributes}
         known = torch.ones(len(ents), dtype=torch.bool)
-        for a in ATTRIBUTES:
+        for a in self.attributes:
             known &= self.readout(a, H) == idx[a]
         H = H[known]
         idx = {a: v[known] for a, v in idx.items()}
@@ -463,7 +508,7 @@ class PlantedTruth:
             diff = idx[a][b] != idx[a][s]
             cause = float((self.readout(a, Hs) == idx[a][s])[diff].float().mean())
             by = {o: round(float((self.readout(o, Hs) == idx[o][b]).float().mean()), 4)
-                  for o in ATTRIBUTES if o != a}  # fmt: skip
+                  for o in self.attributes if o != a}  # fmt: skip
             iso = sum(by[o] for o in attributes if o != a) / max(1, len(attributes) - 1)
             out[a] = {"cause": round(cause, 4), "isolation": round(iso, 4),
                       "disentangle": round((cause + iso) / 2, 4), "isolation_by_attribute": by,
@@ -486,7 +531,7 @@ class PlantedTruth:
             "d_sae": int(dec.shape[0]),
             "per_block": {},
         }
-        for b in [*ATTRIBUTES, IDENTITY]:
+        for b in [*self.attributes, IDENTITY]:
             sel = torch.tensor([lab.startswith(b) for lab in labels])
             out["per_block"][b] = {"mean": float(best[sel].mean()), "min": float(best[sel].min())}
         return out
@@ -534,8 +579,8 @@ def build_readout_model(
     """The analytic HookedTransformer: no-op blocks, then the per-attribute readout block."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    d, n_heads = truth.d_model, len(ATTRIBUTES)
-    d_head = max(len(truth.blocks[truth.block_of(a)]) for a in ATTRIBUTES)
+    d, n_heads = truth.d_model, len(truth.attributes)
+    d_head = max(len(truth.blocks[truth.block_of(a)]) for a in truth.attributes)
     cfg = HookedTransformerConfig(
         n_layers=n_layers, d_model=d, n_heads=n_heads, d_head=d_head, d_vocab=len(tokenizer),
         n_ctx=n_ctx, attn_only=True, normalization_type=None, act_fn="relu",
@@ -550,11 +595,11 @@ def build_readout_model(
     W_E[tokenizer.bos_token_id, truth.dims["bos"]] = 1.0
     for e in world.entities:
         W_E[ids(e.split()[-1])] = truth.representation(e)
-    for a in ATTRIBUTES:
-        W_E[ids(QUERY_WORD[a]), truth.dims[f"query_{a}"]] = 1.0
+    for a in truth.attributes:
+        W_E[ids(query_word(a)), truth.dims[f"query_{a}"]] = 1.0
     L = n_layers - 1
     scale = d_head**0.5  # cancels the attention's 1/sqrt(d_head)
-    for h, a in enumerate(ATTRIBUTES):
+    for h, a in enumerate(truth.attributes):
         B = truth.block_basis(a)
         n = B.shape[1]
         sd[f"blocks.{L}.attn.W_Q"][h, truth.dims[f"query_{a}"], 0] = 2 * ATTENTION_GAP * scale
@@ -616,6 +661,8 @@ class PlantedModel:
         n_country: int = 40,
         n_continent: int = 6,
         n_language: int = 12,
+        entity_type: Any = "city",
+        max_values: int = 12,
         id_dims: int = 8,
         basis: Any = "aligned",
         nesting: float = 0.0,
@@ -648,10 +695,16 @@ class PlantedModel:
             )
         if dtype != "float32":
             raise UserError(f"model {name} is built in float32 only; got model.dtype={dtype}")
-        self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
-        for a, n in self.sizes.items():
-            if n < 2:
-                raise UserError(f"model.n_{a.lower()}={n}: an attribute needs >= 2 values")
+        entity_type = _value(entity_type)
+        if entity_type == "city":  # today's schema: the counts are model.n_*
+            self.sizes = {"Country": n_country, "Continent": n_continent, "Language": n_language}
+            for a, n in self.sizes.items():
+                if n < 2:
+                    raise UserError(f"model.n_{a.lower()}={n}: an attribute needs >= 2 values")
+        else:
+            if max_values < 2:
+                raise UserError(f"model.max_values={max_values}: an attribute needs >= 2 values")
+            self.sizes = schema_sizes(entity_type, max_values)
         if id_dims < 0:
             raise UserError(f"model.id_dims={id_dims} must be >= 0")
         n_sup = self.sizes["Country"] + self.sizes["Continent"]
@@ -663,11 +716,11 @@ class PlantedModel:
         n_sub = sum(self.sizes.values()) + id_dims
         if superposition:
             n_sub += superposition - n_sup
-        need = n_sub + 2 + len(ATTRIBUTES) + superposition  # + Continent's answer dims
+        need = n_sub + 2 + len(self.sizes) + superposition  # + Continent's answer dims
         if d_model < need:
             raise UserError(
                 f"model.d_model={d_model} is too small for the planted world: it needs >= {need} "
-                f"({n_sub} planted dims + marker + BOS + {len(ATTRIBUTES)} query dims"
+                f"({n_sub} planted dims + marker + BOS + {len(self.sizes)} query dims"
                 f"{f' + {superposition} answer dims' if superposition else ''})"
             )
         if n_layers < 2:
@@ -709,6 +762,8 @@ class PlantedModel:
             "world_seed": world_seed,
             "basis_seed": basis_seed, "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx,
         }  # fmt: skip
+        if entity_type != "city":  # city's key (and caches) stay as before the dial existed
+            self.cfg.update({"entity_type": entity_type, "max_values": max_values})
         self.device = resolve_device(device)
 
     def key(self) -> str:
@@ -731,9 +786,9 @@ class PlantedModel:
             blocks[b] = list(range(start, start + n))
             start += n
         dims = {"marker": start, "bos": start + 1}
-        dims.update({f"query_{a}": start + 2 + i for i, a in enumerate(ATTRIBUTES)})
+        dims.update({f"query_{a}": start + 2 + i for i, a in enumerate(self.sizes)})
         if sup:
-            dims["answer_Continent"] = start + 2 + len(ATTRIBUTES)
+            dims["answer_Continent"] = start + 2 + len(self.sizes)
         R = basis_matrix(c["basis"], blocks, self.d_model, c["basis_seed"])
         marker = torch.zeros(self.d_model)
         marker[dims["marker"]] = 1.0

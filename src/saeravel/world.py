@@ -16,6 +16,24 @@ from saeravel.errors import UserError
 
 ATTRIBUTES = ("Continent", "Country", "Language", "Latitude", "Longitude", "Timezone")
 
+# RAVEL's five entity types (Huang et al. 2024): each labelled attribute, in the order of the
+# type's ``attribute_to_prompts`` file, with its number of distinct non-empty values in the
+# type's ``entity_attributes`` file. Derived once from RAVEL's data.tgz (commit e421fc9) and
+# written here as data (tests/test_ravel_entity_types.py checks it against the files);
+# occupation's "Gender Bias" has templates but no labels, so it is not an attribute here.
+# The RAVEL loader (saeravel.evals.ravel.data) takes the names, the planted world
+# (saeravel.planted, model.entity_type) the names and counts.
+RAVEL_SCHEMAS: dict[str, dict[str, int]] = {
+    "city": {"Country": 158, "Continent": 6, "Latitude": 122, "Longitude": 317,
+             "Language": 171, "Timezone": 267},
+    "nobel_prize_winner": {"Field": 8, "Award Year": 121, "Birth Year": 144,
+                           "Country of Birth": 80, "Gender": 2},
+    "occupation": {"Duty": 650, "Industry": 280, "Work Location": 128},
+    "physical_object": {"Category": 4, "Color": 12, "Size": 4, "Texture": 2},
+    "verb": {"Definition": 965, "Singular": 986, "Past Tense": 986, "Pronunciation": 986},
+}  # fmt: skip
+ENTITY_TYPES = tuple(RAVEL_SCHEMAS)
+
 # ISO 639-1 code -> English name, for the primary language of each country we keep.
 LANGUAGE_NAMES = {
     "af": "Afrikaans", "am": "Amharic", "ar": "Arabic", "az": "Azerbaijani", "be": "Belarusian",
@@ -82,7 +100,10 @@ FEW_SHOT_TEMPLATE = {
 
 @dataclass
 class CityWorld:
-    """Entities, their attributes (RAVEL schema), templates and splits."""
+    """Entities, their attributes (RAVEL schema), templates and splits. Despite its name it
+    holds any entity type's world (RAVEL's five types, the planted world of any schema): the
+    ``entities`` map each entity to its attribute values, ``templates`` each attribute to its
+    prompts, in the type's attribute order (the first two are ``eval.attributes``' default)."""
 
     entities: dict[str, dict[str, str]]
     templates: dict[str, list[str]] = field(default_factory=lambda: dict(TEMPLATES))

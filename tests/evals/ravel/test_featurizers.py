@@ -181,3 +181,31 @@ def test_fixed_basis_ignores_float32_noise_directions():
     swap = ProjectorSwap.from_basis(P)
     assert swap.rank() == 3
     assert torch.allclose(swap.projector, P, atol=1e-5)
+
+
+def test_rlap_fantope_projection_and_subspace_recovery():
+    """R-LACE's Fantope projection (eigenvalues in [0, 1], trace = rank, symmetric), and the
+    adversarial subspace of a value carried in 3 rotated dims: it covers that span, and a
+    probe on what is left reads the value at about chance."""
+    from saeravel.evals.ravel.featurizers import fantope_projection, rlace_basis
+
+    g = torch.Generator().manual_seed(0)
+    P = fantope_projection(torch.randn(12, 12, generator=g), 3)
+    lam = torch.linalg.eigvalsh(P.double())
+    assert torch.allclose(P, P.T) and abs(float(lam.sum()) - 3) < 1e-4
+    assert float(lam.min()) >= -1e-6 and float(lam.max()) <= 1 + 1e-6
+    n, d = 200, 30
+    y = torch.randint(0, 4, (n,), generator=g)
+    other = torch.randint(0, 6, (n,), generator=g)
+    x = torch.zeros(n, d)
+    x[torch.arange(n), y] = 1.0
+    x[torch.arange(n), 4 + other] = 1.0
+    x[:, 10:] = 0.3 * torch.randn(n, 20, generator=g)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = x @ Q
+    span = Q[:4] - Q[:4].mean(0)  # the centred value atoms span 3 dims
+    proj = torch.linalg.pinv(span) @ span
+    basis, info = rlace_basis(x, [str(int(v)) for v in y], 3, steps=300)
+    assert torch.allclose(basis @ basis.T, torch.eye(3), atol=1e-4)
+    assert float(torch.linalg.norm(basis @ proj) ** 2 / 3) >= 0.9  # in the value's span
+    assert info["adversary_accuracy_after"] <= 0.4  # 4 values: chance 0.25

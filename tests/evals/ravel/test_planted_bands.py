@@ -227,3 +227,15 @@ def test_superposition_sae_within_003_of_the_ceiling(superposition):
     m = superposition
     for i in range(2):
         assert m["sae"][i] >= m["ceiling"][i] - 0.03, m
+
+
+@pytest.mark.parametrize("basis", ["aligned", "rotated"])
+def test_rlap_band(tmp_path, basis):
+    """RLAP (RAVEL's adversarial probe subspace, no interchange training) on the planted world:
+    the value's block is linearly readable, so the subspace a probe cannot read past holds it
+    and its swap transfers the value (never the oracle's 1.0 exactly: the relaxation is fit on
+    the training vectors only)."""
+    m = _run(tmp_path, basis, ["eval.method=rlap", "sae=none", "eval.protocol=ravel"])
+    dis = _dis(m, "rlap")
+    assert min(dis) >= 0.7, dis
+    assert min(dis) > max(_dis(m, "none")), dis

@@ -34,6 +34,7 @@ def test_registry_is_the_schema_list_in_order():
     assert {n: f.basis for n, f in FEATURIZERS.items()} == {
         "sae": "sae", "neurons": "identity", "das": "rotation", "pca": "pca",
         "boundless_das": "rotation", "mdas": "rotation", "sae_probe": "sae", "fixed": "given",
+        "rlap": "probe",
     }  # fmt: skip
 
 

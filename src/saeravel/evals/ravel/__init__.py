@@ -6,12 +6,13 @@ Module map, lowest first (each imports only the ones above it; none imports this
 - ``verdict``: per-pair outcomes and paired differences between methods (a paired
   bootstrap over base entities).
 - ``prompts``: prompts with located entities, matching rules, base/source pairs.
-- ``data``: RAVEL's city files (download once, or ``eval.data_dir``).
+- ``data``: RAVEL's files of any of its five entity types (download once, or
+  ``eval.data_dir``), each type's attributes, the entity-type checks.
 - ``intervene``: the mask, neuron, SAE-mask and DAS interventions, the references, the
   fast forward (``SuffixRunner``).
 - ``decode``: greedy decoding with a patched entity through key/value caches.
-- ``featurizers``: PCA, boundless DAS, multi-task DAS, SAE latent swap and probe ranking, the
-  one projector swap (the oracle and a given basis).
+- ``featurizers``: PCA, boundless DAS, multi-task DAS, SAE latent swap and probe ranking,
+  RLAP's adversarial subspace (R-LACE), the one projector swap (the oracle and a given basis).
 - ``config``: the schema (enums, ``RavelEvalConfig``, ``RavelMethod``: the method names) and
   the value checks that need no model.
 - ``pairs``: world, knowledge filter, pairs (held-out isolation pairs too), vector bank, SAE

@@ -12,6 +12,7 @@ from typing import Any
 
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig
+from saeravel.evals.ravel.data import default_attributes
 from saeravel.evals.ravel.prompts import MATCH_RULES
 from saeravel.schema import StrEnum
 
@@ -30,7 +31,18 @@ class RavelMethod(StrEnum):
     mdas = "mdas"
     sae_probe = "sae_probe"
     fixed = "fixed"
+    rlap = "rlap"
     all = "all"
+
+
+class EntityType(StrEnum):
+    """RAVEL's five entity types (``data.ATTRIBUTES_BY_TYPE`` names their attributes)."""
+
+    city = "city"
+    nobel_prize_winner = "nobel_prize_winner"
+    occupation = "occupation"
+    physical_object = "physical_object"
+    verb = "verb"
 
 
 class DataSource(StrEnum):
@@ -181,6 +193,16 @@ class SAEProbeConfig:
 
 
 @dataclass
+class RLAPConfig:
+    """RLAP (RAVEL's linear adversarial probe, R-LACE): the rank-``rank`` subspace a linear
+    probe of the value cannot read past (null: the attribute's training values - 1)."""
+
+    rank: int | None = None
+    steps: int = 300
+    lr: float = 0.01  # the adversary classifier's Adam rate (the projection: plain gradient steps)
+
+
+@dataclass
 class FixedConfig:
     """A given basis: ``basis_file`` (torch tensor [k, d_model]) or the decoder directions of
     the SAE ``latents``; neither: the latents ``sae_probe`` picks for the attribute."""
@@ -201,7 +223,10 @@ class RavelEvalConfig(EvalConfig):
     )
     protocol: RavelProtocol = RavelProtocol.saeravel
     method: RavelMethod = RavelMethod.all
-    attributes: list[str] = field(default_factory=lambda: ["Country", "Continent"])
+    # RAVEL's entity type read when the data is RAVEL's (not a model's own world)
+    entity_type: EntityType = EntityType.city
+    # null: the data's first two attributes (city: Country, Continent; data.ATTRIBUTES_BY_TYPE)
+    attributes: list[str] | None = None
     # Attributes scored for isolation only, never trained on ("held-out isolation"): null = every
     # attribute of the data not in eval.attributes, [] = none. One the model does not know (no
     # known prompt among the test entities) is skipped and named in the result.
@@ -227,6 +252,7 @@ class RavelEvalConfig(EvalConfig):
     mdas: MDASConfig = field(default_factory=MDASConfig)
     sae_probe: SAEProbeConfig = field(default_factory=SAEProbeConfig)
     fixed: FixedConfig = field(default_factory=FixedConfig)
+    rlap: RLAPConfig = field(default_factory=RLAPConfig)
     bootstrap: int = 1000
     confidence: float = 0.95
     report_top_latents: int = 32
@@ -251,7 +277,9 @@ def chosen_methods(cfg: Any) -> list[str]:
 
 def mdas_attributes(cfg: Any) -> list[str]:
     """The attributes multi-task DAS shares its rotation across (default: eval.attributes)."""
-    return list(cfg.mdas.attributes) if cfg.mdas.attributes is not None else list(cfg.attributes)
+    if cfg.mdas.attributes is not None:
+        return list(cfg.mdas.attributes)
+    return list(cfg.attributes or [])
 
 
 def _check_methods(cfg: Any) -> None:
@@ -273,15 +301,21 @@ def _check_methods(cfg: Any) -> None:
         )
     if RavelMethod.mdas in methods:
         attrs = mdas_attributes(cfg)
-        if len(attrs) < 2 or len(set(attrs)) != len(attrs):
+        # eval.attributes: null -> the entity type's first two (a model's own world may differ:
+        # name eval.attributes to combine it with eval.mdas.attributes)
+        trained = (
+            list(cfg.attributes) if cfg.attributes is not None
+            else default_attributes(str(cfg.entity_type))
+        )  # fmt: skip
+        if cfg.attributes is None and cfg.mdas.attributes is None:
+            pass  # both follow the data's default attributes (two of them)
+        elif len(attrs) < 2 or len(set(attrs)) != len(attrs):
             raise UserError(
                 f"eval.mdas.attributes={attrs} needs at least two distinct attributes (one "
                 "rotation shared across them); for one attribute use eval.method=das"
             )
-        if not set(attrs) <= set(cfg.attributes):
-            raise UserError(
-                f"eval.mdas.attributes={attrs} must be among eval.attributes={list(cfg.attributes)}"
-            )
+        elif not set(attrs) <= set(trained):
+            raise UserError(f"eval.mdas.attributes={attrs} must be among eval.attributes={trained}")
     counts = list(cfg.sae_probe.counts)
     if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
         raise UserError(f"eval.sae_probe.counts={counts} must be a non-empty list of integers >= 1")
@@ -289,6 +323,12 @@ def _check_methods(cfg: Any) -> None:
         raise UserError(
             f"eval.sae_probe.steps={cfg.sae_probe.steps} must be >= 1, lr={cfg.sae_probe.lr} > 0 "
             f"and l1={cfg.sae_probe.l1} >= 0"
+        )
+    rl = cfg.rlap
+    if (rl.rank is not None and rl.rank < 1) or rl.steps < 1 or not rl.lr > 0:
+        raise UserError(
+            f"eval.rlap.rank={rl.rank} must be >= 1 or null, steps={rl.steps} >= 1 and "
+            f"lr={rl.lr} > 0"
         )
     fx = cfg.fixed
     if fx.basis_file and fx.latents is not None:
@@ -319,16 +359,19 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
     choose("eval.mask.estimator", cfg.mask.estimator, ("soft", "straight_through"))
     choose("eval.das.mode", cfg.das.mode, ("mask", "fixed"))
     choose("eval.data_source", cfg.data_source, ("auto", "embedded", "ravel"))
+    choose("eval.entity_type", cfg.entity_type, [t.value for t in EntityType])
     choose("eval.optimizer", cfg.optimizer, ("adam", "adamw", "sgd"))
-    if len(cfg.attributes) < 2:
+    trained = list(cfg.attributes) if cfg.attributes is not None else None
+    if trained is not None and len(trained) < 2:
         raise UserError(
-            "eval.attributes needs at least two attributes (one intervened, one isolated)"
+            "eval.attributes needs at least two attributes (one intervened, one isolated), "
+            "or null (the data's first two)"
         )
-    if len(set(cfg.attributes)) != len(cfg.attributes):
-        raise UserError(f"eval.attributes={list(cfg.attributes)} repeats an attribute")
+    if trained is not None and len(set(trained)) != len(trained):
+        raise UserError(f"eval.attributes={trained} repeats an attribute")
     held = cfg.isolation_attributes
     if held is not None:
-        both = sorted(set(held) & set(cfg.attributes))
+        both = sorted(set(held) & set(trained or []))
         if both:
             raise UserError(
                 f"eval.isolation_attributes={list(held)} repeats {both} of eval.attributes; "

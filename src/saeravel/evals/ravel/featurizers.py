@@ -33,6 +33,13 @@ taken from the references (code read, not copied):
   SAE latents at the entity token (there: an L1 linear SVC telling the target attribute's
   prompts from the others', its coefficient sweep setting how many latents survive). Here:
   see :func:`rank_latents_by_probe`.
+* RLAP (RAVEL ``src/methods/linear_adversarial_probe.py``, R-LACE of Ravfogel et al. 2022): a
+  relaxed projection ``P`` (symmetric, eigenvalues in [0, 1], trace ``k``: the Fantope) is
+  trained adversarially against a linear classifier of the attribute's value on
+  ``x (I - P)``, the classifier minimising its cross-entropy, ``P`` maximising it and being
+  projected back onto the Fantope after every step; the concept subspace is the top ``k``
+  eigenvectors of ``P`` (RAVEL swaps that subspace, the row space of ``W`` in
+  ``I - W^T W``). See :func:`rlace_basis` for the differences.
 """
 
 from __future__ import annotations
@@ -327,6 +334,72 @@ def rank_latents_by_probe(
     ranked = [int(j) for j in order if score[j] > 0]
     return ranked, {"probe_train_accuracy": acc, "n_values": len(values), "n_examples": len(labels),
                     "n_live_latents": int(live.sum())}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- RLAP
+
+
+def fantope_projection(P: torch.Tensor, rank: int) -> torch.Tensor:
+    """The nearest point of the Fantope {0 <= eig <= 1, trace = rank} to symmetric ``P``: its
+    eigenvalues shifted by the ``theta`` (bisection) that makes the clipped ones sum to
+    ``rank``, R-LACE's projection."""
+    P = 0.5 * (P + P.T)
+    lam, U = torch.linalg.eigh(P.double())
+    lo, hi = float(lam.min()) - 1.0, float(lam.max())
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float((lam - mid).clamp(0, 1).sum()) > rank:
+            lo = mid
+        else:
+            hi = mid
+    lam_plus = (lam - 0.5 * (lo + hi)).clamp(0, 1)
+    return ((U * lam_plus) @ U.T).to(P.dtype)
+
+
+def rlace_basis(
+    x: torch.Tensor, labels: list[str], rank: int, steps: int = 300, lr: float = 0.01,
+    clf_steps: int = 5, seed: int = 0, p_lr: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
+    """RLAP's concept subspace [rank, d] (orthonormal rows) for ``labels`` from the vectors
+    ``x`` [n, d]: R-LACE's minimax game on the centred vectors, full batch, ``steps`` rounds of
+    ``clf_steps`` Adam steps of a multinomial logistic classifier on ``x (I - P)`` then one
+    gradient-ascent step on ``P`` and the Fantope projection; the top ``rank`` eigenvectors of
+    the final ``P``. Differences from RAVEL's: full-batch Adam for both players instead of
+    SGD minibatches, no early stop on the classifier's accuracy nearing the majority class,
+    and the final ``P`` is used (not the best of the run by the classifier's loss). ``P`` takes
+    plain gradient steps (``p_lr``; RAVEL's too, SGD): Adam's per-entry steps move a d x d
+    matrix too far for the Fantope projection to settle."""
+    gen = torch.Generator().manual_seed(seed)
+    values = sorted(set(labels))
+    y = torch.tensor([values.index(v) for v in labels])
+    z = x.float() - x.float().mean(0)
+    z = z / z.norm(dim=1).mean().clamp_min(1e-8)  # a scale-free step size
+    d = z.shape[1]
+    P = fantope_projection(torch.randn(d, d, generator=gen) * 1e-2, rank).requires_grad_(True)
+    w = (torch.randn(d, len(values), generator=gen) * 1e-2).requires_grad_(True)
+    b = torch.zeros(len(values), requires_grad=True)
+    opt_clf = torch.optim.Adam([w, b], lr=lr)
+    opt_p = torch.optim.SGD([P], lr=p_lr)
+    eye = torch.eye(d)
+    with torch.enable_grad():
+        for _ in range(steps):
+            for _ in range(clf_steps):
+                opt_clf.zero_grad()
+                loss = nn.functional.cross_entropy(z @ (eye - P.detach()) @ w + b, y)
+                loss.backward()
+                opt_clf.step()
+            opt_p.zero_grad()
+            adv = -nn.functional.cross_entropy(z @ (eye - P) @ w.detach() + b.detach(), y)
+            adv.backward()
+            opt_p.step()
+            with torch.no_grad():
+                P.copy_(fantope_projection(P, rank))
+    with torch.no_grad():
+        _, U = torch.linalg.eigh(0.5 * (P + P.T).double())
+        basis = U[:, -rank:].T.float()
+        acc = float(((z @ (eye - basis.T @ basis) @ w + b).argmax(1) == y).float().mean())
+    return basis, {"rank": rank, "n_values": len(values), "n_examples": len(labels),
+                   "adversary_accuracy_after": acc}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- given basis

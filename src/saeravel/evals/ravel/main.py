@@ -42,7 +42,10 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
     needs_sae=needs_sae,
     saebench="saeravel.saebench:ravel_metrics",
     validate=validate,
-    checks=("saeravel.evals.ravel.data:check_data_dir",),
+    checks=(
+        "saeravel.evals.ravel.data:check_entity_type",
+        "saeravel.evals.ravel.data:check_data_dir",
+    ),
     non_result_paths={
         "save_artifacts": "whether learned masks are also saved beside result.json",
         "checkpoint_every_s": "how often training state is saved for a resume (same result)",

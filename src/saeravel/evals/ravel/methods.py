@@ -24,6 +24,7 @@ from saeravel.evals.ravel.featurizers import (
     PCASwap,
     ProjectorSwap,
     rank_latents_by_probe,
+    rlace_basis,
     sae_latents,
 )
 from saeravel.evals.ravel.intervene import DAS, FixedIntervention, Intervention, NeuronMask, SAEMask
@@ -34,7 +35,7 @@ from saeravel.evals.ravel.train import _rates, first_token_eval, train_method
 
 log = logging.getLogger(__name__)
 
-BASES = ("identity", "sae", "rotation", "pca", "given")  # the space a featurizer swaps in
+BASES = ("identity", "sae", "rotation", "pca", "given", "probe")  # the space a featurizer swaps in
 SELECTIONS = ("learned_mask", "first_k", "boundary", "fixed_set")  # which of its dims it swaps
 
 
@@ -398,6 +399,31 @@ class FixedFeaturizer(Featurizer):
         method = ProjectorSwap.from_basis(basis).to(job.ctx.device)
         r, state = score_fitted(job, method, attr, [], f"fixed/{attr}")
         r["basis"] = {**source, "k": int(basis.shape[0]), "rank": method.rank()}
+        return _save(job, self.name, attr, {"score": r, "curve": [], "state": state})
+
+
+@featurizer
+class RLAPFeaturizer(Featurizer):
+    """``rlap``: RAVEL's linear adversarial probe baseline (R-LACE, Ravfogel et al. 2022; RAVEL
+    ``src/methods/linear_adversarial_probe.py``): the subspace an adversarially trained
+    projection removes so that no linear probe reads the attribute's value, fit on the training
+    vectors, swapped through its projector (eval.rlap); no interchange training."""
+
+    name, basis, selections = RavelMethod.rlap.value, "probe", ("first_k",)
+
+    def fit_and_score(self, job: RavelJob, attr: str) -> dict[str, Any]:
+        cfg, fit = job.cfg, job.fit
+        labels = [job.world.entities[p.entity][attr] for p in fit.prompts]
+        n_values = len(set(labels))
+        if n_values < 2:
+            return {"skipped": f"one value of {attr} among the training prompts"}
+        d = fit.vectors.shape[1]
+        rank = min(cfg.rlap.rank or n_values - 1, d - 1)
+        basis, info = rlace_basis(fit.vectors.float().cpu(), labels, rank, cfg.rlap.steps,
+                                  cfg.rlap.lr, seed=job.ctx.seed)  # fmt: skip
+        method = ProjectorSwap.from_basis(basis).to(job.ctx.device)
+        r, state = score_fitted(job, method, attr, [], f"rlap/{attr}")
+        r["rlap"] = info
         return _save(job, self.name, attr, {"score": r, "curve": [], "state": state})
 
 

@@ -19,7 +19,7 @@ import torch
 from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import UserError
-from saeravel.evals.ravel.data import download_ravel, load_ravel_city
+from saeravel.evals.ravel.data import download_ravel, load_ravel
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.featurizers import feature_scale, principal_components
 from saeravel.evals.ravel.intervene import SuffixRunner, resid_at
@@ -32,6 +32,7 @@ from saeravel.evals.ravel.prompts import (
     label_ids,
     make_pairs,
     matches,
+    rule_for,
     split_entities,
     tokenize_prompt,
 )
@@ -45,7 +46,8 @@ FILTER_FORMAT = 2  # knowledge-filter cache entries: {"format", "key", "n", "kno
 
 
 def load_world(cfg: Any, ctx: Any) -> CityWorld:
-    """The embedded world, or RAVEL's city files (``data_dir``, else downloaded)."""
+    """The embedded world, or RAVEL's files of ``eval.entity_type`` (``data_dir``, else
+    downloaded)."""
     if data_source(cfg.data_source, ctx.model, other="ravel") == "embedded":
         if cfg.data_dir is not None:
             raise UserError(
@@ -53,8 +55,17 @@ def load_world(cfg: Any, ctx: Any) -> CityWorld:
                 "world; set eval.data_source=ravel to evaluate on RAVEL's files instead"
             )
         return ctx.model.world
-    folder = cfg.data_dir or download_ravel(ctx.cache_dir)
-    return load_ravel_city(folder)
+    et = str(cfg.entity_type)
+    folder = cfg.data_dir or download_ravel(ctx.cache_dir, entity_type=et)
+    return load_ravel(folder, et)
+
+
+def resolve_attributes(cfg: Any, world: CityWorld) -> None:
+    """``eval.attributes: null`` becomes the world's first two attributes (RAVEL's type order:
+    city's Country, Continent; a model's own world: its template order), written into ``cfg``
+    so the result records them."""
+    if cfg.attributes is None:
+        cfg.attributes = list(world.templates)[:2]
 
 
 def generate(
@@ -76,7 +87,8 @@ def label_for(world: CityWorld, p: Prompt) -> str:
 
 
 def prompt_label_ids(model: Any, world: CityWorld, p: Prompt) -> list[int]:
-    return label_ids(model.tokenizer, p.template.replace("%s", p.entity), label_for(world, p))
+    text = p.template.replace("%s", p.entity)
+    return label_ids(model.tokenizer, text, label_for(world, p), p.attribute)
 
 
 def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) -> list[bool]:
@@ -119,7 +131,7 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
     )
     gens = generate(model.model, prompts, cfg.match_tokens, fast=cfg.fast)
     known = [
-        matches(g, prompt_label_ids(model.model, world, p), cfg.match)
+        matches(g, prompt_label_ids(model.model, world, p), rule_for(p.attribute, cfg.match))
         for g, p in zip(gens, prompts, strict=True)
     ]
     atomic_write_json(path, {"format": FILTER_FORMAT, "key": key, "n": len(known), "known": known})
@@ -441,6 +453,7 @@ class RavelJob:
         """Load the world, build the pairs, compute the vector bank and (``eval.fast``) the
         suffix runner's and decoder's caches."""
         world = load_world(cfg, ctx)
+        resolve_attributes(cfg, world)
         pairs, stats = build_pairs(cfg, ctx, world)
         model = ctx.model.model
         stats["prompt_bos"] = bos_id(model) is not None

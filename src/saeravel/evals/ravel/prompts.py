@@ -112,11 +112,41 @@ def pad(prompts: list[Prompt], pad_id: int, device: Any) -> tuple[torch.Tensor, 
 
 
 MATCH_RULES = ("first_token", "prefix")
+# Attributes whose first token says nothing (years, free text: every Definition starts "to"):
+# always matched with ``prefix``, RAVEL's rule (see ``data``'s docstring). Names only, so this
+# module needs nothing from ``data``.
+PREFIX_ONLY = ("Award Year", "Birth Year", "Definition", "Pronunciation")
+FREE_TEXT = ("Definition", "Pronunciation")
 
 
-def label_ids(tokenizer: Any, prompt_text: str, label: str) -> list[int]:
+def rule_for(attribute: str, rule: str) -> str:
+    """The matching rule a prompt asking ``attribute`` is scored with: ``rule``
+    (``eval.match``), or ``prefix`` for the year-valued and free-text attributes."""
+    return "prefix" if attribute in PREFIX_ONLY else rule
+
+
+def _trim_overlap(prompt_text: str, label: str) -> str:
+    """A free-text label without the words the prompt already ends with: ``... is to`` +
+    "to leave" -> "leave", ``... as /`` + "/x/" -> "x/" (the label when nothing overlaps)."""
+    tail = prompt_text.rstrip().rstrip('"').rstrip()
+    if tail.endswith("/") and label.startswith("/"):
+        return label[1:]
+    words = label.split(" ", 1)
+    if len(words) == 2 and tail.split()[-1:] == [words[0]]:
+        return words[1]
+    return label
+
+
+def label_ids(
+    tokenizer: Any, prompt_text: str, label: str, attribute: str | None = None
+) -> list[int]:
     """The label's token ids as the model would produce them after ``prompt_text`` (BPE: with
-    the leading space, so " Canada" is one token, not "Canada")."""
+    the leading space, so " Canada" is one token, not "Canada"); a free-text ``attribute``'s
+    label drops the words the prompt already ends with (:func:`_trim_overlap`)."""
+    if attribute in FREE_TEXT:
+        label = _trim_overlap(prompt_text, label)
+        pre = "" if prompt_text[-1:] in ('"', "/") or prompt_text[-1:].isspace() else " "
+        return list(tokenizer(pre + label, add_special_tokens=False)["input_ids"])
     return list(tokenizer(label_prefix(prompt_text) + label, add_special_tokens=False)["input_ids"])
 
 
@@ -149,7 +179,8 @@ def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str
             out[a] = PAPER_FEW_SHOT[a]
         else:
             raise UserError(
-                f"protocol saeravel has no 5-shot prompt for {a!r}; valid: Country, Continent"
+                f"protocol saeravel has no 5-shot prompt for {a!r} (valid: Country, Continent); "
+                "use eval.protocol=ravel (RAVEL's own templates)"
             )
     return out
 
@@ -199,10 +230,10 @@ def make_pairs(
     seen: set[tuple[int, int]] = set()
     ids: dict[tuple[str, str], list[int]] = {}
 
-    def lab_ids(template: str, entity: str, label: str) -> list[int]:
+    def lab_ids(template: str, entity: str, label: str, attribute: str) -> list[int]:
         key = (template.replace("%s", entity), label)
         if key not in ids:
-            ids[key] = label_ids(tokenizer, key[0], label)
+            ids[key] = label_ids(tokenizer, key[0], label, attribute)
         return ids[key]
 
     attempts = 0
@@ -220,8 +251,9 @@ def make_pairs(
         if kind == "cause" and known is not None and (b.template, s_ent) not in known:
             continue
         lab_b, lab_s = world.entities[b.entity][q], world.entities[s_ent][q]
-        ids_b, ids_s = lab_ids(b.template, b.entity, lab_b), lab_ids(b.template, b.entity, lab_s)
-        same = lab_b == lab_s or (rule is not None and matches(ids_b, ids_s, rule))
+        ids_b = lab_ids(b.template, b.entity, lab_b, q)
+        ids_s = lab_ids(b.template, b.entity, lab_s, q)
+        same = lab_b == lab_s or (rule is not None and matches(ids_b, ids_s, rule_for(q, rule)))
         if drop_same and same:
             continue
         seen.add((id(b), id(src)))

@@ -13,7 +13,7 @@ import torch
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.intervene import Intervention
 from saeravel.evals.ravel.pairs import RavelJob
-from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches
+from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches, rule_for
 from saeravel.evals.ravel.train import _rates, convergence, first_token_eval, refine_mask
 from saeravel.evals.ravel.verdict import encode
 
@@ -123,7 +123,10 @@ def scores(
     per_template: dict[str, list[int]] = {}
     chosen: list[bool] = []
     for rule in MATCH_RULES:
-        ok = [matches(g, q.target_tokens, rule) for g, q in zip(gens, pairs, strict=True)]
+        ok = [
+            matches(g, q.target_tokens, rule_for(q.base.attribute, rule))
+            for g, q in zip(gens, pairs, strict=True)
+        ]
         out[rule] = _rates(ok, pairs)
         if rule == cfg.match:
             chosen = ok
