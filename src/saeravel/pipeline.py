@@ -15,6 +15,7 @@ naming the failed jobs and a non-zero exit code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import errno
@@ -367,7 +368,8 @@ def _compute(
     record = build_record(
         eval_name=spec.name,
         eval_type_id=output.saebench_type_id or spec.saebench_type_id,
-        eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
+        eval_cfg=copy.deepcopy(resolved["eval"]),  # the job's config, as hashed (not what the
+        # eval filled in while running, e.g. RAVEL's default attributes: those are in its details)
         metrics=output.metrics,
         details=output.details,
         unstructured=output.unstructured,

@@ -707,7 +707,12 @@ class PlantedModel:
             self.sizes = schema_sizes(entity_type, max_values)
         if id_dims < 0:
             raise UserError(f"model.id_dims={id_dims} must be >= 0")
-        n_sup = self.sizes["Country"] + self.sizes["Continent"]
+        if (superposition or absorption) and entity_type != "city":
+            raise UserError(
+                f"model.superposition / model.absorption are dials of the city schema (Country, "
+                f"Continent); model.entity_type={entity_type} has neither"
+            )
+        n_sup = self.sizes["Country"] + self.sizes["Continent"] if superposition else 0
         if superposition and not 2 <= superposition < n_sup:
             raise UserError(
                 f"model.superposition={superposition} must be 0 (off) or in 2..{n_sup - 1}: "

@@ -62,8 +62,9 @@ def load_world(cfg: Any, ctx: Any) -> CityWorld:
 
 def resolve_attributes(cfg: Any, world: CityWorld) -> None:
     """``eval.attributes: null`` becomes the world's first two attributes (RAVEL's type order:
-    city's Country, Continent; a model's own world: its template order), written into ``cfg``
-    so the result records them."""
+    city's Country, Continent; a model's own world: its template order), set on the running
+    ``cfg`` (the record keeps the job's config as hashed; the attributes used are in
+    ``details.data.attributes``)."""
     if cfg.attributes is None:
         cfg.attributes = list(world.templates)[:2]
 
@@ -260,6 +261,7 @@ def build_pairs(
     for a in attrs:
         pairs[a]["test"] += heldout["pairs"][a]
     stats = {
+        "attributes": list(attrs),
         "n_prompts": len(prompts),
         "n_known_prompts": len(kept),
         "n_entities_known": len(kept_entities),
