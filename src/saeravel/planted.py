@@ -365,8 +365,9 @@ class PlantedTruth:
 
     @property
     def attributes(self) -> tuple[str, ...]:
-        """The planted attributes (every block but the identity code), in block order."""
-        return tuple(b for b in self.blocks if b != IDENTITY)
+        """The planted attributes, in the world's order (in superposition two of them share
+        one block, so they are not the blocks)."""
+        return tuple(self.values)
 
     def block_basis(self, name: str) -> torch.Tensor:
         """Orthonormal columns [d_model, n] spanning block ``name`` (or the block holding
