@@ -364,7 +364,9 @@ def _compute(
         checkpoint=checkpoint,
         log_metrics=job_logger.log_metrics,
     )
-    output: EvalOutput = spec.run(cfg.eval, ctx)
+    # the eval gets its own copy: what it fills in while running (RAVEL's default attributes)
+    # never changes the job's config, its hash or a later job built from the same config
+    output: EvalOutput = spec.run(copy.deepcopy(cfg.eval), ctx)
     record = build_record(
         eval_name=spec.name,
         eval_type_id=output.saebench_type_id or spec.saebench_type_id,
