@@ -289,7 +289,9 @@ def test_checkpoints_off_and_bad_intervals(
     run(_cfg(tmp_path / "job", cache, results, off))
     assert spy.calls[0][0] == 0  # started over
     # the result (and its SAEBench-named copy), no checkpoint folder
-    assert {p.suffix for p in results.glob("ravel/*")} == {".json"}
+    entries = list(results.glob("ravel/*"))  # the record and its SAEBench copy's folder only
+    assert {p.suffix for p in entries if p.is_file()} == {".json"}
+    assert not [p for p in entries if p.suffix == ".ckpt"]
     assert not list(results.glob("ravel/*.ckpt"))
     with pytest.raises(UserError, match=r"eval.checkpoint_every_s=-1.0 .* must be >= 0"):
         run(_cfg(tmp_path / "bad", cache, results, ["eval.method=neurons", "eval.checkpoint_every_s=-1", "force=true"]))  # fmt: skip
