@@ -575,7 +575,8 @@ def test_slurm_run_py_skips_finished_jobs(tmp_path: Path) -> None:
             millis=1,
         )
         rec["saeravel"]["job_hash"], rec["saeravel"]["config"] = jid, resolved  # this job's
-        atomic_write_json(tmp_path / "results" / "ravel" / f"{jid}.json", rec)
+        rec["eval_config"] = resolved["eval"]  # a stored record is served for its own config only
+        atomic_write_json(tmp_path / "results" / "ravel" / f"{jid}.json", seal(rec))  # re-sealed
     env = _slurm_env() | {"SAERAVEL_RESULTS": str(tmp_path / "results"), "HYDRA_FULL_ERROR": "1"}
     cmd = [
         *[sys.executable, str(REPO / "run.py"), "-m", "experiment=embedded_grid"],
@@ -587,7 +588,14 @@ def test_slurm_run_py_skips_finished_jobs(tmp_path: Path) -> None:
             "hydra.launcher.timeout_min=5",
         ],
     ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    try:
+        out = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+        )
+    finally:  # a timed-out sweep's jobs must not hold the cluster for the tests after this one
+        arrays = {p.name.split("_")[0] for p in (tmp_path / "submitit").glob("*_*")}
+        for array_id in arrays:
+            subprocess.run(["scancel", array_id], env=env, timeout=20)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
     assert logs.count("already complete") == len(jobs) == 6
@@ -642,7 +650,10 @@ def test_slurm_real_sweep_kill_rerun_requeue_and_continue(
         "TQDM_DISABLE": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    attrs = list(_compose(REAL_JOB).eval.attributes)
+    # eval.attributes: null means the world's first two (what the eval resolves at run time)
+    attrs = list(
+        _compose(REAL_JOB).eval.attributes or list(embedded_default_model.world.templates)[:2]
+    )
     hashes = {
         e: job_hash(OmegaConf.to_container(c, resolve=True))
         for e, c in zip(
