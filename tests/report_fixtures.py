@@ -48,7 +48,7 @@ def _scores(d: float, spread: float = 0.04) -> dict[str, Any]:
 
 def ravel_record(
     model: str, layer: int, family: str = "trained", seed: int = 0, extra: tuple = (),
-    verdict: bool = False, millis: int = 1,
+    verdict: bool = False, millis: int = 1, outcomes: dict[str, str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """A RAVEL record of ``model`` (a key of :data:`MODELS`) at ``layer``."""
     overrides = [*MODELS[model], f"layer={layer}", f"seed={seed}", *extra]
@@ -77,6 +77,11 @@ def ravel_record(
             "das - sae": {"disentangle": {"diff": 0.31, "ci": [0.25, 0.37]}},
             "neurons - sae": {"disentangle": {"diff": 0.06, "ci": [-0.01, 0.12]}},
             "das - neurons": {"disentangle": {"diff": 0.25, "ci": [0.2, 0.3]}},
+        } for a in ATTRS}  # fmt: skip
+    if outcomes is not None:  # per-pair outcomes: 10 entities x (2 cause, 2 isolation pairs)
+        details["outcomes"] = {a: {
+            "entity": [f"e{j}" for j in range(10) for _ in range(4)], "kind": "ccii" * 10,
+            "methods": {m: ok * 10 for m, ok in outcomes.items()},
         } for a in ATTRS}  # fmt: skip
     ident = {"family": family, "release": None, "sae_id": None, "path": f"/c/{family}-{layer}",
              "extra": {}, "neuronpedia_id": None}  # fmt: skip

@@ -529,3 +529,44 @@ def test_bad_folders_are_one_line_each(tmp_path: Path, capsys, caplog) -> None:
     versions = [r.getMessage() for r in caplog.records if "result versions" in r.getMessage()]
     assert len(versions) == 1 and "version 1: 1" in versions[0]
     assert "several result versions" in rep.markdown
+
+
+def test_the_verdict_is_pooled_over_seeds_with_each_runs_difference(tmp_path: Path) -> None:
+    """Three seeds of one job: SAE beats neurons on two (+0.5 disentangle each) and loses on
+    the third (-0.5); the pooled row says +0.167 with 2/3 runs and each run's difference, and
+    ``--methods`` drops the comparisons of methods not shown."""
+    from report_fixtures import ravel_record, write
+
+    neurons, das = "0011", "1111"  # per entity: cause, cause, isolation, isolation
+    for seed, sae in ((0, "1111"), (1, "1111"), (2, "0000")):
+        out = {"sae": sae, "neurons": neurons, "das": das}
+        write(tmp_path, f"s{seed}", ravel_record("tiny", 1, seed=seed, outcomes=out))
+    rep = report.build_report(tmp_path, tmp_path / "rep")
+    table = next(t for t in rep.tables if t.name == report.VERDICT_TABLE)
+    rows = {
+        (r["attribute"], r["comparison"]): r for r in table.rows if r["metric"] == "disentangle"
+    }
+    assert len(rows) == 2 * 3  # two attributes x (sae-neurons, sae-das, neurons-das)
+    sn = rows[("Country", "sae - neurons")]
+    assert sn["n_runs"] == 3 and sn["runs_a_better"] == "2/3"
+    assert sn["diff"] == pytest.approx((0.5 + 0.5 - 0.5) / 3)
+    assert sn["per_run"] == "+0.500 +0.500 -0.500"
+    assert sn["ci_lo"] <= sn["diff"] <= sn["ci_hi"]
+    nd = rows[("Country", "neurons - das")]
+    assert nd["diff"] == pytest.approx(-0.5) and nd["ci_lo"] == nd["ci_hi"] == pytest.approx(-0.5)
+    assert nd["runs_a_better"] == "0/3"
+    assert "### ravel_verdict: tiny-city-lm" in rep.markdown
+    assert "+0.167 [" in rep.markdown
+    assert max(len(h) for h in _md_tables(rep.markdown)) <= report.MAX_COLUMNS
+    assert (tmp_path / "rep" / "ravel_verdict.csv").exists()
+    shown = report.build_report(tmp_path, tmp_path / "rep2", methods=["sae", "neurons"])
+    table = next(t for t in shown.tables if t.name == report.VERDICT_TABLE)
+    assert {r["comparison"] for r in table.rows} == {"sae - neurons"}
+
+
+def test_results_without_outcomes_get_no_verdict_table(tmp_path: Path) -> None:
+    from report_fixtures import ravel_record, write
+
+    write(tmp_path, "a", ravel_record("tiny", 1))
+    rep = report.build_report(tmp_path)
+    assert report.VERDICT_TABLE not in {t.name for t in rep.tables}

@@ -8,7 +8,9 @@ of a sweep, or the job-hash index ``<results_dir>/<eval>/<hash>.json``), and wri
   isolation and the no-intervention baseline, every differing setting as its own column, the
   bootstrap intervals, the none / swap / SAE-reconstruction / oracle references, the kept
   entries and provenance; ``ravel_over_seeds.csv``: mean, std and n over the seeds of
-  otherwise identical jobs (:data:`SEED_KEYS`); ``<eval>.csv`` for every other eval (one row
+  otherwise identical jobs (:data:`SEED_KEYS`); ``ravel_verdict.csv``: SAE vs neurons vs DAS
+  as paired differences pooled over those seeds (eval and model seeds) from the stored per-pair
+  outcomes, each run's own difference beside the pool; ``<eval>.csv`` for every other eval (one row
   per job, every metric); ``neuronpedia.csv``: kept latents of SAEs with a Neuronpedia id;
 * ``report.md`` (printed too): per eval, one table per *part* (a model, or a model and each
   ``--split-by`` value), at most 12 columns. Settings that differ inside a part are summarised
@@ -588,6 +590,8 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
             columns = [*RAVEL_COLUMNS, *extra_cols, *RAVEL_DETAIL_COLUMNS, *PROVENANCE_COLUMNS]
             tables.append(Table(name, columns, rows, notes, list(settings), note))
             tables.append(seed_spread(rows, settings))
+            if (pooled := verdict_table(recs, settings)).rows:
+                tables.append(pooled)
             continue
         recs, notes = _newest_per_job(recs)
         rows = [row for r in recs for row in generic_rows(r, settings, seeds)]
@@ -599,6 +603,66 @@ def build_tables(records: Iterable[Record]) -> list[Table]:
         columns = [*keys, *headline_first(name, present), "sae_identity", *PROVENANCE_COLUMNS]
         tables.append(Table(name, columns, rows, notes, list(settings), note))
     return tables
+
+
+VERDICT_TABLE = "ravel_verdict"
+VERDICT_METRICS = ("disentangle", "isolation_heldout")
+
+
+def verdict_table(records: Sequence[Record], settings: Sequence[str] = ()) -> Table:
+    """The paper's comparisons (SAE vs neurons vs DAS) pooled over the seeds of otherwise
+    identical jobs: per part, SAE, layer, differing setting, attribute and comparison, the mean
+    paired difference over runs with an interval that resamples base entities within each run
+    (:func:`~saeravel.evals.ravel.verdict.pooled_difference`), each run's own difference, and
+    how many runs favour the first method. Jobs without stored per-pair outcomes are left
+    out (named in the notes)."""
+    from saeravel.evals.ravel.verdict import HEADLINE, pooled_difference
+
+    keys = ["part", "model", "sae", "layer", *settings]
+    cols = [*keys, "attribute", "comparison", "metric", "n_runs", "diff", "ci_lo", "ci_hi",
+            "runs_a_better", "per_run", "diff_ci"]  # fmt: skip
+    note = (
+        "paired differences pooled over the seeds of otherwise identical jobs: mean of the runs' "
+        "differences; 95% interval resampling base entities within each run (conditional on these "
+        "runs); runs_a_better = runs whose own difference favours the first method"
+    )
+    groups: dict[tuple, list[Record]] = {}
+    notes: list[str] = []
+    for rec in _newest_per_job(list(records))[0]:
+        details = rec.data.get("eval_result_details")
+        outcomes = details.get("outcomes") if isinstance(details, Mapping) else None
+        if not isinstance(outcomes, Mapping) or not outcomes:
+            notes.append(f"{rec.shown_path}: no per-pair outcomes (an older result); not pooled")
+            continue
+        cfg = rec.config
+        key = (rec.part or rec.model, rec.model, rec.sae, rec.layer,
+               *[json.dumps(cfg.get(k), sort_keys=True) for k in settings])  # fmt: skip
+        groups.setdefault(key, []).append(rec)
+    rows = []
+    for key, recs in groups.items():
+        attrs = [a for a in recs[0].attributes()
+                 if all(a in r.data["eval_result_details"]["outcomes"] for r in recs)]  # fmt: skip
+        for attr in attrs:
+            runs = [r.data["eval_result_details"]["outcomes"][attr] for r in recs]
+            for a, b in HEADLINE:
+                if not all(a in o["methods"] and b in o["methods"] for o in runs):
+                    continue
+                pooled = pooled_difference(runs, a, b)
+                for metric in VERDICT_METRICS:
+                    if metric not in pooled:
+                        continue
+                    r = pooled[metric]
+                    row = dict(zip(keys[:4], key[:4], strict=True))
+                    row.update({k: recs[0].config.get(k) for k in settings})
+                    row.update(
+                        attribute=attr, comparison=f"{a} - {b}", metric=metric,
+                        n_runs=len(runs), diff=r["diff"], ci_lo=r["ci"][0], ci_hi=r["ci"][1],
+                        runs_a_better=f"{r['runs_a_better']}/{len(runs)}",
+                        per_run=" ".join(f"{x:+.3f}" for x in r["per_run"]),
+                        diff_ci=f"{r['diff']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]",
+                    )  # fmt: skip
+                    rows.append(row)
+    return Table(VERDICT_TABLE, cols, rows, notes, list(settings), note)
 
 
 # ----------------------------------------------------------------------------- output
@@ -752,6 +816,9 @@ def _markdown_columns(table: Table, var: Variants, rows: list[dict[str, Any]]) -
     if table.name == RAVEL_EVAL:
         cols = ["sae", "layer", "method", "attribute", *var_col, *(["seed"] if seeds else []),
                 *SCORES, "baseline"]  # fmt: skip
+    elif table.name == VERDICT_TABLE:
+        cols = ["sae", "layer", "attribute", *var_col, "comparison", "metric", "n_runs",
+                "diff_ci", "runs_a_better", "per_run"]  # fmt: skip
     elif table.name == "ravel_over_seeds":
         cols = ["sae", "layer", "method", "attribute", *var_col, "n_seeds", "disentangle_mean",
                 "disentangle_std", "cause_mean", "isolation_mean", "baseline_mean"]  # fmt: skip
@@ -780,7 +847,7 @@ def table_markdown(table: Table) -> list[str]:
             rows_shown = rows
         line = var.caption()
         hidden = [c for c in table.columns if c not in cols and c not in HIDDEN_COLUMNS]
-        if table.name not in (RAVEL_EVAL, "ravel_over_seeds") and hidden:
+        if table.name not in (RAVEL_EVAL, "ravel_over_seeds", VERDICT_TABLE) and hidden:
             line += ("; " if line else "") + f"{len(hidden)} more columns in {table.name}.csv"
         out += header + ([line, ""] if line else []) + [to_markdown(table, cols, rows_shown), ""]
     return out
@@ -1108,6 +1175,9 @@ def _filter_methods(tables: list[Table], methods: Sequence[str]) -> None:
         )
     for t in ravel:
         t.rows = [r for r in t.rows if str(r["method"]) in methods]
+    for t in tables:
+        if t.name == VERDICT_TABLE:
+            t.rows = [r for r in t.rows if all(m in methods for m in r["comparison"].split(" - "))]
 
 
 def _remove_stale(out: Path, written: Sequence[Path]) -> list[str]:

@@ -67,3 +67,21 @@ def test_verdict_covers_every_pair_of_methods_and_misaligned_input_is_refused():
     assert verdict_line("sae - neurons", "Country", v["sae - neurons"]).endswith("*")
     with pytest.raises(ValueError, match="aligned"):
         paired_difference("1", "10", "cc", ["a", "a"])
+
+
+def test_pooling_one_run_is_that_run_and_a_missing_method_is_refused():
+    from saeravel.evals.ravel.verdict import pooled_difference
+
+    ents = [f"e{j}" for j in range(12) for _ in range(2)]
+    out = {"entity": ents, "kind": "ci" * 12,
+           "methods": {"a": "10" * 6 + "11" * 6, "b": "01" * 12}}  # fmt: skip
+    one = pooled_difference([out], "a", "b", n_boot=200)
+    alone = paired_difference(out["methods"]["a"], out["methods"]["b"], out["kind"], ents, 200)
+    assert one["disentangle"]["diff"] == pytest.approx(alone["disentangle"]["diff"])
+    assert one["disentangle"]["per_run"] == [pytest.approx(alone["disentangle"]["diff"])]
+    two = pooled_difference([out, out], "a", "b", n_boot=200)
+    w1 = one["disentangle"]["ci"][1] - one["disentangle"]["ci"][0]
+    w2 = two["disentangle"]["ci"][1] - two["disentangle"]["ci"][0]
+    assert w2 < w1  # two independent resamples average: a narrower interval
+    with pytest.raises(ValueError, match="no outcomes for 'a' and 'c'"):
+        pooled_difference([out], "a", "c")

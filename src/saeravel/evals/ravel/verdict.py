@@ -8,7 +8,8 @@ isolation on a trained attribute, ``h`` isolation on a held-out attribute). From
 :func:`paired_difference` gives the difference between two methods in cause, isolation and
 disentangle with a percentile interval from resampling BASE ENTITIES with replacement (the
 same resample for both methods: a paired bootstrap; pairs of one entity are not
-independent, as in :func:`bootstrap_ci`).
+independent, as in :func:`bootstrap_ci`). :func:`pooled_difference` pools one comparison over
+repeated runs (eval seeds, model seeds), as the report's ``ravel_verdict`` table does.
 
 Differences from the references: RAVEL and SAEBench report each method's score alone; the
 comparison between two methods (and its interval) is this project's own, the analysis a
@@ -52,6 +53,39 @@ def _counts(ok: np.ndarray, kinds: str, entities: list[str], index: dict[str, in
     return counts
 
 
+def _paired_draws(
+    ok_a: str, ok_b: str, kinds: str, entities: list[str], n_boot: int, gen: np.random.Generator
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Point difference A - B per rate and ``n_boot`` paired bootstrap draws of it (base
+    entities resampled with replacement, the same resample for A and B)."""
+    if not (len(ok_a) == len(ok_b) == len(kinds) == len(entities)):
+        raise ValueError("paired outcomes must be aligned: one per test pair")
+    ents = sorted(set(entities))
+    index = {e: j for j, e in enumerate(ents)}
+    ca = _counts(decode(ok_a), kinds, entities, index)
+    cb = _counts(decode(ok_b), kinds, entities, index)
+    point_a, point_b = _rates(ca.sum(0)), _rates(cb.sum(0))
+    w = gen.multinomial(len(ents), np.full(len(ents), 1 / len(ents)), size=n_boot)
+    boot_a, boot_b = _rates(w @ ca), _rates(w @ cb)
+    point = {m: float(point_a[m] - point_b[m]) for m in point_a}
+    return point, {m: boot_a[m] - boot_b[m] for m in boot_a}
+
+
+METRICS = ("cause", "isolation", "disentangle", "isolation_heldout")
+
+
+def _summarise(diff: float, draws: np.ndarray, confidence: float) -> dict[str, Any] | None:
+    d = draws[np.isfinite(draws)]
+    if not np.isfinite(diff) or not len(d):
+        return None
+    lo, hi = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
+    return {
+        "diff": diff,
+        "ci": [float(np.percentile(d, lo)), float(np.percentile(d, hi))],
+        "p_a_better": float((d > 0).mean()),
+    }
+
+
 def paired_difference(
     ok_a: str, ok_b: str, kinds: str, entities: list[str], n_boot: int = 1000,
     confidence: float = 0.95, seed: int = 0,
@@ -60,30 +94,46 @@ def paired_difference(
     Returns ``{metric: {"diff": float, "ci": [lo, hi], "p_a_better": float}}`` for cause,
     isolation, disentangle and (when held-out pairs exist) isolation_heldout; ``p_a_better``
     is the bootstrap share of resamples where A's rate exceeds B's."""
-    if not (len(ok_a) == len(ok_b) == len(kinds) == len(entities)):
-        raise ValueError("paired outcomes must be aligned: one per test pair")
-    ents = sorted(set(entities))
-    index = {e: j for j, e in enumerate(ents)}
-    ca = _counts(decode(ok_a), kinds, entities, index)
-    cb = _counts(decode(ok_b), kinds, entities, index)
-    point_a, point_b = _rates(ca.sum(0)), _rates(cb.sum(0))
-    gen = np.random.default_rng(seed)
-    w = gen.multinomial(len(ents), np.full(len(ents), 1 / len(ents)), size=n_boot)
-    boot_a, boot_b = _rates(w @ ca), _rates(w @ cb)
-    lo, hi = (1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100
+    point, draws = _paired_draws(ok_a, ok_b, kinds, entities, n_boot, np.random.default_rng(seed))
     out: dict[str, dict[str, Any]] = {}
-    for m in ("cause", "isolation", "disentangle", "isolation_heldout"):
-        d = boot_a[m] - boot_b[m]
-        d = d[np.isfinite(d)]
-        diff = float(point_a[m] - point_b[m])
-        if not np.isfinite(diff) or not len(d):
-            continue
-        out[m] = {
-            "diff": diff,
-            "ci": [float(np.percentile(d, lo)), float(np.percentile(d, hi))],
-            "p_a_better": float((d > 0).mean()),
-        }
+    for m in METRICS:
+        if (r := _summarise(point[m], draws[m], confidence)) is not None:
+            out[m] = r
     return out
+
+
+def pooled_difference(
+    runs: list[dict[str, Any]], a: str, b: str, n_boot: int = 1000, confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """A - B pooled over repeated runs of one experiment (eval seeds, model seeds): each run's
+    ``outcomes`` (as stored in ``details.outcomes[attribute]``) holds both methods. The pooled
+    difference is the mean of the runs' differences, each run weighted equally; its interval
+    resamples base entities within every run independently and averages the runs' draws, so it
+    is conditional on these runs (these models). ``per_run`` lists each run's own difference and
+    ``runs_a_better`` how many are above 0: with few model seeds, read the spread there too."""
+    gen = np.random.default_rng(seed)
+    points, draws = [], []
+    for out in runs:
+        have = out["methods"]
+        if a not in have or b not in have:
+            raise ValueError(f"a run has no outcomes for {a!r} and {b!r} (it has {sorted(have)})")
+        p, d = _paired_draws(have[a], have[b], out["kind"], out["entity"], n_boot, gen)
+        points.append(p)
+        draws.append(d)
+    if not runs:
+        raise ValueError("no runs to pool")
+    result: dict[str, dict[str, Any]] = {}
+    for m in METRICS:
+        per_run = [p[m] for p in points]
+        if not all(np.isfinite(per_run)):
+            continue
+        r = _summarise(float(np.mean(per_run)), np.mean([d[m] for d in draws], axis=0), confidence)
+        if r is not None:
+            r["per_run"] = [float(x) for x in per_run]
+            r["runs_a_better"] = int(sum(x > 0 for x in per_run))
+            result[m] = r
+    return result
 
 
 def verdict(
