@@ -1,59 +1,43 @@
-"""Print the README's RAVEL tables from the result files of a sweep, so the README's numbers
-are what the code computes (rerun `scripts/readme_numbers.sh`, then this, and paste).
+"""Print the README's RAVEL tables from result files, so the README's numbers are what the
+code computes (``scripts/readme_numbers.sh`` runs the jobs, then this; paste its output).
 
     python scripts/readme_tables.py DIR [DIR ...]
 
-Every ``result.json`` of ``eval=ravel`` under the folders is read; jobs are grouped by
-everything in their resolved config except the seed keys (``seed``, ``model.train_seed``), so
-one table row is mean +- std over the seeds of otherwise identical jobs. A group whose jobs
-differ in anything else is a separate table (its differing settings printed above it).
+Every ``eval=ravel`` record under the folders is read with :mod:`saeravel.report` (the
+report's own reader: newest record per job, seeds as the report defines them). Records are
+grouped as the report groups them: by model, SAE, layer and every differing setting; inside a
+group only the seed keys vary. For each group it prints:
+
+* per attribute, one row per method: disentangle on held-out entities for every run (a
+  column per (model seed, eval seed)), then the mean +- std over runs, then the mean held-out
+  isolation and ``disentangle_all`` (cause averaged with isolation on every other attribute);
+* the paper's comparisons (SAE vs neurons vs DAS): each run's paired difference in
+  disentangle and held-out isolation with its 95% interval, then the report's pooled
+  difference (:func:`saeravel.report.verdict_table`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-SEED_KEYS = ("seed", "model.train_seed")
-REFERENCES = ("none", "swap", "sae_recon", "oracle")
+from saeravel import report
+from saeravel.evals.ravel.verdict import HEADLINE
+
+METHOD_ORDER = ("none", "sae", "neurons", "das", "mdas", "boundless_das", "pca", "rlap",
+                "sae_probe", "fixed", "oracle")  # fmt: skip
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: json.dumps(d) if isinstance(d, list) else d}
-
-
-def load(folders: list[Path]) -> list[dict[str, Any]]:
-    recs = []
-    for folder in folders:
-        for path in sorted(folder.rglob("result.json")):
-            try:
-                rec = json.loads(path.read_text())
-            except (OSError, ValueError):
-                print(f"skipping {path}: not JSON", file=sys.stderr)
-                continue
-            if rec.get("eval_type_id") == "ravel":
-                recs.append(rec)
-    return recs
-
-
-def _group_key(rec: dict[str, Any]) -> tuple:
-    cfg = _flat(rec["saeravel"]["config"])
-    drop = ("paths.", "hydra", "device", "force", "log_level")
-    return tuple(sorted((k, str(v)) for k, v in cfg.items()
-                        if k not in SEED_KEYS and not k.startswith(drop) and "cache_dir" not in k))  # fmt: skip
+def _run_label(rec: report.Record) -> str:
+    cfg = rec.config
+    return f"m{cfg.get('model.train_seed', '-')}/e{cfg.get('seed', '-')}"
 
 
 def _ms(xs: list[float]) -> str:
+    xs = [x for x in xs if x == x]
     if not xs:
         return "-"
     if len(xs) == 1:
@@ -61,76 +45,87 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs):.3f}"
 
 
-def table(recs: list[dict[str, Any]]) -> str:
-    """One markdown table: rows = methods and references, columns = attributes."""
-    attrs = list(recs[0]["eval_config"]["attributes"])
-    seeds = sorted({(r["saeravel"]["config"].get("seed"),
-                     r["saeravel"]["config"]["model"].get("train_seed")) for r in recs})  # fmt: skip
-    rows: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(list))
-    )
-    for rec in recs:
-        m = rec["eval_result_metrics"]
-        for name, per_attr in list(m["baselines"].items()) + list(m["ravel"].items()):
-            if name == "baseline" or (name in m["baselines"] and name not in REFERENCES):
-                continue
-            for a in attrs:
-                r = per_attr.get(a)
-                if r is None:
-                    continue
-                for key in ("cause", "isolation", "disentangle"):
-                    rows[name][a][key].append(r[key])
-                if "refined" in r:
-                    rows[name][a]["refined"].append(r["refined"]["disentangle"])
-                if "training" in r and r["training"].get("flattened") is not None:
-                    rows[name][a]["flat"].append(float(r["training"]["flattened"]))
-    head = (
-        "| method | "
-        + " | ".join(f"{a}: disentangle (cause / isolation) | {a}: refined mask" for a in attrs)
-        + " |"
-    )
-    lines = [f"{len(recs)} jobs, (seed, model.train_seed) = {seeds}", "", head,
-             "|---|" + "---|---|" * len(attrs)]  # fmt: skip
-    order = [n for n in REFERENCES if n in rows] + [n for n in rows if n not in REFERENCES]
-    for name in order:
+def _score(rec: report.Record, method: str, attr: str) -> dict[str, Any] | None:
+    m = rec.data["eval_result_metrics"]
+    got = (m.get("ravel", {}).get(method) or m.get("baselines", {}).get(method) or {}).get(attr)
+    return got if isinstance(got, dict) else None
+
+
+def score_table(recs: list[report.Record], attr: str) -> list[str]:
+    """Rows = methods, columns = runs, then mean +- std, held-out isolation, disentangle_all."""
+    runs = [_run_label(r) for r in recs]
+    head = ["method", *runs, "mean +- std", "held-out iso", "disentangle_all"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in METHOD_ORDER:
+        scores = [_score(r, method, attr) for r in recs]
+        if not any(scores):
+            continue
+        dis = [s["disentangle"] if s else float("nan") for s in scores]
+        held = [s.get("isolation_heldout", float("nan")) if s else float("nan") for s in scores]
+        dall = [s.get("disentangle_all", float("nan")) if s else float("nan") for s in scores]
+        cells = [f"{d:.3f}" if d == d else "-" for d in dis]
+        lines.append(f"| {method} | " + " | ".join([*cells, _ms(dis), _ms(held), _ms(dall)]) + " |")
+    return lines
+
+
+def _ci(d: dict[str, Any]) -> str:
+    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def verdict_table(recs: list[report.Record], pooled: list[dict[str, Any]]) -> list[str]:
+    """Each run's paired difference, then the pooled one, per comparison / attribute / metric."""
+    runs = [_run_label(r) for r in recs]
+    head = ["comparison", "attribute", "metric", *runs, "pooled (runs favouring the first)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    by_key = {(p["comparison"], p["attribute"], p["metric"]): p for p in pooled}
+    for (comparison, attr, metric), p in by_key.items():
         cells = []
-        for a in attrs:
-            v = rows[name][a]
-            c = statistics.mean(v["cause"]) if v["cause"] else float("nan")
-            i = statistics.mean(v["isolation"]) if v["isolation"] else float("nan")
-            flat = ""
-            if v["flat"]:
-                flat = f"; loss flat in {sum(v['flat']):.0f}/{len(v['flat'])}"
-            cells.append(f"{_ms(v['disentangle'])} ({c:.2f} / {i:.2f}{flat})")
-            cells.append(_ms(v["refined"]))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for r in recs:
+            v = ((r.data.get("eval_result_details") or {}).get("verdict") or {}).get(attr, {})
+            d = v.get(comparison, {}).get(metric)
+            cells.append(_ci(d) if d else "-")
+        pooled_cell = f"{p['diff_ci']} ({p['runs_a_better']})"
+        lines.append(
+            f"| {comparison} | {attr} | {metric} | " + " | ".join([*cells, pooled_cell]) + " |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path)
     args = ap.parse_args(argv)
-    recs = load(args.folders)
+    recs: list[report.Record] = []
+    for folder in args.folders:
+        found, _ = report.collect(folder)
+        recs += [r for r in found if report.has_ravel_metrics(r)]
     if not recs:
-        print(
-            "no eval=ravel result.json under " + ", ".join(map(str, args.folders)), file=sys.stderr
-        )
+        print("no eval=ravel results under " + ", ".join(map(str, args.folders)), file=sys.stderr)
         return 1
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for rec in recs:
-        groups[_group_key(rec)].append(rec)
-    keys = list(groups)
-    varying = {k for k, _ in keys[0]} if len(keys) > 1 else set()
-    if len(keys) > 1:
-        common = set.intersection(*[set(k) for k in keys])
-        varying = {k for k, _ in set().union(*keys) - common}
-    for key in keys:
-        settings = {k: v for k, v in key if k in varying}
-        model = groups[key][0]["saeravel"]["model_name"]
-        print(f"\n### {model}, layer {groups[key][0]['saeravel']['layer']}"
-              + (f" ({', '.join(f'{k}={v}' for k, v in sorted(settings.items()))})" if settings else ""))  # fmt: skip
-        print(table(groups[key]))
+    settings = report.varying_settings(recs)
+    pooled = report.verdict_table(recs, settings)
+    groups: dict[tuple, list[report.Record]] = {}
+    for r in recs:
+        cfg = r.config
+        key = (r.model, r.sae, r.layer, *[str(cfg.get(k)) for k in settings])
+        groups.setdefault(key, []).append(r)
+    for key, group in groups.items():
+        group.sort(key=lambda r: (str(r.config.get("model.train_seed")), str(r.config.get("seed"))))
+        model, sae, layer, *vals = key
+        extra = ", ".join(f"{k}={v}" for k, v in zip(settings, vals, strict=True))
+        print(f"\n### {model}, SAE {sae}, layer {layer}" + (f" ({extra})" if extra else ""))
+        print(
+            f"{len(group)} runs (m = model.train_seed, e = seed); disentangle on held-out entities"
+        )
+        for attr in group[0].attributes():
+            print(f"\n{attr}:\n")
+            print("\n".join(score_table(group, attr)))
+        mine = [p for p in pooled.rows if (p["model"], p["sae"], p["layer"]) == (model, sae, layer)
+                and all(str(p.get(k)) == v for k, v in zip(settings, vals, strict=True))]  # fmt: skip
+        mine = [p for p in mine if tuple(p["comparison"].split(" - ")) in HEADLINE]
+        if mine:
+            print("\nPaired differences (bootstrap over base entities, 95%):\n")
+            print("\n".join(verdict_table(group, mine)))
     return 0
 
 

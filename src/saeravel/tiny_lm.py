@@ -23,7 +23,7 @@ fact table, and facts looked up at the entity are read out by attention (Geva et
 With both restrictions, on the first model trained, the same probe-subspace swap gives
 disentangle 0.70 (Country) / 0.69 (Continent), and DAS 0.80 / 0.86, neurons 0.60 / 0.60;
 with either one alone the probe swap stays at 0.45-0.47. How separable a given model is varies
-with its training seed (README, "What the default job measures"). Why the neuron and SAE
+with its training seed (docs/ravel.md, "What the default job measures"). Why the neuron and SAE
 masks score lower than DAS here is measured, not assumed: under the paper's recipe the mask
 training had not converged (loss still falling 7-10% per epoch, and a greedy bit-flip search
 from the trained mask lowered its training CE and raised held-out disentangle by up to 0.07);
