@@ -104,7 +104,7 @@ def test_the_ravel_package_imports_downward_only():
     import saeravel
 
     src = Path(saeravel.__file__).parent
-    order = ["verdict", "prompts", "data", "intervene", "decode", "featurizers", "config", "pairs", "train",
+    order = ["verdict", "prompts", "data", "intervene", "decode", "featurizers", "subspace", "config", "pairs", "train",
              "score", "methods", "main"]  # fmt: skip
     assert {p.stem for p in (src / "evals" / "ravel").glob("*.py")} == {*order, "__init__"}
     for i, name in enumerate(order):

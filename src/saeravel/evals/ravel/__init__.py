@@ -13,6 +13,8 @@ Module map, lowest first (each imports only the ones above it; none imports this
 - ``decode``: greedy decoding with a patched entity through key/value caches.
 - ``featurizers``: PCA, boundless DAS, multi-task DAS, SAE latent swap and probe ranking,
   RLAP's adversarial subspace (R-LACE), the one projector swap (the oracle and a given basis).
+- ``subspace``: on a planted world, what a fitted method swaps against the planted block
+  (principal angles: captured, spill, max angle).
 - ``config``: the schema (enums, ``RavelEvalConfig``, ``RavelMethod``: the method names) and
   the value checks that need no model.
 - ``pairs``: world, knowledge filter, pairs (held-out isolation pairs too), vector bank, SAE

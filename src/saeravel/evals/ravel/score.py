@@ -14,6 +14,7 @@ from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.intervene import Intervention
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches, rule_for
+from saeravel.evals.ravel.subspace import subspace_recovery
 from saeravel.evals.ravel.train import _rates, convergence, first_token_eval, refine_mask
 from saeravel.evals.ravel.verdict import encode
 
@@ -198,6 +199,8 @@ def score_fitted(
     sets = [intervened(job, method, test)]  # the trained mask's, before any refinement
     train_ce, train_ok = first_token_eval(job, method, pairs["train"])
     state = method.own_state()
+    truth = getattr(job.ctx.model, "truth", None)  # a planted world: where the method swaps
+    subspace = subspace_recovery(method, truth, attr, cfg.mask.eval == "hard") if truth else None
     info = None
     if cfg.mask.refine and method.mask is not None and getattr(method.mask, "refinable", True):
         info = refine_mask(job, method, pairs["train"], desc, live)
@@ -208,6 +211,8 @@ def score_fitted(
                   "rule": "first_token"}  # fmt: skip
     r["training"] = convergence(curve)
     r["recipe"] = {"name": str(cfg.recipe), "label": cfg.recipe_label}
+    if subspace is not None:
+        r["subspace"] = subspace
     states = {"": state}
     if info is not None:
         states["_refined"] = method.own_state()
