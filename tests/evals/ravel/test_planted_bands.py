@@ -239,3 +239,44 @@ def test_rlap_band(tmp_path, basis):
     dis = _dis(m, "rlap")
     assert min(dis) >= 0.7, dis
     assert min(dis) > max(_dis(m, "none")), dis
+
+
+def _leak(sub: dict, attr: str) -> float:
+    """Share of a method's swapped span inside the OTHER attributes' blocks."""
+    return sum(
+        v
+        for b, v in sub["into_blocks"].items()
+        if b in ("Country", "Continent", "Language") and b != attr
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("basis", ["aligned", "rotated", "mixed"])
+def test_subspace_recovery_grades_where_each_method_swaps(results, basis):
+    """Principal angles between what each method swaps and the planted block: every method
+    gets a reading; the planted SAE's mask and DAS swap (nearly) all of the block; the SAE
+    mask and, on the aligned basis, the neuron mask swap nothing of the other facts' blocks;
+    on the rotated basis no neuron mask can be both complete and clean."""
+    m = results[basis]["ravel"]
+    for method in (
+        "sae",
+        "neurons",
+        "das",
+        "pca",
+        "boundless_das",
+        "mdas",
+        "sae_probe",
+        "fixed",
+        "rlap",
+    ):
+        for a in ("Country", "Continent"):
+            sub = m[method][a]["subspace"]
+            assert "skipped" not in sub and 0 <= sub["captured"] <= 1, (method, a, sub)
+    for a in ("Country", "Continent"):
+        sae, das, neurons = (m[x][a]["subspace"] for x in ("sae", "das", "neurons"))
+        assert sae["captured"] >= 0.9 and _leak(sae, a) <= 0.05, sae
+        assert das["captured"] >= 0.9, das
+        if basis == "aligned":
+            assert neurons["captured"] >= 0.9 and _leak(neurons, a) <= 0.05, neurons
+        if basis == "rotated":
+            assert neurons["captured"] < 0.9 or _leak(neurons, a) > 0.05, neurons

@@ -104,3 +104,27 @@ def test_sae_latents_span_their_decoder_rows_and_a_nonlinear_method_gets_none():
     with torch.no_grad():
         squash.mask.param.fill_(1.0)
     assert swapped_basis(squash, D) is None
+
+
+class _Truth:
+    """Blocks Country 0-2, Continent 3-4, Language 5-6, identity 7-8 of a 12-dim site."""
+
+    d_model = D
+    blocks = {"Country": [0, 1, 2], "Continent": [3, 4], "Language": [5, 6], "identity": [7, 8]}
+
+    def block_of(self, attr):
+        return attr
+
+    def block_basis(self, name):
+        return _block(self.blocks[name])
+
+
+def test_subspace_recovery_says_which_other_blocks_a_swap_reaches():
+    from saeravel.evals.ravel.subspace import subspace_recovery
+
+    leaky = NeuronMask(D)  # Country's block plus one Language dim
+    with torch.no_grad():
+        leaky.mask.param.copy_(torch.tensor([1.0, 1, 1, -1, -1, 1, -1, -1, -1, -1, -1, -1]))
+    got = subspace_recovery(leaky, _Truth(), "Country")
+    assert got["captured"] == 1.0 and got["spill"] == pytest.approx(0.25)
+    assert got["into_blocks"] == {"Continent": 0.0, "Language": 0.25, "identity": 0.0}

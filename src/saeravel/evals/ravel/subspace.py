@@ -17,7 +17,9 @@ dims): the cosines of the principal angles are the singular values of ``S B``;
 ``captured = sum cos^2 / n`` is the share of the block the method swaps (1: all of it, what
 cause needs), ``spill = 1 - sum cos^2 / k`` the share of what it swaps that lies outside the
 block (other facts' directions, what isolation pays for), ``max_angle_deg`` the largest
-principal angle (90 when ``k < n``: some block direction is not swapped at all). Under
+principal angle (90 when ``k < n``: some block direction is not swapped at all), and
+``into_blocks`` the share of the swapped span inside each other planted block (another
+attribute's block costs isolation; the identity block is read by nothing). Under
 superposition Country and Continent share one block, so their rows compare with that block.
 
 Differences from the references: RAVEL and the planted-world literature grade methods by their
@@ -116,5 +118,11 @@ def subspace_recovery(
     if basis is None:
         return {"skipped": "the method is neither a linear swap nor SAE latents with a decoder"}
     out = recovery(basis, truth.block_basis(attr).float())
-    out["block"] = truth.block_of(attr)
+    out["block"] = own = truth.block_of(attr)
+    if len(basis):  # where the rest of the swap lands: other facts' blocks cost isolation
+        out["into_blocks"] = {
+            name: round(float(((basis.double() @ truth.block_basis(name).double()) ** 2).sum())
+                        / len(basis), 4)
+            for name in truth.blocks if name != own
+        }  # fmt: skip
     return out
