@@ -4,6 +4,7 @@ in-process (one table); one real ``python run.py`` subprocess checks the entry p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from saeravel.config import Config
 
 from helpers import ROOT
 
@@ -25,6 +28,13 @@ def _unknown(group: str, value: str, hint: str | None = None) -> str:
     options (no schema_* entry), with a "did you mean" only when one is close."""
     mean = f" (did you mean {hint!r}?)" if hint else ""
     return f"error: unknown {group} option {value!r}{mean}; valid: {_options(group)}"
+
+
+def _unknown_key(key: str, hint: str) -> str:
+    """The pre-check's whole line for a misspelt top-level key: the schema's fields, then hydra."""
+    valid = [f.name for f in dataclasses.fields(Config)] + ["hydra"]
+    return (f"error: unknown config key {key} (did you mean {hint}?); valid keys of the top "
+            f"level: {', '.join(valid)}")  # fmt: skip
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -59,7 +69,23 @@ CASES = [
     pytest.param(["eval.epochs=abc"],
                  "eval.epochs=abc: Value 'abc' of type 'str' could not be converted", True,
                  id="value-int"),
-    pytest.param(["eval.epoch=3"], "Key 'epoch' not in 'RavelEvalConfig'", True, id="value-key"),
+    # -------------------------------------------------- misspelt keys (no ``+``): a did-you-mean
+    pytest.param(["eval.epoch=3"], "unknown config key eval.epoch (did you mean eval.epochs?); "
+                 "valid keys of eval: name, version, recipe,", True, id="key-nested"),
+    pytest.param(["modle=gpt2-small"], _unknown_key("modle", "model"), True, id="key-top"),
+    pytest.param(["layr=3"], _unknown_key("layr", "layer"), True, id="key-top-layer"),
+    pytest.param(["eval.mdas.atributes=[a]"], "error: unknown config key eval.mdas.atributes "
+                 "(did you mean eval.mdas.attributes?); valid keys of eval.mdas: attributes", True,
+                 id="key-deep"),
+    pytest.param(["eval.nosuch.x=1"], "unknown config key eval.nosuch; valid keys of eval: name,",
+                 True, id="key-missing-level"),  # the first segment that does not exist
+    pytest.param(["-m", "eval.epoch=1,2"], "unknown config key eval.epoch (did you mean", True,
+                 id="key-sweep"),
+    pytest.param(["sae=custom", "sae.object.d_sae=4"], "error: unknown config key sae.object.d_sae;"
+                 " valid keys of sae.object: _target_; add a new key with +sae.object.d_sae=...",
+                 True, id="key-free-form"),
+    pytest.param(["hydra.job.nme=x"], "unknown config key hydra.job.nme (did you mean "
+                 "hydra.job.name", True, id="key-hydra"),
     pytest.param(["-m", "eval.method=das,dsa"], "eval.method=dsa: Invalid value 'dsa'", True,
                  id="value-sweep"),  # every value of a sweep is checked, not just the first
     pytest.param(["model=planted-city-lm", "model.basis=bogus"], "model.basis=bogus: Invalid value",

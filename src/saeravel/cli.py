@@ -2,7 +2,8 @@
 
 ``run.py`` calls it with ``sys.argv[1:]``; the tests call it in-process with a list, so a
 one-line error is checked without starting a Python process per case. The order is the
-command line's: the pre-check of group options and schema values
+command line's: the pre-check of group options, keys (a misspelt ``eval.epoch`` gets a
+"did you mean" and its level's keys) and schema values
 (:func:`saeravel.config.unknown_option_error`, before Hydra composes), then Hydra's own
 ``hydra.main`` (run, ``-m`` sweeps, ``--cfg``, ``--help``), whose task is
 :func:`saeravel.pipeline.main_guarded`.
