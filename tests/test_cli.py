@@ -263,3 +263,42 @@ def test_custom_sae_through_hydras_target(cli, tmp_path, monkeypatch):
     extra = rec["saeravel"]["sae_identity"]["extra"]
     assert extra == {"target": "toy_sae.Toy", "kwargs": {"d_in": 80, "d_sae": 160}}
     assert rec["eval_result_metrics"]["sparsity"]["l0"] > 0
+
+
+def test_bounded_dirname_keeps_short_names_and_cuts_long_ones():
+    from saeravel.cli import SUBDIR_MAX_BYTES, bounded_dirname
+
+    short = "eval.method=das,layer=5"
+    assert bounded_dirname(short) == short  # Hydra's own name, unchanged
+    long = ",".join(f"eval.setting_{i}=value/{i}" for i in range(14))  # 14 overrides, 280+ bytes
+    cut = bounded_dirname(long)
+    assert len(cut.encode()) <= SUBDIR_MAX_BYTES and "/" not in cut
+    assert cut.startswith("eval.setting_0=value_0,eval.setting_1=")  # readable: whole overrides
+    assert cut.split("_etc_")[0].count("=") == cut.split("_etc_")[0].count(",") + 1
+    assert cut == bounded_dirname(long)  # deterministic
+    assert bounded_dirname(long.replace("13=value/13", "13=value/14")) != cut  # hash of it all
+    multibyte = "eval.name=" + "é" * 200
+    assert len(bounded_dirname(multibyte).encode()) <= SUBDIR_MAX_BYTES
+
+
+def test_long_sweep_job_folders_are_bounded(cli, tmp_path):
+    """A sweep of 15 overrides (Hydra's default folder name would be ~280 bytes, over the file
+    system's limit): each job's folder is ``<num>_`` + the bounded name of its overrides."""
+    import yaml
+
+    from saeravel.cli import SUBDIR_MAX_BYTES, bounded_dirname
+
+    long = ["eval.epochs=3", "eval.batch_size=7", "eval.lr=0.001", "eval.max_entities=50",
+            "eval.max_pairs_per_split=100", "eval.confidence=0.9", "eval.report_top_latents=4",
+            "seed=3", "eval.drop_same_label_pairs=false", "model.train_steps=10",
+            "model.n_cities=50", "sae.k=8", "sae.steps=10", "sae.expansion=4"]  # fmt: skip
+    run = cli(["-m", "hydra.sweep.dir={tmp}/sweep", "layer=8,9", *long])  # jobs fail fast
+    assert run.code != 0 and "layer=8 is out of range" in run.err, run.err[-2000:]
+    folders = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name[:2] for p in folders] == ["0_", "1_"]
+    for num, folder in enumerate(folders):
+        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        full = hydra_cfg["job"]["override_dirname"]
+        assert len(full.encode()) > 255  # Hydra's own name would not fit
+        assert folder.name == f"{num}_{bounded_dirname(full)}"
+        assert len(folder.name.encode()) <= SUBDIR_MAX_BYTES + 2
