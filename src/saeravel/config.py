@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from saeravel.schema import StrEnum
 # ----------------------------------------------------------------------------- models
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed."""
 
     float32 = "float32"
@@ -96,7 +95,7 @@ class EmbeddedModelConfig(ModelConfig):
     cache_dir: str = II("paths.cache_dir")
 
 
-class PlantedBasis(str, Enum):
+class PlantedBasis(StrEnum):
     """The orthogonal Q of the planted world (saeravel.planted): ``aligned`` (Q = I),
     ``rotated`` (random Q over the planted subspace), ``mixed`` (45-degree 2x2 rotations
     pairing dims of different attributes)."""
@@ -106,7 +105,7 @@ class PlantedBasis(str, Enum):
     mixed = "mixed"
 
 
-class PlantedCodes(str, Enum):
+class PlantedCodes(StrEnum):
     """The planted world's value codes in each attribute's block (saeravel.planted):
     ``onehot`` (a value is one dim) or ``dense`` (random orthonormal: every value uses every
     dim of its block)."""
@@ -229,7 +228,7 @@ class TrainedSAEConfig(SAEConfig):
     cache_dir: str = II("paths.cache_dir")
 
 
-class PlantedDictionary(str, Enum):
+class PlantedDictionary(StrEnum):
     """``planted``: the planted atoms; ``random``: +- a random orthonormal basis of the
     planted subspace (the chance-level control)."""
 
