@@ -302,3 +302,36 @@ def test_long_sweep_job_folders_are_bounded(cli, tmp_path):
         assert len(full.encode()) > 255  # Hydra's own name would not fit
         assert folder.name == f"{num}_{bounded_dirname(full)}"
         assert len(folder.name.encode()) <= SUBDIR_MAX_BYTES + 2
+
+
+HELP_EXAMPLES = [
+    "python run.py eval=ravel sae=apollo_e2e layer=5",
+    "python run.py -m sae=openai_v5_32k,jbloom,apollo_e2e layer=1,5,9 hydra/launcher=slurm",
+    "python run.py eval=ravel eval.method=das model=pythia-70m",
+]
+
+
+def test_help_page_lists_groups_examples_and_docs(cli):
+    """``python run.py --help`` is saeravel's page (conf/hydra/help/saeravel.yaml): what the tool
+    does, every config group with its options as in conf/ (filled in by Hydra), the usage
+    examples and where the docs are; nothing runs."""
+    run = cli(["--help"])
+    assert run.code == 0, run.err[-2000:]
+    page = run.out
+    assert "sparse autoencoders" in page and "Powered by Hydra" not in page
+    for group in ("model", "sae", "eval", "experiment", "logger"):
+        assert f"\n{group}: {', '.join(sorted(_options(group).split(', ')))}\n" in page, group
+    for example in HELP_EXAMPLES:
+        assert example in page
+    for doc in ("README.md", "docs/ARCHITECTURE.md", "docs/extending.md"):
+        assert doc in page and (ROOT / doc).is_file()
+
+
+@pytest.mark.parametrize("example", HELP_EXAMPLES)
+def test_help_examples_pass_the_pre_check(example):
+    """Every command the help page shows composes and passes the eval's checks (every job of
+    the sweep), so a user who copies it gets no error line."""
+    from saeravel.config import unknown_option_error
+
+    args = example.removeprefix("python run.py ").split()
+    assert unknown_option_error(args, ROOT / "conf") is None
