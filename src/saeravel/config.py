@@ -176,6 +176,7 @@ class ApolloSAEConfig(SAEConfig):
     run_ids: dict[int, str] = field(default_factory=dict)
     hooks: dict[int, str] = field(default_factory=dict)
     cache_dir: str = II("paths.cache_dir")
+    sae_lens_release: str | None = None  # the same SAEs in sae_lens' catalogue (no-key route)
 
 
 @dataclass

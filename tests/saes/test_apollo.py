@@ -101,6 +101,7 @@ def apollo_source(tmp_path: Path, layer: int = 5) -> ApolloWandbSource:
         run_ids=cfg.run_ids,
         hooks=cfg.hooks,
         cache_dir=str(tmp_path / "cache"),
+        sae_lens_release=cfg.sae_lens_release,
     )
 
 
@@ -147,8 +148,27 @@ def test_apollo_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError) as info:
         apollo_source(tmp_path, layer=5).load(None)
     msg = str(info.value)
-    assert "WANDB_API_KEY" in msg and "sae=sae_lens sae.release=gpt2-small-res_sle-ajt" in msg
+    route = "sae=sae_lens sae.release=gpt2-small-res_sle-ajt model=gpt2-small"
+    assert "WANDB_API_KEY" in msg and msg.endswith(f"without a key: {route}")
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("family", ["apollo_e2e", "apollo_e2e_ds"])
+def test_apollo_sae_lens_release_is_the_same_sites_on_the_same_model(family: str) -> None:
+    """The catalogue entry ``sae.sae_lens_release`` names is for the model the family selects
+    (its defaults list), and has an SAE at each of the family's hooks."""
+    import yaml
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from saeravel.saes.sae_lens import _id_hooks
+
+    raw = yaml.safe_load((CONF_SAE / f"{family}.yaml").read_text())
+    selected = next(
+        d for d in raw["defaults"] if isinstance(d, dict) and "override /model@_global_.model" in d
+    )
+    entry = get_pretrained_saes_directory()[raw["sae_lens_release"]]
+    assert entry.model == selected["override /model@_global_.model"] == "gpt2-small"
+    assert set(raw["hooks"].values()) <= set(_id_hooks(entry).values())
 
 
 def test_apollo_wrong_hook_lists_what_the_checkpoint_holds(

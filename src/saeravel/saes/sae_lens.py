@@ -167,6 +167,14 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
         raise UserError(f"could not load sae_lens SAE {release} / {sae_id}: {exc}") from exc
 
 
+def release_model(release: str, directory: Mapping[str, Any] | None = None) -> str | None:
+    """The model name sae_lens' pretrained directory gives ``release`` (``gpt2-small``: the
+    transformer_lens name, which is also saeravel's ``model=`` option), None if unknown."""
+    lookup = _directory(directory).get(release)
+    model = getattr(lookup, "model", None)
+    return str(model) if model else None
+
+
 def directory_neuronpedia_id(release: str, sae_id: str) -> str | None:
     """The Neuronpedia id sae_lens' pretrained directory records for (release, id), if any."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
