@@ -117,6 +117,9 @@ def test_apollo_loads_latest_checkpoint_with_apollo_maths(
     assert sae.identity.extra["checkpoint"] == "samples_200.pt"
     assert sae.identity.extra["tlens_model_name"] == "gpt2"
     assert sae.hook_name == APOLLO_HOOK and not sae.apply_b_dec_to_input
+    # Neuronpedia's id from sae_lens' catalogue entry of the same family, at the same hook
+    assert sae.identity.neuronpedia_id == "gpt2-small/6-res_sle-ajt"
+    assert sae.identity.extra["sae_lens_release"] == "gpt2-small-res_sle-ajt"
 
     p = APOLLO_HOOK.replace(".", "-")
     x = inputs()
@@ -197,3 +200,21 @@ def test_apollo_yaml_hooks_read_the_residual_after_their_layer(family: str) -> N
     assert set(cfg.run_ids) == set(cfg.hooks) == {1, 5, 9}
     for layer, hook in cfg.hooks.items():
         assert resid_layer(hook, 12) == layer, (layer, hook)
+
+
+def test_apollo_neuronpedia_id_follows_the_catalogue(
+    tmp_path: Path, fake_wandb: type[FakeApi]
+) -> None:
+    """The id is the catalogue's for the release and the hook (read, not written in code): a
+    release whose hook has no SAE, or no release, gives no id."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from saeravel.saes.sae_lens import hook_neuronpedia_id
+
+    catalogue = get_pretrained_saes_directory()["gpt2-small-res_slefr-ajt"].neuronpedia_id
+    assert hook_neuronpedia_id("gpt2-small-res_slefr-ajt", APOLLO_HOOK) == catalogue[APOLLO_HOOK]
+    assert hook_neuronpedia_id("gpt2-small-res_slefr-ajt", "blocks.5.hook_resid_pre") is None
+    assert hook_neuronpedia_id("no-such-release", APOLLO_HOOK) is None
+    src = apollo_source(tmp_path)
+    src.sae_lens_release = None
+    assert src.load(None).identity.neuronpedia_id is None

@@ -1,4 +1,10 @@
-"""``sae=apollo_e2e`` / ``apollo_e2e_ds``: Apollo Research e2e SAEs from their wandb runs."""
+"""``sae=apollo_e2e`` / ``apollo_e2e_ds``: Apollo Research e2e SAEs from their wandb runs.
+
+Neuronpedia hosts these families; their ids are in sae_lens' catalogue, not in the wandb runs.
+The SAE's ``neuronpedia_id`` is the catalogue's id for the SAE of ``sae.sae_lens_release`` (the
+same family, data in ``conf/sae/apollo_e2e*.yaml``) that reads the same hook; which wandb run
+Neuronpedia's copy came from is not recorded anywhere this code can read, so the match is by
+family and hook (the run ids are those of the SAE-RAVEL paper)."""
 
 from __future__ import annotations
 
@@ -201,6 +207,12 @@ class ApolloWandbSource(SAESource):
                 )
             hook_name = prefixes[0].replace("-", ".")
         extra: dict[str, Any] = {"layer": self.layer, "checkpoint": ckpt.name}
+        neuronpedia_id = None
+        if self.sae_lens_release:
+            from saeravel.saes.sae_lens import hook_neuronpedia_id
+
+            neuronpedia_id = hook_neuronpedia_id(self.sae_lens_release, hook_name)
+            extra["sae_lens_release"] = self.sae_lens_release  # where the Neuronpedia id is from
         config_path = ckpt.parent / "final_config.yaml"
         if config_path.is_file():
             import yaml
@@ -213,5 +225,6 @@ class ApolloWandbSource(SAESource):
             sae_id=self.run_id(),
             path=str(ckpt),
             extra=extra,
+            neuronpedia_id=neuronpedia_id,
         )
         return from_apollo_state_dict(state_dict, hook_name, identity)

@@ -185,6 +185,18 @@ def directory_neuronpedia_id(release: str, sae_id: str) -> str | None:
     return str(found) if found else None
 
 
+def hook_neuronpedia_id(release: str, hook_name: str) -> str | None:
+    """The Neuronpedia id sae_lens' pretrained directory records for the SAE of ``release``
+    that reads ``hook_name`` (one id of the release; None if none or several do)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None:
+        return None
+    ids = [i for i, hook in _id_hooks(lookup).items() if hook == hook_name]
+    return directory_neuronpedia_id(release, ids[0]) if len(ids) == 1 else None
+
+
 class SaeLensSource(SAESource):
     """A pretrained sae_lens SAE chosen in sae_lens' pretrained directory.
 
