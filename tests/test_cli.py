@@ -4,6 +4,7 @@ in-process (one table); one real ``python run.py`` subprocess checks the entry p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from saeravel.config import Config
 
 from helpers import ROOT
 
@@ -25,6 +28,13 @@ def _unknown(group: str, value: str, hint: str | None = None) -> str:
     options (no schema_* entry), with a "did you mean" only when one is close."""
     mean = f" (did you mean {hint!r}?)" if hint else ""
     return f"error: unknown {group} option {value!r}{mean}; valid: {_options(group)}"
+
+
+def _unknown_key(key: str, hint: str) -> str:
+    """The pre-check's whole line for a misspelt top-level key: the schema's fields, then hydra."""
+    valid = [f.name for f in dataclasses.fields(Config)] + ["hydra"]
+    return (f"error: unknown config key {key} (did you mean {hint}?); valid keys of the top "
+            f"level: {', '.join(valid)}")  # fmt: skip
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -59,7 +69,23 @@ CASES = [
     pytest.param(["eval.epochs=abc"],
                  "eval.epochs=abc: Value 'abc' of type 'str' could not be converted", True,
                  id="value-int"),
-    pytest.param(["eval.epoch=3"], "Key 'epoch' not in 'RavelEvalConfig'", True, id="value-key"),
+    # -------------------------------------------------- misspelt keys (no ``+``): a did-you-mean
+    pytest.param(["eval.epoch=3"], "unknown config key eval.epoch (did you mean eval.epochs?); "
+                 "valid keys of eval: name, version, recipe,", True, id="key-nested"),
+    pytest.param(["modle=gpt2-small"], _unknown_key("modle", "model"), True, id="key-top"),
+    pytest.param(["layr=3"], _unknown_key("layr", "layer"), True, id="key-top-layer"),
+    pytest.param(["eval.mdas.atributes=[a]"], "error: unknown config key eval.mdas.atributes "
+                 "(did you mean eval.mdas.attributes?); valid keys of eval.mdas: attributes", True,
+                 id="key-deep"),
+    pytest.param(["eval.nosuch.x=1"], "unknown config key eval.nosuch; valid keys of eval: name,",
+                 True, id="key-missing-level"),  # the first segment that does not exist
+    pytest.param(["-m", "eval.epoch=1,2"], "unknown config key eval.epoch (did you mean", True,
+                 id="key-sweep"),
+    pytest.param(["sae=custom", "sae.object.d_sae=4"], "error: unknown config key sae.object.d_sae;"
+                 " valid keys of sae.object: _target_; add a new key with +sae.object.d_sae=...",
+                 True, id="key-free-form"),
+    pytest.param(["hydra.job.nme=x"], "unknown config key hydra.job.nme (did you mean "
+                 "hydra.job.name", True, id="key-hydra"),
     pytest.param(["-m", "eval.method=das,dsa"], "eval.method=dsa: Invalid value 'dsa'", True,
                  id="value-sweep"),  # every value of a sweep is checked, not just the first
     pytest.param(["model=planted-city-lm", "model.basis=bogus"], "model.basis=bogus: Invalid value",
@@ -237,3 +263,75 @@ def test_custom_sae_through_hydras_target(cli, tmp_path, monkeypatch):
     extra = rec["saeravel"]["sae_identity"]["extra"]
     assert extra == {"target": "toy_sae.Toy", "kwargs": {"d_in": 80, "d_sae": 160}}
     assert rec["eval_result_metrics"]["sparsity"]["l0"] > 0
+
+
+def test_bounded_dirname_keeps_short_names_and_cuts_long_ones():
+    from saeravel.cli import SUBDIR_MAX_BYTES, bounded_dirname
+
+    short = "eval.method=das,layer=5"
+    assert bounded_dirname(short) == short  # Hydra's own name, unchanged
+    long = ",".join(f"eval.setting_{i}=value/{i}" for i in range(14))  # 14 overrides, 280+ bytes
+    cut = bounded_dirname(long)
+    assert len(cut.encode()) <= SUBDIR_MAX_BYTES and "/" not in cut
+    assert cut.startswith("eval.setting_0=value_0,eval.setting_1=")  # readable: whole overrides
+    assert cut.split("_etc_")[0].count("=") == cut.split("_etc_")[0].count(",") + 1
+    assert cut == bounded_dirname(long)  # deterministic
+    assert bounded_dirname(long.replace("13=value/13", "13=value/14")) != cut  # hash of it all
+    multibyte = "eval.name=" + "é" * 200
+    assert len(bounded_dirname(multibyte).encode()) <= SUBDIR_MAX_BYTES
+
+
+def test_long_sweep_job_folders_are_bounded(cli, tmp_path):
+    """A sweep of 15 overrides (Hydra's default folder name would be ~280 bytes, over the file
+    system's limit): each job's folder is ``<num>_`` + the bounded name of its overrides."""
+    import yaml
+
+    from saeravel.cli import SUBDIR_MAX_BYTES, bounded_dirname
+
+    long = ["eval.epochs=3", "eval.batch_size=7", "eval.lr=0.001", "eval.max_entities=50",
+            "eval.max_pairs_per_split=100", "eval.confidence=0.9", "eval.report_top_latents=4",
+            "seed=3", "eval.drop_same_label_pairs=false", "model.train_steps=10",
+            "model.n_cities=50", "sae.k=8", "sae.steps=10", "sae.expansion=4"]  # fmt: skip
+    run = cli(["-m", "hydra.sweep.dir={tmp}/sweep", "layer=8,9", *long])  # jobs fail fast
+    assert run.code != 0 and "layer=8 is out of range" in run.err, run.err[-2000:]
+    folders = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name[:2] for p in folders] == ["0_", "1_"]
+    for num, folder in enumerate(folders):
+        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        full = hydra_cfg["job"]["override_dirname"]
+        assert len(full.encode()) > 255  # Hydra's own name would not fit
+        assert folder.name == f"{num}_{bounded_dirname(full)}"
+        assert len(folder.name.encode()) <= SUBDIR_MAX_BYTES + 2
+
+
+HELP_EXAMPLES = [
+    "python run.py eval=ravel sae=apollo_e2e layer=5",
+    "python run.py -m sae=openai_v5_32k,jbloom,apollo_e2e layer=1,5,9 hydra/launcher=slurm",
+    "python run.py eval=ravel eval.method=das model=pythia-70m",
+]
+
+
+def test_help_page_lists_groups_examples_and_docs(cli):
+    """``python run.py --help`` is saeravel's page (conf/hydra/help/saeravel.yaml): what the tool
+    does, every config group with its options as in conf/ (filled in by Hydra), the usage
+    examples and where the docs are; nothing runs."""
+    run = cli(["--help"])
+    assert run.code == 0, run.err[-2000:]
+    page = run.out
+    assert "sparse autoencoders" in page and "Powered by Hydra" not in page
+    for group in ("model", "sae", "eval", "experiment", "logger"):
+        assert f"\n{group}: {', '.join(sorted(_options(group).split(', ')))}\n" in page, group
+    for example in HELP_EXAMPLES:
+        assert example in page
+    for doc in ("README.md", "docs/ARCHITECTURE.md", "docs/extending.md"):
+        assert doc in page and (ROOT / doc).is_file()
+
+
+@pytest.mark.parametrize("example", HELP_EXAMPLES)
+def test_help_examples_pass_the_pre_check(example):
+    """Every command the help page shows composes and passes the eval's checks (every job of
+    the sweep), so a user who copies it gets no error line."""
+    from saeravel.config import unknown_option_error
+
+    args = example.removeprefix("python run.py ").split()
+    assert unknown_option_error(args, ROOT / "conf") is None

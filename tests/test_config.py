@@ -170,3 +170,52 @@ def test_optional_local_site_settings(tmp_path):
     (conf / "local" / "default.yaml").write_text("devise: cuda\n")  # a typo fails at composition
     with pytest.raises(ConfigCompositionException):
         compose_in([])
+
+
+def _schema_enums() -> set[type]:
+    """Every Enum type a field of a registered schema (nested dataclasses included) can hold."""
+    import dataclasses
+    import enum
+    import typing
+
+    from hydra.core.config_store import ConfigStore
+
+    from saeravel.config import register_configs
+
+    register_configs()
+    found: set[type] = set()
+    seen: set[type] = set()
+
+    def walk(tp: object) -> None:
+        for arg in typing.get_args(tp):
+            walk(arg)
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            found.add(tp)
+        elif dataclasses.is_dataclass(tp) and tp not in seen:
+            seen.add(tp)
+            for f in dataclasses.fields(tp):
+                walk(typing.get_type_hints(tp).get(f.name, f.type))
+
+    for entry in ConfigStore.instance().repo.values():
+        node = getattr(entry, "node", None)
+        if node is not None:
+            walk(OmegaConf.get_type(node))
+    return found
+
+
+def test_every_schema_enum_prints_as_its_value():
+    """An option set that reaches a folder name, a log line or an interpolation prints as its
+    value (``aligned``), never as Python's ``PlantedBasis.aligned``."""
+    enums = _schema_enums()
+    names = {e.__name__ for e in enums}
+    assert {"PlantedBasis", "PlantedCodes", "DType", "PlantedDictionary", "RavelMethod"} <= names
+    for kind in enums:
+        for member in kind:
+            logged = "%s" % member  # noqa: UP031 (logging formats with %s)
+            assert str(member) == f"{member}" == logged == str(member.value), member
+
+
+def test_enum_values_interpolate_as_their_names():
+    cfg = _compose(["model=planted-city-lm", "sae=planted", "model.basis=rotated",
+                    "+tag=${model.basis}-${model.codes}-${model.dtype}-${sae.dictionary}"])  # fmt: skip
+    assert cfg.tag == "rotated-onehot-float32-planted"

@@ -4,6 +4,8 @@ mean +- std only over the seeds of otherwise identical jobs."""
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +276,18 @@ def test_neuronpedia_links_only_for_saes_with_an_id(tmp_path: Path) -> None:
     assert [r["latent"] for r in layer3] == [10, 3, 41]  # kept_top order kept
     assert layer3[0]["url"] == f"https://www.neuronpedia.org/{NPID}/10"
     assert f"[10](https://www.neuronpedia.org/{NPID}/10)" in rep.markdown
+    # one quick-list page per mask: it decodes to exactly the mask's kept latents, in order
+    pages = re.findall(r"\[all (\d+) on one page\]\((\S+)\)", rep.markdown)
+    masks = {(r["layer"], r["seed"], r["attribute"]) for r in links.rows}
+    assert len(pages) == len(masks) == 8  # famA: 4 jobs x 2 attributes, method sae
+    page = next(u for _, u in pages if "layer%203%20seed%200%20sae%20Country" in u)
+    url = urllib.parse.urlsplit(page)
+    assert f"{url.scheme}://{url.netloc}{url.path}" == "https://www.neuronpedia.org/quick-list/"
+    query = urllib.parse.parse_qs(url.query)
+    assert query["name"] == ["planted-city-lm layer 3 seed 0 sae Country"]
+    features = json.loads(query["features"][0])
+    assert features == [{"modelId": "gpt2-small", "layer": "8-res-jb", "index": str(i)}
+                        for i in (10, 3, 41)]  # fmt: skip
     assert (tmp_path / "report" / "neuronpedia.csv").exists()
     ravel = rep.tables[0]
     assert {r["neuronpedia_id"] for r in ravel.rows if r["sae"] == "famB"} == {None}

@@ -2,7 +2,8 @@
 
 ``run.py`` calls it with ``sys.argv[1:]``; the tests call it in-process with a list, so a
 one-line error is checked without starting a Python process per case. The order is the
-command line's: the pre-check of group options and schema values
+command line's: the pre-check of group options, keys (a misspelt ``eval.epoch`` gets a
+"did you mean" and its level's keys) and schema values
 (:func:`saeravel.config.unknown_option_error`, before Hydra composes), then Hydra's own
 ``hydra.main`` (run, ``-m`` sweeps, ``--cfg``, ``--help``), whose task is
 :func:`saeravel.pipeline.main_guarded`.
@@ -10,6 +11,7 @@ command line's: the pre-check of group options and schema values
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,6 +23,41 @@ if TYPE_CHECKING:
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 """The repository's ``conf/`` folder (the package runs from its source tree)."""
+
+SUBDIR_MAX_BYTES = 120
+"""A sweep job's folder name longer than this (Hydra's ``job.override_dirname``) is cut."""
+DIRNAME_RESOLVER = "saeravel.dirname"
+"""The OmegaConf resolver ``conf/config.yaml``'s ``hydra.sweep.subdir`` calls."""
+
+
+def bounded_dirname(override_dirname: str, max_bytes: int = SUBDIR_MAX_BYTES) -> str:
+    """``override_dirname`` (Hydra's ``k=v,k=v`` of a sweep job) as a folder name of at most
+    ``max_bytes`` bytes: itself when short enough, else its first whole overrides, ``_etc_``
+    and 10 hex digits of its SHA-256 (a long sweep's folders stay distinct and below the
+    file system's 255-byte limit: 14 overrides reached 261 and raised ``File name too long``).
+    A ``/`` of a value cut this way becomes ``_`` (no nested folders)."""
+    raw = override_dirname.encode()
+    if len(raw) <= max_bytes:
+        return override_dirname
+    digest = hashlib.sha256(raw).hexdigest()[:10]
+    tail = f"_etc_{digest}"
+    head = raw[: max(max_bytes - len(tail), 0)].decode(errors="ignore")
+    if "," in head[len(head) // 2 :]:  # end at a whole override when one ends late enough
+        head = head[: head.rindex(",")]
+    return head.replace("/", "_") + tail
+
+
+def register_resolvers() -> None:
+    """Register saeravel's OmegaConf resolvers (idempotent): ``saeravel.dirname`` =
+    :func:`bounded_dirname`. Called when this module is imported, so a launcher's worker that
+    unpickles :func:`_task` has it before Hydra names the job's folder."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(DIRNAME_RESOLVER):
+        OmegaConf.register_new_resolver(DIRNAME_RESOLVER, bounded_dirname)
+
+
+register_resolvers()
 
 
 def main(argv: Sequence[str] | None = None, conf_dir: str | Path = CONF_DIR) -> int:

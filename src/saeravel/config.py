@@ -11,9 +11,9 @@ the config is composed, not an hour into a job.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from saeravel.schema import StrEnum
 # ----------------------------------------------------------------------------- models
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed."""
 
     float32 = "float32"
@@ -95,7 +95,7 @@ class EmbeddedModelConfig(ModelConfig):
     cache_dir: str = II("paths.cache_dir")
 
 
-class PlantedBasis(str, Enum):
+class PlantedBasis(StrEnum):
     """The orthogonal Q of the planted world (saeravel.planted): ``aligned`` (Q = I),
     ``rotated`` (random Q over the planted subspace), ``mixed`` (45-degree 2x2 rotations
     pairing dims of different attributes)."""
@@ -105,7 +105,7 @@ class PlantedBasis(str, Enum):
     mixed = "mixed"
 
 
-class PlantedCodes(str, Enum):
+class PlantedCodes(StrEnum):
     """The planted world's value codes in each attribute's block (saeravel.planted):
     ``onehot`` (a value is one dim) or ``dense`` (random orthonormal: every value uses every
     dim of its block)."""
@@ -176,6 +176,7 @@ class ApolloSAEConfig(SAEConfig):
     run_ids: dict[int, str] = field(default_factory=dict)
     hooks: dict[int, str] = field(default_factory=dict)
     cache_dir: str = II("paths.cache_dir")
+    sae_lens_release: str | None = None  # the same SAEs in sae_lens' catalogue (no-key route)
 
 
 @dataclass
@@ -228,7 +229,7 @@ class TrainedSAEConfig(SAEConfig):
     cache_dir: str = II("paths.cache_dir")
 
 
-class PlantedDictionary(str, Enum):
+class PlantedDictionary(StrEnum):
     """``planted``: the planted atoms; ``random``: +- a random orthonormal basis of the
     planted subspace (the chance-level control)."""
 
@@ -366,7 +367,8 @@ def unknown_option_error(argv: Sequence[str], conf_dir: str | Path) -> str | Non
     """The first command-line choice of a config group that is not one of the group's options
     (``sae=no_such``, ``model=gpt3``, ``eval=rave,ravel``), as one line naming the group's real
     options with a "did you mean"; then the first value or key the schemas reject
-    (``eval.method=dsa``); None if all is well.
+    (``eval.method=dsa``; a misspelt key, ``eval.epoch=5``, with a "did you mean" and the
+    valid keys of its level); None if all is well.
 
     Checked through Hydra's public API (its override parser and the config loader's group
     options, ConfigStore groups included) before ``hydra.main`` composes, whose own message is
@@ -449,6 +451,8 @@ def _value_error(overrides: Sequence[Any]) -> str | None:
             composed = compose("config", overrides=job, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as exc:
             cause = exc.__cause__ or exc
+            if (message := _key_error(cause)) is not None:
+                return message
             what = (
                 str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             )
@@ -458,6 +462,26 @@ def _value_error(overrides: Sequence[Any]) -> str | None:
         if (message := _job_error(composed)) is not None:
             return message
     return None
+
+
+def _key_error(exc: BaseException) -> str | None:
+    """A key that does not exist (``eval.epoch=5``, ``modle=gpt2-small``: OmegaConf's
+    "Key 'epoch' not in 'RavelEvalConfig'") as :func:`saeravel.errors.unknown_key`'s line,
+    with a "did you mean" and the keys of its level; None for any other error."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from saeravel.errors import unknown_key
+
+    parent = getattr(exc, "parent_node", None)
+    full_key = getattr(exc, "full_key", None)
+    if not isinstance(exc, ConfigAttributeError | ConfigKeyError) or not full_key:
+        return None
+    if not isinstance(parent, DictConfig) or str(getattr(exc, "key", "")) in parent:
+        return None
+    free_form = not dataclasses.is_dataclass(OmegaConf.get_type(parent))
+    keys = sorted((str(k) for k in parent.keys()), key=lambda k: k == "hydra")  # Hydra's last
+    return str(unknown_key(str(full_key), keys, free_form))
 
 
 def _job_error(cfg: Any) -> str | None:

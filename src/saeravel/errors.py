@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
@@ -20,6 +20,25 @@ def choose(kind: str, value: object, valid: Iterable[object]) -> None:
     close = difflib.get_close_matches(str(value), names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise UserError(f"unknown {kind} {value!r}{hint}; valid: {', '.join(names)}")
+
+
+def unknown_key(full_key: str, valid: Sequence[str], free_form: bool = False) -> UserError:
+    """The one-line error for a config key that does not exist (``eval.epoch``): its closest
+    valid names as a "did you mean" and the valid keys at its level (a schema's private fields,
+    ``_target_``, not listed). ``free_form``: the level takes any key, added with Hydra's
+    ``+`` (all its keys listed)."""
+    prefix, _, key = full_key.rpartition(".")
+    public = [str(v) for v in valid if free_form or not str(v).startswith("_")]
+    close = difflib.get_close_matches(key, public, n=3)
+    hint = (
+        f" (did you mean {', '.join(f'{prefix}.{c}'.lstrip('.') for c in close)}?)" if close else ""
+    )
+    listed = ", ".join(public) if public else "none"
+    add = f"; add a new key with +{full_key}=..." if free_form else ""
+    return UserError(
+        f"unknown config key {full_key}{hint}; valid keys of {prefix or 'the top level'}: "
+        f"{listed}{add}"
+    )
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:

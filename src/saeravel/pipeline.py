@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import difflib
 import errno
 import json
 import logging
@@ -40,6 +39,7 @@ from saeravel.checkpoint import CheckpointStore
 from saeravel.errors import (
     UserError,
     instantiate,  # re-raises a constructor's UserError as is
+    unknown_key,
 )
 from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, check_job
 from saeravel.hooks import resid_layer, resid_post, resid_pre
@@ -124,17 +124,7 @@ def check_known_keys(cfg: DictConfig) -> None:
             valid = [f.name for f in dataclasses.fields(schema)]
             for key in node.keys():
                 if str(key) not in valid:
-                    where = f"{prefix}.{key}" if prefix else str(key)
-                    close = difflib.get_close_matches(str(key), valid, n=3)
-                    hint = (
-                        f" (did you mean {', '.join(f'{prefix}.{c}'.lstrip('.') for c in close)}?)"
-                        if close
-                        else ""
-                    )
-                    raise UserError(
-                        f"unknown config key {where}{hint}; valid keys of "
-                        f"{prefix or 'the top level'}: {', '.join(v for v in valid if not v.startswith('_'))}"
-                    )
+                    raise unknown_key(f"{prefix}.{key}" if prefix else str(key), valid)
         for key in node.keys():
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():

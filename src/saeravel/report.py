@@ -33,6 +33,11 @@ dropped. JSON that is not a saeravel result (checkpoints, wandb tables, SAEBench
 ``*_eval_results.json``) is ignored quietly; an unreadable file or a broken result is one
 warning line; records of several result versions are one warning line; a folder without
 any result is a one-line error (exit 2).
+
+Neuronpedia: a link per kept latent and, per mask, one quick-list page of all its recorded
+latents. sae_lens' ``get_neuronpedia_quick_list`` builds the same URL but opens a browser and
+takes ``modelId`` from the SAE's ``metadata.model_name``; here the URL is only written, and
+``modelId`` is the Neuronpedia id's model part (the same for sae_lens' catalogue entries).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ SKIP_DIR_SUFFIXES = (".ckpt",)  # a job's checkpoints
 # L0: from each eval's registration (``headline_metrics``, ``plotted``; :func:`eval_facts`).
 L0_METRIC = "sparsity.l0"  # core's L0: the x axis of the SAEBench-style figures
 NEURONPEDIA_URL = "https://www.neuronpedia.org/{neuronpedia_id}/{index}"
+NEURONPEDIA_QUICK_LIST = "https://www.neuronpedia.org/quick-list/"  # several latents, one page
 GENERIC_KEY_COLUMNS = ("model", "sae", "layer")
 NO_SAE = "none"
 # Config keys that count as seeds: jobs that differ only in these are repetitions of one
@@ -1098,6 +1104,18 @@ def neuronpedia_url(neuronpedia_id: str, index: int) -> str:
     return NEURONPEDIA_URL.format(neuronpedia_id=neuronpedia_id.strip("/"), index=int(index))
 
 
+def neuronpedia_quick_list_url(neuronpedia_id: str, indices: Iterable[int], name: str) -> str:
+    """One Neuronpedia page listing the latents ``indices`` of the SAE ``neuronpedia_id``
+    (``<model>/<sae>``), titled ``name``: ``quick-list/?name=...&features=[{"modelId": model,
+    "layer": sae, "index": "i"}, ...]`` (the JSON URL-encoded)."""
+    from urllib.parse import quote, urlencode
+
+    model, _, sae = neuronpedia_id.strip("/").partition("/")
+    features = [{"modelId": model, "layer": sae, "index": str(int(i))} for i in indices]
+    query = urlencode({"name": name, "features": json.dumps(features)}, quote_via=quote)
+    return f"{NEURONPEDIA_QUICK_LIST}?{query}"
+
+
 def _latent_method(rec: Record, method: str, scores: Mapping[str, Any]) -> bool:
     """Whether a method's kept entries index SAE latents: an ``sae*`` method whose mask is as
     wide as the SAE's dictionary (when the record states ``d_sae``)."""
@@ -1144,7 +1162,8 @@ def neuronpedia_table(records: Iterable[Record]) -> Table:
 
 def neuronpedia_markdown(table: Table, per_line: int = 16) -> list[str]:
     """The links of :func:`neuronpedia_table` as one markdown list item per (job, method,
-    attribute), the first ``per_line`` latents linked (all are in ``neuronpedia.csv``)."""
+    attribute), the first ``per_line`` latents linked (all are in ``neuronpedia.csv``), then one
+    Neuronpedia quick-list page of all the mask's recorded latents."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in table.rows:
         key = (r["model"], r["neuronpedia_id"], r["layer"], r["seed"], r["method"],
@@ -1155,9 +1174,12 @@ def neuronpedia_markdown(table: Table, per_line: int = 16) -> list[str]:
         links = ", ".join(f"[{r['latent']}]({r['url']})" for r in rows[:per_line])
         more = f" (+{len(rows) - per_line} in neuronpedia.csv)" if len(rows) > per_line else ""
         kept = rows[0]["mask_kept"]
+        title = f"{model} layer {layer} seed {seed} {method} {attr}"
+        page = neuronpedia_quick_list_url(str(npid), [r["latent"] for r in rows], title)
         lines.append(
             f"- {model} layer {layer} `{npid}` seed {seed}, {method} / {attr} "
             f"({kept} kept, the top {len(rows)} recorded by eval.report_top_latents): {links}{more}"
+            f"; [all {len(rows)} on one page]({page})"
         )
     return lines
 

@@ -61,6 +61,7 @@ NON_RESULT_PATHS: dict[str, str] = {
     "model.batch_size": "inference batch size of the model (forward passes only)",
     "model.cache_dir": "where the embedded model is cached (its identity is its config)",
     "sae.cache_dir": "where trained or downloaded SAEs are cached",
+    "sae.sae_lens_release": "where the same SAEs are catalogued (a hint and their Neuronpedia id)",
 }
 # Paths under ``eval`` that do not change the result of the eval called ``cfg.eval.name``
 # (``batch_size`` is an inference batch in most evals but RAVEL's *training* batch: hashed there).

@@ -101,6 +101,7 @@ def apollo_source(tmp_path: Path, layer: int = 5) -> ApolloWandbSource:
         run_ids=cfg.run_ids,
         hooks=cfg.hooks,
         cache_dir=str(tmp_path / "cache"),
+        sae_lens_release=cfg.sae_lens_release,
     )
 
 
@@ -116,6 +117,9 @@ def test_apollo_loads_latest_checkpoint_with_apollo_maths(
     assert sae.identity.extra["checkpoint"] == "samples_200.pt"
     assert sae.identity.extra["tlens_model_name"] == "gpt2"
     assert sae.hook_name == APOLLO_HOOK and not sae.apply_b_dec_to_input
+    # Neuronpedia's id from sae_lens' catalogue entry of the same family, at the same hook
+    assert sae.identity.neuronpedia_id == "gpt2-small/6-res_sle-ajt"
+    assert sae.identity.extra["sae_lens_release"] == "gpt2-small-res_sle-ajt"
 
     p = APOLLO_HOOK.replace(".", "-")
     x = inputs()
@@ -147,8 +151,27 @@ def test_apollo_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError) as info:
         apollo_source(tmp_path, layer=5).load(None)
     msg = str(info.value)
-    assert "WANDB_API_KEY" in msg and "sae=sae_lens sae.release=gpt2-small-res_sle-ajt" in msg
+    route = "sae=sae_lens sae.release=gpt2-small-res_sle-ajt model=gpt2-small"
+    assert "WANDB_API_KEY" in msg and msg.endswith(f"without a key: {route}")
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("family", ["apollo_e2e", "apollo_e2e_ds"])
+def test_apollo_sae_lens_release_is_the_same_sites_on_the_same_model(family: str) -> None:
+    """The catalogue entry ``sae.sae_lens_release`` names is for the model the family selects
+    (its defaults list), and has an SAE at each of the family's hooks."""
+    import yaml
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from saeravel.saes.sae_lens import _id_hooks
+
+    raw = yaml.safe_load((CONF_SAE / f"{family}.yaml").read_text())
+    selected = next(
+        d for d in raw["defaults"] if isinstance(d, dict) and "override /model@_global_.model" in d
+    )
+    entry = get_pretrained_saes_directory()[raw["sae_lens_release"]]
+    assert entry.model == selected["override /model@_global_.model"] == "gpt2-small"
+    assert set(raw["hooks"].values()) <= set(_id_hooks(entry).values())
 
 
 def test_apollo_wrong_hook_lists_what_the_checkpoint_holds(
@@ -177,3 +200,21 @@ def test_apollo_yaml_hooks_read_the_residual_after_their_layer(family: str) -> N
     assert set(cfg.run_ids) == set(cfg.hooks) == {1, 5, 9}
     for layer, hook in cfg.hooks.items():
         assert resid_layer(hook, 12) == layer, (layer, hook)
+
+
+def test_apollo_neuronpedia_id_follows_the_catalogue(
+    tmp_path: Path, fake_wandb: type[FakeApi]
+) -> None:
+    """The id is the catalogue's for the release and the hook (read, not written in code): a
+    release whose hook has no SAE, or no release, gives no id."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from saeravel.saes.sae_lens import hook_neuronpedia_id
+
+    catalogue = get_pretrained_saes_directory()["gpt2-small-res_slefr-ajt"].neuronpedia_id
+    assert hook_neuronpedia_id("gpt2-small-res_slefr-ajt", APOLLO_HOOK) == catalogue[APOLLO_HOOK]
+    assert hook_neuronpedia_id("gpt2-small-res_slefr-ajt", "blocks.5.hook_resid_pre") is None
+    assert hook_neuronpedia_id("no-such-release", APOLLO_HOOK) is None
+    src = apollo_source(tmp_path)
+    src.sae_lens_release = None
+    assert src.load(None).identity.neuronpedia_id is None

@@ -120,3 +120,29 @@ def test_cli_bad_sae_config(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     line = cli(["eval=core", *args], WANDB_MODE="offline").error_line()
     assert expected in line, line
+
+
+@pytest.mark.parametrize("family", ["apollo_e2e", "apollo_e2e_ds"])
+def test_apollo_no_key_route_runs_as_typed(
+    cli, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """The route the wandb-key error suggests, typed after the user's ``layer=5``, passes every
+    check up to the download: the same hook as the family's, on GPT-2 small (not the default
+    model's layer range); offline, the next line is the sae_lens SAE not being cached."""
+    from hydra import compose, initialize_config_dir
+    from saes_helpers import ROOT
+
+    from saeravel.config import unknown_option_error
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    line = cli([f"sae={family}", "layer=5"], WANDB_MODE="offline").error_line()
+    route = line.split("without a key: ", 1)[1].split()
+    assert route[0] == "sae=sae_lens" and "model=gpt2-small" in route, line
+    args = [*route, "layer=5"]
+    assert unknown_option_error(args, ROOT / "conf") is None
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=/x", *args])
+    source = SaeLensSource(cfg.sae.family, cfg.layer, cfg.sae.release, cfg.sae.sae_id)
+    assert source.resolve()[1] == sae_yamls()[family].hooks[5]  # the same site as the family's
+    line = cli(args).error_line()
+    assert "is not in the local Hugging Face cache" in line and "out of range" not in line, line

@@ -108,6 +108,7 @@ from saeravel.probing import (
     n_selected,
     nanmean,
 )
+from saeravel.schema import StrEnum
 from saeravel.taskdata import (
     PAIRED_DATASETS,
     SPLITS,
@@ -126,21 +127,21 @@ EPS = 1e-12
 SAEBENCH_MIN_DENOMINATOR = 0.001
 
 
-class Ranking(str, Enum):
+class Ranking(StrEnum):
     """``eval.ranking``: how latents are ordered for ablation."""
 
     absolute = "absolute"  # |effect| (SAEBench)
     signed = "signed"  # effect, largest first
 
 
-class Direction(str, Enum):
+class Direction(StrEnum):
     """``eval.direction``: which direction ``scr_metric_threshold_N`` reports."""
 
     saebench = "saebench"  # per pair from the biased probe's accuracies (SAEBench)
     dir1 = "dir1"  # always dir1
 
 
-class Denominator(str, Enum):
+class Denominator(StrEnum):
     """``eval.denominator``: the score when ``A_clean - A_orig`` is small or negative."""
 
     saebench = "saebench"  # 0 when A_clean - A_orig < 0.001 (SAEBench)

@@ -1,4 +1,10 @@
-"""``sae=apollo_e2e`` / ``apollo_e2e_ds``: Apollo Research e2e SAEs from their wandb runs."""
+"""``sae=apollo_e2e`` / ``apollo_e2e_ds``: Apollo Research e2e SAEs from their wandb runs.
+
+Neuronpedia hosts these families; their ids are in sae_lens' catalogue, not in the wandb runs.
+The SAE's ``neuronpedia_id`` is the catalogue's id for the SAE of ``sae.sae_lens_release`` (the
+same family, data in ``conf/sae/apollo_e2e*.yaml``) that reads the same hook; which wandb run
+Neuronpedia's copy came from is not recorded anywhere this code can read, so the match is by
+family and hook (the run ids are those of the SAE-RAVEL paper)."""
 
 from __future__ import annotations
 
@@ -22,10 +28,6 @@ from saeravel.wandb_auth import has_wandb_credentials, wandb_host
 log = logging.getLogger(__name__)
 
 _CHECKPOINT_RE = re.compile(r"samples_(\d+)\.pt")
-_NO_KEY_ROUTES = {
-    "apollo_e2e": "gpt2-small-res_sle-ajt",
-    "apollo_e2e_ds": "gpt2-small-res_slefr-ajt",
-}
 
 
 def _checkpoint_step(name: str) -> int | None:
@@ -52,6 +54,7 @@ class ApolloWandbSource(SAESource):
         run_ids: Mapping[int, str] | None = None,
         hooks: Mapping[int, str] | None = None,
         cache_dir: str = ".cache",
+        sae_lens_release: str | None = None,
     ) -> None:
         self.family = family
         self.layer = int(layer)
@@ -59,6 +62,7 @@ class ApolloWandbSource(SAESource):
         self.run_ids = layer_map(run_ids)
         self.hooks = layer_map(hooks)
         self.cache_dir = Path(cache_dir)
+        self.sae_lens_release = sae_lens_release
         self.run_id()  # a layer without a run: before anything else
 
     def required_model_kwargs(self) -> dict[str, Any]:
@@ -72,12 +76,28 @@ class ApolloWandbSource(SAESource):
     def _check_key(self) -> None:
         if has_wandb_credentials():
             return
-        alt = _NO_KEY_ROUTES.get(self.family, "gpt2-small-res_sle-ajt")
+        route = self.no_key_route()
+        alt = (
+            f"; set it, or use the same SAEs through sae_lens without a key: {route}"
+            if route
+            else ""
+        )
         raise UserError(
             f"{self.family}: the SAE is read from wandb run {self.project}/{self.run_id()}, "
-            f"which needs WANDB_API_KEY (or `wandb login`) even for public runs; set it, or use the same SAEs "
-            f"through sae_lens without a key: sae=sae_lens sae.release={alt} "
-            "(gpt2-small-res_sle-ajt = e2e, gpt2-small-res_slefr-ajt = e2e+ds)"
+            f"which needs WANDB_API_KEY (or `wandb login`) even for public runs{alt}"
+        )
+
+    def no_key_route(self) -> str | None:
+        """The overrides that load the same SAEs through sae_lens (``sae.sae_lens_release``),
+        with the model its catalogue entry names, as ``sae=apollo_e2e`` selects it: ``sae=sae_lens
+        sae.release=gpt2-small-res_sle-ajt model=gpt2-small``; None without a release."""
+        if not self.sae_lens_release:
+            return None
+        from saeravel.saes.sae_lens import release_model
+
+        model = release_model(self.sae_lens_release)
+        return f"sae=sae_lens sae.release={self.sae_lens_release}" + (
+            f" model={model}" if model else ""
         )
 
     def run_id(self) -> str:
@@ -187,6 +207,12 @@ class ApolloWandbSource(SAESource):
                 )
             hook_name = prefixes[0].replace("-", ".")
         extra: dict[str, Any] = {"layer": self.layer, "checkpoint": ckpt.name}
+        neuronpedia_id = None
+        if self.sae_lens_release:
+            from saeravel.saes.sae_lens import hook_neuronpedia_id
+
+            neuronpedia_id = hook_neuronpedia_id(self.sae_lens_release, hook_name)
+            extra["sae_lens_release"] = self.sae_lens_release  # where the Neuronpedia id is from
         config_path = ckpt.parent / "final_config.yaml"
         if config_path.is_file():
             import yaml
@@ -199,5 +225,6 @@ class ApolloWandbSource(SAESource):
             sae_id=self.run_id(),
             path=str(ckpt),
             extra=extra,
+            neuronpedia_id=neuronpedia_id,
         )
         return from_apollo_state_dict(state_dict, hook_name, identity)

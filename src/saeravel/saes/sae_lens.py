@@ -167,6 +167,14 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
         raise UserError(f"could not load sae_lens SAE {release} / {sae_id}: {exc}") from exc
 
 
+def release_model(release: str, directory: Mapping[str, Any] | None = None) -> str | None:
+    """The model name sae_lens' pretrained directory gives ``release`` (``gpt2-small``: the
+    transformer_lens name, which is also saeravel's ``model=`` option), None if unknown."""
+    lookup = _directory(directory).get(release)
+    model = getattr(lookup, "model", None)
+    return str(model) if model else None
+
+
 def directory_neuronpedia_id(release: str, sae_id: str) -> str | None:
     """The Neuronpedia id sae_lens' pretrained directory records for (release, id), if any."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
@@ -175,6 +183,18 @@ def directory_neuronpedia_id(release: str, sae_id: str) -> str | None:
     ids = getattr(lookup, "neuronpedia_id", None) or {}
     found = ids.get(sae_id)
     return str(found) if found else None
+
+
+def hook_neuronpedia_id(release: str, hook_name: str) -> str | None:
+    """The Neuronpedia id sae_lens' pretrained directory records for the SAE of ``release``
+    that reads ``hook_name`` (one id of the release; None if none or several do)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None:
+        return None
+    ids = [i for i, hook in _id_hooks(lookup).items() if hook == hook_name]
+    return directory_neuronpedia_id(release, ids[0]) if len(ids) == 1 else None
 
 
 class SaeLensSource(SAESource):
