@@ -241,24 +241,26 @@ def test_rlap_band(tmp_path, basis):
     assert min(dis) > max(_dis(m, "none")), dis
 
 
-def _leak(sub: dict, attr: str) -> float:
-    """Share of a method's swapped span inside the OTHER attributes' blocks."""
-    return sum(
-        v
-        for b, v in sub["into_blocks"].items()
-        if b in ("Country", "Continent", "Language") and b != attr
-    )
+def _into(sub: dict, blocks: tuple[str, ...]) -> float:
+    """Share of a method's swapped span inside the given planted blocks."""
+    return sum(v for b, v in sub["into_blocks"].items() if b in blocks)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("basis", ["aligned", "rotated", "mixed"])
 def test_subspace_recovery_grades_where_each_method_swaps(results, basis):
-    """Principal angles between what each method swaps and the planted block: every method
-    gets a reading; the planted SAE's mask and DAS swap (nearly) all of the block; the SAE
-    mask and, on the aligned basis, the neuron mask swap nothing of the other facts' blocks;
-    on the rotated basis no neuron mask can be both complete and clean."""
+    """Principal angles between what each method swaps and the planted block (small size,
+    seed 0; measured on rotated: DAS captured 0.92 / 0.90 with a max angle of 40 / 44 degrees,
+    18% / 29% of its span in the Language block; sae_probe and fixed exact). Every method gets
+    a reading; the probe-selected planted latents and their decoder basis swap exactly the
+    block; DAS swaps nearly all of it; the SAE mask all of it and nothing of the other trained
+    attribute's block; neurons only on the aligned basis. And the readout is stricter than the
+    score: a method that scores >= 0.95 while swapping a subspace tilted >= 30 degrees from
+    the block, or reaching into the Language block, exists here (the score's argmax readout
+    gives full credit to a partial swap and the two-attribute score never asks about
+    Language; held-out isolation does)."""
     m = results[basis]["ravel"]
-    for method in (
+    methods = (
         "sae",
         "neurons",
         "das",
@@ -268,15 +270,28 @@ def test_subspace_recovery_grades_where_each_method_swaps(results, basis):
         "sae_probe",
         "fixed",
         "rlap",
-    ):
+    )
+    for method in methods:
         for a in ("Country", "Continent"):
             sub = m[method][a]["subspace"]
             assert "skipped" not in sub and 0 <= sub["captured"] <= 1, (method, a, sub)
+    other = {"Country": ("Continent",), "Continent": ("Country",)}
     for a in ("Country", "Continent"):
+        for method in ("sae_probe", "fixed"):
+            sub = m[method][a]["subspace"]
+            assert sub["captured"] >= 0.99 and sub["spill"] <= 0.01, (method, sub)
         sae, das, neurons = (m[x][a]["subspace"] for x in ("sae", "das", "neurons"))
-        assert sae["captured"] >= 0.9 and _leak(sae, a) <= 0.05, sae
-        assert das["captured"] >= 0.9, das
+        assert das["captured"] >= 0.85, das
+        if basis != "mixed":  # mixed: each SAE atom is a 45-degree pair of two facts' dims
+            assert sae["captured"] >= 0.99 and _into(sae, other[a]) <= 0.01, sae
         if basis == "aligned":
-            assert neurons["captured"] >= 0.9 and _leak(neurons, a) <= 0.05, neurons
-        if basis == "rotated":
-            assert neurons["captured"] < 0.9 or _leak(neurons, a) > 0.05, neurons
+            assert neurons["captured"] >= 0.99 and _into(neurons, other[a]) <= 0.01, neurons
+        else:
+            assert neurons["max_angle_deg"] >= 30, neurons
+    lenient = [
+        (method, a) for method in methods for a in ("Country", "Continent")
+        if m[method][a]["disentangle"] >= 0.95
+        and (m[method][a]["subspace"]["max_angle_deg"] >= 30
+             or _into(m[method][a]["subspace"], ("Language",)) >= 0.1)
+    ]  # fmt: skip
+    assert lenient, "every high score swapped exactly its block: the readout found nothing"
