@@ -224,6 +224,8 @@ def saebench_eval_config(
     base = base_type_id(type_id)
     if base in ("scr", "tpp"):
         out["perform_scr"] = base == "scr"
+    if base == "ravel":
+        out.update(ravel_eval_config(ours))
     if base == "core":
         downstream = bool(ours.get("n_eval_reconstruction_batches", 1))
         variance = bool(ours.get("n_eval_sparsity_variance_batches", 1))
@@ -231,6 +233,34 @@ def saebench_eval_config(
                    compute_sparsity_metrics=variance, compute_variance_metrics=variance,
                    compute_featurewise_density_statistics=variance)  # fmt: skip
     out[OURS_KEY] = dict(ours)
+    return out
+
+
+def ravel_eval_config(ours: Mapping[str, Any]) -> dict[str, Any]:
+    """SAEBench's RAVEL config fields with this job's values: ``n_generated_tokens`` and
+    ``llm_batch_size`` always; under ``eval.protocol=saebench`` also its dataset fields
+    (``entity_attribute_selection``: the entity type and its attributes, ``top_n_entities``,
+    ``num_pairs_per_attribute``, ``train_test_split``: the training fraction) and
+    ``train_mdas: false``. Under saeravel's own protocols the dataset fields are not written
+    (SAEBench's reader fills in its defaults, which describe its data, not this job's)."""
+    out: dict[str, Any] = {}
+    if isinstance(ours.get("match_tokens"), int):
+        out["n_generated_tokens"] = ours["match_tokens"]
+    if isinstance(ours.get("batch_size"), int):
+        out["llm_batch_size"] = ours["batch_size"]
+    if ours.get("protocol") != "saebench":
+        return out
+    sb = ours.get("saebench") if isinstance(ours.get("saebench"), Mapping) else {}
+    attrs, fr = ours.get("attributes"), list(ours.get("split_fractions") or [])
+    if attrs and ours.get("entity_type"):
+        out["entity_attribute_selection"] = {str(ours["entity_type"]): list(attrs)}
+    for theirs, mine in (("top_n_entities", "top_entities"),
+                         ("num_pairs_per_attribute", "pairs_per_attribute")):  # fmt: skip
+        if isinstance(sb.get(mine), int):
+            out[theirs] = sb[mine]
+    if len(fr) == 3:
+        out["train_test_split"] = float(fr[0])
+    out["train_mdas"] = False
     return out
 
 

@@ -1,7 +1,9 @@
 """The RAVEL eval's config: the schema's enums and dataclasses (``RavelEvalConfig``, the one
-source of the defaults documented in conf/eval/ravel.yaml) and :func:`check`, the value checks
-that need no model. The featurizer-dependent check (which methods need an SAE) is in
-``methods``; ``main.validate`` runs both."""
+source of the defaults documented in conf/eval/ravel.yaml), :data:`PROTOCOL_DEFAULTS` (the one
+source of the defaults that depend on ``eval.protocol``, filled by :func:`fill_protocol_defaults`
+before the job is checked or hashed) and :func:`check`, the value checks that need no model.
+The featurizer-dependent check (which methods need an SAE) is in ``methods``; ``main.validate``
+runs both."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig
@@ -20,6 +24,7 @@ from saeravel.schema import StrEnum
 class RavelProtocol(StrEnum):
     saeravel = "saeravel"
     ravel = "ravel"
+    saebench = "saebench"
 
 
 class RavelMethod(StrEnum):
@@ -86,6 +91,7 @@ class MaskEstimator(StrEnum):
 class RavelRecipe(StrEnum):
     saeravel = "saeravel"
     paper = "paper"
+    saebench = "saebench"
 
 
 class DASMode(StrEnum):
@@ -114,12 +120,13 @@ class PCAMode(StrEnum):
 
 @dataclass
 class MaskConfig:
-    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
+    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``. The
+    schedule's four values depend on the protocol (MISSING here: :data:`PROTOCOL_DEFAULTS`)."""
 
-    schedule: Schedule = Schedule.linear
-    t_start: float = 10.0
-    t_end: float = 0.1
-    anneal_fraction: float = 0.667
+    schedule: Schedule = MISSING
+    t_start: float = MISSING
+    t_end: float = MISSING
+    anneal_fraction: float = MISSING
     estimator: MaskEstimator = MaskEstimator.soft
     l1: float = 0.0
     eval: MaskEval = MaskEval.hard
@@ -212,37 +219,51 @@ class FixedConfig:
 
 
 @dataclass
+class SAEBenchProtocolConfig:
+    """What only ``eval.protocol=saebench`` reads: SAEBench's ``top_n_entities`` (the entities
+    kept after the knowledge filter, most known prompts first) and ``num_pairs_per_attribute``
+    (cause base prompts drawn per intervened attribute, before the split)."""
+
+    top_entities: int = 500
+    pairs_per_attribute: int = 5000
+
+
+@dataclass
 class RavelEvalConfig(EvalConfig):
-    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
+    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel). A MISSING
+    field's default depends on ``protocol`` (:data:`PROTOCOL_DEFAULTS`, filled in by
+    :func:`fill_protocol_defaults`: before a job is checked or hashed, and here for an instance
+    built in Python)."""
 
     name: str = "ravel"
     version: str = "2.0"
-    recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
-    recipe_label: str = (
-        "saeravel's default: the paper's annealing, then 10 epochs at the final temperature"
-    )
+    # conf/eval/recipe/ sets it with its values; the default recipe file sets nothing, so the
+    # protocol's own recipe applies (saeravel, or saebench under eval.protocol=saebench)
+    recipe: RavelRecipe = MISSING
+    recipe_label: str = MISSING
     protocol: RavelProtocol = RavelProtocol.saeravel
-    method: RavelMethod = RavelMethod.all
+    method: RavelMethod = MISSING
     # RAVEL's entity type read when the data is RAVEL's (not a model's own world)
     entity_type: EntityType = EntityType.city
-    # null: the data's first two attributes (city: Country, Continent; data.ATTRIBUTES_BY_TYPE)
+    # null: the data's first two attributes (city: Country, Continent; data.ATTRIBUTES_BY_TYPE);
+    # protocol saebench: SAEBench's selection of the entity type (SAEBENCH_ATTRIBUTES)
     attributes: list[str] | None = None
     # Attributes scored for isolation only, never trained on ("held-out isolation"): null = every
     # attribute of the data not in eval.attributes, [] = none. One the model does not know (no
     # known prompt among the test entities) is skipped and named in the result.
-    isolation_attributes: list[str] | None = None
+    isolation_attributes: list[str] | None = MISSING
     data_source: DataSource = DataSource.auto
     data_dir: str | None = None
-    match: MatchRule = MatchRule.first_token
-    match_tokens: int = 3
+    match: MatchRule = MISSING
+    match_tokens: int = MISSING
     split_by: SplitBy = SplitBy.entity
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
-    max_entities: int | None = 200
+    split_fractions: list[float] = MISSING
+    max_entities: int | None = MISSING
     max_pairs_per_split: int = 500
     drop_same_label_pairs: bool = True
     add_error: bool = False
-    epochs: int = 30
-    batch_size: int = 16
+    epochs: int = MISSING
+    batch_size: int = MISSING
     lr: float = 1e-3
     optimizer: Optimizer = Optimizer.adam
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -253,6 +274,7 @@ class RavelEvalConfig(EvalConfig):
     sae_probe: SAEProbeConfig = field(default_factory=SAEProbeConfig)
     fixed: FixedConfig = field(default_factory=FixedConfig)
     rlap: RLAPConfig = field(default_factory=RLAPConfig)
+    saebench: SAEBenchProtocolConfig = field(default_factory=SAEBenchProtocolConfig)
     bootstrap: int = 1000
     confidence: float = 0.95
     report_top_latents: int = 32
@@ -261,8 +283,89 @@ class RavelEvalConfig(EvalConfig):
     checkpoint_every_s: float = 60.0
     checkpoint_every_steps: int = 0
 
+    def __post_init__(self) -> None:
+        fill_protocol_defaults(self)
 
-PROTOCOLS = ("saeravel", "ravel")
+
+# The defaults that depend on eval.protocol (the schema's MISSING fields), one row per protocol:
+# the one source of these values. saeravel and ravel share saeravel's recipe and data settings;
+# saebench is SAEBench 0.6.0's RAVEL (sae_bench/evals/ravel; the package docstring lists every
+# difference): its SAE-latent mask (MDBM) alone, 2 epochs of Adam with the temperature falling
+# geometrically from 1 to 1e-4 over every step, batch 8 (its gemma-2-2b batch, 32 // 4), 6
+# generated tokens matched by prefix, a 70/30 train/test split and no held-out isolation.
+_SAERAVEL_DEFAULTS: dict[str, Any] = {
+    "recipe": "saeravel",
+    "recipe_label": "saeravel's default: the paper's annealing, then 10 epochs at the final "
+    "temperature",
+    "method": "all",
+    "isolation_attributes": None,
+    "match": "first_token",
+    "match_tokens": 3,
+    "split_fractions": [0.6, 0.1, 0.3],
+    "max_entities": 200,
+    "epochs": 30,
+    "batch_size": 16,
+    "mask.schedule": "linear",
+    "mask.t_start": 10.0,
+    "mask.t_end": 0.1,
+    "mask.anneal_fraction": 0.667,
+}
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "saeravel": _SAERAVEL_DEFAULTS,
+    "ravel": _SAERAVEL_DEFAULTS,
+    "saebench": {
+        "recipe": "saebench",
+        "recipe_label": "SAEBench 0.6.0's RAVEL: Adam lr 1e-3, batch 8, 2 epochs, T 1 -> 1e-4 "
+        "geometric over every step",
+        "method": "sae",
+        "isolation_attributes": [],
+        "match": "prefix",
+        "match_tokens": 6,
+        "split_fractions": [0.7, 0.0, 0.3],
+        "max_entities": None,
+        "epochs": 2,
+        "batch_size": 8,
+        "mask.schedule": "log",
+        "mask.t_start": 1.0,
+        "mask.t_end": 1e-4,
+        "mask.anneal_fraction": 1.0,
+    },
+}
+# SAEBench's entity types and attributes (its entity_attribute_selection): the default
+# eval.attributes under eval.protocol=saebench, and the only ones it defines.
+SAEBENCH_ATTRIBUTES: dict[str, list[str]] = {
+    "city": ["Country", "Continent", "Language"],
+    "nobel_prize_winner": ["Country of Birth", "Field", "Gender"],
+}
+
+
+def _is_missing(node: Any, key: str) -> bool:
+    if isinstance(node, DictConfig):
+        return OmegaConf.is_missing(node, key)
+    return getattr(node, key) == MISSING
+
+
+def fill_protocol_defaults(cfg: Any) -> None:
+    """Set every protocol-dependent setting left MISSING to its protocol's value
+    (:data:`PROTOCOL_DEFAULTS`), in place, on a composed config or a ``RavelEvalConfig``; under
+    ``protocol=saebench`` also ``attributes: null`` to SAEBench's attributes of
+    ``entity_type`` (an entity type SAEBench lacks is left for :func:`check` to name). A value
+    the user set is kept. Idempotent."""
+    protocol = str(cfg.protocol)
+    for dotted, value in PROTOCOL_DEFAULTS.get(protocol, _SAERAVEL_DEFAULTS).items():
+        *parents, key = dotted.split(".")
+        node = cfg
+        for p in parents:
+            node = getattr(node, p)
+        if _is_missing(node, key):
+            setattr(node, key, list(value) if isinstance(value, list) else value)
+    if protocol == "saebench" and cfg.attributes is None:
+        chosen = SAEBENCH_ATTRIBUTES.get(str(cfg.entity_type))
+        if chosen is not None:
+            cfg.attributes = list(chosen)
+
+
+PROTOCOLS = tuple(p.value for p in RavelProtocol)
 
 
 def method_names() -> list[str]:
@@ -271,8 +374,36 @@ def method_names() -> list[str]:
 
 
 def chosen_methods(cfg: Any) -> list[str]:
-    """The methods a job runs: ``eval.method``, or every one for ``all``."""
-    return method_names() if cfg.method == "all" else [str(cfg.method)]
+    """The methods a job runs: ``eval.method`` (MISSING: the protocol's), or every one for
+    ``all``."""
+    method = cfg.method
+    if _is_missing(cfg, "method"):
+        method = PROTOCOL_DEFAULTS.get(str(cfg.protocol), _SAERAVEL_DEFAULTS)["method"]
+    return method_names() if method == "all" else [str(method)]
+
+
+def _check_saebench(cfg: Any) -> None:
+    """``eval.protocol=saebench``: an entity type and attributes SAEBench's RAVEL defines
+    (:data:`SAEBENCH_ATTRIBUTES`), and its own counts."""
+    et = str(cfg.entity_type)
+    if et not in SAEBENCH_ATTRIBUTES:
+        raise UserError(
+            f"eval.protocol=saebench has no entity type {et} (SAEBench's RAVEL defines "
+            f"{' and '.join(SAEBENCH_ATTRIBUTES)}); valid eval.entity_type: "
+            f"{', '.join(SAEBENCH_ATTRIBUTES)}"
+        )
+    valid = SAEBENCH_ATTRIBUTES[et]
+    bad = [a for a in cfg.attributes or [] if a not in valid]
+    if bad:
+        raise UserError(
+            f"eval.attributes has {bad}, which SAEBench's RAVEL does not define for {et} "
+            f"(eval.protocol=saebench); valid: {', '.join(valid)}"
+        )
+    sb = cfg.saebench
+    for name, value in {"eval.saebench.top_entities": sb.top_entities,
+                        "eval.saebench.pairs_per_attribute": sb.pairs_per_attribute}.items():  # fmt: skip
+        if not isinstance(value, int) or value < 2:
+            raise UserError(f"{name}={value} must be an integer >= 2")
 
 
 def mdas_attributes(cfg: Any) -> list[str]:
@@ -351,6 +482,8 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
     the pipeline calls this before anything loads). ``recipe_file``: the ``eval/recipe`` file
     the job composed (None: unknown, not checked)."""
     choose("eval.protocol", cfg.protocol, PROTOCOLS)
+    if cfg.protocol == "saebench":
+        _check_saebench(cfg)
     choose("eval.method", cfg.method, (*method_names(), "all"))
     choose("eval.split_by", cfg.split_by, ("entity", "pair"))
     choose("eval.match", cfg.match, MATCH_RULES)
@@ -428,8 +561,11 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
     if not 0 < cfg.confidence < 1:
         raise UserError(f"eval.confidence={cfg.confidence} must be in (0, 1)")
     _check_methods(cfg)
-    if recipe_file is not None and recipe_file != cfg.recipe:
+    # the default recipe file (saeravel.yaml) sets nothing: the protocol's own recipe applies
+    own = PROTOCOL_DEFAULTS.get(str(cfg.protocol), _SAERAVEL_DEFAULTS)["recipe"]
+    want = own if recipe_file == "saeravel" else recipe_file
+    if recipe_file is not None and want != cfg.recipe:
         raise UserError(
             f"eval.recipe={cfg.recipe} only relabels the result; choose a recipe's settings with "
-            f"eval/recipe={cfg.recipe} (valid: saeravel, paper)"
+            f"eval/recipe=<name> (valid: saeravel, paper) or SAEBench's with eval.protocol=saebench"
         )

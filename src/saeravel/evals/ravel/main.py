@@ -18,7 +18,12 @@ import torch
 from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore, entry_name
 from saeravel.evals.api import EvalOutput, JobChoices, register
-from saeravel.evals.ravel.config import RavelEvalConfig, check, chosen_methods
+from saeravel.evals.ravel.config import (
+    RavelEvalConfig,
+    check,
+    chosen_methods,
+    fill_protocol_defaults,
+)
 from saeravel.evals.ravel.methods import FEATURIZERS, check_sae, needs_sae, references
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.score import score_many, summary_row
@@ -32,6 +37,7 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
     """Every value check that needs no model (the pipeline calls this before anything loads,
     with what it knows of the job: the SAE family, the recipe file composed)."""
     job = job or JobChoices()
+    fill_protocol_defaults(cfg)
     check(cfg, job.groups.get("eval/recipe"))
     check_sae(cfg, job.sae_family)
 
@@ -54,6 +60,7 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
     saebench_required={"ravel": ("disentanglement_score", "cause_score", "isolation_score")},
     saebench_headline="ravel",
     offline_needs="saeravel.evals.ravel.data:eval_offline_needs",
+    defaults="saeravel.evals.ravel.config:fill_protocol_defaults",
 )
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
@@ -132,4 +139,20 @@ def run(cfg: Any, ctx: Any) -> Any:
                                            compared)  # fmt: skip
     summary += verdict_summary(details["verdict"], methods)
     metrics["ravel"]["baseline"] = metrics["baselines"]["none"]
-    return EvalOutput(metrics=metrics, details=details, summary=summary)
+    unstructured = saebench_per_class(cfg, metrics) if cfg.protocol == "saebench" else None
+    return EvalOutput(metrics=metrics, details=details, unstructured=unstructured, summary=summary)
+
+
+def saebench_per_class(cfg: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """SAEBench's ``eval_result_unstructured`` of its RAVEL: per entity type, per attribute
+    intervened, the SAE mask's ``cause_score``, ``isolation_score`` and ``disentangle_score``
+    (``{"city_results": {"city_Country": {...}}}``; the job's method when it is not ``sae``)."""
+    methods = {m: v for m, v in metrics["ravel"].items() if m != "baseline"}
+    head = "sae" if "sae" in methods else next(iter(methods), None)
+    et = str(cfg.entity_type)
+    rows = {
+        f"{et}_{attr}": {"cause_score": r["cause"], "isolation_score": r["isolation"],
+                         "disentangle_score": r["disentangle"]}
+        for attr, r in (methods.get(head) or {}).items()
+    }  # fmt: skip
+    return {f"{et}_results": rows}
