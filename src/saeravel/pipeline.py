@@ -41,14 +41,7 @@ from saeravel.errors import (
     UserError,
     instantiate,  # re-raises a constructor's UserError as is
 )
-from saeravel.evals.api import (
-    EvalContext,
-    EvalOutput,
-    EvalSpec,
-    JobChoices,
-    check_job,
-    fill_defaults,
-)
+from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, check_job
 from saeravel.hooks import resid_layer, resid_post, resid_pre
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
@@ -221,7 +214,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     logging.getLogger("saeravel").setLevel(cfg.log_level)
     start = time.time()
     check_known_keys(cfg)
-    fill_defaults(cfg)  # values that follow from others (RAVEL's protocol defaults), pre-hash
     resolved = _resolve(cfg)
     check_path_names(resolved)  # names that become file names: no '..', '/', absolute paths
     # Every check that needs nothing from the model, before anything loads (and before the job

@@ -131,10 +131,7 @@ class EvalSpec:
     categories and names for ``saebench_type_id``, checked by the reader) and
     ``saebench_headline`` (the category SAEBench's ``get_eval_results`` reads; None: every
     category, flattened), ``offline_needs(cfg, ctx)`` (prefetch: the eval's own data as
-    ``offline.Need``/``Skip`` answers, or None: hub datasets are not prefetched),
-    ``defaults(cfg)`` (fills in place the eval config's values whose default follows from its
-    other values, e.g. RAVEL's per-protocol defaults, left MISSING by the schema; run by
-    :func:`fill_defaults` before a job is checked or hashed).
+    ``offline.Need``/``Skip`` answers, or None: hub datasets are not prefetched).
     :func:`register` hands the job-hash and SAEBench facts to ``results`` and ``saebench``
     (below the evals, which never import the registry).
 
@@ -160,7 +157,6 @@ class EvalSpec:
     saebench_required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     saebench_headline: str | None = None
     offline_needs: Callable[[Any, Any], list] | str | None = None
-    defaults: Callable[[Any], None] | str | None = None
 
     def saebench_metrics(self) -> Callable[[dict], dict] | None:
         """The ``saebench`` function (imported if given as ``"module:function"``)."""
@@ -198,7 +194,6 @@ def register(
     saebench_required: Mapping[str, tuple[str, ...]] | None = None,
     saebench_headline: str | None = None,
     offline_needs: Callable[[Any, Any], list] | str | None = None,
-    defaults: Callable[[Any], None] | str | None = None,
 ) -> Callable:
     """Decorator registering ``run`` as eval ``name`` (see :class:`EvalSpec`)."""
     type_id = saebench_type_id or name
@@ -209,7 +204,7 @@ def register(
         _REGISTRY[name] = EvalSpec(
             name, fn, schema, needs_sae, summarize, saebench, type_id, validate, tuple(checks),
             tuple(headline_metrics), tuple(plotted), non_result, required, saebench_headline,
-            offline_needs, defaults,
+            offline_needs,
         )  # fmt: skip
         results.NON_RESULT_EVAL_PATHS[name] = non_result
         saebench_rules.register_type(type_id, required, saebench_headline)
@@ -235,17 +230,6 @@ def get_eval(name: str) -> EvalSpec:
     return reg[name]
 
 
-def fill_defaults(cfg: Any) -> EvalSpec:
-    """Fill in place the composed job's eval values that its registration's ``defaults``
-    derives from the others (before the job is checked or hashed; idempotent). Returns the
-    eval's spec (a one-line error for an unknown eval)."""
-    spec = get_eval(cfg.eval.name)
-    fn = _function(spec.defaults)
-    if fn is not None:
-        fn(cfg.eval)
-    return spec
-
-
 def check_job(cfg: Any, job: JobChoices | None = None) -> EvalSpec:
     """Every check of a composed job's eval that needs nothing from the model, in this order:
     the eval's name, its schema's own checks (``OmegaConf.to_object`` runs each dataclass's
@@ -253,10 +237,9 @@ def check_job(cfg: Any, job: JobChoices | None = None) -> EvalSpec:
     the job's other groups), and an SAE for an eval that needs one (not ``sae=none``). Called
     by the pipeline before any SAE source or model is built, and by ``run.py``'s check before
     Hydra runs (each value of a sweep). ``job``: what the job composed beyond the eval (default:
-    the SAE family from ``cfg.sae``, no group choices). The eval's derived defaults are filled
-    in first (:func:`fill_defaults`). Returns the eval's spec; raises a one-line
-    :class:`~saeravel.errors.UserError`."""
-    spec = fill_defaults(cfg)
+    the SAE family from ``cfg.sae``, no group choices). Returns the eval's spec; raises a
+    one-line :class:`~saeravel.errors.UserError`."""
+    spec = get_eval(cfg.eval.name)
     OmegaConf.to_object(cfg.eval)
     if job is None:
         job = JobChoices(cfg.sae.get("family") if "sae" in cfg else None)

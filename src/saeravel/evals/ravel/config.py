@@ -1,7 +1,9 @@
 """The RAVEL eval's config: the schema's enums and dataclasses (``RavelEvalConfig``, the one
 source of the defaults documented in conf/eval/ravel.yaml), :data:`PROTOCOL_DEFAULTS` (the one
-source of the defaults that depend on ``eval.protocol``, filled by :func:`fill_protocol_defaults`
-before the job is checked or hashed) and :func:`check`, the value checks that need no model.
+source of the defaults that depend on ``eval.protocol``: the schema's default of such a field is
+the interpolation ``${ravel_protocol:<key>,...}``, which reads the table for the config's
+protocol, so ``eval.protocol=saebench`` moves them all and a value the user sets wins) and
+:func:`check`, the value checks that need no model.
 The featurizer-dependent check (which methods need an SAE) is in ``methods``; ``main.validate``
 runs both."""
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, OmegaConf
 
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig
@@ -121,12 +123,12 @@ class PCAMode(StrEnum):
 @dataclass
 class MaskConfig:
     """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``. The
-    schedule's four values depend on the protocol (MISSING here: :data:`PROTOCOL_DEFAULTS`)."""
+    schedule's four values depend on the protocol (:data:`PROTOCOL_DEFAULTS`)."""
 
-    schedule: Schedule = MISSING
-    t_start: float = MISSING
-    t_end: float = MISSING
-    anneal_fraction: float = MISSING
+    schedule: Schedule = II("ravel_protocol:mask.schedule,${..protocol}")
+    t_start: float = II("ravel_protocol:mask.t_start,${..protocol}")
+    t_end: float = II("ravel_protocol:mask.t_end,${..protocol}")
+    anneal_fraction: float = II("ravel_protocol:mask.anneal_fraction,${..protocol}")
     estimator: MaskEstimator = MaskEstimator.soft
     l1: float = 0.0
     eval: MaskEval = MaskEval.hard
@@ -230,40 +232,40 @@ class SAEBenchProtocolConfig:
 
 @dataclass
 class RavelEvalConfig(EvalConfig):
-    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel). A MISSING
-    field's default depends on ``protocol`` (:data:`PROTOCOL_DEFAULTS`, filled in by
-    :func:`fill_protocol_defaults`: before a job is checked or hashed, and here for an instance
+    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel). A field whose
+    default is ``${ravel_protocol:...}`` takes its protocol's value (:data:`PROTOCOL_DEFAULTS`;
+    resolved by OmegaConf in a composed config, by :func:`fill_protocol_defaults` in an instance
     built in Python)."""
 
     name: str = "ravel"
     version: str = "2.0"
     # conf/eval/recipe/ sets it with its values; the default recipe file sets nothing, so the
     # protocol's own recipe applies (saeravel, or saebench under eval.protocol=saebench)
-    recipe: RavelRecipe = MISSING
-    recipe_label: str = MISSING
+    recipe: RavelRecipe = II("ravel_protocol:recipe,${.protocol}")
+    recipe_label: str = II("ravel_protocol:recipe_label,${.protocol}")
     protocol: RavelProtocol = RavelProtocol.saeravel
-    method: RavelMethod = MISSING
+    method: RavelMethod = II("ravel_protocol:method,${.protocol}")
     # RAVEL's entity type read when the data is RAVEL's (not a model's own world)
     entity_type: EntityType = EntityType.city
     # null: the data's first two attributes (city: Country, Continent; data.ATTRIBUTES_BY_TYPE);
     # protocol saebench: SAEBench's selection of the entity type (SAEBENCH_ATTRIBUTES)
-    attributes: list[str] | None = None
+    attributes: list[str] | None = II("ravel_protocol:attributes,${.protocol},${.entity_type}")
     # Attributes scored for isolation only, never trained on ("held-out isolation"): null = every
     # attribute of the data not in eval.attributes, [] = none. One the model does not know (no
     # known prompt among the test entities) is skipped and named in the result.
-    isolation_attributes: list[str] | None = MISSING
+    isolation_attributes: list[str] | None = II("ravel_protocol:isolation_attributes,${.protocol}")
     data_source: DataSource = DataSource.auto
     data_dir: str | None = None
-    match: MatchRule = MISSING
-    match_tokens: int = MISSING
+    match: MatchRule = II("ravel_protocol:match,${.protocol}")
+    match_tokens: int = II("ravel_protocol:match_tokens,${.protocol}")
     split_by: SplitBy = SplitBy.entity
-    split_fractions: list[float] = MISSING
-    max_entities: int | None = MISSING
+    split_fractions: list[float] = II("ravel_protocol:split_fractions,${.protocol}")
+    max_entities: int | None = II("ravel_protocol:max_entities,${.protocol}")
     max_pairs_per_split: int = 500
     drop_same_label_pairs: bool = True
     add_error: bool = False
-    epochs: int = MISSING
-    batch_size: int = MISSING
+    epochs: int = II("ravel_protocol:epochs,${.protocol}")
+    batch_size: int = II("ravel_protocol:batch_size,${.protocol}")
     lr: float = 1e-3
     optimizer: Optimizer = Optimizer.adam
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -287,7 +289,8 @@ class RavelEvalConfig(EvalConfig):
         fill_protocol_defaults(self)
 
 
-# The defaults that depend on eval.protocol (the schema's MISSING fields), one row per protocol:
+# The defaults that depend on eval.protocol (the schema's ``${ravel_protocol:...}`` fields), one
+# row per protocol:
 # the one source of these values. saeravel and ravel share saeravel's recipe and data settings;
 # saebench is SAEBench 0.6.0's RAVEL (sae_bench/evals/ravel; the package docstring lists every
 # difference): its SAE-latent mask (MDBM) alone, 2 epochs of Adam with the temperature falling
@@ -339,30 +342,38 @@ SAEBENCH_ATTRIBUTES: dict[str, list[str]] = {
 }
 
 
-def _is_missing(node: Any, key: str) -> bool:
-    if isinstance(node, DictConfig):
-        return OmegaConf.is_missing(node, key)
-    return getattr(node, key) == MISSING
+def protocol_default(key: str, protocol: Any, entity_type: Any = None) -> Any:
+    """The default of ``key`` (dotted) under ``protocol``; ``attributes``: SAEBench's of
+    ``entity_type`` under protocol saebench (None for an entity type it lacks, which
+    :func:`check` names), else None (the data's first two, resolved when the data is read).
+    The resolver ``ravel_protocol`` of the schema's defaults."""
+    protocol = str(protocol)
+    if key == "attributes":
+        chosen = SAEBENCH_ATTRIBUTES.get(str(entity_type)) if protocol == "saebench" else None
+        return list(chosen) if chosen is not None else None
+    value = PROTOCOL_DEFAULTS.get(protocol, _SAERAVEL_DEFAULTS)[key]
+    return list(value) if isinstance(value, list) else value
+
+
+if not OmegaConf.has_resolver("ravel_protocol"):
+    OmegaConf.register_new_resolver("ravel_protocol", protocol_default)
+
+
+def _unresolved(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("${ravel_protocol:")
 
 
 def fill_protocol_defaults(cfg: Any) -> None:
-    """Set every protocol-dependent setting left MISSING to its protocol's value
-    (:data:`PROTOCOL_DEFAULTS`), in place, on a composed config or a ``RavelEvalConfig``; under
-    ``protocol=saebench`` also ``attributes: null`` to SAEBench's attributes of
-    ``entity_type`` (an entity type SAEBench lacks is left for :func:`check` to name). A value
-    the user set is kept. Idempotent."""
-    protocol = str(cfg.protocol)
-    for dotted, value in PROTOCOL_DEFAULTS.get(protocol, _SAERAVEL_DEFAULTS).items():
+    """In a ``RavelEvalConfig`` built in Python, set every field still holding its
+    ``${ravel_protocol:...}`` default to the protocol's value, in place (a composed config
+    resolves them itself)."""
+    for dotted in (*PROTOCOL_DEFAULTS["saeravel"], "attributes"):
         *parents, key = dotted.split(".")
         node = cfg
         for p in parents:
             node = getattr(node, p)
-        if _is_missing(node, key):
-            setattr(node, key, list(value) if isinstance(value, list) else value)
-    if protocol == "saebench" and cfg.attributes is None:
-        chosen = SAEBENCH_ATTRIBUTES.get(str(cfg.entity_type))
-        if chosen is not None:
-            cfg.attributes = list(chosen)
+        if _unresolved(getattr(node, key)):
+            setattr(node, key, protocol_default(dotted, cfg.protocol, cfg.entity_type))
 
 
 PROTOCOLS = tuple(p.value for p in RavelProtocol)
@@ -374,12 +385,8 @@ def method_names() -> list[str]:
 
 
 def chosen_methods(cfg: Any) -> list[str]:
-    """The methods a job runs: ``eval.method`` (MISSING: the protocol's), or every one for
-    ``all``."""
-    method = cfg.method
-    if _is_missing(cfg, "method"):
-        method = PROTOCOL_DEFAULTS.get(str(cfg.protocol), _SAERAVEL_DEFAULTS)["method"]
-    return method_names() if method == "all" else [str(method)]
+    """The methods a job runs: ``eval.method``, or every one for ``all``."""
+    return method_names() if cfg.method == "all" else [str(cfg.method)]
 
 
 def _check_saebench(cfg: Any) -> None:

@@ -18,12 +18,7 @@ import torch
 from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore, entry_name
 from saeravel.evals.api import EvalOutput, JobChoices, register
-from saeravel.evals.ravel.config import (
-    RavelEvalConfig,
-    check,
-    chosen_methods,
-    fill_protocol_defaults,
-)
+from saeravel.evals.ravel.config import RavelEvalConfig, check, chosen_methods
 from saeravel.evals.ravel.methods import FEATURIZERS, check_sae, needs_sae, references
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.score import score_many, summary_row
@@ -37,7 +32,6 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
     """Every value check that needs no model (the pipeline calls this before anything loads,
     with what it knows of the job: the SAE family, the recipe file composed)."""
     job = job or JobChoices()
-    fill_protocol_defaults(cfg)
     check(cfg, job.groups.get("eval/recipe"))
     check_sae(cfg, job.sae_family)
 
@@ -60,7 +54,6 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
     saebench_required={"ravel": ("disentanglement_score", "cause_score", "isolation_score")},
     saebench_headline="ravel",
     offline_needs="saeravel.evals.ravel.data:eval_offline_needs",
-    defaults="saeravel.evals.ravel.config:fill_protocol_defaults",
 )
 def run(cfg: Any, ctx: Any) -> Any:
     """Train and score every method for every attribute intervened. With checkpoints on
