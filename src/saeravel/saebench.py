@@ -53,7 +53,10 @@ below) differs from ``result.json`` where SAEBench's JSON schemas
 RAVEL's copy and SAEBench's RAVEL (``sae_bench/evals/ravel``, v0.6.0): the ``ravel``
 category holds one method's scores (:data:`RAVEL_HEADLINE`: the SAE method when the job ran
 it) averaged over the attributes, as SAEBench averages over the attributes of its entity
-class. The numbers are not SAEBench's: SAEBench trains a binary mask over the SAE's latents
+class. Under ``eval.protocol=saebench`` they follow SAEBench's recipe (its differences are
+listed in ``saeravel.evals.ravel``), the copy's ``eval_config`` carries SAEBench's dataset
+fields with this job's values (:func:`ravel_eval_config`) and its unstructured block SAEBench's
+per-attribute scores. Under saeravel's own protocols the numbers are not SAEBench's: SAEBench trains a binary mask over the SAE's latents
 (MDBM: a sigmoid relaxation annealed from temperature 1 to 1e-4, Adam on cause and isolation
 pairs mixed in one loader, ``train_test_split`` of the *pairs*) and scores a held-out pair as
 correct when the greedy continuation of ``n_generated_tokens`` tokens starts with the expected
@@ -62,8 +65,9 @@ under cause otherwise, and draws its isolation pairs from the other attributes, 
 cause pairs. saeravel's methods, splits (by entity), matching rules and pair filters are
 documented in ``saeravel.evals.ravel`` and its recipes; ``eval.recipe=paper`` follows the
 RAVEL paper, not SAEBench. SAEBench's RAVEL config fields in the copy (``model_name``,
-``num_epochs``, ``learning_rate``, ``random_seed``) carry this job's values; its dataset fields
-(``entity_attribute_selection``, ``top_n_entities``, ...) are not written, so SAEBench's
+``num_epochs``, ``learning_rate``, ``random_seed``, ``n_generated_tokens``, ``llm_batch_size``)
+carry this job's values; its dataset fields (``entity_attribute_selection``,
+``top_n_entities``, ...) are written under protocol saebench only, so elsewhere SAEBench's
 reader fills in its defaults, which describe SAEBench's data, not this job's.
 
 Layout (:func:`saeravel.results.saebench_path`): SAEBench's ``get_eval_results``

@@ -233,13 +233,15 @@ class SAEBenchPairs:
         by_label: dict[str, list[Prompt]] = {}
         for p in pool:
             by_label.setdefault(label_for(self.world, p), []).append(p)
-        out = []
+        out, sources = [], {}
         for b in bases:
             lab, text = label_for(self.world, b), b.template.replace("%s", b.entity)
-            cands = [q for other, qs in by_label.items()
-                     if not self.same(text, attribute, lab, other) for q in qs]  # fmt: skip
-            if cands:  # SAEBench raises instead; a base no source can differ from is left out
-                out.append((b, rng.choice(cands)))
+            key = (label_prefix(text), lab)
+            if key not in sources:
+                sources[key] = [q for other, qs in by_label.items()
+                                if not self.same(text, attribute, lab, other) for q in qs]  # fmt: skip
+            if sources[key]:  # SAEBench raises instead; a base no source differs from is left out
+                out.append((b, rng.choice(sources[key])))
         return out
 
     def _pair(self, b: Prompt, src: Prompt, intervened: str, kind: str) -> Pair:
