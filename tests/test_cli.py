@@ -121,6 +121,13 @@ CASES = [
     pytest.param(["sae=none", "eval.method=fixed", "eval.fixed.basis_file=/nonexistent/basis.pt"],
                  "eval.fixed.basis_file=/nonexistent/basis.pt does not exist", False,
                  id="ravel-basis-file-missing"),
+    pytest.param(["eval.protocol=saebench", "eval.entity_type=verb"],
+                 "error: eval.protocol=saebench has no entity type verb (SAEBench's RAVEL defines "
+                 "city and nobel_prize_winner); valid eval.entity_type: city, nobel_prize_winner",
+                 True, id="ravel-saebench-entity-type"),
+    pytest.param(["eval.protocol=saebench", "eval.attributes=[Country,Timezone]"],
+                 "which SAEBench's RAVEL does not define for city (eval.protocol=saebench); "
+                 "valid: Country, Continent, Language", True, id="ravel-saebench-attribute"),
     pytest.param(["eval.method=mdas", "eval.mdas.attributes=[Country]"],
                  "needs at least two distinct attributes", False, id="ravel-mdas-one-attribute"),
     pytest.param(["eval.method=mdas", "eval.mdas.attributes=[Country,Language]"],

@@ -53,7 +53,10 @@ below) differs from ``result.json`` where SAEBench's JSON schemas
 RAVEL's copy and SAEBench's RAVEL (``sae_bench/evals/ravel``, v0.6.0): the ``ravel``
 category holds one method's scores (:data:`RAVEL_HEADLINE`: the SAE method when the job ran
 it) averaged over the attributes, as SAEBench averages over the attributes of its entity
-class. The numbers are not SAEBench's: SAEBench trains a binary mask over the SAE's latents
+class. Under ``eval.protocol=saebench`` they follow SAEBench's recipe (its differences are
+listed in ``saeravel.evals.ravel``), the copy's ``eval_config`` carries SAEBench's dataset
+fields with this job's values (:func:`ravel_eval_config`) and its unstructured block SAEBench's
+per-attribute scores. Under saeravel's own protocols the numbers are not SAEBench's: SAEBench trains a binary mask over the SAE's latents
 (MDBM: a sigmoid relaxation annealed from temperature 1 to 1e-4, Adam on cause and isolation
 pairs mixed in one loader, ``train_test_split`` of the *pairs*) and scores a held-out pair as
 correct when the greedy continuation of ``n_generated_tokens`` tokens starts with the expected
@@ -62,8 +65,9 @@ under cause otherwise, and draws its isolation pairs from the other attributes, 
 cause pairs. saeravel's methods, splits (by entity), matching rules and pair filters are
 documented in ``saeravel.evals.ravel`` and its recipes; ``eval.recipe=paper`` follows the
 RAVEL paper, not SAEBench. SAEBench's RAVEL config fields in the copy (``model_name``,
-``num_epochs``, ``learning_rate``, ``random_seed``) carry this job's values; its dataset fields
-(``entity_attribute_selection``, ``top_n_entities``, ...) are not written, so SAEBench's
+``num_epochs``, ``learning_rate``, ``random_seed``, ``n_generated_tokens``, ``llm_batch_size``)
+carry this job's values; its dataset fields (``entity_attribute_selection``,
+``top_n_entities``, ...) are written under protocol saebench only, so elsewhere SAEBench's
 reader fills in its defaults, which describe SAEBench's data, not this job's.
 
 Layout (:func:`saeravel.results.saebench_path`): SAEBench's ``get_eval_results``
@@ -224,6 +228,8 @@ def saebench_eval_config(
     base = base_type_id(type_id)
     if base in ("scr", "tpp"):
         out["perform_scr"] = base == "scr"
+    if base == "ravel":
+        out.update(ravel_eval_config(ours))
     if base == "core":
         downstream = bool(ours.get("n_eval_reconstruction_batches", 1))
         variance = bool(ours.get("n_eval_sparsity_variance_batches", 1))
@@ -231,6 +237,34 @@ def saebench_eval_config(
                    compute_sparsity_metrics=variance, compute_variance_metrics=variance,
                    compute_featurewise_density_statistics=variance)  # fmt: skip
     out[OURS_KEY] = dict(ours)
+    return out
+
+
+def ravel_eval_config(ours: Mapping[str, Any]) -> dict[str, Any]:
+    """SAEBench's RAVEL config fields with this job's values: ``n_generated_tokens`` and
+    ``llm_batch_size`` always; under ``eval.protocol=saebench`` also its dataset fields
+    (``entity_attribute_selection``: the entity type and its attributes, ``top_n_entities``,
+    ``num_pairs_per_attribute``, ``train_test_split``: the training fraction) and
+    ``train_mdas: false``. Under saeravel's own protocols the dataset fields are not written
+    (SAEBench's reader fills in its defaults, which describe its data, not this job's)."""
+    out: dict[str, Any] = {}
+    if isinstance(ours.get("match_tokens"), int):
+        out["n_generated_tokens"] = ours["match_tokens"]
+    if isinstance(ours.get("batch_size"), int):
+        out["llm_batch_size"] = ours["batch_size"]
+    if ours.get("protocol") != "saebench":
+        return out
+    sb = ours.get("saebench") if isinstance(ours.get("saebench"), Mapping) else {}
+    attrs, fr = ours.get("attributes"), list(ours.get("split_fractions") or [])
+    if attrs and ours.get("entity_type"):
+        out["entity_attribute_selection"] = {str(ours["entity_type"]): list(attrs)}
+    for theirs, mine in (("top_n_entities", "top_entities"),
+                         ("num_pairs_per_attribute", "pairs_per_attribute")):  # fmt: skip
+        if isinstance(sb.get(mine), int):
+            out[theirs] = sb[mine]
+    if len(fr) == 3:
+        out["train_test_split"] = float(fr[0])
+    out["train_mdas"] = False
     return out
 
 

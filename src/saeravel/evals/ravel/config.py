@@ -1,7 +1,11 @@
 """The RAVEL eval's config: the schema's enums and dataclasses (``RavelEvalConfig``, the one
-source of the defaults documented in conf/eval/ravel.yaml) and :func:`check`, the value checks
-that need no model. The featurizer-dependent check (which methods need an SAE) is in
-``methods``; ``main.validate`` runs both."""
+source of the defaults documented in conf/eval/ravel.yaml), :data:`PROTOCOL_DEFAULTS` (the one
+source of the defaults that depend on ``eval.protocol``: the schema's default of such a field is
+the interpolation ``${ravel_protocol:<key>,...}``, which reads the table for the config's
+protocol, so ``eval.protocol=saebench`` moves them all and a value the user sets wins) and
+:func:`check`, the value checks that need no model.
+The featurizer-dependent check (which methods need an SAE) is in ``methods``; ``main.validate``
+runs both."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omegaconf import II, OmegaConf
 
 from saeravel.errors import UserError, choose
 from saeravel.evals.api import EvalConfig
@@ -20,6 +26,7 @@ from saeravel.schema import StrEnum
 class RavelProtocol(StrEnum):
     saeravel = "saeravel"
     ravel = "ravel"
+    saebench = "saebench"
 
 
 class RavelMethod(StrEnum):
@@ -86,6 +93,7 @@ class MaskEstimator(StrEnum):
 class RavelRecipe(StrEnum):
     saeravel = "saeravel"
     paper = "paper"
+    saebench = "saebench"
 
 
 class DASMode(StrEnum):
@@ -114,12 +122,13 @@ class PCAMode(StrEnum):
 
 @dataclass
 class MaskConfig:
-    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``."""
+    """Learned mask: ``sigmoid(param / T)``, T annealed from ``t_start`` to ``t_end``. The
+    schedule's four values depend on the protocol (:data:`PROTOCOL_DEFAULTS`)."""
 
-    schedule: Schedule = Schedule.linear
-    t_start: float = 10.0
-    t_end: float = 0.1
-    anneal_fraction: float = 0.667
+    schedule: Schedule = II("ravel_protocol:mask.schedule,${..protocol}")
+    t_start: float = II("ravel_protocol:mask.t_start,${..protocol}")
+    t_end: float = II("ravel_protocol:mask.t_end,${..protocol}")
+    anneal_fraction: float = II("ravel_protocol:mask.anneal_fraction,${..protocol}")
     estimator: MaskEstimator = MaskEstimator.soft
     l1: float = 0.0
     eval: MaskEval = MaskEval.hard
@@ -212,37 +221,51 @@ class FixedConfig:
 
 
 @dataclass
+class SAEBenchProtocolConfig:
+    """What only ``eval.protocol=saebench`` reads: SAEBench's ``top_n_entities`` (the entities
+    kept after the knowledge filter, most known prompts first) and ``num_pairs_per_attribute``
+    (cause base prompts drawn per intervened attribute, before the split)."""
+
+    top_entities: int = 500
+    pairs_per_attribute: int = 5000
+
+
+@dataclass
 class RavelEvalConfig(EvalConfig):
-    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel)."""
+    """RAVEL interchange interventions (see docs/ARCHITECTURE.md, evals.ravel). A field whose
+    default is ``${ravel_protocol:...}`` takes its protocol's value (:data:`PROTOCOL_DEFAULTS`;
+    resolved by OmegaConf in a composed config, by :func:`fill_protocol_defaults` in an instance
+    built in Python)."""
 
     name: str = "ravel"
     version: str = "2.0"
-    recipe: RavelRecipe = RavelRecipe.saeravel  # conf/eval/recipe/ sets it with its values
-    recipe_label: str = (
-        "saeravel's default: the paper's annealing, then 10 epochs at the final temperature"
-    )
+    # conf/eval/recipe/ sets it with its values; the default recipe file sets nothing, so the
+    # protocol's own recipe applies (saeravel, or saebench under eval.protocol=saebench)
+    recipe: RavelRecipe = II("ravel_protocol:recipe,${.protocol}")
+    recipe_label: str = II("ravel_protocol:recipe_label,${.protocol}")
     protocol: RavelProtocol = RavelProtocol.saeravel
-    method: RavelMethod = RavelMethod.all
+    method: RavelMethod = II("ravel_protocol:method,${.protocol}")
     # RAVEL's entity type read when the data is RAVEL's (not a model's own world)
     entity_type: EntityType = EntityType.city
-    # null: the data's first two attributes (city: Country, Continent; data.ATTRIBUTES_BY_TYPE)
-    attributes: list[str] | None = None
+    # null: the data's first two attributes (city: Country, Continent; data.ATTRIBUTES_BY_TYPE);
+    # protocol saebench: SAEBench's selection of the entity type (SAEBENCH_ATTRIBUTES)
+    attributes: list[str] | None = II("ravel_protocol:attributes,${.protocol},${.entity_type}")
     # Attributes scored for isolation only, never trained on ("held-out isolation"): null = every
     # attribute of the data not in eval.attributes, [] = none. One the model does not know (no
     # known prompt among the test entities) is skipped and named in the result.
-    isolation_attributes: list[str] | None = None
+    isolation_attributes: list[str] | None = II("ravel_protocol:isolation_attributes,${.protocol}")
     data_source: DataSource = DataSource.auto
     data_dir: str | None = None
-    match: MatchRule = MatchRule.first_token
-    match_tokens: int = 3
+    match: MatchRule = II("ravel_protocol:match,${.protocol}")
+    match_tokens: int = II("ravel_protocol:match_tokens,${.protocol}")
     split_by: SplitBy = SplitBy.entity
-    split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.1, 0.3])
-    max_entities: int | None = 200
+    split_fractions: list[float] = II("ravel_protocol:split_fractions,${.protocol}")
+    max_entities: int | None = II("ravel_protocol:max_entities,${.protocol}")
     max_pairs_per_split: int = 500
     drop_same_label_pairs: bool = True
     add_error: bool = False
-    epochs: int = 30
-    batch_size: int = 16
+    epochs: int = II("ravel_protocol:epochs,${.protocol}")
+    batch_size: int = II("ravel_protocol:batch_size,${.protocol}")
     lr: float = 1e-3
     optimizer: Optimizer = Optimizer.adam
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -253,6 +276,7 @@ class RavelEvalConfig(EvalConfig):
     sae_probe: SAEProbeConfig = field(default_factory=SAEProbeConfig)
     fixed: FixedConfig = field(default_factory=FixedConfig)
     rlap: RLAPConfig = field(default_factory=RLAPConfig)
+    saebench: SAEBenchProtocolConfig = field(default_factory=SAEBenchProtocolConfig)
     bootstrap: int = 1000
     confidence: float = 0.95
     report_top_latents: int = 32
@@ -261,8 +285,98 @@ class RavelEvalConfig(EvalConfig):
     checkpoint_every_s: float = 60.0
     checkpoint_every_steps: int = 0
 
+    def __post_init__(self) -> None:
+        fill_protocol_defaults(self)
 
-PROTOCOLS = ("saeravel", "ravel")
+
+# The defaults that depend on eval.protocol (the schema's ``${ravel_protocol:...}`` fields), one
+# row per protocol:
+# the one source of these values. saeravel and ravel share saeravel's recipe and data settings;
+# saebench is SAEBench 0.6.0's RAVEL (sae_bench/evals/ravel; the package docstring lists every
+# difference): its SAE-latent mask (MDBM) alone, 2 epochs of Adam with the temperature falling
+# geometrically from 1 to 1e-4 over every step, batch 8 (its gemma-2-2b batch, 32 // 4), 6
+# generated tokens matched by prefix, a 70/30 train/test split and no held-out isolation.
+_SAERAVEL_DEFAULTS: dict[str, Any] = {
+    "recipe": "saeravel",
+    "recipe_label": "saeravel's default: the paper's annealing, then 10 epochs at the final "
+    "temperature",
+    "method": "all",
+    "isolation_attributes": None,
+    "match": "first_token",
+    "match_tokens": 3,
+    "split_fractions": [0.6, 0.1, 0.3],
+    "max_entities": 200,
+    "epochs": 30,
+    "batch_size": 16,
+    "mask.schedule": "linear",
+    "mask.t_start": 10.0,
+    "mask.t_end": 0.1,
+    "mask.anneal_fraction": 0.667,
+}
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "saeravel": _SAERAVEL_DEFAULTS,
+    "ravel": _SAERAVEL_DEFAULTS,
+    "saebench": {
+        "recipe": "saebench",
+        "recipe_label": "SAEBench 0.6.0's RAVEL: Adam lr 1e-3, batch 8, 2 epochs, T 1 -> 1e-4 "
+        "geometric over every step",
+        "method": "sae",
+        "isolation_attributes": [],
+        "match": "prefix",
+        "match_tokens": 6,
+        "split_fractions": [0.7, 0.0, 0.3],
+        "max_entities": None,
+        "epochs": 2,
+        "batch_size": 8,
+        "mask.schedule": "log",
+        "mask.t_start": 1.0,
+        "mask.t_end": 1e-4,
+        "mask.anneal_fraction": 1.0,
+    },
+}
+# SAEBench's entity types and attributes (its entity_attribute_selection): the default
+# eval.attributes under eval.protocol=saebench, and the only ones it defines.
+SAEBENCH_ATTRIBUTES: dict[str, list[str]] = {
+    "city": ["Country", "Continent", "Language"],
+    "nobel_prize_winner": ["Country of Birth", "Field", "Gender"],
+}
+
+
+def protocol_default(key: str, protocol: Any, entity_type: Any = None) -> Any:
+    """The default of ``key`` (dotted) under ``protocol``; ``attributes``: SAEBench's of
+    ``entity_type`` under protocol saebench (None for an entity type it lacks, which
+    :func:`check` names), else None (the data's first two, resolved when the data is read).
+    The resolver ``ravel_protocol`` of the schema's defaults."""
+    protocol = str(protocol)
+    if key == "attributes":
+        chosen = SAEBENCH_ATTRIBUTES.get(str(entity_type)) if protocol == "saebench" else None
+        return list(chosen) if chosen is not None else None
+    value = PROTOCOL_DEFAULTS.get(protocol, _SAERAVEL_DEFAULTS)[key]
+    return list(value) if isinstance(value, list) else value
+
+
+if not OmegaConf.has_resolver("ravel_protocol"):
+    OmegaConf.register_new_resolver("ravel_protocol", protocol_default)
+
+
+def _unresolved(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("${ravel_protocol:")
+
+
+def fill_protocol_defaults(cfg: Any) -> None:
+    """In a ``RavelEvalConfig`` built in Python, set every field still holding its
+    ``${ravel_protocol:...}`` default to the protocol's value, in place (a composed config
+    resolves them itself)."""
+    for dotted in (*PROTOCOL_DEFAULTS["saeravel"], "attributes"):
+        *parents, key = dotted.split(".")
+        node = cfg
+        for p in parents:
+            node = getattr(node, p)
+        if _unresolved(getattr(node, key)):
+            setattr(node, key, protocol_default(dotted, cfg.protocol, cfg.entity_type))
+
+
+PROTOCOLS = tuple(p.value for p in RavelProtocol)
 
 
 def method_names() -> list[str]:
@@ -273,6 +387,30 @@ def method_names() -> list[str]:
 def chosen_methods(cfg: Any) -> list[str]:
     """The methods a job runs: ``eval.method``, or every one for ``all``."""
     return method_names() if cfg.method == "all" else [str(cfg.method)]
+
+
+def _check_saebench(cfg: Any) -> None:
+    """``eval.protocol=saebench``: an entity type and attributes SAEBench's RAVEL defines
+    (:data:`SAEBENCH_ATTRIBUTES`), and its own counts."""
+    et = str(cfg.entity_type)
+    if et not in SAEBENCH_ATTRIBUTES:
+        raise UserError(
+            f"eval.protocol=saebench has no entity type {et} (SAEBench's RAVEL defines "
+            f"{' and '.join(SAEBENCH_ATTRIBUTES)}); valid eval.entity_type: "
+            f"{', '.join(SAEBENCH_ATTRIBUTES)}"
+        )
+    valid = SAEBENCH_ATTRIBUTES[et]
+    bad = [a for a in cfg.attributes or [] if a not in valid]
+    if bad:
+        raise UserError(
+            f"eval.attributes has {bad}, which SAEBench's RAVEL does not define for {et} "
+            f"(eval.protocol=saebench); valid: {', '.join(valid)}"
+        )
+    sb = cfg.saebench
+    for name, value in {"eval.saebench.top_entities": sb.top_entities,
+                        "eval.saebench.pairs_per_attribute": sb.pairs_per_attribute}.items():  # fmt: skip
+        if not isinstance(value, int) or value < 2:
+            raise UserError(f"{name}={value} must be an integer >= 2")
 
 
 def mdas_attributes(cfg: Any) -> list[str]:
@@ -351,6 +489,8 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
     the pipeline calls this before anything loads). ``recipe_file``: the ``eval/recipe`` file
     the job composed (None: unknown, not checked)."""
     choose("eval.protocol", cfg.protocol, PROTOCOLS)
+    if cfg.protocol == "saebench":
+        _check_saebench(cfg)
     choose("eval.method", cfg.method, (*method_names(), "all"))
     choose("eval.split_by", cfg.split_by, ("entity", "pair"))
     choose("eval.match", cfg.match, MATCH_RULES)
@@ -428,8 +568,11 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
     if not 0 < cfg.confidence < 1:
         raise UserError(f"eval.confidence={cfg.confidence} must be in (0, 1)")
     _check_methods(cfg)
-    if recipe_file is not None and recipe_file != cfg.recipe:
+    # the default recipe file (saeravel.yaml) sets nothing: the protocol's own recipe applies
+    own = PROTOCOL_DEFAULTS.get(str(cfg.protocol), _SAERAVEL_DEFAULTS)["recipe"]
+    want = own if recipe_file == "saeravel" else recipe_file
+    if recipe_file is not None and want != cfg.recipe:
         raise UserError(
             f"eval.recipe={cfg.recipe} only relabels the result; choose a recipe's settings with "
-            f"eval/recipe={cfg.recipe} (valid: saeravel, paper)"
+            f"eval/recipe=<name> (valid: saeravel, paper) or SAEBench's with eval.protocol=saebench"
         )

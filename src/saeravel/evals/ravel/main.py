@@ -132,4 +132,20 @@ def run(cfg: Any, ctx: Any) -> Any:
                                            compared)  # fmt: skip
     summary += verdict_summary(details["verdict"], methods)
     metrics["ravel"]["baseline"] = metrics["baselines"]["none"]
-    return EvalOutput(metrics=metrics, details=details, summary=summary)
+    unstructured = saebench_per_class(cfg, metrics) if cfg.protocol == "saebench" else None
+    return EvalOutput(metrics=metrics, details=details, unstructured=unstructured, summary=summary)
+
+
+def saebench_per_class(cfg: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """SAEBench's ``eval_result_unstructured`` of its RAVEL: per entity type, per attribute
+    intervened, the SAE mask's ``cause_score``, ``isolation_score`` and ``disentangle_score``
+    (``{"city_results": {"city_Country": {...}}}``; the job's method when it is not ``sae``)."""
+    methods = {m: v for m, v in metrics["ravel"].items() if m != "baseline"}
+    head = "sae" if "sae" in methods else next(iter(methods), None)
+    et = str(cfg.entity_type)
+    rows = {
+        f"{et}_{attr}": {"cause_score": r["cause"], "isolation_score": r["isolation"],
+                         "disentangle_score": r["disentangle"]}
+        for attr, r in (methods.get(head) or {}).items()
+    }  # fmt: skip
+    return {f"{et}_results": rows}

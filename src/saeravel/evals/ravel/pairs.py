@@ -27,11 +27,13 @@ from saeravel.evals.ravel.prompts import (
     PAPER_FEW_SHOT_CITIES,
     Pair,
     Prompt,
+    answer_ids,
     bos_id,
     few_shot_templates,
-    label_ids,
+    label_prefix,
     make_pairs,
     matches,
+    matches_any,
     rule_for,
     split_entities,
     tokenize_prompt,
@@ -87,29 +89,32 @@ def label_for(world: CityWorld, p: Prompt) -> str:
     return world.entities[p.entity][p.attribute]
 
 
-def prompt_label_ids(model: Any, world: CityWorld, p: Prompt) -> list[int]:
+def prompt_answer_ids(model: Any, world: CityWorld, p: Prompt, protocol: str) -> list[list[int]]:
+    """Every answer accepted for ``p`` (its label's ids; protocol saebench: its alternatives'
+    too, :func:`~.prompts.saebench_answers`)."""
     text = p.template.replace("%s", p.entity)
-    return label_ids(model.tokenizer, text, label_for(world, p), p.attribute)
+    return answer_ids(model.tokenizer, text, label_for(world, p), p.attribute, protocol)
 
 
 def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) -> list[bool]:
-    """Whether the model answers each prompt correctly (greedy, ``cfg.match`` on token ids),
-    cached per model identity, data, templates and rule. A cache entry that does not parse, or
-    whose key or length does not fit, is logged in one line and rebuilt."""
+    """Whether the model answers each prompt correctly (greedy, ``cfg.match`` on token ids;
+    protocol saebench: any of SAEBench's accepted answers), cached per model identity, data,
+    templates, rule and accepted answers. A cache entry that does not parse, or whose key or
+    length does not fit, is logged in one line and rebuilt."""
     model = ctx.model
-    key_src = json.dumps(
-        {
-            "model": model.name,
-            "mk": model.info.get("cache_folder_key") or model.processing,
-            "dtype": str(model.model.cfg.dtype),
-            "prompts": [[p.template, p.entity] for p in prompts],
-            "labels": [label_for(world, p) for p in prompts],
-            "match": str(cfg.match),
-            "n": cfg.match_tokens,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    protocol = str(cfg.protocol)
+    parts = {
+        "model": model.name,
+        "mk": model.info.get("cache_folder_key") or model.processing,
+        "dtype": str(model.model.cfg.dtype),
+        "prompts": [[p.template, p.entity] for p in prompts],
+        "labels": [label_for(world, p) for p in prompts],
+        "match": str(cfg.match),
+        "n": cfg.match_tokens,
+    }
+    if protocol == "saebench":  # other accepted answers: another filter
+        parts["answers"] = "saebench"
+    key_src = json.dumps(parts, sort_keys=True, default=str)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = inside(ctx.cache_dir, "ravel_filter", f"{model.name}-{key}.json")
     if path.exists():
@@ -132,24 +137,212 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
     )
     gens = generate(model.model, prompts, cfg.match_tokens, fast=cfg.fast)
     known = [
-        matches(g, prompt_label_ids(model.model, world, p), rule_for(p.attribute, cfg.match))
+        matches_any(g, prompt_answer_ids(model.model, world, p, protocol),
+                    rule_for(p.attribute, cfg.match))
         for g, p in zip(gens, prompts, strict=True)
-    ]
+    ]  # fmt: skip
     atomic_write_json(path, {"format": FILTER_FORMAT, "key": key, "n": len(known), "known": known})
     return known
 
 
-def build_pairs(
-    cfg: Any, ctx: Any, world: CityWorld
-) -> tuple[dict[str, dict[str, list[Pair]]], dict[str, Any]]:
-    """Pairs per attribute intervened and split (train/test), plus data statistics."""
-    model = ctx.model.model
-    attrs = list(cfg.attributes)
+def _check_in_data(attrs: list[str], world: CityWorld) -> None:
     missing = [a for a in attrs if a not in world.templates]
     if missing:
         raise UserError(
             f"eval.attributes has {missing} not in the data; valid: {', '.join(sorted(world.templates))}"
         )
+
+
+def _stats(
+    cfg: Any, attrs: list[str], prompts: list[Prompt], kept: list[Prompt], entities: list[str],
+    ent_in: dict[str, Any], pairs: dict[str, dict[str, list[Pair]]], heldout: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The data statistics of a job's pairs; a one-line error when an attribute has no train
+    or test pair of a kind."""
+    stats = {
+        "attributes": list(attrs),
+        "n_prompts": len(prompts),
+        "n_known_prompts": len(kept),
+        "n_entities_known": len(entities),
+        "entities_per_split": {s: len(v) for s, v in ent_in.items()},
+        "pairs": {a: {s: {k: sum(p.kind == k for p in v) for k in ("cause", "isolation")} for s, v in d.items()}
+                  for a, d in pairs.items()},  # fmt: skip
+        "isolation_heldout": {k: v for k, v in heldout.items() if k != "pairs"},
+        "split_by": cfg.split_by,
+        "split_note": "entity split: no test entity trains the mask" if cfg.split_by == "entity"
+        else "LEAKY pair split (the paper's): test entities also appear in training pairs",
+    }  # fmt: skip
+    for a in attrs:
+        for s in ("train", "test"):
+            for k in ("cause", "isolation"):
+                if stats["pairs"][a][s][k] == 0:
+                    raise UserError(
+                        f"no {s} {k} pairs for attribute {a}: too few known entities ({len(entities)})"
+                    )
+    return stats
+
+
+def top_entities(kept: list[Prompt], order: list[str], n: int) -> list[str]:
+    """SAEBench's entity selection: the ``n`` entities with the most known prompts, ties in
+    the data's order ``order`` (SAEBench sorts its entities, in order of appearance, by their
+    count of correct prompts with Python's stable sort)."""
+    count: dict[str, int] = {}
+    for p in kept:
+        count[p.entity] = count.get(p.entity, 0) + 1
+    rank = {e: i for i, e in enumerate(order)}
+    return sorted(count, key=lambda e: (-count[e], rank[e]))[:n]
+
+
+class SAEBenchPairs:
+    """SAEBench's pairs (``intervention.get_prompt_pairs``, v0.6.0) over known prompts: for
+    attribute A intervened, ``n`` base prompts of A drawn without replacement (all of them when
+    fewer), each with a source drawn uniformly among the prompts of A (any template, any
+    entity) whose label differs (target: the source's label); isolation pairs the same way for
+    every other attribute B (base and source ask B; target: the base's label), pooled,
+    shuffled and cut to the number of cause pairs. ``drop_same``: a label whose accepted
+    answers agree with the other's under prefix matching ("United States" and "United States
+    Virgin Islands") counts as the same (SAEBench compares the strings only)."""
+
+    def __init__(self, world: CityWorld, tokenizer: Any, drop_same: bool) -> None:
+        self.world, self.tokenizer, self.drop_same = world, tokenizer, drop_same
+        self._ids: dict[tuple[str, str, str], list[list[int]]] = {}
+        self._same: dict[tuple[str, str, str, str], bool] = {}
+
+    def answers(self, text: str, label: str, attribute: str) -> list[list[int]]:
+        key = (label_prefix(text), label, attribute)  # ids depend on the text's last character
+        if key not in self._ids:
+            self._ids[key] = answer_ids(self.tokenizer, text, label, attribute, "saebench")
+        return self._ids[key]
+
+    def same(self, text: str, attribute: str, a: str, b: str) -> bool:
+        if a == b:
+            return True
+        if not self.drop_same:
+            return False
+        key = (label_prefix(text), attribute, a, b)
+        if key not in self._same:
+            ids_a, ids_b = self.answers(text, a, attribute), self.answers(text, b, attribute)
+            self._same[key] = any(matches(x, y, "prefix") for x in ids_a for y in ids_b)
+        return self._same[key]
+
+    def _draw(
+        self, prompts: list[Prompt], attribute: str, n: int, rng: random.Random
+    ) -> list[tuple[Prompt, Prompt]]:
+        pool = [p for p in prompts if p.attribute == attribute]
+        bases = rng.sample(pool, n) if len(pool) > n else list(pool)
+        by_label: dict[str, list[Prompt]] = {}
+        for p in pool:
+            by_label.setdefault(label_for(self.world, p), []).append(p)
+        out, sources = [], {}
+        for b in bases:
+            lab, text = label_for(self.world, b), b.template.replace("%s", b.entity)
+            key = (label_prefix(text), lab)
+            if key not in sources:
+                sources[key] = [q for other, qs in by_label.items()
+                                if not self.same(text, attribute, lab, other) for q in qs]  # fmt: skip
+            if sources[key]:  # SAEBench raises instead; a base no source differs from is left out
+                out.append((b, rng.choice(sources[key])))
+        return out
+
+    def _pair(self, b: Prompt, src: Prompt, intervened: str, kind: str) -> Pair:
+        text = b.template.replace("%s", b.entity)
+        target = label_for(self.world, src if kind == "cause" else b)
+        ids = self.answers(text, target, b.attribute)
+        return Pair(b, src, intervened, kind, target, ids[0][0], list(ids[0]),
+                    {"same_label": False}, [list(x) for x in ids[1:]])  # fmt: skip
+
+    def pairs(
+        self, prompts: list[Prompt], attrs: list[str], a: str, n: int, rng: random.Random
+    ) -> list[Pair]:
+        """Cause pairs of ``a`` and as many isolation pairs from the other ``attrs``."""
+        cause = [self._pair(b, s, a, "cause") for b, s in self._draw(prompts, a, n, rng)]
+        iso = [x for b in attrs if b != a for x in self._draw(prompts, b, n, rng)]
+        rng.shuffle(iso)
+        return cause + [self._pair(b, s, a, "isolation") for b, s in iso[: len(cause)]]
+
+
+def build_saebench_pairs(
+    cfg: Any, ctx: Any, world: CityWorld
+) -> tuple[dict[str, dict[str, list[Pair]]], dict[str, Any]]:
+    """``eval.protocol=saebench``: SAEBench's entity and prompt selection (every template of
+    the attributes for every entity, the knowledge filter on ``eval.match_tokens`` generated
+    tokens with SAEBench's accepted answers, then the ``eval.saebench.top_entities`` entities
+    with the most known prompts) and its pairs (:class:`SAEBenchPairs`,
+    ``eval.saebench.pairs_per_attribute`` cause pairs per attribute), split by entity (a random
+    split by ``eval.split_fractions``: SAEBench ignores RAVEL's) or, with ``split_by=pair``,
+    SAEBench's own split of the pooled pairs."""
+    model = ctx.model.model
+    attrs = list(cfg.attributes)
+    _check_in_data(attrs, world)
+    rng = random.Random(ctx.seed)
+    bos = bos_id(model)
+    entities = list(world.entities)  # the data's order: SAEBench's ties
+    if cfg.max_entities and len(entities) > cfg.max_entities:
+        drawn = set(rng.sample(entities, cfg.max_entities))
+        entities = [e for e in entities if e in drawn]
+    prompts = [
+        tokenize_prompt(model.tokenizer, t, e, a, bos)
+        for e in entities
+        for a in attrs
+        for t in world.templates[a]
+    ]
+    known = known_filter(cfg, ctx, world, prompts)
+    kept = [p for p, k in zip(prompts, known, strict=True) if k]
+    if not kept:
+        raise UserError(
+            f"model {ctx.model.name} answers none of the {len(prompts)} RAVEL prompts correctly "
+            f"(match={cfg.match}); nothing to evaluate"
+        )
+    n_known = len({p.entity for p in kept})
+    chosen = top_entities(kept, entities, cfg.saebench.top_entities)
+    keep = set(chosen)
+    kept = [p for p in kept if p.entity in keep]
+    maker = SAEBenchPairs(world, model.tokenizer, cfg.drop_same_label_pairs)
+    n = cfg.saebench.pairs_per_attribute
+    fr = dict(zip(("train", "val", "test"), cfg.split_fractions, strict=True))
+    pairs: dict[str, dict[str, list[Pair]]] = {}
+    if cfg.split_by == "entity":
+        split = split_entities(sorted(keep), world, list(cfg.split_fractions), ctx.seed, own=False)
+        ent_in = {s: {e for e in keep if split[e] == s} for s in fr}
+        for a in attrs:
+            pairs[a] = {
+                s: maker.pairs([p for p in kept if p.entity in ent_in[s]], attrs, a,
+                               round(n * fr[s]), rng) if fr[s] > 0 else []
+                for s in fr
+            }  # fmt: skip
+    else:  # SAEBench's split: the pooled cause and isolation pairs, shuffled, cut by fraction
+        ent_in = {"train": keep, "val": set(), "test": keep}
+        for a in attrs:
+            pool = maker.pairs(kept, attrs, a, n, rng)
+            rng.shuffle(pool)
+            n_tr = int(len(pool) * fr["train"] / (fr["train"] + fr["test"]))
+            pairs[a] = {"train": pool[:n_tr], "val": [], "test": pool[n_tr:]}
+    heldout = heldout_pairs(cfg, ctx, world, attrs, entities, set(ent_in["test"]),
+                            lambda p, s: True)  # fmt: skip
+    if any(pairs[a]["val"] for a in attrs):
+        held_val = heldout_pairs(cfg, ctx, world, attrs, entities, set(ent_in["val"]),
+                                 lambda p, s: True, "val")  # fmt: skip
+        for a in attrs:
+            if pairs[a]["val"]:
+                pairs[a]["val"] += held_val["pairs"][a]
+    for a in attrs:
+        pairs[a]["test"] += heldout["pairs"][a]
+    stats = _stats(cfg, attrs, prompts, kept, sorted(keep), ent_in, pairs, heldout)
+    stats["saebench"] = {"entities_known": n_known, "entities_kept": len(chosen),
+                         "pairs_per_attribute": n}  # fmt: skip
+    return pairs, stats
+
+
+def build_pairs(
+    cfg: Any, ctx: Any, world: CityWorld
+) -> tuple[dict[str, dict[str, list[Pair]]], dict[str, Any]]:
+    """Pairs per attribute intervened and split (train/test), plus data statistics
+    (``eval.protocol=saebench``: :func:`build_saebench_pairs`)."""
+    if cfg.protocol == "saebench":
+        return build_saebench_pairs(cfg, ctx, world)
+    model = ctx.model.model
+    attrs = list(cfg.attributes)
+    _check_in_data(attrs, world)
     rng = random.Random(ctx.seed)
     bos = bos_id(model)
     shots = set(world.few_shot_cities)
@@ -260,26 +453,7 @@ def build_pairs(
                 pairs[a]["val"] += held_val["pairs"][a]
     for a in attrs:
         pairs[a]["test"] += heldout["pairs"][a]
-    stats = {
-        "attributes": list(attrs),
-        "n_prompts": len(prompts),
-        "n_known_prompts": len(kept),
-        "n_entities_known": len(kept_entities),
-        "entities_per_split": {s: len(v) for s, v in ent_in.items()},
-        "pairs": {a: {s: {k: sum(p.kind == k for p in v) for k in ("cause", "isolation")} for s, v in d.items()}
-                  for a, d in pairs.items()},  # fmt: skip
-        "isolation_heldout": {k: v for k, v in heldout.items() if k != "pairs"},
-        "split_by": cfg.split_by,
-        "split_note": "entity split: no test entity trains the mask" if cfg.split_by == "entity"
-        else "LEAKY pair split (the paper's): test entities also appear in training pairs",
-    }  # fmt: skip
-    for a in attrs:
-        for s in ("train", "test"):
-            for k in ("cause", "isolation"):
-                if stats["pairs"][a][s][k] == 0:
-                    raise UserError(
-                        f"no {s} {k} pairs for attribute {a}: too few known entities ({len(kept_entities)})"
-                    )
+    stats = _stats(cfg, attrs, prompts, kept, kept_entities, ent_in, pairs, heldout)
     return pairs, stats
 
 

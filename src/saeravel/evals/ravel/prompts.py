@@ -71,6 +71,12 @@ class Pair:
     target_token: int
     target_tokens: list[int] = field(default_factory=list)  # the label's ids in context
     meta: dict[str, Any] = field(default_factory=dict)
+    # other accepted answers' ids in context (protocol saebench: :func:`saebench_answers`)
+    alt_tokens: list[list[int]] = field(default_factory=list)
+
+    def answers(self) -> list[list[int]]:
+        """Every accepted answer's token ids: the target's, then the alternatives'."""
+        return [self.target_tokens, *self.alt_tokens]
 
 
 def label_prefix(prompt_text: str) -> str:
@@ -167,6 +173,45 @@ def matches(generated: list[int], label: list[int], rule: str) -> bool:
     raise UserError(f"unknown match rule {rule!r}; valid: {', '.join(MATCH_RULES)}")
 
 
+def matches_any(generated: list[int], answers: list[list[int]], rule: str) -> bool:
+    """:func:`matches` against any of several accepted answers (token ids each)."""
+    return any(matches(generated, a, rule) for a in answers)
+
+
+def saebench_answers(label: str, attribute: str) -> list[str]:
+    """The answers ``eval.protocol=saebench`` accepts for ``label`` (the label first): the
+    alternatives SAEBench's RAVEL accepts (``validation.evaluate_completion``, v0.6.0), kept as
+    choices but matched as token-id prefixes like the label: "the <label>" for a label naming
+    the United States or the United Kingdom, "England" for the United Kingdom (SAEBench accepts
+    England for the United States too, which is wrong), "Korea" for South Korea, "America" and
+    "NA" for North America, "Chinese" for Mandarin, and each language of a Language label that
+    lists several (SAEBench: only when the prompt says "language", and anywhere in the
+    generation)."""
+    out = [label]
+    if "United States" in label or "United Kingdom" in label:
+        out.append(f"the {label}")
+    if label == "United Kingdom":
+        out.append("England")
+    if "South Korea" in label:
+        out.append("Korea")
+    if "North America" in label:
+        out += ["America", "NA"]
+    if "Mandarin" in label:
+        out.append("Chinese")
+    if attribute == "Language" and "," in label:
+        out += [part.strip() for part in label.split(",") if part.strip()]
+    return list(dict.fromkeys(out))
+
+
+def answer_ids(
+    tokenizer: Any, prompt_text: str, label: str, attribute: str, protocol: str
+) -> list[list[int]]:
+    """Every accepted answer's token ids after ``prompt_text``: the label's
+    (:func:`label_ids`), and under ``protocol=saebench`` its alternatives' too."""
+    labels = saebench_answers(label, attribute) if protocol == "saebench" else [label]
+    return [label_ids(tokenizer, prompt_text, a, attribute) for a in labels]
+
+
 def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str]:
     """One 5-shot template per attribute: the world's own, or the paper's on real RAVEL data."""
     out = {}
@@ -186,10 +231,11 @@ def few_shot_templates(world: CityWorld, attributes: list[str]) -> dict[str, str
 
 
 def split_entities(
-    entities: list[str], world: CityWorld, fractions: list[float], seed: int
+    entities: list[str], world: CityWorld, fractions: list[float], seed: int, own: bool = True
 ) -> dict[str, str]:
-    """Entity -> train/val/test: the data's own split when it covers them, else random."""
-    if world.entity_split and all(e in world.entity_split for e in entities):
+    """Entity -> train/val/test: the data's own split when it covers them (and ``own``), else
+    random by ``fractions``."""
+    if own and world.entity_split and all(e in world.entity_split for e in entities):
         return {e: world.entity_split[e] for e in entities}
     rng = random.Random(seed)
     order = sorted(entities)

@@ -13,7 +13,7 @@ import torch
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.intervene import Intervention
 from saeravel.evals.ravel.pairs import RavelJob
-from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches, rule_for
+from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches_any, rule_for
 from saeravel.evals.ravel.subspace import subspace_recovery
 from saeravel.evals.ravel.train import _rates, convergence, first_token_eval, refine_mask
 from saeravel.evals.ravel.verdict import encode
@@ -125,7 +125,7 @@ def scores(
     chosen: list[bool] = []
     for rule in MATCH_RULES:
         ok = [
-            matches(g, q.target_tokens, rule_for(q.base.attribute, rule))
+            matches_any(g, q.answers(), rule_for(q.base.attribute, rule))
             for g, q in zip(gens, pairs, strict=True)
         ]
         out[rule] = _rates(ok, pairs)

@@ -113,8 +113,8 @@ def train_method(
         log.info("%s: training %d steps (%d pairs, batch %d, lr %g, T %s %g -> %g over %.0f%%, %s mask)",
                  desc, total, len(pairs), cfg.batch_size, cfg.lr, cfg.mask.schedule, cfg.mask.t_start,
                  cfg.mask.t_end, 100 * cfg.mask.anneal_fraction, cfg.mask.estimator)  # fmt: skip
-    forced = None
-    if cfg.match == "prefix" and cfg.match_tokens > 1:
+    forced = None  # protocol saebench: SAEBench's loss reads the first token only
+    if cfg.match == "prefix" and cfg.match_tokens > 1 and cfg.protocol != "saebench":
         forced = TeacherForced(cfg.match_tokens)
         if runner is not None:
             runner.prepare([forced.prompt(q) for q in pairs])
