@@ -573,6 +573,13 @@ def test_the_verdict_is_pooled_over_seeds_with_each_runs_difference(tmp_path: Pa
     assert "+0.167 [" in rep.markdown
     assert max(len(h) for h in _md_tables(rep.markdown)) <= report.MAX_COLUMNS
     assert (tmp_path / "rep" / "ravel_verdict.csv").exists()
+    fig = rep.figures["ravel_methods.png"]  # the figure draws the pooled comparisons
+    assert any("pooled over 3 runs" in t.get_text() for t in fig.texts)
+    diffs = [ax for ax in fig.axes if "paired difference" in ax.get_xlabel()]
+    assert [t.get_text() for t in diffs[0].get_yticklabels()] == [
+        "sae - neurons", "sae - das", "neurons - das"]  # fmt: skip
+    point = diffs[0].lines[0].get_xdata()[0]
+    assert point == pytest.approx((0.5 + 0.5 - 0.5) / 3)
     shown = report.build_report(tmp_path, tmp_path / "rep2", methods=["sae", "neurons"])
     table = next(t for t in shown.tables if t.name == report.VERDICT_TABLE)
     assert {r["comparison"] for r in table.rows} == {"sae - neurons"}

@@ -339,7 +339,7 @@ def methods_bar_figure(
             dax.set_yticklabels([it[0] for it in items], fontsize=7)
             dax.set_ylim(-0.6, len(items) - 0.4)
             dax.invert_yaxis()
-            dax.set_xlabel(f"{attr}: paired difference in disentangle", fontsize=8)
+            dax.set_xlabel(f"{attr}: paired difference, 95% interval", fontsize=8)
             dax.grid(axis="x", alpha=0.3)
     handles, labs = _handles([ax])
     _bottom(fig, handles, labs, caption, width, height, title)
@@ -350,8 +350,9 @@ def methods_bar_figure(
 def _verdict_pairs(
     verdict: Mapping[str, Any] | None, attrs: Sequence[str]
 ) -> dict[str, list[tuple[str, float, list[float] | None]]]:
-    """``{attr: [(pair name, diff, [lo, hi] or None)]}`` of a result's verdict block; empty
-    when there is none or it has no readable entries."""
+    """``{attr: [(pair name, diff, [lo, hi] or None)]}`` of a result's verdict block: each
+    pair's difference in disentangle, then (when scored) in held-out isolation; empty when
+    there is none or it has no readable entries."""
     out: dict[str, list[tuple[str, float, list[float] | None]]] = {}
     if not isinstance(verdict, Mapping):
         return out
@@ -360,13 +361,15 @@ def _verdict_pairs(
         if not isinstance(entries, Mapping):
             continue
         for name, val in entries.items():
-            d = val.get("disentangle") if isinstance(val, Mapping) else None
-            diff = _finite([d.get("diff")]) if isinstance(d, Mapping) else []
-            if not diff:
-                continue
-            ci = d.get("ci")
-            ci_ok = isinstance(ci, list | tuple) and len(_finite(list(ci))) == 2
-            out.setdefault(attr, []).append((str(name), diff[0], list(ci) if ci_ok else None))
+            for metric, label in (("disentangle", str(name)),
+                                  ("isolation_heldout", f"{name}: held-out iso")):  # fmt: skip
+                d = val.get(metric) if isinstance(val, Mapping) else None
+                diff = _finite([d.get("diff")]) if isinstance(d, Mapping) else []
+                if not diff:
+                    continue
+                ci = d.get("ci")
+                ci_ok = isinstance(ci, list | tuple) and len(_finite(list(ci))) == 2
+                out.setdefault(attr, []).append((label, diff[0], list(ci) if ci_ok else None))
     return out
 
 

@@ -891,14 +891,39 @@ def bar_layer(rows: Sequence[Mapping[str, Any]]) -> int:
     return max(by, key=key)
 
 
-def _verdict(records: Sequence[Record], layer: int) -> Mapping[str, Any] | None:
-    """The newest ``eval_result_details["verdict"]`` of ``records`` at ``layer``, if any."""
-    for rec in sorted(records, key=lambda r: -r.millis):
+def _verdict(records: Sequence[Record], layer: int) -> tuple[Mapping[str, Any] | None, str]:
+    """The paired differences the methods figure draws at ``layer`` and a note saying whose:
+    pooled over the runs (:func:`~saeravel.evals.ravel.verdict.pooled_difference`) when
+    several records there differ only in seeds and keep per-pair outcomes, else the newest
+    record's ``verdict`` block; the paper's comparisons (SAE, neurons, DAS) when they ran,
+    every pair otherwise (all pairs are in the result and ``ravel_verdict.csv``)."""
+    from saeravel.evals.ravel.verdict import HEADLINE, pooled_difference
+
+    at = [r for r in _newest_per_job([r for r in records if r.layer == layer])[0]]
+    pooled = [
+        r
+        for r in at
+        if isinstance((r.data.get("eval_result_details") or {}).get("outcomes"), Mapping)
+    ]
+    if len(pooled) > 1 and not varying_settings(pooled):
+        out: dict[str, dict[str, Any]] = {}
+        for attr in pooled[0].attributes():
+            runs = [r.data["eval_result_details"]["outcomes"].get(attr) for r in pooled]
+            if not all(isinstance(o, Mapping) for o in runs):
+                continue
+            for a, b in HEADLINE:
+                if all(a in o["methods"] and b in o["methods"] for o in runs):
+                    out.setdefault(attr, {})[f"{a} - {b}"] = pooled_difference(runs, a, b)
+        if out:
+            return out, f"pooled over {len(pooled)} runs"
+    for rec in sorted(at, key=lambda r: -r.millis):
         details = rec.data.get("eval_result_details")
         v = details.get("verdict") if isinstance(details, Mapping) else None
-        if rec.layer == layer and isinstance(v, Mapping) and v:
-            return v
-    return None
+        if isinstance(v, Mapping) and v:
+            head = {attr: {k: d for k, d in by.items() if tuple(k.split(" - ")) in HEADLINE}
+                    for attr, by in v.items() if isinstance(by, Mapping)}  # fmt: skip
+            return (head if any(head.values()) else v), "one run"
+    return None, ""
 
 
 def _curves(
@@ -955,9 +980,11 @@ def ravel_figures(table: Table, records: Sequence[Record], out_dir: str | Path) 
         layer = bar_layer(rows)
         mine = [r for r in records if (r.part or r.model) == part and has_ravel_metrics(r)]
         at = [r for r in rows if int(r["layer"]) == layer]
+        verdict, whose = _verdict(mine, layer)
         path, fig = figures.methods_bar_figure(
             at, label_of, attrs, out / f"ravel_methods{suffix}.png",
-            f"{part}: methods at layer {layer}", _verdict(mine, layer), f"{caption}; {bars}",
+            f"{part}: methods at layer {layer}", verdict,
+            f"{caption}; {bars}" + (f"; paired differences {whose}" if whose else ""),
         )  # fmt: skip
         written[path] = fig
         path, fig = figures.cause_isolation_figure(
