@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from saeravel.evals.api import EvalContext
@@ -16,6 +18,10 @@ from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 
 ROOT = Path(__file__).resolve().parents[1]
+# RAVEL's data files of every entity type: ../shared/ravel from the project's root
+# (RAVEL_SHARED: elsewhere, e.g. from a git worktree); tests needing them skip without them.
+RAVEL_SHARED = Path(os.environ.get("RAVEL_SHARED", ROOT.parent / "shared" / "ravel"))
+needs_shared = pytest.mark.skipif(not RAVEL_SHARED.exists(), reason="../shared/ravel not present")
 D = 64
 HOOK0 = "blocks.0.hook_resid_post"
 ARCH = {"n_layers": 2, "d_model": D, "n_heads": 4, "d_mlp": 128, "n_ctx": 96, "local_layers": 1}

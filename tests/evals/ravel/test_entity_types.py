@@ -5,8 +5,6 @@ planted world of each type's schema through the pipeline, and the bad input refu
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,12 +26,10 @@ from saeravel.evals.ravel.prompts import label_ids, matches, rule_for
 from saeravel.pipeline import run
 from saeravel.world import ENTITY_TYPES, RAVEL_SCHEMAS
 
-from helpers import ROOT
+from helpers import RAVEL_SHARED as SHARED
+from helpers import ROOT, needs_shared
 
 CONF = str(ROOT / "conf")
-# ../shared/ravel from the project's root (RAVEL_SHARED: elsewhere, e.g. from a git worktree)
-SHARED = Path(os.environ.get("RAVEL_SHARED", ROOT.parent / "shared" / "ravel"))
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/ravel not present")
 
 
 @needs_shared

@@ -6,7 +6,6 @@ end to end on the planted model with its SAEBench copy checked against the wheel
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -33,11 +32,10 @@ from saeravel.evals.ravel.data import load_ravel
 from saeravel.evals.ravel.prompts import matches_any, saebench_answers
 from saeravel.pipeline import run
 
-from helpers import ROOT
+from helpers import RAVEL_SHARED as SHARED
+from helpers import ROOT, needs_shared
 
 CONF = str(ROOT / "conf")
-SHARED = Path(os.environ.get("RAVEL_SHARED", ROOT.parent / "shared" / "ravel"))
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/ravel not present")
 SMALL = ["model=planted-city-lm", "sae=planted", "device=cpu", "model.n_entities=60",
          "model.n_country=10", "model.n_continent=4", "model.n_language=6", "model.id_dims=4",
          "model.d_model=48", "eval.checkpoint_every_s=0"]  # fmt: skip
