@@ -77,6 +77,8 @@ CASES = [
                  id="cuda-without-gpu", marks=NO_CUDA),
     pytest.param(["model=gpt2-small", "sae=trained", "sae.k=0"], "sae.k=0 must be a positive integer",
                  False, id="trained-k0"),  # before the (uncached) model is looked up
+    pytest.param(["sae=pca", "sae.n_sequences=0"], "sae.n_sequences=0 must be a positive integer",
+                 False, id="pca-n-sequences"),
     pytest.param(["model=gpt2-small", "model.hf_name=gtp2", "eval.method=neurons"],
                  "hf_name='gtp2' is not a transformer_lens model name", False, id="hf-name"),
     pytest.param(["model=planted-city-lm", "model.n_entities=6", "sae=none",
