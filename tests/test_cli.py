@@ -79,6 +79,10 @@ CASES = [
                  False, id="trained-k0"),  # before the (uncached) model is looked up
     pytest.param(["sae=pca", "sae.n_sequences=0"], "sae.n_sequences=0 must be a positive integer",
                  False, id="pca-n-sequences"),
+    pytest.param(["eval=meta_structure", "eval.width_ratio=0"],
+                 "eval.width_ratio=0.0 must be in (0, 1]", False, id="meta-structure-width"),
+    pytest.param(["eval=meta_structure", "eval.dtype=float8"],
+                 "eval.dtype=float8: Invalid value 'float8'", True, id="meta-structure-dtype"),
     pytest.param(["model=gpt2-small", "model.hf_name=gtp2", "eval.method=neurons"],
                  "hf_name='gtp2' is not a transformer_lens model name", False, id="hf-name"),
     pytest.param(["model=planted-city-lm", "model.n_entities=6", "sae=none",

@@ -194,6 +194,14 @@ def saebench_eval_of_path(path: str) -> str:
     raise ValueError("Please add the correct key for the eval results")
 
 
+def saebench_reader(name: str) -> str | None:
+    """The eval SAEBench's ``get_eval_results`` reads eval ``name``'s copy as: the first of its
+    path names inside the eval's own name (``sparse_probing_sae_probes`` is read as
+    ``sparse_probing``, as SAEBench's own files of that eval are), or None where it has no
+    branch for the eval (ravel, mdl, meta_structure: it raises for those, its own files too)."""
+    return next((n for n in saebench.EVAL_PATH_ORDER if n in name), None)
+
+
 def saebench_key(path: str) -> str:
     """The SAE key of a file in ``get_eval_results`` / ``get_core_results`` (the same file):
     the file name without ``_eval_results.json``; the L0 plots join an eval with core on it."""
@@ -215,8 +223,8 @@ def test_layout_follows_saebenchs_path_rule() -> None:
         ):
             path = f"{folder}/{saebench_path(rec, job)}"
             assert path.endswith(saebench_filename(rec))
-            if name != "ravel":  # SAEBench's readers have no RAVEL branch
-                assert saebench_eval_of_path(path) == name, path
+            if saebench_reader(name) is not None:  # else SAEBench's readers have no branch
+                assert saebench_eval_of_path(path) == saebench_reader(name), path
             keys.add(saebench_key(path))
     assert len(keys) == 1, keys  # one file name per SAE across evals and folders
     other = _record("core", {"x": {}})
@@ -238,6 +246,7 @@ EVALS = {
     "tpp": ["eval.n_values=[2,5]", "eval.probe.c_grid=[1.0]"],
     "scr": ["eval.n_values=[2,5]", "eval.probe.c_grid=[1.0]"],
     "absorption": ["eval.probe.c_grid=[1.0]", "eval.max_k_value=3"],
+    "meta_structure": ["eval.train_steps=20", "eval.train_batch_size=64", "eval.autocast=false"],
     "unlearning": ["eval.dataset_size=64", "eval.multipliers=[25]", "eval.n_features_list=[10]",
                    "eval.retain_thresholds=[0.01]"],
 }  # fmt: skip
@@ -280,8 +289,8 @@ def test_every_evals_copy_validates_and_joins(name: str, pipeline_copies: Any, s
         copy = json.loads(path.read_text())
         assert schema_errors(schemas, copy) == [], path
         assert copy["eval_type_id"] != "absorption_first_letter"  # embedded: continent task
-        if name != "ravel":
-            assert saebench_eval_of_path(str(path)) == name
+        if saebench_reader(name) is not None:
+            assert saebench_eval_of_path(str(path)) == saebench_reader(name)
         assert saebench_key(str(path)) in core_keys
         saebench.read_result(path)
 
