@@ -91,6 +91,12 @@ CASES = [
                  "eval.reg_type=l3: Invalid value 'l3'", True, id="sae-probes-reg-type"),
     pytest.param(["eval=sparse_probing_sae_probes", "eval.ks=[0,1]"], "eval.ks has k=0", False,
                  id="sae-probes-k0"),
+    pytest.param(["eval=mdl", "eval.k_values=[0,16]"], "eval.k_values has k=0; every k must be "
+                 ">= 1 or null", False, id="mdl-k0"),
+    pytest.param(["eval=mdl", "eval.num_bins_values=[]"], "eval.num_bins_values is empty", False,
+                 id="mdl-no-bins"),
+    pytest.param(["eval=mdl", "eval.k_values=[a]"], "eval.k_values=[a]: Value 'a' of type 'str' "
+                 "could not be converted", True, id="mdl-k-type"),
     pytest.param(["model=gpt2-small", "model.hf_name=gtp2", "eval.method=neurons"],
                  "hf_name='gtp2' is not a transformer_lens model name", False, id="hf-name"),
     pytest.param(["model=planted-city-lm", "model.n_entities=6", "sae=none",
