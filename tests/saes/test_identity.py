@@ -78,3 +78,13 @@ def test_identity_runs_core_and_ravel_on_the_embedded_model(tmp_path: Path) -> N
     ravel = run_job(tmp_path / "ravel", ["sae=identity", *RAVEL])["eval_result_metrics"]["ravel"]
     for attr, score in ravel["sae"].items():
         assert 0 <= score["first_token"]["cause"] <= 1, attr
+
+
+def test_identity_latents_probe_exactly_like_the_residual(tmp_path: Path) -> None:
+    """eval=sparse_probing: the identity's latents are the residual dimensions, so every SAE
+    probe scores what the same residual probe scores."""
+    rec = run_job(tmp_path, ["sae=identity", "eval=sparse_probing", "eval.k_values=[1,2]",
+                             "eval.probe.c_grid=[1.0]"])  # fmt: skip
+    llm, sae = rec["eval_result_metrics"]["llm"], rec["eval_result_metrics"]["sae"]
+    for key, value in llm.items():
+        assert sae[key.replace("llm", "sae")] == pytest.approx(value), key
