@@ -103,6 +103,26 @@ CASES = [
                  id="cuda-without-gpu", marks=NO_CUDA),
     pytest.param(["model=gpt2-small", "sae=trained", "sae.k=0"], "sae.k=0 must be a positive integer",
                  False, id="trained-k0"),  # before the (uncached) model is looked up
+    pytest.param(["sae=pca", "sae.n_sequences=0"], "sae.n_sequences=0 must be a positive integer",
+                 False, id="pca-n-sequences"),
+    pytest.param(["eval=meta_structure", "eval.width_ratio=0"],
+                 "eval.width_ratio=0.0 must be in (0, 1]", False, id="meta-structure-width"),
+    pytest.param(["eval=meta_structure", "eval.dtype=float8"],
+                 "eval.dtype=float8: Invalid value 'float8'", True, id="meta-structure-dtype"),
+    pytest.param(["eval=sparse_probing_sae_probes", "eval.data_source=sae_probes",
+                  "eval.data_dir=/nonexistent"],
+                 "eval.data_dir=/nonexistent has no probing_datasets_MASTER.csv[.zst]: pip install "
+                 "sae-probes", False, id="sae-probes-data-dir"),
+    pytest.param(["eval=sparse_probing_sae_probes", "eval.reg_type=l3"],
+                 "eval.reg_type=l3: Invalid value 'l3'", True, id="sae-probes-reg-type"),
+    pytest.param(["eval=sparse_probing_sae_probes", "eval.ks=[0,1]"], "eval.ks has k=0", False,
+                 id="sae-probes-k0"),
+    pytest.param(["eval=mdl", "eval.k_values=[0,16]"], "eval.k_values has k=0; every k must be "
+                 ">= 1 or null", False, id="mdl-k0"),
+    pytest.param(["eval=mdl", "eval.num_bins_values=[]"], "eval.num_bins_values is empty", False,
+                 id="mdl-no-bins"),
+    pytest.param(["eval=mdl", "eval.k_values=[a]"], "eval.k_values=[a]: Value 'a' of type 'str' "
+                 "could not be converted", True, id="mdl-k-type"),
     pytest.param(["model=gpt2-small", "model.hf_name=gtp2", "eval.method=neurons"],
                  "hf_name='gtp2' is not a transformer_lens model name", False, id="hf-name"),
     pytest.param(["model=planted-city-lm", "model.n_entities=6", "sae=none",

@@ -230,6 +230,28 @@ class TrainedSAEConfig(SAEConfig):
     cache_dir: str = II("paths.cache_dir")
 
 
+@dataclass
+class IdentitySAEConfig(SAEConfig):
+    """SAEBench's identity baseline: the residual dimensions as latents (saeravel.saes.identity)."""
+
+    _target_: str = "saeravel.saes.identity.IdentitySource"
+    family: str = "identity"
+
+
+@dataclass
+class PCASAEConfig(SAEConfig):
+    """SAEBench's PCA baseline: the principal components of the activations at the layer, fit
+    here and cached (saeravel.saes.pca)."""
+
+    _target_: str = "saeravel.saes.pca.PCASource"
+    family: str = "pca"
+    n_sequences: int = 3000
+    batch_size: int = 4096
+    seed: int = 0
+    dataset: str = "Skylion007/openwebtext"
+    cache_dir: str = II("paths.cache_dir")
+
+
 class PlantedDictionary(StrEnum):
     """``planted``: the planted atoms; ``random``: +- a random orthonormal basis of the
     planted subspace (the chance-level control)."""
@@ -345,6 +367,8 @@ def register_configs() -> None:
     cs.store(name="schema_sae_trained", node=TrainedSAEConfig)
     cs.store(name="schema_sae_none", node=NoSAEConfig)
     cs.store(name="schema_sae_planted", node=PlantedSAEConfig)
+    cs.store(name="schema_sae_identity", node=IdentitySAEConfig)
+    cs.store(name="schema_sae_pca", node=PCASAEConfig)
     cs.store(name="schema_logger_none", node=NoLoggerConfig)
     cs.store(name="schema_logger_wandb", node=WandbLoggerConfig)
     from saeravel.evals.api import discover

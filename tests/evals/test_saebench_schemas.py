@@ -2,8 +2,13 @@
 
 The schemas ship in the ``sae-bench==0.6.0`` wheel (``sae_bench/evals/*/eval_output_schema_*.json``).
 The wheel is fetched with ``pip download --no-deps`` once into ``$SAERAVEL_CACHE/sae-bench-wheel``
-(else pytest's cache) and read as a zip: SAEBench is never installed (it pulls a CUDA torch), and
-none of its code runs here. Without network and without a cached wheel the schema tests skip.
+(else pytest's cache) and read as a zip: SAEBench is never installed (it pulls a CUDA torch). None
+of its code runs here except the pydantic output classes of the one eval whose schema the wheel
+does not ship (``sparse_probing_sae_probes``): its ``eval_output.py`` and ``eval_config.py`` (and
+``base_eval_output.py``) are unpacked to a temporary folder and the schema generated from them
+as SAEBench's ``generate_json_schemas.py`` does (pydantic's ``TypeAdapter``; ``sae_probes``, whose
+``DATASETS`` only fills a default, is a stub). SAEBench 0.6.0 has no output class or schema for
+``mdl``. Without network and without a cached wheel the schema tests skip.
 """
 
 from __future__ import annotations
@@ -72,7 +77,51 @@ def schemas(request: pytest.FixtureRequest) -> dict[str, dict]:
                     zf.read(name)
                 )
     assert {"core", "ravel", "scr", "tpp", "absorption_first_letter"} <= set(out), sorted(out)
+    with zipfile.ZipFile(wheel) as zf:
+        for type_id, (package, cls) in GENERATED.items():
+            out.setdefault(type_id, schema_from_pydantic(zf, package, cls))
     return out
+
+
+# SAEBench 0.6.0's evals with neither a JSON schema nor an output class (mdl writes a list of
+# settings under eval_results, not eval_result_metrics).
+NO_SCHEMA = {"mdl"}
+# eval_type_id -> (SAEBench eval package, output class) of the evals that ship no JSON schema.
+GENERATED = {
+    "sparse_probing_sae_probes": ("sparse_probing_sae_probes", "SparseProbingSaeProbesEvalOutput")
+}
+
+
+def schema_from_pydantic(zf: zipfile.ZipFile, package: str, cls: str) -> dict:
+    """The JSON schema of SAEBench's output class ``cls`` in ``sae_bench/evals/<package>/``:
+    its output and config modules (and the base module) unpacked to a temporary folder and
+    imported there (``sae_probes`` a stub), then pydantic's ``TypeAdapter(...).json_schema()``;
+    the modules are removed from ``sys.modules`` afterwards."""
+    import types
+
+    from pydantic import TypeAdapter
+
+    files = ["sae_bench/evals/base_eval_output.py",
+             *(f"sae_bench/evals/{package}/{f}.py" for f in ("eval_config", "eval_output"))]  # fmt: skip
+    before = set(sys.modules)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in files:
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(zf.read(name))
+        for folder in ("sae_bench", "sae_bench/evals", f"sae_bench/evals/{package}"):
+            (Path(tmp) / folder / "__init__.py").touch()
+        stub = types.ModuleType("sae_probes")
+        stub.DATASETS = []  # type: ignore[attr-defined]
+        sys.modules["sae_probes"] = stub
+        sys.path.insert(0, tmp)
+        try:
+            module = __import__(f"sae_bench.evals.{package}.eval_output", fromlist=[cls])
+            return TypeAdapter(getattr(module, cls)).json_schema()
+        finally:
+            sys.path.remove(tmp)
+            for name in set(sys.modules) - before:
+                del sys.modules[name]
 
 
 def schema_errors(schemas: dict[str, dict], copy: dict) -> list[str]:
@@ -164,6 +213,36 @@ def test_eval_config_has_saebenchs_fields_with_our_values(schemas: dict) -> None
     assert scr["eval_config"]["random_seed"] == 3  # the job's seed when the eval has none
 
 
+def test_sae_probes_copy_validates_with_its_per_dataset_records(schemas: dict) -> None:
+    """sae-probes' schema (generated from SAEBench's pydantic classes): per-dataset records
+    need a dataset_name and keep sae_metrics_by_k; undefined LLM metrics stay null."""
+    by_k = {"1": {"test_accuracy": 0.8, "test_auc": 0.9, "test_f1": 0.8}}
+    metrics = {
+        "llm": {"llm_test_accuracy": None},
+        "sae": {"sae_top_1_test_accuracy": 0.8, "sae_top_3_test_accuracy": 0.85},
+    }
+    rows = [{"dataset_name": "5_hist_fig_ismale", "sae_top_1_test_accuracy": 0.8,
+             "sae_metrics_by_k": by_k}]  # fmt: skip
+    copy = saebench_record(_record("sparse_probing_sae_probes", metrics, rows))
+    assert schema_errors(schemas, copy) == []
+    assert copy["eval_result_details"][0]["sae_metrics_by_k"] == by_k
+    assert copy["eval_result_metrics"]["llm"]["llm_test_accuracy"] is None
+    broken = dict(copy, eval_result_details=[{"sae_top_1_test_accuracy": 0.8}])
+    assert any("dataset_name" in e for e in schema_errors(schemas, broken))
+
+
+def test_meta_structure_copy_has_every_required_metric(schemas: dict) -> None:
+    metrics = {"meta_structure": {"decoder_fraction_variance_explained": 0.4,
+                                  "final_reconstruction_mse": 0.01}}  # fmt: skip
+    rec = _record("meta_structure", metrics, eval_type_id="meta_structure_decoder_variance")
+    copy = saebench_record(rec)
+    assert copy["eval_type_id"] == "meta_structure_decoder_variance"
+    assert copy["eval_result_metrics"]["meta_structure"]["train_time_seconds"] == -1  # absent
+    assert schema_errors(schemas, copy) == []
+    raw = dict(copy, eval_result_metrics=metrics)  # without SAEBench's -1 for the absent one
+    assert any("train_time_seconds" in e for e in schema_errors(schemas, raw))
+
+
 def test_non_letter_absorption_has_its_own_type_id(schemas: dict) -> None:
     assert saebench.absorption_type_id("first_letter") == "absorption_first_letter"
     assert saebench.absorption_type_id("continent") == "absorption_continent"
@@ -194,6 +273,14 @@ def saebench_eval_of_path(path: str) -> str:
     raise ValueError("Please add the correct key for the eval results")
 
 
+def saebench_reader(name: str) -> str | None:
+    """The eval SAEBench's ``get_eval_results`` reads eval ``name``'s copy as: the first of its
+    path names inside the eval's own name (``sparse_probing_sae_probes`` is read as
+    ``sparse_probing``, as SAEBench's own files of that eval are), or None where it has no
+    branch for the eval (ravel, mdl, meta_structure: it raises for those, its own files too)."""
+    return next((n for n in saebench.EVAL_PATH_ORDER if n in name), None)
+
+
 def saebench_key(path: str) -> str:
     """The SAE key of a file in ``get_eval_results`` / ``get_core_results`` (the same file):
     the file name without ``_eval_results.json``; the L0 plots join an eval with core on it."""
@@ -215,8 +302,8 @@ def test_layout_follows_saebenchs_path_rule() -> None:
         ):
             path = f"{folder}/{saebench_path(rec, job)}"
             assert path.endswith(saebench_filename(rec))
-            if name != "ravel":  # SAEBench's readers have no RAVEL branch
-                assert saebench_eval_of_path(path) == name, path
+            if saebench_reader(name) is not None:  # else SAEBench's readers have no branch
+                assert saebench_eval_of_path(path) == saebench_reader(name), path
             keys.add(saebench_key(path))
     assert len(keys) == 1, keys  # one file name per SAE across evals and folders
     other = _record("core", {"x": {}})
@@ -238,6 +325,9 @@ EVALS = {
     "tpp": ["eval.n_values=[2,5]", "eval.probe.c_grid=[1.0]"],
     "scr": ["eval.n_values=[2,5]", "eval.probe.c_grid=[1.0]"],
     "absorption": ["eval.probe.c_grid=[1.0]", "eval.max_k_value=3"],
+    "meta_structure": ["eval.train_steps=20", "eval.train_batch_size=64", "eval.autocast=false"],
+    "sparse_probing_sae_probes": ["eval.ks=[1,2]"],
+    "mdl": ["eval.n_batches=2", "eval.batch_size_prompts=4", "eval.num_bins_values=[4,8]"],
     "unlearning": ["eval.dataset_size=64", "eval.multipliers=[25]", "eval.n_features_list=[10]",
                    "eval.retain_thresholds=[0.01]"],
 }  # fmt: skip
@@ -271,17 +361,21 @@ def pipeline_copies(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EVALS))
 def test_every_evals_copy_validates_and_joins(name: str, pipeline_copies: Any, schemas: dict):
-    """The real eval's copies (job folder and index) validate against SAEBench's schema, are
-    read as their eval by SAEBench's path rule, and share core's file name (the L0 join)."""
+    """The real eval's copies (job folder and index) validate against SAEBench's schema (mdl:
+    SAEBench has none), are read as their eval by SAEBench's path rule, and share core's file
+    name (the L0 join)."""
     files = pipeline_copies(name)
     assert len(files) == 2, files
     core_keys = {saebench_key(str(p)) for p in pipeline_copies("core")}
     for path in files:
         copy = json.loads(path.read_text())
-        assert schema_errors(schemas, copy) == [], path
+        if copy["eval_type_id"] in NO_SCHEMA:
+            assert copy["eval_type_id"] not in schemas  # a schema in a later wheel: use it
+        else:
+            assert schema_errors(schemas, copy) == [], path
         assert copy["eval_type_id"] != "absorption_first_letter"  # embedded: continent task
-        if name != "ravel":
-            assert saebench_eval_of_path(str(path)) == name
+        if saebench_reader(name) is not None:
+            assert saebench_eval_of_path(str(path)) == saebench_reader(name)
         assert saebench_key(str(path)) in core_keys
         saebench.read_result(path)
 

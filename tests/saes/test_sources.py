@@ -80,7 +80,8 @@ def test_every_schema_targets_an_sae_source() -> None:
     from saeravel import config as C
 
     targets = {c.__name__: c._target_ for c in _schemas() if c is not C.SAEConfig}
-    assert len(targets) == 7, targets  # sae_lens, apollo, local, custom, trained, planted, none
+    assert len(targets) == 9, targets  # sae_lens, apollo, local, custom, trained, planted,
+    # identity, pca, none
     for name, target in targets.items():
         cls = get_class(target)
         assert SAESource in cls.__mro__, (name, target)  # subclassed: the protocol's defaults

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 LN_EPS = 1e-5
+ACTIVATIONS = ("relu", "topk", "jumprelu", "linear")
 
 
 @dataclass
@@ -37,7 +38,8 @@ class SAE(nn.Module):
     """A dictionary ``x ≈ W_dec f(x) + b_dec`` with an explicit activation.
 
     Shapes: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in]. ``activation`` is ``relu``,
-    ``topk`` (top ``k`` pre-activations, then ReLU) or ``jumprelu`` (``threshold``).
+    ``topk`` (top ``k`` pre-activations, then ReLU), ``jumprelu`` (``threshold``) or
+    ``linear`` (the pre-activations themselves, signed: SAEBench's identity and PCA baselines).
     ``normalize="layer_norm"`` standardises each input vector, ``(x - mu) / (std + 1e-5)``
     with the unbiased std, before encoding and undoes it after decoding with ``* std + mu``
     (no eps: OpenAI's ``sparse_autoencoder`` and sae_lens both do this). ``apply_b_dec_to_input``
@@ -61,8 +63,9 @@ class SAE(nn.Module):
         cfg_dict: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if activation not in ("relu", "topk", "jumprelu"):
-            raise ValueError(f"unknown SAE activation {activation!r}; valid: relu, topk, jumprelu")
+        if activation not in ACTIVATIONS:
+            valid = ", ".join(ACTIVATIONS)
+            raise ValueError(f"unknown SAE activation {activation!r}; valid: {valid}")
         if activation == "topk" and not k:
             raise ValueError("a topk SAE needs k")
         if normalize not in ("none", "layer_norm"):
@@ -131,6 +134,8 @@ class SAE(nn.Module):
             return torch.relu(pre)
         if self.activation == "jumprelu":
             return pre * (pre > self.threshold)
+        if self.activation == "linear":
+            return pre
         vals, idx = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
 
