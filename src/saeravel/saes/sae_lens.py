@@ -133,9 +133,9 @@ def resolve_sae_lens_id(
             f"sae_lens: {len(pairs)} SAEs match release={release!r} sae_id={sae_id!r} at layer "
             f"{layer}; narrow sae.release / sae.sae_id to one of: {listed}"
         )
-    where = f"the residual after block {layer}" if site == "resid_post" else (
-        f"{site} of block {layer}"
-    )
+    where = f"{site} of block {layer}"
+    if site == "resid_post":
+        where = f"the residual after block {layer}"
     what = f"sae_id={sae_id!r}" if sae_id is not None else where
     some_ids = few([f"{r} {i}" for r in releases for i in directory[r].saes_map])
     hint = (

@@ -137,9 +137,7 @@ class TrainedSource(SAESource):
             return [self._folder(model)]
 
         name = f"sae=trained on {ctx.model.name} layer {self.layer}{self._site_tag(' ')}"
-        key = json.dumps(
-            [model_need.dest, self.layer, self.site, self.hparams], sort_keys=True
-        )
+        key = json.dumps([model_need.dest, self.layer, self.site, self.hparams], sort_keys=True)
         return [
             Need(
                 "train", name, "", str(self.cache_dir / "saes"), check, fetch, label=name,

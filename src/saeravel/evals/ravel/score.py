@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
-from saeravel.evals.ravel.intervene import Intervention
+from saeravel.evals.ravel.intervene import Intervention, job_site
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches, rule_for
 from saeravel.evals.ravel.train import _rates, convergence, first_token_eval, refine_mask
@@ -107,8 +107,12 @@ def generations(
     cfg, ctx = job.cfg, job.ctx
     model, bases = ctx.model.model, [q.base for q in pairs]
     if not cfg.fast:
-        return [naive_generate(model, bases, cfg.match_tokens, ctx.layer, v) for v in vector_sets]
-    decoder = job.decoder or CachedDecoder(model, ctx.layer)
+        site = job_site(ctx)
+        return [
+            naive_generate(model, bases, cfg.match_tokens, ctx.layer, v, site=site)
+            for v in vector_sets
+        ]
+    decoder = job.decoder or CachedDecoder(model, ctx.layer, site=job_site(ctx))
     return decoder.generate(bases, cfg.match_tokens, list(vector_sets))
 
 
