@@ -11,6 +11,7 @@ from saes_helpers import sae_yamls
 
 from saeravel.saes.apollo import ApolloWandbSource
 from saeravel.saes.custom import CustomSource
+from saeravel.saes.gemma_scope import GemmaScopeSource
 from saeravel.saes.local import LocalSource
 from saeravel.saes.none import NoSource
 from saeravel.saes.sae_lens import SaeLensSource
@@ -29,9 +30,11 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         "schema_local": C.LocalSAEConfig,
         "schema_custom": C.CustomSAEConfig,
         "schema_none": C.NoSAEConfig,
+        "schema_gemma_scope": C.GemmaScopeSAEConfig,
     }
     fill = {
         "layer": 5,
+        "site": "resid_post",
         "cache_dir": str(tmp_path),
         "path": str(tmp_path),
         "hook_name": "blocks.5.hook_resid_post",
@@ -44,6 +47,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         "schema_local": LocalSource,
         "schema_custom": CustomSource,
         "schema_none": NoSource,
+        "schema_gemma_scope": GemmaScopeSource,
     }
     seen = set()
     for name, raw in sae_yamls().items():
@@ -54,7 +58,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         cfg = OmegaConf.merge(OmegaConf.structured(schemas[schema]), body)
         for key, value in fill.items():  # interpolations and ??? fields
             if key in cfg.keys() and (  # `key in cfg` is False for ??? fields
-                key in ("layer", "cache_dir") or OmegaConf.is_missing(cfg, key)
+                key in ("layer", "site", "cache_dir") or OmegaConf.is_missing(cfg, key)
             ):
                 cfg[key] = value
         if "object" in cfg.keys() and OmegaConf.is_missing(cfg.object, "_target_"):
@@ -62,6 +66,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         src = instantiate(cfg)
         assert isinstance(src, expected[schema]), name
         assert src.layer == 5 and src.family == raw.get("family", "none")
+        assert src.site == "resid_post" and type(src.site) is str  # not the config's enum
         seen.add(schema)
     assert seen == set(schemas)
 
@@ -80,7 +85,8 @@ def test_every_schema_targets_an_sae_source() -> None:
     from saeravel import config as C
 
     targets = {c.__name__: c._target_ for c in _schemas() if c is not C.SAEConfig}
-    assert len(targets) == 7, targets  # sae_lens, apollo, local, custom, trained, planted, none
+    # sae_lens, gemma_scope, apollo, local, custom, trained, planted, none
+    assert len(targets) == 8, targets
     for name, target in targets.items():
         cls = get_class(target)
         assert SAESource in cls.__mro__, (name, target)  # subclassed: the protocol's defaults
