@@ -27,8 +27,10 @@ from saeravel.schema import StrEnum
 
 
 class DType(str, Enum):
-    """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed."""
+    """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed.
+    ``auto``: bfloat16 on a CUDA device, float32 elsewhere (``saeravel.models.dtype_name``)."""
 
+    auto = "auto"
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"

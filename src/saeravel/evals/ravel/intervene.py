@@ -499,7 +499,8 @@ class SuffixRunner:
             raise ValueError("SuffixRunner.logits needs bases that share a prefix")
         n = len(bases)
         width = max(len(p.tokens) - p.entity_start for p in bases)
-        resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=vectors.dtype)
+        dtype = self.suffix(bases[0]).dtype  # the model's (bfloat16: vectors are float32)
+        resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=dtype)
         for i, p in enumerate(bases):
             s = self.suffix(p)
             resid[i, : len(s)] = s
@@ -509,7 +510,7 @@ class SuffixRunner:
         if self.start == self.layer:  # a site inside block `layer`
             patch = patched(model, self.hook, rows, ent, vectors)
         else:
-            resid = resid.index_put((rows, ent), vectors)
+            resid = resid.index_put((rows, ent), vectors.to(dtype))
         kv = self.prefix_kv[prefix]
         for j, block in enumerate(model.blocks[self.start :]):
             entry = None

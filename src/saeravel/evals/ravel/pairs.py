@@ -378,7 +378,8 @@ class FitData:
 
 class VectorBank:
     """The vectors at ``site`` of block ``layer`` (by default the residual after it) at each
-    prompt's entity token, computed once."""
+    prompt's entity token, computed once, in float32 (what the methods train in; a patch
+    casts back to the model's dtype)."""
 
     def __init__(
         self, model: Any, layer: int, prompts: list[Prompt], batch_size: int,
@@ -386,7 +387,7 @@ class VectorBank:
     ) -> None:  # fmt: skip
         uniq = list({id(p): p for p in prompts}.values())
         acts = resid_at(model, uniq, layer, batch_size, site=site)
-        self.vec = {id(p): r[p.entity_pos] for p, r in zip(uniq, acts, strict=True)}
+        self.vec = {id(p): r[p.entity_pos].float() for p, r in zip(uniq, acts, strict=True)}
 
     def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
         return torch.stack([self.vec[id(p)] for p in prompts])
