@@ -159,3 +159,28 @@ def test_mlp_out_patch_is_the_same_change_of_the_residual(models):
         at_mlp = naive_logits(model, prompts, v, layer, site="mlp_out")
         at_resid = naive_logits(model, prompts, post + (v - mlp), layer)
         torch.testing.assert_close(at_mlp, at_resid, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["resid_post", "mlp_out"])
+def test_float32_vectors_on_a_bfloat16_model(site):
+    """The vector bank keeps float32 (what the methods train in); on a bfloat16 model (Gemma-2
+    on a GPU) the fast paths cast them at the patch, as the reference does."""
+    from saeravel.evals.ravel.pairs import VectorBank
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=D, n_heads=4, d_head=8, d_mlp=64, d_vocab=VOCAB, n_ctx=32,
+        device="cpu", dtype=torch.bfloat16, **SHAPES["gemma2"],
+    )  # fmt: skip
+    model = HookedTransformer(cfg).eval()
+    prompts = [p for p in _prompts() if p.prefix == (1, 5, 6)]
+    bank = VectorBank(model, 0, prompts, 4, site=site)
+    v = bank(prompts[::-1])  # other entities' vectors
+    assert v.dtype == torch.float32
+    runner = SuffixRunner(model, 0, site=site)
+    runner.prepare(prompts)
+    fast = runner.logits(prompts, v)
+    ref, last = _hooked(model, prompts, site, 0, v.to(torch.bfloat16))
+    torch.testing.assert_close(fast, ref[torch.arange(len(prompts)), last], atol=0.05, rtol=0.05)
+    dec = CachedDecoder(model, 0, site=site)
+    assert dec.generate(prompts, 2, [v])[0] == naive_generate(model, prompts, 2, 0, v, site=site)
