@@ -314,8 +314,12 @@ def _pad_id(model: Any) -> int:
 
 def job_site(ctx: Any) -> str:
     """The job's site (``resid_post``, ``mlp_out``, ...), read from its hook
-    (``EvalContext.hook_name``, which the pipeline builds from ``layer`` and ``site``)."""
-    found = hook_site(ctx.hook_name)
+    (``EvalContext.hook_name``, which the pipeline builds from ``layer`` and ``site``; a
+    context without one, e.g. a test's stand-in: ``resid_post``)."""
+    hook = getattr(ctx, "hook_name", None)
+    if hook is None:
+        return "resid_post"
+    found = hook_site(hook)
     if found is None or found[0] != ctx.layer:
         raise ValueError(f"RAVEL: hook {ctx.hook_name} is not a site of layer {ctx.layer}")
     return found[1]
