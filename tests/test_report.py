@@ -529,3 +529,12 @@ def test_bad_folders_are_one_line_each(tmp_path: Path, capsys, caplog) -> None:
     versions = [r.getMessage() for r in caplog.records if "result versions" in r.getMessage()]
     assert len(versions) == 1 and "version 1: 1" in versions[0]
     assert "several result versions" in rep.markdown
+
+
+def test_a_sweep_over_sites_differs_in_site_alone(tmp_path: Path) -> None:
+    """``sae.site`` follows ``site``: two sites are one setting, shown as such."""
+    rep = _sweep(tmp_path, {s: ([f"site={s}"], 0.1) for s in ("resid_post", "mlp_out")})
+    ravel = rep.tables[0]
+    assert sorted({r["site"] for r in ravel.rows}) == ["mlp_out", "resid_post"]
+    assert "sae.site" not in ravel.columns
+    assert "differs: site" in rep.markdown

@@ -362,7 +362,7 @@ def _compute(
             f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}"
         )
 
-    site = str(cfg.site)
+    site = str(cfg.get("site") or "resid_post")  # configs without the key: the residual
     sae_site = cfg.sae.get("site") if uses_sae else None
     if sae_site is not None and str(sae_site) != site:
         raise UserError(
