@@ -162,3 +162,19 @@ def test_openai_v5_mlp_out_loads_from_the_hub_cache(hub: Path, tmp_path: Path) -
     check_sae_fits(sae, _model(12), LAYER, "mlp_out")
     with pytest.raises(UserError, match="it fits layer=5 site=mlp_out"):
         check_sae_fits(sae, _model(12), LAYER, "resid_post")
+
+
+def test_gemma_scope_not_cached_names_its_folder(hub: Path) -> None:
+    """Offline and not cached: one line naming the repo folder to fetch (Gemma Scope's layout is
+    ``params.npz``, not sae_lens' ``cfg.json`` + weights)."""
+    src = GemmaScopeSource("gemma_scope", LAYER, "16k", "canonical", site="mlp_out")
+    with pytest.raises(UserError) as info:
+        src.required_model_kwargs()
+    msg = str(info.value)
+    assert (
+        "gemma-scope-2b-pt-mlp-canonical / layer_5/width_16k/canonical is not in the local" in msg
+    )
+    assert (
+        "hf download google/gemma-scope-2b-pt-mlp --include 'layer_5/width_16k/average_l0_" in msg
+    )
+    assert "cfg.json" not in msg and "\n" not in msg

@@ -183,6 +183,8 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
 
             folder = get_repo_id_and_folder_name(release, sae_id)[1]
             files = " ".join(f"{folder}/{f}" for f in ("cfg.json", "sae_weights.safetensors"))
+            if directory[release].conversion_func not in (None, "sae_lens"):  # other layouts
+                files = f"--include '{folder}/*'"  # (Gemma Scope: params.npz)
             raise UserError(
                 f"sae_lens SAE {release} / {sae_id} is not in the local Hugging Face cache and "
                 f"the hub cannot be reached; on a machine with a network run `python -m "
