@@ -126,3 +126,22 @@ def test_cli_bad_sae_config(
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     line = cli(["eval=core", *args], WANDB_MODE="offline").error_line()
     assert expected in line, line
+
+
+def test_trained_sae_has_a_cache_folder_per_site(tmp_path: Path) -> None:
+    """An SAE trained at mlp_out is another cache entry; the residual's entry keeps the name it
+    had before sites existed (SAEs cached then are still found)."""
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    from saeravel.saes.trained import FORMAT_VERSION, TrainedSource
+
+    lm = SimpleNamespace(name="m", info={"cache_folder_key": "k"}, processing={})
+    resid = TrainedSource("trained", 1, cache_dir=str(tmp_path))
+    mlp = TrainedSource("trained", 1, cache_dir=str(tmp_path), site="mlp_out")
+    assert (resid.hook_name, mlp.hook_name) == ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out")
+    blob = json.dumps({"v": FORMAT_VERSION, "model": "m", "mk": "k", "layer": 1, **resid.hparams},
+                      sort_keys=True)  # fmt: skip
+    assert resid._folder(lm).name == f"m-L1-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    assert mlp._folder(lm).name.startswith("m-L1-mlp_out-")
