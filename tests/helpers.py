@@ -4,6 +4,7 @@ through its conftest.py). Fixtures live in conftest.py; plain functions and cons
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -113,3 +114,31 @@ def run_cli(args: list[str], folder: Path) -> CliRun:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(args)
     return CliRun(code, out.getvalue(), err.getvalue(), folder)
+
+
+# ----------------------------------------------------------------------------- hub cache
+
+
+def _commit(files: dict[str, bytes]) -> str:
+    """A 40-hex commit id derived from the files (stable across runs)."""
+    h = hashlib.sha1()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return h.hexdigest()
+
+
+def write_hub_repo(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
+    """Put ``files`` into ``cache`` as huggingface_hub stores a downloaded model repo."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = _commit(files)
+    snapshot = repo / "snapshots" / commit
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

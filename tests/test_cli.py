@@ -161,6 +161,34 @@ CASES = [
     pytest.param([*SMALL_PLANTED, "sae=none", "eval.method=fixed",
                   "eval.fixed.basis_file={tmp}/basis.pt"], "holds (5, 5)", False,
                  id="ravel-basis-file-shape"),  # known once the (analytic) model is built
+    # -------------------------------------------------- sites and Gemma Scope (from sae_lens' directory)
+    pytest.param(["site=mlp"], "error: site=mlp: Invalid value 'mlp', expected one of "
+                 "[resid_post, resid_mid, mlp_out, attn_out]", True, id="site-value"),
+    pytest.param(["sae.site=mlp_out"], "sae.site=mlp_out differs from site=resid_post; set "
+                 "site=mlp_out (sae.site follows it)", False, id="site-sae-differs"),
+    pytest.param(["sae=jbloom", "site=mlp_out", "layer=1"],
+                 "family jbloom has no SAE at site=mlp_out; sites: resid_post", False,
+                 id="site-family-lacks"),
+    pytest.param(["model=planted-city-lm", "sae=planted", "site=attn_out"],
+                 "family planted has SAEs on the residual stream only: site=attn_out", False,
+                 id="site-planted-residual-only"),
+    pytest.param([*SMALL_PLANTED, "sae=none", "eval.method=neurons", "site=mlp_out"],
+                 "site=mlp_out does not exist in block 0 of planted-city-lm (it is "
+                 "attention-only); valid there: resid_post, attn_out", False,
+                 id="site-not-in-block"),  # known once the (analytic) model is built
+    pytest.param(["sae=gemma_scope", "layer=5", "sae.width=32k"],
+                 "sae.width=32k is not a Gemma Scope width at layer 5 (site=resid_post); "
+                 "valid: 16k, 65k, 1m", False, id="gemma-scope-width"),
+    pytest.param(["sae=gemma_scope", "layer=5", "sae.l0=40"],
+                 "sae.l0=40 is not a Gemma Scope L0 at layer 5, width 16k (site=resid_post); "
+                 "valid: canonical, 18, 34, 68, 143, 309", False, id="gemma-scope-l0"),
+    pytest.param(["sae=gemma_scope", "layer=5", "site=mlp_out", "sae.l0=68"],
+                 "sae.l0=68 is not a Gemma Scope L0 at layer 5, width 16k (site=mlp_out); "
+                 "valid: canonical, 23, 48, 114, 269, 575", False, id="gemma-scope-mlp-l0"),
+    pytest.param(["sae=gemma_scope", "site=attn_out"],
+                 "sae=gemma_scope has no SAEs at site=attn_out: Gemma Scope's attention SAEs "
+                 "(gemma-scope-2b-pt-att) read blocks.L.attn.hook_z", False,
+                 id="gemma-scope-attn"),
 ]  # fmt: skip
 
 

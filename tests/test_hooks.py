@@ -74,21 +74,48 @@ def test_stop_layer() -> None:
         ("blocks.6.hook_resid_pre", "blocks.6.hook_resid_pre"),
         ("blocks.8.hook_resid_pre_768", "blocks.8.hook_resid_pre"),
         ("blocks.12.hook_resid_post__trainer_0", "blocks.12.hook_resid_post"),
-        ("blocks.1.hook_resid_mid", None),
+        ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_mid"),
+        ("blocks.5.hook_mlp_out", "blocks.5.hook_mlp_out"),
+        ("blocks.5.hook_attn_out_x", "blocks.5.hook_attn_out"),
+        ("blocks.3.attn.hook_z", "blocks.3.attn.hook_z"),  # a module's hook, whole
         ("blocks.8.hook_resid_prefix", None),
         ("blocks.8.hook_resid_pre.x", None),
+        ("blocks.8.hook_mlp_in", None),
         ("layer_5/width_16k/canonical", None),
     ],
 )
-def test_resid_hook_prefix(name: str, hook: str | None) -> None:
-    assert hooks.resid_hook_prefix(name) == hook
+def test_block_hook_prefix(name: str, hook: str | None) -> None:
+    assert hooks.block_hook_prefix(name) == hook
+
+
+@pytest.mark.parametrize("site", hooks.SITES)
+def test_site_hooks_round_trip(tiny_model, site: str) -> None:
+    """Every site's hook is transformer_lens' name, a hook point of a real model, and parses
+    back to (layer, site)."""
+    for layer in range(tiny_model.n_layers):
+        name = hooks.site_hook(site, layer)
+        assert name == get_act_name(site, layer) and name in tiny_model.model.hook_dict
+        assert hooks.hook_site(name, tiny_model.n_layers) == (layer, site)
+        assert hooks.hook_site(name, layer) is None  # a block the model does not have
+
+
+def test_hook_site() -> None:
+    assert hooks.hook_site("blocks.6.hook_resid_pre") == (5, "resid_post")  # the same tensor
+    assert hooks.hook_site("blocks.0.hook_resid_pre") is None  # the embeddings: no layer
+    assert hooks.hook_site("blocks.3.attn.hook_z") is None  # not a site
+    assert hooks.hook_site("blocks.3.hook_mlp_in") is None
+    assert hooks.hook_site("blocks.3.hook_mlp_out_768") is None  # an id, not a hook
+    assert hooks.hook_site("hook_embed") is None
+    with pytest.raises(ValueError, match="unknown site 'mlp'; valid: resid_post, resid_mid"):
+        hooks.site_hook("mlp", 3)
 
 
 def test_parsing_does_not_import_transformer_lens() -> None:
     """Config checks parse hook names before any model loads; that must stay cheap."""
     code = (
         "import sys; from saeravel import hooks; "
-        "hooks.resid_layer('blocks.1.hook_resid_post', 2); hooks.resid_hook_prefix('x'); "
+        "hooks.resid_layer('blocks.1.hook_resid_post', 2); hooks.block_hook_prefix('x'); "
+        "hooks.hook_site('blocks.1.hook_mlp_out', 2); "
         "hooks.stop_layer('blocks.1.hook_resid_post'); "
         "print('transformer_lens' in sys.modules)"
     )

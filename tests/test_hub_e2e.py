@@ -17,7 +17,6 @@ paper's 5-shot prompt, so the knowledge filter keeps cities and pairs exist.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,8 @@ from typing import Any
 import pytest
 import torch
 from bpe import GPT2_VOCAB_SIZE, write_gpt2_tokenizer_files
+
+from helpers import write_hub_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/ravel from the project's root (from a worktree in wt/<name>: ../../shared/ravel)
@@ -45,31 +46,6 @@ N_CITIES = 120  # candidates; those with a one-token answer to both prompts are 
 
 
 # ----------------------------------------------------------------------------- hub cache
-
-
-def _commit(files: dict[str, bytes]) -> str:
-    """A 40-hex commit id derived from the files (stable across runs)."""
-    h = hashlib.sha1()
-    for name in sorted(files):
-        h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    return h.hexdigest()
-
-
-def write_hub_repo(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
-    """Put ``files`` into ``cache`` as huggingface_hub stores a downloaded model repo."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = _commit(files)
-    snapshot = repo / "snapshots" / commit
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
 
 
 def tiny_gpt2_files(tmp: Path, seed: int = 0) -> dict[str, bytes]:

@@ -53,7 +53,77 @@ def test_dtype_is_an_enum_of_the_schema():
     assert _compose("model=gpt2-small", "model.dtype=bfloat16").model.dtype == "bfloat16"
     with pytest.raises(Exception) as exc:
         _compose("model=gpt2-small", "model.dtype=bogus")
-    assert "expected one of [float32, float16, bfloat16]" in str(exc.value.__cause__)
+    assert "expected one of [auto, float32, float16, bfloat16]" in str(exc.value.__cause__)
+
+
+def test_auto_dtype_is_bfloat16_on_a_gpu_and_float32_on_cpu(monkeypatch):
+    """``dtype: auto`` (gemma-2-2b's preset) is resolved when the source is built, and what
+    is recorded (and keys caches) is the dtype that ran."""
+    assert _compose("model=gemma-2-2b").model.dtype == "auto"
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    src = TransformerLensModel("gemma-2-2b", "gemma-2-2b", 26, 2304, 12, dtype="auto", device="cpu")
+    assert (src.dtype_name, src.dtype) == ("float32", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    assert resolve_dtype("auto", "cuda:0") is torch.bfloat16
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda") is torch.float32  # a GPU without bfloat16
+
+
+def _gated_errors():
+    """What a load of a gated repo raises without access: the hub's GatedRepoError, and the
+    OSError transformers wraps it in (its text names the gated repo)."""
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError
+
+    url = "https://huggingface.co/google/gemma-2-2b/resolve/main/config.json"
+    response = httpx2.Response(401, request=httpx2.Request("GET", url))
+    hub = GatedRepoError("401 Client Error. Access to model google/gemma-2-2b is restricted. "
+                         "You must have access to it and be authenticated.", response=response)  # fmt: skip
+    try:
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it "
+                      "at https://huggingface.co/google/gemma-2-2b.\n401 Client Error.") from hub  # fmt: skip
+    except OSError as wrapped:
+        return [hub, wrapped, OSError("Cannot access gated repo for url " + url)]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["hub", "transformers", "text"])
+def test_gated_model_is_one_line_naming_the_licence_and_token(cli, monkeypatch, which):
+    """google/gemma-2-2b is gated: without HF_TOKEN, or with an account that has not accepted
+    its licence, the job ends in one line saying so (not a traceback, not the offline hint)."""
+    from transformer_lens import HookedTransformer
+
+    def refuse(*args, **kwargs):
+        raise _gated_errors()[which]
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", refuse)
+    line = cli(["model=gemma-2-2b", "sae=none", "eval.method=neurons", "device=cpu"]).error_line()
+    assert line == (
+        "error: model gemma-2-2b: google/gemma-2-2b is gated on Hugging Face: accept its licence "
+        "at https://huggingface.co/google/gemma-2-2b with your account, then set HF_TOKEN to a "
+        "token of that account (or run `hf auth login`)"
+    )
+
+
+def test_gated_repo_in_prefetch_is_one_line(monkeypatch):
+    from huggingface_hub import HfApi
+
+    from saeravel.offline import hub_model_need
+
+    raised = [_gated_errors()[0]]
+
+    def refuse(*args, **kwargs):
+        raise raised[0]
+
+    monkeypatch.setattr(HfApi, "list_repo_files", refuse)
+    need = hub_model_need("google/gemma-2-2b", "model google/gemma-2-2b")
+    with pytest.raises(UserError, match=r"^google/gemma-2-2b is gated on Hugging Face: accept"):
+        need.fetch()
+    raised[0] = OSError("boom")  # any other failure is left as it was
+    with pytest.raises(OSError, match="boom"):
+        need.fetch()
 
 
 def test_processing_kwargs_need_no_plus():

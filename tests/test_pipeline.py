@@ -27,19 +27,35 @@ def _model(d_model: int = 64, n_layers: int = 4):
 def test_sae_fits_the_residual_after_the_layer():
     check_sae_fits(_sae(64, "blocks.2.hook_resid_post"), _model(), 2)
     check_sae_fits(_sae(64, "blocks.3.hook_resid_pre"), _model(), 2)  # same tensor
+    check_sae_fits(_sae(64, "blocks.3.hook_resid_pre"), _model(), 2, "resid_post")
+
+
+@pytest.mark.parametrize("site", ["resid_mid", "mlp_out", "attn_out"])
+def test_sae_fits_a_site_inside_the_block(site):
+    check_sae_fits(_sae(64, f"blocks.2.hook_{site}"), _model(), 2, site)
+    with pytest.raises(UserError, match=f"site=resid_post .*; it fits layer=2 site={site}$"):
+        check_sae_fits(_sae(64, f"blocks.2.hook_{site}"), _model(), 2)
 
 
 @pytest.mark.parametrize(
-    ("d_in", "hook", "match"),
+    ("d_in", "hook", "site", "match"),
     [
-        (32, "blocks.2.hook_resid_post", "d_in=32 but model m has d_model=64"),
-        (64, "blocks.2.hook_resid_pre", "not the residual after block 2"),
-        (64, "blocks.2.hook_mlp_out", "not the residual after block 2"),
+        (32, "blocks.2.hook_resid_post", "resid_post", "d_in=32 but model m has d_model=64"),
+        (64, "blocks.2.hook_resid_pre", "resid_post",
+         r"reads blocks.2.hook_resid_pre, which is not the job's layer=2 site=resid_post "
+         r"\(blocks.2.hook_resid_post\); it fits layer=1 site=resid_post$"),
+        (64, "blocks.2.hook_mlp_out", "attn_out", "it fits layer=2 site=mlp_out"),
+        (64, "blocks.3.hook_mlp_out", "mlp_out", "it fits layer=3 site=mlp_out"),
+        (64, "blocks.2.attn.hook_z", "attn_out",
+         "saeravel intervenes at blocks.L.hook_<site>, site one of resid_post, resid_mid, "
+         "mlp_out, attn_out"),
+        (64, "blocks.0.hook_resid_pre", "resid_post", "saeravel intervenes at"),  # embeddings
+        (64, "blocks.4.hook_mlp_out", "mlp_out", "saeravel intervenes at"),  # no block 4
     ],
-)
-def test_sae_that_does_not_fit_is_an_error(d_in, hook, match):
+)  # fmt: skip
+def test_sae_that_does_not_fit_is_an_error(d_in, hook, site, match):
     with pytest.raises(UserError, match=match):
-        check_sae_fits(_sae(d_in, hook), _model(), 2)
+        check_sae_fits(_sae(d_in, hook), _model(), 2, site)
 
 
 def test_processing_merge():

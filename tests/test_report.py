@@ -591,3 +591,12 @@ def test_results_without_outcomes_get_no_verdict_table(tmp_path: Path) -> None:
     write(tmp_path, "a", ravel_record("tiny", 1))
     rep = report.build_report(tmp_path)
     assert report.VERDICT_TABLE not in {t.name for t in rep.tables}
+
+
+def test_a_sweep_over_sites_differs_in_site_alone(tmp_path: Path) -> None:
+    """``sae.site`` follows ``site``: two sites are one setting, shown as such."""
+    rep = _sweep(tmp_path, {s: ([f"site={s}"], 0.1) for s in ("resid_post", "mlp_out")})
+    ravel = rep.tables[0]
+    assert sorted({r["site"] for r in ravel.rows}) == ["mlp_out", "resid_post"]
+    assert "sae.site" not in ravel.columns
+    assert "differs: site" in rep.markdown

@@ -27,8 +27,10 @@ from saeravel.schema import StrEnum
 
 
 class DType(StrEnum):
-    """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed."""
+    """Model dtypes (``saeravel.models.DTYPES``): a typo fails when the config is composed.
+    ``auto``: bfloat16 on a CUDA device, float32 elsewhere (``saeravel.models.dtype_name``)."""
 
+    auto = "auto"
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
@@ -149,13 +151,26 @@ class PlantedModelConfig(ModelConfig):
 # ----------------------------------------------------------------------------- SAEs
 
 
+class Site(StrEnum):
+    """``site=``: where in block ``layer`` the SAE reads and the interventions patch
+    (``saeravel.hooks.SITES``): the residual after the block (the default), the residual
+    between its attention and its MLP, or what its MLP or its attention adds to the residual."""
+
+    resid_post = "resid_post"
+    resid_mid = "resid_mid"
+    mlp_out = "mlp_out"
+    attn_out = "attn_out"
+
+
 @dataclass
 class SAEConfig:
-    """Common fields of every SAE option. ``layer`` = residual stream after block ``layer``."""
+    """Common fields of every SAE option: the SAE reads ``site`` of block ``layer`` (both
+    follow the job's ``layer`` and ``site``)."""
 
     _target_: str = MISSING
     family: str = MISSING
     layer: int = II("layer")
+    site: Site = II("site")
 
 
 @dataclass
@@ -166,6 +181,17 @@ class SaeLensSAEConfig(SAEConfig):
     _target_: str = "saeravel.saes.sae_lens.SaeLensSource"
     release: str = MISSING
     sae_id: str | None = None
+
+
+@dataclass
+class GemmaScopeSAEConfig(SAEConfig):
+    """Google DeepMind's Gemma Scope SAEs on Gemma-2-2B (JumpReLU), via sae_lens: the release
+    follows ``site`` (resid_post: ``-res``, mlp_out: ``-mlp``), the id ``layer``, ``width``
+    and ``l0`` (``canonical`` or a number), checked against sae_lens' directory."""
+
+    _target_: str = "saeravel.saes.gemma_scope.GemmaScopeSource"
+    width: str = "16k"
+    l0: str = "canonical"
 
 
 @dataclass
@@ -332,7 +358,7 @@ class PathsConfig:
 
 @dataclass
 class Config:
-    """The composed job: model + SAE + eval at one layer."""
+    """The composed job: model + SAE + eval at one layer (and site of it)."""
 
     model: Any = MISSING
     sae: Any = MISSING
@@ -340,6 +366,7 @@ class Config:
     logger: Any = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     layer: int = II("model.default_layer")
+    site: Site = Site.resid_post
     seed: int = 0
     device: str = "auto"
     force: bool = False
@@ -361,6 +388,7 @@ def register_configs() -> None:
     cs.store(name="schema_model_embedded", node=EmbeddedModelConfig)
     cs.store(name="schema_model_planted", node=PlantedModelConfig)
     cs.store(name="schema_sae_sae_lens", node=SaeLensSAEConfig)
+    cs.store(name="schema_sae_gemma_scope", node=GemmaScopeSAEConfig)
     cs.store(name="schema_sae_apollo", node=ApolloSAEConfig)
     cs.store(name="schema_sae_local", node=LocalSAEConfig)
     cs.store(name="schema_sae_custom", node=CustomSAEConfig)

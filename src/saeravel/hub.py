@@ -22,6 +22,33 @@ def hub_offline() -> bool:
     return value is not None and value.upper() in ENV_VARS_TRUE_VALUES
 
 
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (transformers wraps the
+    hub's errors in an ``OSError``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def gated_message(exc: BaseException, repo_id: str) -> str | None:
+    """One line for a load that failed because ``repo_id`` is gated (no token, or an account
+    that has not accepted its licence), else None."""
+    from huggingface_hub.errors import GatedRepoError
+
+    if not any(
+        isinstance(e, GatedRepoError) or "gated repo" in str(e).lower() for e in _chain(exc)
+    ):
+        return None
+    return (
+        f"{repo_id} is gated on Hugging Face: accept its licence at "
+        f"https://huggingface.co/{repo_id} with your account, then set HF_TOKEN to a token of "
+        "that account (or run `hf auth login`)"
+    )
+
+
 @contextlib.contextmanager
 def hub_offline_mode(enabled: bool = True) -> Iterator[None]:
     """Offline mode for the block when ``enabled`` (``HF_HUB_OFFLINE=1`` in the environment and

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from saeravel.errors import UserError
-from saeravel.hub import hub_offline
+from saeravel.hub import gated_message, hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(name: Any) -> torch.dtype:
-    """``float32`` / ``float16`` / ``bfloat16`` (a string or the config's ``DType`` enum)."""
+def dtype_name(name: Any, device: str = "cpu") -> str:
+    """``float32`` / ``float16`` / ``bfloat16`` (a string or the config's ``DType`` enum), or
+    ``auto``: bfloat16 on a CUDA device that supports it, else float32 (CPU bfloat16 is slow)."""
     name = str(getattr(name, "value", name))
+    if name == "auto":
+        cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        return "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
     if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
-    return DTYPES[name]
+        raise UserError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
+    return name
+
+
+def resolve_dtype(name: Any, device: str = "cpu") -> torch.dtype:
+    """The torch dtype of :func:`dtype_name`."""
+    return DTYPES[dtype_name(name, device)]
 
 
 def hub_revision(repo_id: str) -> str | None:
@@ -192,9 +201,9 @@ class TransformerLensModel:
         self.hf_name = hf_name
         self.n_layers = n_layers
         self.d_model = d_model
-        self.dtype_name = str(getattr(dtype, "value", dtype))
-        self.dtype = resolve_dtype(dtype)
         self.device = resolve_device(device)
+        self.dtype_name = dtype_name(dtype, self.device)  # ``auto`` resolved: what is recorded
+        self.dtype = resolve_dtype(self.dtype_name)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"model.batch_size={batch_size} must be a positive integer")
         self.batch_size = batch_size
@@ -215,6 +224,8 @@ class TransformerLensModel:
                 self.hf_name, device=self.device, dtype=self.dtype, **kwargs
             )
         except (OSError, ValueError) as exc:
+            if (gated := gated_message(exc, self.repo_id)) is not None:
+                raise UserError(f"model {self.name}: {gated}") from exc
             if _looks_offline(exc):
                 raise UserError(offline_hint(self.name, self.hf_name)) from exc
             raise

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from saeravel.errors import UserError
+from saeravel.hub import gated_message
 from saeravel.hub import hub_offline_mode as hub_offline_mode  # the one offline block
 
 # top-level files of a model repo that transformers reads besides the weights
@@ -164,8 +165,13 @@ def hub_model_need(repo: str, label: str, verify: Callable[[], None] = _nothing)
     def fetch() -> list[Path]:
         from huggingface_hub import HfApi, snapshot_download
 
-        wanted = select_model_files(HfApi().list_repo_files(repo))
-        folder = Path(snapshot_download(repo, allow_patterns=wanted))
+        try:
+            wanted = select_model_files(HfApi().list_repo_files(repo))
+            folder = Path(snapshot_download(repo, allow_patterns=wanted))
+        except OSError as exc:  # the hub's HTTP errors are OSErrors
+            if (gated := gated_message(exc, repo)) is not None:
+                raise UserError(gated) from exc
+            raise
         return [folder / f for f in wanted]
 
     endpoint = hub_endpoint()

@@ -42,7 +42,7 @@ from saeravel.errors import (
     unknown_key,
 )
 from saeravel.evals.api import EvalContext, EvalOutput, EvalSpec, JobChoices, check_job
-from saeravel.hooks import resid_layer, resid_post, resid_pre
+from saeravel.hooks import SITES, hook_site, site_hook
 from saeravel.logger import build_logger
 from saeravel.models import LoadedModel, resolve_device
 from saeravel.results import (
@@ -96,20 +96,44 @@ def _check_writable(folder: Path) -> None:
             probe.unlink()
 
 
-def check_sae_fits(sae: SAE, model: LoadedModel, layer: int) -> None:
-    """The SAE must read the residual after block ``layer`` of a model of its width."""
+def check_sae_fits(sae: SAE, model: LoadedModel, layer: int, site: str = "resid_post") -> None:
+    """The SAE must read ``site`` of block ``layer`` (:func:`saeravel.hooks.hook_site`) of a
+    model of its width."""
     if sae.d_in != model.d_model:
         raise UserError(
             f"SAE {sae.identity.family} has d_in={sae.d_in} but model {model.name} has "
             f"d_model={model.d_model}; pick an SAE trained on {model.name}"
         )
-    got = resid_layer(sae.hook_name, model.n_layers)
-    if got != layer:
-        raise UserError(
-            f"SAE {sae.identity.family} reads {sae.hook_name}, which is not the residual after "
-            f"block {layer} (layer={layer} means {resid_post(layer)} or "
-            f"{resid_pre(layer + 1)})"
+    got = hook_site(sae.hook_name, model.n_layers)
+    if got != (layer, site):
+        hint = (
+            f"; it fits layer={got[0]} site={got[1]}"
+            if got is not None and got[0] >= 0
+            else f"; saeravel intervenes at blocks.L.hook_<site>, site one of {', '.join(SITES)}"
         )
+        raise UserError(
+            f"SAE {sae.identity.family} reads {sae.hook_name}, which is not the job's "
+            f"layer={layer} site={site} ({site_hook(site, layer)}){hint}"
+        )
+
+
+def check_site(model: LoadedModel, layer: int, site: str) -> None:
+    """Block ``layer`` of the loaded model must compute ``site``: an attention-only block
+    has no MLP (``mlp_out``, ``resid_mid``), a block whose attention and MLP read the same
+    residual (GPT-J, Pythia) no ``resid_mid``."""
+    blocks = getattr(model.model, "blocks", None)
+    if site in ("resid_post", "attn_out") or blocks is None:
+        return
+    cfg = blocks[layer].cfg  # a block may have its own (tiny-city-lm's attention-only readout)
+    if cfg.attn_only:
+        why, valid = "it is attention-only", "resid_post, attn_out"
+    elif site == "resid_mid" and cfg.parallel_attn_mlp:
+        why, valid = "its attention and MLP read the same residual", "resid_post, mlp_out, attn_out"
+    else:
+        return
+    raise UserError(
+        f"site={site} does not exist in block {layer} of {model.name} ({why}); valid there: {valid}"
+    )
 
 
 def check_known_keys(cfg: DictConfig) -> None:
@@ -328,6 +352,13 @@ def _compute(
             f"layer={cfg.layer} is out of range for {cfg.model.name}: 0..{n_layers - 1}"
         )
 
+    site = str(cfg.get("site") or "resid_post")  # configs without the key: the residual
+    sae_site = cfg.sae.get("site") if uses_sae else None
+    if sae_site is not None and str(sae_site) != site:
+        raise UserError(
+            f"sae.site={sae_site} differs from site={site}; set site={sae_site} (sae.site "
+            "follows it)"
+        )
     sae_source = build_sae_source(cfg.sae) if uses_sae else None
     sae_kwargs = sae_source.required_model_kwargs() if sae_source is not None else {}
     if sae_source is not None:  # a width known from the SAE's file, before the model loads
@@ -335,18 +366,19 @@ def _compute(
     model = instantiate(cfg.model).load(sae_kwargs)
     if model.n_layers != n_layers:
         raise UserError(f"model {model.name} has {model.n_layers} layers, config says {n_layers}")
+    check_site(model, cfg.layer, site)
     sae = None
     if sae_source is not None:
         sae = sae_source.load(model)
         if sae is not None:
-            check_sae_fits(sae, model, cfg.layer)
+            check_sae_fits(sae, model, cfg.layer, site)
             sae = sae.to(device)
 
     ctx = EvalContext(
         model=model,
         sae=sae,
         layer=cfg.layer,
-        hook_name=resid_post(cfg.layer),
+        hook_name=site_hook(site, cfg.layer),
         device=device,
         seed=cfg.seed,
         cache_dir=Path(cfg.paths.cache_dir),

@@ -95,7 +95,8 @@ NO_SAE = "none"
 # experiment, averaged in the ``*_over_seeds`` table. Every other difference is a setting.
 SEED_KEYS = ("seed", "model.train_seed", "sae.seed", "eval.seed")
 # Config paths already shown as key columns (never listed again as a differing setting).
-_SHOWN = {"layer", "sae.layer", "model.name", "sae.family", "seed"}
+# (``sae.site`` follows ``site``: a site that differs is one setting, ``site``.)
+_SHOWN = {"layer", "sae.layer", "sae.site", "model.name", "sae.family", "seed"}
 SAEBENCH_SUFFIX = "_eval_results.json"
 
 

@@ -3,6 +3,7 @@ ids come from sae_lens' pretrained directory, regexes resolve to one SAE, errors
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,7 @@ from saes_helpers import (
     sae_yamls,
 )
 
+from saeravel import hooks
 from saeravel.errors import UserError
 from saeravel.hooks import resid_layer
 from saeravel.saes.base import SAEIdentity
@@ -32,6 +34,7 @@ from saeravel.saes.sae_lens import (
     SaeLensSource,
     hook_of_sae_id,
     release_layers,
+    release_sites,
     resolve_sae_lens_id,
 )
 
@@ -157,8 +160,8 @@ def test_catalogue_ids_equal_the_hand_copied_ones(family: str) -> None:
     """Each layer's id, derived from sae_lens' directory, is the one the YAML listed."""
     release, ids = HAND_COPIED[family]
     cfg = sae_yamls()[family]
-    assert cfg.release == release and "sae_ids" not in cfg
-    assert release_layers(release) == sorted(ids) == list(range(12))
+    assert re.fullmatch(cfg.release, release) and "sae_ids" not in cfg
+    assert release_layers(release) == release_layers(cfg.release) == sorted(ids) == list(range(12))
     for layer, sae_id in ids.items():
         assert resolve_sae_lens_id(cfg.release, None, layer) == (release, sae_id)
         assert SaeLensSource(family, layer, cfg.release).resolve() == (release, sae_id)
@@ -177,12 +180,51 @@ def test_catalogue_missing_layer(family: str) -> None:
 
 
 def test_release_layers_of_a_regex_or_an_unnamed_release() -> None:
-    assert release_layers("gpt2-small-res-.*") == []  # a regex names no one release
+    assert release_layers("gpt2-small-res-j.") == list(range(12))  # its releases' layers
+    assert release_layers("gpt2-(") == []  # an invalid regex: resolution names it
     directory = {"r": SimpleNamespace(saes_map={"width_1k": "x"}, config_overrides=None)}
     assert release_layers("r", directory) == []  # ids that do not name their hook
-    # a regex release or an explicit id: sae_lens' own message, as before
-    with pytest.raises(UserError, match="matches the residual after block 12"):
+    assert release_sites("r", directory) == {}
+    with pytest.raises(UserError) as info:
         SaeLensSource("sae_lens", 12, "gpt2-small-res-j.")
+    layers = ", ".join(str(L) for L in range(12))
+    assert str(info.value) == f"family sae_lens has no SAE for layer 12; layers: {layers}"
+
+
+@pytest.mark.parametrize("family", ["openai_v5_32k", "openai_v5_128k"])
+@pytest.mark.parametrize(
+    ("site", "kind"),
+    [("resid_post", "resid-post"), ("resid_mid", "resid-mid"), ("mlp_out", "mlp-out"),
+     ("attn_out", "attn-out")],
+)  # fmt: skip
+def test_openai_families_pick_the_release_of_the_site(family: str, site: str, kind: str) -> None:
+    """One family, OpenAI's four v5 releases: the site picks the release, the layer the id."""
+    cfg = sae_yamls()[family]
+    width = family.rsplit("_", 1)[1]
+    assert release_sites(cfg.release) == {s: list(range(12)) for s in hooks.SITES}
+    for layer in (0, 5, 11):
+        src = SaeLensSource(family, layer, cfg.release, site=site)
+        want = (f"gpt2-small-{kind}-v5-{width}", hooks.site_hook(site, layer))
+        assert src.resolve() == want
+    with pytest.raises(UserError) as info:
+        SaeLensSource(family, 12, cfg.release, site=site)
+    at = "" if site == "resid_post" else f" at site={site}"
+    assert str(info.value).startswith(f"family {family} has no SAE for layer 12{at}; layers: 0, 1")
+
+
+def test_a_site_the_release_lacks_names_its_sites() -> None:
+    """Before sites, an MLP-out release was refused as if its ids did not name their hook."""
+    cfg = sae_yamls()["jbloom"]
+    with pytest.raises(UserError) as info:
+        SaeLensSource("jbloom", 5, cfg.release, site="mlp_out")
+    assert str(info.value) == "family jbloom has no SAE at site=mlp_out; sites: resid_post"
+    with pytest.raises(UserError) as info:
+        SaeLensSource("sae_lens", 5, "gpt2-small-mlp-out-v5-32k")  # site=resid_post
+    assert str(info.value) == "family sae_lens has no SAE at site=resid_post; sites: mlp_out"
+    src = SaeLensSource("sae_lens", 5, "gpt2-small-mlp-out-v5-32k", site="mlp_out")
+    assert src.resolve() == ("gpt2-small-mlp-out-v5-32k", "blocks.5.hook_mlp_out")
+    with pytest.raises(UserError, match="unknown site 'mlp'; valid: resid_post, resid_mid"):
+        SaeLensSource("sae_lens", 5, "gpt2-small-mlp-out-v5-32k", site="mlp")
 
 
 # ----------------------------------------------------------------------------- regexes
@@ -232,8 +274,15 @@ def test_regex_resolution_uses_release_hook_override() -> None:
         "rel-b",
         "blocks.2.hook_resid_post__trainer_0",
     )
+    assert resolve_sae_lens_id("rel-.*", None, 2, directory, site="mlp_out") == (
+        "rel-b",
+        "blocks.2.hook_mlp_out",
+    )
+    with pytest.raises(UserError, match="matches attn_out of block 2"):
+        resolve_sae_lens_id("rel-b", None, 2, directory, site="attn_out")
     assert hook_of_sae_id("blocks.8.hook_resid_pre_768") == "blocks.8.hook_resid_pre"
-    assert hook_of_sae_id("blocks.1.hook_resid_mid") is None
+    assert hook_of_sae_id("blocks.1.hook_resid_mid") == "blocks.1.hook_resid_mid"
+    assert hook_of_sae_id("layer_1/width_16k/canonical") is None
 
 
 def test_offline_hub_load_is_a_quick_user_error(

@@ -11,6 +11,7 @@ from saes_helpers import sae_yamls
 
 from saeravel.saes.apollo import ApolloWandbSource
 from saeravel.saes.custom import CustomSource
+from saeravel.saes.gemma_scope import GemmaScopeSource
 from saeravel.saes.local import LocalSource
 from saeravel.saes.none import NoSource
 from saeravel.saes.sae_lens import SaeLensSource
@@ -29,9 +30,11 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         "schema_local": C.LocalSAEConfig,
         "schema_custom": C.CustomSAEConfig,
         "schema_none": C.NoSAEConfig,
+        "schema_gemma_scope": C.GemmaScopeSAEConfig,
     }
     fill = {
         "layer": 5,
+        "site": "resid_post",
         "cache_dir": str(tmp_path),
         "path": str(tmp_path),
         "hook_name": "blocks.5.hook_resid_post",
@@ -44,6 +47,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         "schema_local": LocalSource,
         "schema_custom": CustomSource,
         "schema_none": NoSource,
+        "schema_gemma_scope": GemmaScopeSource,
     }
     seen = set()
     for name, raw in sae_yamls().items():
@@ -54,7 +58,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         cfg = OmegaConf.merge(OmegaConf.structured(schemas[schema]), body)
         for key, value in fill.items():  # interpolations and ??? fields
             if key in cfg.keys() and (  # `key in cfg` is False for ??? fields
-                key in ("layer", "cache_dir") or OmegaConf.is_missing(cfg, key)
+                key in ("layer", "site", "cache_dir") or OmegaConf.is_missing(cfg, key)
             ):
                 cfg[key] = value
         if "object" in cfg.keys() and OmegaConf.is_missing(cfg.object, "_target_"):
@@ -62,6 +66,7 @@ def test_every_yaml_instantiates_with_its_schema(tmp_path: Path) -> None:
         src = instantiate(cfg)
         assert isinstance(src, expected[schema]), name
         assert src.layer == 5 and src.family == raw.get("family", "none")
+        assert src.site == "resid_post" and type(src.site) is str  # not the config's enum
         seen.add(schema)
     assert seen == set(schemas)
 
@@ -80,8 +85,8 @@ def test_every_schema_targets_an_sae_source() -> None:
     from saeravel import config as C
 
     targets = {c.__name__: c._target_ for c in _schemas() if c is not C.SAEConfig}
-    assert len(targets) == 9, targets  # sae_lens, apollo, local, custom, trained, planted,
-    # identity, pca, none
+    # sae_lens, gemma_scope, apollo, local, custom, trained, planted, identity, pca, none
+    assert len(targets) == 10, targets
     for name, target in targets.items():
         cls = get_class(target)
         assert SAESource in cls.__mro__, (name, target)  # subclassed: the protocol's defaults
@@ -147,3 +152,22 @@ def test_apollo_no_key_route_runs_as_typed(
     assert source.resolve()[1] == sae_yamls()[family].hooks[5]  # the same site as the family's
     line = cli(args).error_line()
     assert "is not in the local Hugging Face cache" in line and "out of range" not in line, line
+
+
+def test_trained_sae_has_a_cache_folder_per_site(tmp_path: Path) -> None:
+    """An SAE trained at mlp_out is another cache entry; the residual's entry keeps the name it
+    had before sites existed (SAEs cached then are still found)."""
+    import hashlib
+    import json
+    from types import SimpleNamespace
+
+    from saeravel.saes.trained import FORMAT_VERSION, TrainedSource
+
+    lm = SimpleNamespace(name="m", info={"cache_folder_key": "k"}, processing={})
+    resid = TrainedSource("trained", 1, cache_dir=str(tmp_path))
+    mlp = TrainedSource("trained", 1, cache_dir=str(tmp_path), site="mlp_out")
+    assert (resid.hook_name, mlp.hook_name) == ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out")
+    blob = json.dumps({"v": FORMAT_VERSION, "model": "m", "mk": "k", "layer": 1, **resid.hparams},
+                      sort_keys=True)  # fmt: skip
+    assert resid._folder(lm).name == f"m-L1-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    assert mlp._folder(lm).name.startswith("m-L1-mlp_out-")

@@ -22,7 +22,7 @@ from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.formats import from_apollo_state_dict
 from saeravel.saes.source import SAESource
-from saeravel.saes.util import few, first_line, layer_map, missing_layer
+from saeravel.saes.util import few, first_line, layer_map, missing_layer, residual_only
 from saeravel.wandb_auth import has_wandb_credentials, wandb_host
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,11 @@ class ApolloWandbSource(SAESource):
         hooks: Mapping[int, str] | None = None,
         cache_dir: str = ".cache",
         sae_lens_release: str | None = None,
+        site: str = "resid_post",
     ) -> None:
         self.family = family
         self.layer = int(layer)
+        self.site = residual_only(family, site)
         self.project = project
         self.run_ids = layer_map(run_ids)
         self.hooks = layer_map(hooks)

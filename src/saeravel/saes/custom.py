@@ -11,7 +11,7 @@ from saeravel.errors import UserError, check_code_target
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, CustomSAE, SAEIdentity
 from saeravel.saes.source import SAESource
-from saeravel.saes.util import first_line, jsonable, plain
+from saeravel.saes.util import first_line, jsonable, plain, site_name
 
 
 def import_object(path: str) -> Any:
@@ -70,9 +70,11 @@ class CustomSource(SAESource):
         hook_name: str = "",
         d_in: int = 0,
         allow_factory: bool = False,  # see saeravel.errors.check_code_target
+        site: str = "resid_post",
     ) -> None:
         self.family = family
         self.layer = int(layer)
+        self.site = site_name(site)  # hook_name must be this site (checked once loaded)
         self.object = dict(plain(object) or {})
         self.target = str(self.object.get("_target_") or "").strip()
         self.kwargs = {k: v for k, v in self.object.items() if k != "_target_"}

@@ -20,7 +20,7 @@ from saeravel.saes.formats import (
     torch_load_state_dict,
 )
 from saeravel.saes.source import SAESource
-from saeravel.saes.util import first_line
+from saeravel.saes.util import first_line, site_name
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,12 @@ class LocalSource(SAESource):
         path: str,
         format: str = "auto",
         hook_name: str | None = None,
+        site: str = "resid_post",
     ) -> None:
         choose("local SAE format", format, self.FORMATS)
         self.family = family
         self.layer = int(layer)
+        self.site = site_name(site)  # the file's hook must be this site (checked once loaded)
         if not str(path or "").strip():
             raise UserError("sae.path is empty; give a saved sae_lens folder or an OpenAI .pt")
         self.path = Path(path).expanduser()

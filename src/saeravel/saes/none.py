@@ -7,14 +7,16 @@ from typing import Any
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE
 from saeravel.saes.source import SAESource
+from saeravel.saes.util import site_name
 
 
 class NoSource(SAESource):
-    """No SAE (for methods that need none)."""
+    """No SAE (for methods that need none); the methods intervene at ``site`` of ``layer``."""
 
-    def __init__(self, family: str = "none", layer: int = 0) -> None:
+    def __init__(self, family: str = "none", layer: int = 0, site: str = "resid_post") -> None:
         self.family = family
         self.layer = int(layer)
+        self.site = site_name(site)
 
     def required_model_kwargs(self) -> dict[str, Any]:
         """{}: TL defaults."""

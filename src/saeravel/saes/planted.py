@@ -18,6 +18,7 @@ from saeravel.models import LoadedModel
 from saeravel.planted import PlantedTruth
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.source import SAESource
+from saeravel.saes.util import residual_only
 
 DICTIONARIES = ("planted", "random")
 
@@ -58,9 +59,13 @@ def random_dictionary(truth: PlantedTruth, layer: int, seed: int = 0) -> SAE:
 class PlantedSAESource(SAESource):
     """SAE source for ``sae=planted`` (only on ``model=planted-city-lm``)."""
 
-    def __init__(self, family: str, layer: int, dictionary: Any = "planted", seed: int = 0) -> None:
+    def __init__(
+        self, family: str, layer: int, dictionary: Any = "planted", seed: int = 0,
+        site: str = "resid_post",
+    ) -> None:  # fmt: skip
         self.family = family
         self.layer = layer
+        self.site = residual_only(family, site)  # the planted world lives in the residual
         self.dictionary = str(getattr(dictionary, "value", dictionary))  # an Enum or its string
         self.seed = seed
 

@@ -1,5 +1,11 @@
 """``sae=sae_lens`` and the catalogue families (``jbloom``, ``openai_v5_32k``,
-``openai_v5_128k``): a pretrained SAE chosen in sae_lens' pretrained directory."""
+``openai_v5_128k``): a pretrained SAE chosen in sae_lens' pretrained directory.
+
+Without ``sae.sae_id`` the id is the one whose hook is the job's ``site`` of block ``layer``
+(:func:`saeravel.hooks.hook_site`: ``blocks.6.hook_resid_pre`` is ``resid_post`` of block 5),
+read from the id (``blocks.5.hook_mlp_out``) or the release's ``hook_name`` override; a
+catalogue family's ``release`` is a regex over its releases of every site (OpenAI's v5
+``resid-post``, ``resid-mid``, ``mlp-out`` and ``attn-out``)."""
 
 from __future__ import annotations
 
@@ -12,29 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from saeravel.errors import UserError
-from saeravel.hooks import resid_hook_prefix, resid_layer
+from saeravel.hooks import block_hook_prefix, hook_site
 from saeravel.hub import hub_offline, hub_offline_mode
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.formats import KWARGS_WARNING, from_sae_lens, sae_lens_model_kwargs
 from saeravel.saes.source import SAESource
-from saeravel.saes.util import MAX_LISTED, few, missing_layer
+from saeravel.saes.util import MAX_LISTED, few, missing_layer, site_extra, site_name
 
 log = logging.getLogger(__name__)
 
-# resid_layer needs the model depth; before the model is loaded any depth will do
-# (the pipeline checks the hook against the real model after loading).
-_ANY_DEPTH = 10**6
-
 
 def hook_of_sae_id(sae_id: str, release_hook: str | None = None) -> str | None:
-    """The residual hook an sae_lens id reads, when the id names it (``blocks.6.hook_resid_pre``
-    or that plus a ``_suffix``), else the release-wide ``hook_name`` override, else None."""
-    return resid_hook_prefix(sae_id) or release_hook
+    """The hook an sae_lens id reads, when the id names it (``blocks.6.hook_resid_pre``,
+    ``blocks.5.hook_mlp_out``, or that plus a ``_suffix``), else the release-wide
+    ``hook_name`` override, else None."""
+    return block_hook_prefix(sae_id) or release_hook
 
 
 def _id_hooks(lookup: Any) -> dict[str, str | None]:
-    """Each id of a release (a directory entry) -> the residual hook it reads, if known."""
+    """Each id of a release (a directory entry) -> the hook it reads, if known."""
     overrides = lookup.config_overrides or {}
     release_hook = overrides.get("hook_name") if isinstance(overrides, Mapping) else None
     return {i: hook_of_sae_id(i, release_hook) for i in lookup.saes_map}
@@ -49,14 +52,34 @@ def _directory(directory: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return get_pretrained_saes_directory()
 
 
-def release_layers(release: str, directory: Mapping[str, Any] | None = None) -> list[int]:
-    """The layers (>= 0) at which the sae_lens release named exactly ``release`` has an SAE
-    whose id names its residual hook; [] when ``release`` names no release (a regex)."""
-    lookup = _directory(directory).get(release)
-    if lookup is None:
+def _releases(release: str, directory: Mapping[str, Any]) -> list[str]:
+    """The releases ``release`` (a regex) matches whole; [] for an invalid regex."""
+    try:
+        release_re = re.compile(release)
+    except re.error:
         return []
-    found = {resid_layer(h, _ANY_DEPTH) for h in _id_hooks(lookup).values() if h is not None}
-    return sorted(L for L in found if L is not None and L >= 0)
+    return [r for r in directory if release_re.fullmatch(r)]
+
+
+def release_sites(release: str, directory: Mapping[str, Any] | None = None) -> dict[str, list[int]]:
+    """Site -> the layers at which the sae_lens releases ``release`` matches (a name or a
+    regex) have an SAE whose hook is known and is that site (:func:`hook_site`); {} when no
+    release matches or none of their ids names its hook."""
+    directory = _directory(directory)
+    found: dict[str, set[int]] = {}
+    for rel in _releases(release, directory):
+        for h in _id_hooks(directory[rel]).values():
+            at = hook_site(h) if h is not None else None
+            if at is not None:
+                found.setdefault(at[1], set()).add(at[0])
+    return {site: sorted(layers) for site, layers in found.items()}
+
+
+def release_layers(
+    release: str, directory: Mapping[str, Any] | None = None, site: str = "resid_post"
+) -> list[int]:
+    """The layers at which the releases ``release`` matches have an SAE at ``site``."""
+    return release_sites(release, directory).get(site, [])
 
 
 def resolve_sae_lens_id(
@@ -64,13 +87,14 @@ def resolve_sae_lens_id(
     sae_id: str | None,
     layer: int,
     directory: Mapping[str, Any] | None = None,
+    site: str = "resid_post",
 ) -> tuple[str, str]:
     """The one (release, id) pair of sae_lens' pretrained directory matching the regexes.
 
     ``release`` and ``sae_id`` are matched with :func:`re.fullmatch`. ``sae_id=None`` selects
-    the ids whose hook is the residual after block ``layer`` (ids that do not name their hook
-    cannot be selected this way). ``directory`` defaults to sae_lens' own (a YAML file shipped
-    with the package: no network). Zero or several matches raise a :class:`UserError`.
+    the ids whose hook is ``site`` of block ``layer`` (ids that do not name their hook cannot
+    be selected this way). ``directory`` defaults to sae_lens' own (a YAML file shipped with
+    the package: no network). Zero or several matches raise a :class:`UserError`.
     """
     directory = _directory(directory)
     try:
@@ -98,9 +122,7 @@ def resolve_sae_lens_id(
         if all(h is None for h in hooks.values()):
             unnamed.append(rel)
         pairs += [
-            (rel, i)
-            for i, h in hooks.items()
-            if h is not None and resid_layer(h, _ANY_DEPTH) == layer
+            (rel, i) for i, h in hooks.items() if h is not None and hook_site(h) == (layer, site)
         ]
 
     if len(pairs) == 1:
@@ -111,7 +133,10 @@ def resolve_sae_lens_id(
             f"sae_lens: {len(pairs)} SAEs match release={release!r} sae_id={sae_id!r} at layer "
             f"{layer}; narrow sae.release / sae.sae_id to one of: {listed}"
         )
-    what = f"sae_id={sae_id!r}" if sae_id is not None else f"the residual after block {layer}"
+    where = f"{site} of block {layer}"
+    if site == "resid_post":
+        where = f"the residual after block {layer}"
+    what = f"sae_id={sae_id!r}" if sae_id is not None else where
     some_ids = few([f"{r} {i}" for r in releases for i in directory[r].saes_map])
     hint = (
         f"; the ids of {few(unnamed)} do not name their hook, so set sae.sae_id"
@@ -158,6 +183,8 @@ def load_pretrained_sae_lens(release: str, sae_id: str, device: str = "cpu") -> 
 
             folder = get_repo_id_and_folder_name(release, sae_id)[1]
             files = " ".join(f"{folder}/{f}" for f in ("cfg.json", "sae_weights.safetensors"))
+            if directory[release].conversion_func not in (None, "sae_lens"):  # other layouts
+                files = f"--include '{folder}/*'"  # (Gemma Scope: params.npz)
             raise UserError(
                 f"sae_lens SAE {release} / {sae_id} is not in the local Hugging Face cache and "
                 f"the hub cannot be reached; on a machine with a network run `python -m "
@@ -201,9 +228,9 @@ class SaeLensSource(SAESource):
     """A pretrained sae_lens SAE chosen in sae_lens' pretrained directory.
 
     ``release`` and ``sae_id`` are regexes resolved by :func:`resolve_sae_lens_id`; with
-    ``sae_id=None`` the id is the one whose hook is the residual after block ``layer``. A
-    catalogue family (``jbloom``, ``openai_v5_*``) names its release and nothing else: a layer
-    the release lacks is then a one-line error listing its layers. The SAE is loaded once (by
+    ``sae_id=None`` the id is the one whose hook is ``site`` of block ``layer``. A catalogue
+    family (``jbloom``, ``openai_v5_*``) names its release(s) and nothing else: a site or a
+    layer they lack is then a one-line error listing theirs. The SAE is loaded once (by
     :meth:`required_model_kwargs`, which needs its metadata) and cached on the object.
     """
 
@@ -213,11 +240,13 @@ class SaeLensSource(SAESource):
         layer: int,
         release: str,
         sae_id: str | None = None,
+        site: str = "resid_post",
     ) -> None:
         self.family = family
         self.layer = int(layer)
         self.release = release
         self.sae_id = sae_id
+        self.site = site_name(site)
         self._resolved: tuple[str, str] | None = None
         self._sae: Any = None
         self.resolve()  # a layer the family lacks, an unknown id: before any model loads
@@ -226,10 +255,18 @@ class SaeLensSource(SAESource):
         """(release, sae_id) for this layer, without loading anything."""
         if self._resolved is None:
             if self.sae_id is None:
-                layers = release_layers(self.release)
+                sites = release_sites(self.release)
+                if sites and self.site not in sites:
+                    raise UserError(
+                        f"family {self.family} has no SAE at site={self.site}; sites: "
+                        f"{', '.join(sorted(sites))}"
+                    )
+                layers = sites.get(self.site, [])
                 if layers and self.layer not in layers:
-                    raise missing_layer(self.family, self.layer, layers)
-            self._resolved = resolve_sae_lens_id(self.release, self.sae_id, self.layer)
+                    raise missing_layer(self.family, self.layer, layers, self.site)
+            self._resolved = resolve_sae_lens_id(
+                self.release, self.sae_id, self.layer, site=self.site
+            )
         return self._resolved
 
     def _sae_lens(self) -> Any:
@@ -313,7 +350,7 @@ class SaeLensSource(SAESource):
             family=self.family,
             release=release,
             sae_id=sae_id,
-            extra={"layer": self.layer},
+            extra={"layer": self.layer, **site_extra(self.site)},
             neuronpedia_id=directory_neuronpedia_id(release, sae_id),
         )
         sae = from_sae_lens(self._sae_lens(), identity)

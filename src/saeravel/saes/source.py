@@ -39,7 +39,9 @@ class SAESource(Protocol):
     Sources subclass it to inherit the default :meth:`known_d_in`."""
 
     family: str  # recorded in every result
-    layer: int  # the residual stream after block ``layer``
+    layer: int  # the block whose ``site`` it reads
+    site: str  # where in block ``layer`` it reads (``saeravel.hooks.SITES``; resid_post: the
+    # residual after the block)
 
     def required_model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments the model must be loaded with (called before it loads), after

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from saeravel.cache import deterministic_torch
 from saeravel.errors import UserError
-from saeravel.hooks import resid_post
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE
 
@@ -26,13 +25,13 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def embedded_activations(
-    model: LoadedModel, layer: int, n_sequences: int, seed: int
+    model: LoadedModel, hook: str, n_sequences: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations at every real token and at city tokens of the embedded model's text."""
+    """Activations at ``hook`` at every real token and at city tokens of the embedded
+    model's text."""
     from saeravel.tiny_lm import encode_batch
 
     world = model.world
-    hook = resid_post(layer)
     cities = set(world.entities)
     all_acts, ent_acts = [], []
     device = next(model.model.parameters()).device
@@ -66,8 +65,9 @@ def embedded_texts(model: LoadedModel, n_sequences: int, seed: int) -> list[str]
 
 
 @torch.no_grad()
-def hf_activations(model: LoadedModel, layer: int, n_tokens: int, dataset: str) -> torch.Tensor:
-    """Activations on text from a Hugging Face dataset (context 128, BOS excluded)."""
+def hf_activations(model: LoadedModel, hook: str, n_tokens: int, dataset: str) -> torch.Tensor:
+    """Activations at ``hook`` on text from a Hugging Face dataset (context 128, BOS
+    excluded)."""
     try:
         from datasets import load_dataset
 
@@ -77,7 +77,6 @@ def hf_activations(model: LoadedModel, layer: int, n_tokens: int, dataset: str) 
             f"dataset {dataset!r} for SAE training is not available offline ({type(exc).__name__}); "
             "download it on a machine with a network first"
         ) from exc
-    hook = resid_post(layer)
     out, total = [], 0
     for row in ds:
         toks = model.model.to_tokens(row["text"])[:, :128]

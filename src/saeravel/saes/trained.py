@@ -21,12 +21,13 @@ from saeravel.cache import (
     verify_files,
 )
 from saeravel.errors import UserError, choose
-from saeravel.hooks import resid_post
+from saeravel.hooks import site_hook
 from saeravel.models import LoadedModel
 from saeravel.results import atomic_torch_save, atomic_write_json
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.source import SAESource
 from saeravel.saes.train import embedded_activations, explained_variance, hf_activations, train_sae
+from saeravel.saes.util import site_name
 
 log = logging.getLogger(__name__)
 # 3: embedded text restricted to the model's trained attributes; checksums in meta.json
@@ -52,7 +53,8 @@ def check_trained_hparams(**h: Any) -> None:
 
 
 class TrainedSource(SAESource):
-    """SAE source that trains (or loads from the cache) an SAE on the model at ``layer``."""
+    """SAE source that trains (or loads from the cache) an SAE on the model's activations at
+    ``site`` of block ``layer``."""
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class TrainedSource(SAESource):
         cache_dir: str = ".cache",
         n_sequences: int = 3000,
         dataset: str = "Skylion007/openwebtext",
+        site: str = "resid_post",
     ) -> None:
         choose("SAE architecture", architecture, ["topk", "relu"])
         choose("SAE positions", positions, ["all"])
@@ -81,6 +84,8 @@ class TrainedSource(SAESource):
         )  # fmt: skip
         self.family = family
         self.layer = layer
+        self.site = site_name(site)
+        self.hook_name = site_hook(self.site, layer)
         self.hparams = {
             "architecture": architecture,
             "k": k,
@@ -131,8 +136,8 @@ class TrainedSource(SAESource):
             self.load(model)
             return [self._folder(model)]
 
-        name = f"sae=trained on {ctx.model.name} layer {self.layer}"
-        key = json.dumps([model_need.dest, self.layer, self.hparams], sort_keys=True)
+        name = f"sae=trained on {ctx.model.name} layer {self.layer}{self._site_tag(' ')}"
+        key = json.dumps([model_need.dest, self.layer, self.site, self.hparams], sort_keys=True)
         return [
             Need(
                 "train", name, "", str(self.cache_dir / "saes"), check, fetch, label=name,
@@ -140,22 +145,30 @@ class TrainedSource(SAESource):
             )
         ]  # fmt: skip
 
+    def _site_tag(self, sep: str = "-") -> str:
+        """The site in cache names: none at resid_post (the names from before sites existed
+        stay valid), else ``sep`` and the site."""
+        return "" if self.site == "resid_post" else f"{sep}{self.site}"
+
     def _folder(self, model: LoadedModel) -> Path:
         model_key = model.info.get("cache_folder_key") or json.dumps(
             model.processing, sort_keys=True
         )
+        site = {"site": self.site} if self.site != "resid_post" else {}  # old keys stay valid
         blob = json.dumps(
             {
                 "v": FORMAT_VERSION,
                 "model": model.name,
                 "mk": model_key,
                 "layer": self.layer,
+                **site,
                 **self.hparams,
             },
             sort_keys=True,
         )
         key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        return inside(self.cache_dir, "saes", f"{model.name}-L{self.layer}-{key}")
+        name = f"{model.name}-L{self.layer}{self._site_tag()}-{key}"
+        return inside(self.cache_dir, "saes", name)
 
     def load(self, model: LoadedModel) -> SAE:
         """Load from the cache (validated), or train and cache."""
@@ -195,24 +208,24 @@ class TrainedSource(SAESource):
         return SAE(
             w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"],
             activation=self.hparams["architecture"], k=self.hparams["k"],
-            apply_b_dec_to_input=True, hook_name=resid_post(self.layer), identity=ident,
+            apply_b_dec_to_input=True, hook_name=self.hook_name, identity=ident,
             cfg_dict={"training": self.hparams, "train_metrics": meta["metrics"]},
         )  # fmt: skip
 
     def _train(self, model: LoadedModel, folder: Path) -> None:
         h = self.hparams
         if model.world is not None:
-            acts, ent = embedded_activations(model, self.layer, h["n_sequences"], h["seed"])
+            acts, ent = embedded_activations(model, self.hook_name, h["n_sequences"], h["seed"])
         else:
-            acts = hf_activations(model, self.layer, h["n_sequences"] * 64, h["dataset"])
+            acts = hf_activations(model, self.hook_name, h["n_sequences"] * 64, h["dataset"])
             ent = None
         d_sae = h["expansion"] * acts.shape[1]
         log.info(
-            "training a %s SAE (d_sae %d) on %d activations at layer %d",
+            "training a %s SAE (d_sae %d) on %d activations at %s",
             h["architecture"],
             d_sae,
             len(acts),
-            self.layer,
+            self.hook_name,
         )
         w = train_sae(
             acts, ent, d_sae=d_sae, architecture=h["architecture"], k=h["k"],
@@ -221,7 +234,7 @@ class TrainedSource(SAESource):
         )  # fmt: skip
         sae = SAE(
             w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], activation=h["architecture"],
-            k=h["k"], hook_name=resid_post(self.layer), identity=SAEIdentity(self.family),
+            k=h["k"], hook_name=self.hook_name, identity=SAEIdentity(self.family),
         )  # fmt: skip
         with torch.no_grad():
             l0 = float((sae.encode(acts) > 0).float().sum(-1).mean())

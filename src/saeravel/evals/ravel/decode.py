@@ -18,18 +18,31 @@ from pad-token ids, which on GPT-2 equal the BOS id.)
 
 Several interventions of one batch of bases (``vector_sets``) are stacked along the batch and
 decoded in one pass; the clean prefix and suffix caches are shared by all of them.
+
+A site inside block ``layer`` (``site=mlp_out``, ``attn_out``, ``resid_mid``; see
+:mod:`saeravel.evals.ravel.intervene`): the clean caches stop before block ``layer`` (its keys
+and values are computed from the residual before it, which the patch cannot change, but the
+block is rerun with the vectors patched at the site's hook point, appending them itself).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Any
 
 import torch
 
-from saeravel.evals.ravel.intervene import _pad_id, hook_name, logits_at, naive_logits
+from saeravel.evals.ravel.intervene import (
+    _pad_id,
+    logits_at,
+    naive_logits,
+    patched,
+    resume_block,
+    resume_input,
+)
 from saeravel.evals.ravel.prompts import Prompt, pad
-from saeravel.hooks import act_name, kv_names
+from saeravel.hooks import act_name, kv_names, site_hook
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,10 +50,11 @@ KV = tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def naive_generate(
     model: Any, prompts: list[Prompt], n_tokens: int, layer: int | None = None,
-    vectors: torch.Tensor | None = None, batch_size: int = 64,
+    vectors: torch.Tensor | None = None, batch_size: int = 64, site: str = "resid_post",
 ) -> list[list[int]]:  # fmt: skip
     """Reference: greedy continuation of ``n_tokens`` per prompt by one full (patched) forward
-    per token, optionally with ``vectors`` patched in after block ``layer`` at each entity."""
+    per token, optionally with ``vectors`` patched in at ``site`` of block ``layer`` (by
+    default the residual after it) at each entity."""
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -55,7 +69,7 @@ def naive_generate(
                 toks, last = pad(cur, _pad_id(model), model.cfg.device)
                 logits = model(toks)[torch.arange(len(cur)), last]
             else:
-                logits = naive_logits(model, cur, vec, layer)
+                logits = naive_logits(model, cur, vec, layer, site=site)
             for j, t in enumerate(logits.argmax(-1).tolist()):
                 cur[j].tokens.append(t)
                 new[j].append(t)
@@ -64,19 +78,26 @@ def naive_generate(
 
 
 class CachedDecoder:
-    """Greedy decoding after block ``layer``'s entity patch, through cached keys/values (see
-    the module docstring); equals :func:`naive_generate` token for token."""
+    """Greedy decoding after the entity patch at ``site`` of block ``layer``, through cached
+    keys/values (see the module docstring); equals :func:`naive_generate` token for token."""
 
-    def __init__(self, model: Any, layer: int, batch_size: int = 64, rows: int = 256) -> None:
+    def __init__(
+        self, model: Any, layer: int, batch_size: int = 64, rows: int = 256,
+        site: str = "resid_post",
+    ) -> None:  # fmt: skip
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         self._entry = TransformerLensKeyValueCacheEntry
         self.model = model
         self.layer = layer
+        self.site = str(site)
+        self.hook = site_hook(self.site, layer)
+        self.start = resume_block(layer, self.site)  # the first block the patch changes
         self.batch_size = batch_size  # prompts per forward when preparing
         self.rows = rows  # rows per decoding pass (bases x vector sets)
         self.prefix_kv: dict[tuple[int, ...], list[KV]] = {}  # every block, [1, pos, h, d]
-        # id(prompt) -> (prompt, clean kv of blocks 0..L, resid after L), from the entity on
+        # id(prompt) -> (prompt, clean kv of blocks 0..start-1, the residual entering block
+        # start), from the entity on
         self.clean: dict[int, tuple[Prompt, list[KV], torch.Tensor]] = {}
 
     def _kv_names(self, blocks: range) -> list[str]:
@@ -100,7 +121,8 @@ class CachedDecoder:
         todo = list(
             {id(p): p for p in prompts if self.clean.get(id(p), (None,))[0] is not p}.values()
         )
-        low = set(self._kv_names(range(L + 1))) | {hook_name(L)}
+        S, entering = self.start, resume_input(L, self.site)
+        low = set(self._kv_names(range(S))) | {entering}
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
             toks, _ = pad(chunk, _pad_id(model), model.cfg.device)
@@ -112,9 +134,9 @@ class CachedDecoder:
                 kv = [
                     (cache[act_name("k", b)][j, sl].clone(),
                      cache[act_name("v", b)][j, sl].clone())
-                    for b in range(L + 1)
+                    for b in range(S)
                 ]  # fmt: skip
-                self.clean[id(p)] = (p, kv, cache[hook_name(L)][j, sl].clone())
+                self.clean[id(p)] = (p, kv, cache[entering][j, sl].clone())
 
     @torch.no_grad()
     def generate(
@@ -142,19 +164,29 @@ class CachedDecoder:
         self, bases: list[Prompt], n_tokens: int, vector_sets: list[torch.Tensor | None]
     ) -> list[list[list[int]]]:
         """One group (one prefix, one length), all vector sets stacked along the batch."""
-        model, L = self.model, self.layer
+        model, S = self.model, self.start
         dev = model.cfg.device
         n, sets = len(bases), len(vector_sets)
         kv_low = [self.clean[id(p)][1] for p in bases]
         resid0 = torch.stack([self.clean[id(p)][2] for p in bases])  # [n, s, d]
-        at = (torch.arange(n), torch.tensor([p.entity_pos - p.entity_start for p in bases]))
-        patched = []
-        for v in vector_sets:
-            r = resid0.clone()
-            if v is not None:
-                r[at] = v.to(device=r.device, dtype=r.dtype)
-            patched.append(r)
-        resid = torch.cat(patched)  # [sets * n, s, d]
+        ent = torch.tensor([p.entity_pos - p.entity_start for p in bases])
+        inside = S == self.layer  # the site is inside block `layer`: patched while it runs
+        given = [(i, v) for i, v in enumerate(vector_sets) if v is not None]
+        patch = contextlib.nullcontext()  # while block S runs
+        if inside:
+            resid = resid0.repeat(sets, 1, 1)  # [sets * n, s, d]
+            if given:  # the rows of each set with vectors, at its entity
+                at_rows = torch.cat([torch.arange(i * n, (i + 1) * n) for i, _ in given])
+                at_vecs = torch.cat([v for _, v in given])
+                patch = patched(model, self.hook, at_rows, ent.repeat(len(given)), at_vecs)
+        else:
+            with_patch = []
+            for v in vector_sets:
+                r = resid0.clone()
+                if v is not None:
+                    r[torch.arange(n), ent] = v.to(device=r.device, dtype=r.dtype)
+                with_patch.append(r)
+            resid = torch.cat(with_patch)  # [sets * n, s, d]
         rows = sets * n
         prefix = self.prefix_kv[bases[0].prefix]
 
@@ -171,13 +203,14 @@ class CachedDecoder:
             return self._entry(torch.cat(parts_k, 1), torch.cat(parts_v, 1))
 
         entries = []
-        for b in range(L + 1):  # clean: the same for every vector set
+        for b in range(S):  # clean: the same for every vector set
             k = torch.stack([kv[b][0] for kv in kv_low]).repeat(sets, 1, 1, 1)
             v = torch.stack([kv[b][1] for kv in kv_low]).repeat(sets, 1, 1, 1)
             entries.append(entry(b, (k, v)))
-        for b in range(L + 1, model.cfg.n_layers):  # the patched suffix appends itself
+        for b in range(S, model.cfg.n_layers):  # the patched suffix appends itself
             e = entry(b, None)
-            resid = model.blocks[b](resid, past_kv_cache_entry=e)
+            with patch if b == S else contextlib.nullcontext():
+                resid = model.blocks[b](resid, past_kv_cache_entry=e)
             entries.append(e)
         pos = len(bases[0].tokens)
         nxt = self._next(resid[:, -1])

@@ -1,7 +1,8 @@
 """Interventions (mask over SAE latents, mask over neurons, DAS) and the fast forward.
 
-Every method maps the base's and the source's residual vectors at the entity's last token
-(after block ``layer``) to the vector patched into the base run. A mask method's patched vector
+Every method maps the base's and the source's vectors at the entity's last token (the
+activation at the job's site of block ``layer``: the residual after it by default, or what its
+MLP or attention adds, ``site=``) to the vector patched into the base run at that site. A mask method's patched vector
 is affine in its binarised mask: :meth:`Intervention.flip_terms` gives each entry's rank-1
 change, which refinement adds instead of re-running the method per flip. :class:`SAEMask`
 also takes its inputs' latents precomputed (:meth:`SAEMask.forward_latents`: the SAE is frozen,
@@ -14,13 +15,21 @@ entity sharing the template); per base prompt, the residual after ``layer`` of t
 and the tokens after it is computed once. A training step then runs only those few suffix
 positions through the blocks after ``layer`` (attending to the frozen prefix keys/values)
 and unembeds only the last position. :func:`naive_logits` is the reference it must equal.
+
+Sites inside block ``layer`` (``mlp_out``, ``attn_out``, ``resid_mid``): a patch there changes
+the rest of block ``layer`` at the entity (``attn_out`` feeds the block's MLP), so the runner
+keeps the residual *before* block ``layer`` instead and reruns block ``layer`` too, with the
+vectors patched at the site's hook point (:func:`resume_block`, :func:`patched`); the prefix's
+keys and values are then kept from block ``layer`` on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saeravel.evals.ravel.prompts import Prompt, pad
-from saeravel.hooks import act_name, kv_names
-from saeravel.hooks import resid_post as hook_name
+from saeravel.hooks import act_name, hook_site, kv_names, resid_post, resid_pre, site_hook
 
 # ----------------------------------------------------------------------------- rotations
 
@@ -304,20 +312,65 @@ def _pad_id(model: Any) -> int:
     return (tok.pad_token_id or 0) if tok is not None else 0
 
 
+def job_site(ctx: Any) -> str:
+    """The job's site (``resid_post``, ``mlp_out``, ...), read from its hook
+    (``EvalContext.hook_name``, which the pipeline builds from ``layer`` and ``site``; a
+    context without one, e.g. a test's stand-in: ``resid_post``)."""
+    hook = getattr(ctx, "hook_name", None)
+    if hook is None:
+        return "resid_post"
+    found = hook_site(hook)
+    if found is None or found[0] != ctx.layer:
+        raise ValueError(f"RAVEL: hook {ctx.hook_name} is not a site of layer {ctx.layer}")
+    return found[1]
+
+
+def resume_block(layer: int, site: str) -> int:
+    """The first block a patch at ``site`` of block ``layer`` changes: the next one after the
+    residual (``resid_post``), block ``layer`` itself for a site inside it."""
+    return layer + 1 if site == "resid_post" else layer
+
+
+def resume_input(layer: int, site: str) -> str:
+    """The hook whose value enters block :func:`resume_block` (what the fast paths cache):
+    the residual after block ``layer`` (``resid_post``), else the residual before it."""
+    return resid_post(layer) if site == "resid_post" else resid_pre(layer)
+
+
+@contextlib.contextmanager
+def patched(
+    model: Any, hook: str, rows: torch.Tensor, pos: torch.Tensor, vectors: torch.Tensor
+) -> Iterator[None]:
+    """While inside: the hook point ``hook`` of ``model`` outputs ``vectors`` at ``(rows,
+    pos)`` (differentiable in ``vectors``), through a torch forward hook on that one module
+    (transformer_lens' own hooks, permanent ones included, are left as they are)."""
+
+    def patch(module: Any, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        at = (rows.to(out.device), pos.to(out.device))
+        return out.index_put(at, vectors.to(device=out.device, dtype=out.dtype))
+
+    handle = model.hook_dict[hook].register_forward_hook(patch)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def resid_at(
-    model: Any, prompts: list[Prompt], layer: int, batch_size: int = 64
-) -> list[torch.Tensor]:
-    """Per prompt, the residual after block ``layer`` at every position (unpadded)."""
+    model: Any, prompts: list[Prompt], layer: int, batch_size: int = 64,
+    site: str = "resid_post", hook: str | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Per prompt, the activation at ``site`` of block ``layer`` (by default the residual after
+    it; ``hook``: that hook point instead) at every position (unpadded)."""
     out: list[torch.Tensor] = []
     dev = model.cfg.device
+    name = hook or site_hook(site, layer)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         toks, _ = pad(chunk, _pad_id(model), dev)
-        _, cache = model.run_with_cache(
-            toks, names_filter=hook_name(layer), stop_at_layer=layer + 1
-        )
-        r = cache[hook_name(layer)]
+        _, cache = model.run_with_cache(toks, names_filter=name, stop_at_layer=layer + 1)
+        r = cache[name]
         out.extend(r[j, : len(p.tokens)].clone() for j, p in enumerate(chunk))
     return out
 
@@ -334,11 +387,12 @@ def _last_positions(last: list[int], n_last: list[int] | None) -> tuple[list[int
 
 def naive_logits(
     model: Any, bases: list[Prompt], vectors: torch.Tensor, layer: int,
-    n_last: list[int] | None = None,
+    n_last: list[int] | None = None, site: str = "resid_post",
 ) -> torch.Tensor:  # fmt: skip
     """Reference: the full model on the base prompts with ``vectors`` patched in at each
-    entity's last token; logits at each prompt's last token [batch, vocab] (with ``n_last``:
-    at each prompt's last ``n_last[i]`` positions, stacked in order)."""
+    entity's last token at ``site`` of block ``layer`` (a transformer_lens hook there);
+    logits at each prompt's last token [batch, vocab] (with ``n_last``: at each prompt's last
+    ``n_last[i]`` positions, stacked in order)."""
     toks, last = pad(bases, _pad_id(model), model.cfg.device)
     pos = torch.tensor([p.entity_pos for p in bases], device=toks.device)
     rows = torch.arange(len(bases), device=toks.device)
@@ -348,7 +402,7 @@ def naive_logits(
         resid[rows, pos] = vectors.to(resid.dtype)
         return resid
 
-    logits = model.run_with_hooks(toks, fwd_hooks=[(hook_name(layer), patch)])
+    logits = model.run_with_hooks(toks, fwd_hooks=[(site_hook(site, layer), patch)])
     if n_last is None:
         return logits[rows, last]
     r, q = _last_positions(last.tolist(), n_last)
@@ -389,23 +443,29 @@ class SuffixRunner:
     """Caches the frozen parts of the base runs and recomputes only what an intervention
     changes (see module docstring)."""
 
-    def __init__(self, model: Any, layer: int, batch_size: int = 64) -> None:
+    def __init__(
+        self, model: Any, layer: int, batch_size: int = 64, site: str = "resid_post"
+    ) -> None:
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         self._entry_cls = TransformerLensKeyValueCacheEntry
         self.model = model
         self.layer = layer
+        self.site = str(site)
+        self.hook = site_hook(self.site, layer)
+        self.start = resume_block(layer, self.site)  # the first block a step runs
         self.batch_size = batch_size
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        # id(prompt) -> (prompt, resid after layer from entity_start); the prompt is kept so
-        # that a dead prompt's id, reused by a new one, is recognised as another prompt
+        # id(prompt) -> (prompt, residual entering block `start`, from entity_start); the
+        # prompt is kept so that a dead prompt's id, reused by a new one, is recognised as
+        # another prompt
         self._suffix: dict[int, tuple[Prompt, torch.Tensor]] = {}
 
     @torch.no_grad()
     def prepare(self, prompts: list[Prompt]) -> None:
         """Cache prefix keys/values per template and suffix residuals per prompt."""
         model, L = self.model, self.layer
-        later = range(L + 1, model.cfg.n_layers)
+        later = range(self.start, model.cfg.n_layers)
         names = kv_names(later)
         for prefix in {p.prefix for p in prompts} - set(self.prefix_kv):
             if not prefix or not names:
@@ -417,14 +477,16 @@ class SuffixRunner:
                 (cache[act_name("k", i)], cache[act_name("v", i)]) for i in later
             ]
         todo = list({id(p): p for p in prompts if not self.prepared(p)}.values())
-        for p, r in zip(todo, resid_at(model, todo, L, self.batch_size), strict=True):
+        entering = resid_at(model, todo, L, self.batch_size, hook=resume_input(L, self.site))
+        for p, r in zip(todo, entering, strict=True):
             self._suffix[id(p)] = (p, r[p.entity_start :])
 
     def prepared(self, p: Prompt) -> bool:
         return self._suffix.get(id(p), (None,))[0] is p
 
     def suffix(self, p: Prompt) -> torch.Tensor:
-        """The residual after ``layer`` of ``p``'s entity and later tokens (prepared)."""
+        """The residual entering block ``start`` (after ``layer`` at ``resid_post``) of
+        ``p``'s entity and later tokens (prepared)."""
         if not self.prepared(p):
             raise KeyError("SuffixRunner: prompt not prepared (call prepare first)")
         return self._suffix[id(p)][1]
@@ -441,22 +503,28 @@ class SuffixRunner:
             raise ValueError("SuffixRunner.logits needs bases that share a prefix")
         n = len(bases)
         width = max(len(p.tokens) - p.entity_start for p in bases)
-        resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=vectors.dtype)
+        dtype = self.suffix(bases[0]).dtype  # the model's (bfloat16: vectors are float32)
+        resid = torch.zeros(n, width, model.cfg.d_model, device=vectors.device, dtype=dtype)
         for i, p in enumerate(bases):
             s = self.suffix(p)
             resid[i, : len(s)] = s
         rows = torch.arange(n, device=vectors.device)
         ent = torch.tensor([p.entity_pos - p.entity_start for p in bases], device=vectors.device)
-        resid = resid.index_put((rows, ent), vectors)
+        patch = contextlib.nullcontext()  # while block `start` runs
+        if self.start == self.layer:  # a site inside block `layer`
+            patch = patched(model, self.hook, rows, ent, vectors)
+        else:
+            resid = resid.index_put((rows, ent), vectors.to(dtype))
         kv = self.prefix_kv[prefix]
-        for j, block in enumerate(model.blocks[self.layer + 1 :]):
+        for j, block in enumerate(model.blocks[self.start :]):
             entry = None
             if kv:
                 k, v = kv[j]
                 entry = self._entry_cls(
                     k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), frozen=True
                 )
-            resid = block(resid, past_kv_cache_entry=entry)
+            with patch if j == 0 else contextlib.nullcontext():
+                resid = block(resid, past_kv_cache_entry=entry)
         r, q = _last_positions([len(p.tokens) - 1 - p.entity_start for p in bases], n_last)
         picked = resid[
             torch.tensor(r, device=vectors.device), torch.tensor(q, device=vectors.device)

@@ -19,6 +19,7 @@ from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore, entry_name
 from saeravel.evals.api import EvalOutput, JobChoices, register
 from saeravel.evals.ravel.config import RavelEvalConfig, check, chosen_methods
+from saeravel.evals.ravel.intervene import job_site
 from saeravel.evals.ravel.methods import FEATURIZERS, check_sae, needs_sae, references
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.score import score_many, summary_row
@@ -72,14 +73,16 @@ def run(cfg: Any, ctx: Any) -> Any:
 
     metrics: dict[str, Any] = {"ravel": {}, "baselines": {}}
     details: dict[str, Any] = {"data": stats, "training_curves": {}, "per_template": {}}
+    site = job_site(ctx)
+    at = f"layer {ctx.layer}" + ("" if site == "resid_post" else f" {site}")
     summary = [
-        f"RAVEL ({cfg.protocol} protocol, {stats['split_note']}), layer {ctx.layer}, "
+        f"RAVEL ({cfg.protocol} protocol, {stats['split_note']}), {at}, "
         f"match={cfg.match}, recipe={cfg.recipe}; [{cfg.confidence:.0%} bootstrap interval over entities]"
     ]
     truth = getattr(ctx.model, "truth", None)
     if truth is not None:
         details["planted"] = truth.describe()
-        if ctx.sae is not None:
+        if ctx.sae is not None and site == "resid_post":  # the atoms live in the residual
             details["planted"]["atom_recovery"] = truth.atom_recovery(ctx.sae)
     held = stats.get("isolation_heldout", {})
     if held.get("attributes") or held.get("skipped"):

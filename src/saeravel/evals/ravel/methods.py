@@ -27,7 +27,14 @@ from saeravel.evals.ravel.featurizers import (
     rlace_basis,
     sae_latents,
 )
-from saeravel.evals.ravel.intervene import DAS, FixedIntervention, Intervention, NeuronMask, SAEMask
+from saeravel.evals.ravel.intervene import (
+    DAS,
+    FixedIntervention,
+    Intervention,
+    NeuronMask,
+    SAEMask,
+    job_site,
+)
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.prompts import Pair
 from saeravel.evals.ravel.score import score_fitted
@@ -488,13 +495,14 @@ def check_sae(cfg: Any, sae_family: str | None) -> None:
 
 def references(job: RavelJob, attr: str) -> list[tuple[str, Intervention]]:
     """The parameter-free references scored beside the methods: ``none``, ``swap``; with an
-    SAE ``sae_recon``, ``sae_swap``; on a planted world ``oracle`` (its block's projector)."""
+    SAE ``sae_recon``, ``sae_swap``; on a planted world ``oracle`` (its block's projector, in
+    the residual stream: at ``site=resid_post`` only)."""
     sae, truth = job.ctx.sae, getattr(job.ctx.model, "truth", None)
     refs: list[tuple[str, Intervention]] = [
         (k, FixedIntervention(k, sae)) for k in ("none", "swap")
     ]
     if sae is not None:
         refs += [(k, FixedIntervention(k, sae)) for k in ("sae_recon", "sae_swap")]
-    if truth is not None:
+    if truth is not None and job_site(job.ctx) == "resid_post":
         refs.append(("oracle", ProjectorSwap(truth.projector(attr))))
     return refs

@@ -22,7 +22,7 @@ from saeravel.errors import UserError
 from saeravel.evals.ravel.data import download_ravel, load_ravel
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.featurizers import feature_scale, principal_components
-from saeravel.evals.ravel.intervene import SuffixRunner, resid_at
+from saeravel.evals.ravel.intervene import SuffixRunner, job_site, resid_at
 from saeravel.evals.ravel.prompts import (
     PAPER_FEW_SHOT_CITIES,
     Pair,
@@ -551,14 +551,17 @@ class FitData:
 
 
 class VectorBank:
-    """Residual vectors after ``layer`` at each prompt's entity token, computed once."""
+    """The vectors at ``site`` of block ``layer`` (by default the residual after it) at each
+    prompt's entity token, computed once, in float32 (what the methods train in; a patch
+    casts back to the model's dtype)."""
 
-    def __init__(self, model: Any, layer: int, prompts: list[Prompt], batch_size: int) -> None:
+    def __init__(
+        self, model: Any, layer: int, prompts: list[Prompt], batch_size: int,
+        site: str = "resid_post",
+    ) -> None:  # fmt: skip
         uniq = list({id(p): p for p in prompts}.values())
-        self.vec = {
-            id(p): r[p.entity_pos]
-            for p, r in zip(uniq, resid_at(model, uniq, layer, batch_size), strict=True)
-        }
+        acts = resid_at(model, uniq, layer, batch_size, site=site)
+        self.vec = {id(p): r[p.entity_pos].float() for p, r in zip(uniq, acts, strict=True)}
 
     def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
         return torch.stack([self.vec[id(p)] for p in prompts])
@@ -638,12 +641,13 @@ class RavelJob:
         log.info("pairs: %s", {a: {s: len(v) for s, v in d.items()} for a, d in pairs.items()})
         all_prompts = [q.base for d in pairs.values() for ps in d.values() for q in ps]
         all_prompts += [q.source for d in pairs.values() for ps in d.values() for q in ps]
-        bank = VectorBank(model, ctx.layer, all_prompts, 64)
+        site = job_site(ctx)
+        bank = VectorBank(model, ctx.layer, all_prompts, 64, site=site)
         runner, decoder = None, None
         if cfg.fast:
-            runner = SuffixRunner(model, ctx.layer)
+            runner = SuffixRunner(model, ctx.layer, site=site)
             runner.prepare([q.base for d in pairs.values() for ps in d.values() for q in ps])
-            decoder = CachedDecoder(model, ctx.layer)
+            decoder = CachedDecoder(model, ctx.layer, site=site)
         train_prompts = list(
             {
                 id(p): p for d in pairs.values() for q in d["train"] for p in (q.base, q.source)

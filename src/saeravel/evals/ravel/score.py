@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
-from saeravel.evals.ravel.intervene import Intervention
+from saeravel.evals.ravel.intervene import Intervention, job_site
 from saeravel.evals.ravel.pairs import RavelJob
 from saeravel.evals.ravel.prompts import MATCH_RULES, Pair, matches_any, rule_for
 from saeravel.evals.ravel.subspace import subspace_recovery
@@ -108,8 +108,12 @@ def generations(
     cfg, ctx = job.cfg, job.ctx
     model, bases = ctx.model.model, [q.base for q in pairs]
     if not cfg.fast:
-        return [naive_generate(model, bases, cfg.match_tokens, ctx.layer, v) for v in vector_sets]
-    decoder = job.decoder or CachedDecoder(model, ctx.layer)
+        site = job_site(ctx)
+        return [
+            naive_generate(model, bases, cfg.match_tokens, ctx.layer, v, site=site)
+            for v in vector_sets
+        ]
+    decoder = job.decoder or CachedDecoder(model, ctx.layer, site=job_site(ctx))
     return decoder.generate(bases, cfg.match_tokens, list(vector_sets))
 
 
@@ -200,6 +204,8 @@ def score_fitted(
     train_ce, train_ok = first_token_eval(job, method, pairs["train"])
     state = method.own_state()
     truth = getattr(job.ctx.model, "truth", None)  # a planted world: where the method swaps
+    if job_site(job.ctx) != "resid_post":  # the planted blocks live in the residual stream
+        truth = None
     subspace = subspace_recovery(method, truth, attr, cfg.mask.eval == "hard") if truth else None
     info = None
     if cfg.mask.refine and method.mask is not None and getattr(method.mask, "refinable", True):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from saeravel.evals.ravel.intervene import (
     Intervention,
     batches_by_prefix,
+    job_site,
     naive_logits,
     temperature,
 )
@@ -33,7 +34,8 @@ def _logits(
 ) -> torch.Tensor:
     if job.runner is not None:
         return job.runner.logits(bases, v, n_last)
-    return naive_logits(job.ctx.model.model, bases, v, job.ctx.layer, n_last)
+    ctx = job.ctx
+    return naive_logits(ctx.model.model, bases, v, ctx.layer, n_last, site=job_site(ctx))
 
 
 class TeacherForced:
