@@ -40,7 +40,7 @@ def test_fit_finds_the_principal_axes_in_order() -> None:
 def test_latent_i_is_the_score_on_component_i_and_reconstruction_is_exact() -> None:
     x, _ = anisotropic()
     fit = fit_pca(x, batch_size=4096)
-    sae = pca_sae(fit, layer=1, identity=SAEIdentity("pca"))
+    sae = pca_sae(fit, hook_name="blocks.1.hook_resid_post", identity=SAEIdentity("pca"))
     f = sae.encode(x)
     assert torch.allclose(f, (x - fit["mean"]) @ fit["components"].T, atol=1e-4)
     var = f.var(0)

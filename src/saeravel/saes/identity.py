@@ -16,18 +16,21 @@ from typing import Any
 
 import torch
 
-from saeravel.hooks import resid_post
+from saeravel.hooks import site_hook
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.source import SAESource
+from saeravel.saes.util import site_name
 
 
-def identity_sae(d_model: int, layer: int, family: str = "identity") -> SAE:
-    """The identity dictionary at the residual after block ``layer``."""
+def identity_sae(
+    d_model: int, layer: int, family: str = "identity", site: str = "resid_post"
+) -> SAE:
+    """The identity dictionary at ``site`` of block ``layer``."""
     eye = torch.eye(d_model)
     return SAE(
         eye, torch.zeros(d_model), eye, torch.zeros(d_model), activation="linear",
-        apply_b_dec_to_input=False, hook_name=resid_post(layer), identity=SAEIdentity(family),
+        apply_b_dec_to_input=False, hook_name=site_hook(site, layer), identity=SAEIdentity(family),
         cfg_dict={"architecture": "identity"},
     )  # fmt: skip
 
@@ -35,9 +38,10 @@ def identity_sae(d_model: int, layer: int, family: str = "identity") -> SAE:
 class IdentitySource(SAESource):
     """SAE source of ``sae=identity`` (any model, any layer)."""
 
-    def __init__(self, family: str = "identity", layer: int = 0) -> None:
+    def __init__(self, family: str = "identity", layer: int = 0, site: str = "resid_post") -> None:
         self.family = family
         self.layer = int(layer)
+        self.site = site_name(site)
 
     def required_model_kwargs(self) -> dict[str, Any]:
         """{}: the model as loaded (transformer_lens' defaults)."""
@@ -51,4 +55,4 @@ class IdentitySource(SAESource):
 
     def load(self, model: LoadedModel) -> SAE:
         """The identity SAE of ``model.d_model``."""
-        return identity_sae(model.d_model, self.layer, self.family)
+        return identity_sae(model.d_model, self.layer, self.family, self.site)

@@ -50,12 +50,13 @@ from saeravel.cache import (
     verify_files,
 )
 from saeravel.errors import UserError
-from saeravel.hooks import resid_post
+from saeravel.hooks import site_hook
 from saeravel.models import LoadedModel
 from saeravel.results import atomic_torch_save, atomic_write_json
 from saeravel.saes.base import SAE, SAEIdentity
 from saeravel.saes.source import SAESource
 from saeravel.saes.train import embedded_activations, hf_activations
+from saeravel.saes.util import site_name
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -84,12 +85,12 @@ def fit_pca(acts: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def pca_sae(fit: dict[str, torch.Tensor], layer: int, identity: SAEIdentity) -> SAE:
+def pca_sae(fit: dict[str, torch.Tensor], hook_name: str, identity: SAEIdentity) -> SAE:
     """The square PCA dictionary of a fit: ``encode = (x - mean) C^T``, ``decode = f C + mean``."""
     comp = fit["components"]
     return SAE(
         comp.T.contiguous(), torch.zeros(len(comp)), comp.clone(), fit["mean"].clone(),
-        activation="linear", apply_b_dec_to_input=True, hook_name=resid_post(layer),
+        activation="linear", apply_b_dec_to_input=True, hook_name=hook_name,
         identity=identity, cfg_dict={"architecture": "pca"},
     )  # fmt: skip
 
@@ -106,12 +107,15 @@ class PCASource(SAESource):
         seed: int = 0,
         dataset: str = "Skylion007/openwebtext",
         cache_dir: str = ".cache",
+        site: str = "resid_post",
     ) -> None:
         for key, value in (("n_sequences", n_sequences), ("batch_size", batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"sae.{key}={value} must be a positive integer")
         self.family = family
         self.layer = int(layer)
+        self.site = site_name(site)
+        self.hook_name = site_hook(self.site, self.layer)
         self.hparams = {
             "n_sequences": n_sequences,
             "batch_size": batch_size,
@@ -146,11 +150,12 @@ class PCASource(SAESource):
         )
         blob = json.dumps(
             {"v": FORMAT_VERSION, "model": model.name, "mk": model_key, "layer": self.layer,
-             **self.hparams},
+             **({"site": self.site} if self.site != "resid_post" else {}), **self.hparams},
             sort_keys=True,
         )  # fmt: skip
         key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        return inside(self.cache_dir, "saes", f"{model.name}-L{self.layer}-pca-{key}")
+        tag = "" if self.site == "resid_post" else f"-{self.site}"
+        return inside(self.cache_dir, "saes", f"{model.name}-L{self.layer}{tag}-pca-{key}")
 
     def load(self, model: LoadedModel) -> SAE:
         """Load the fit from the cache (validated), or fit and cache it."""
@@ -174,16 +179,16 @@ class PCASource(SAESource):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise CorruptEntry(f"pca.pt {name} is {got}, expected {shape}")
         ident = SAEIdentity(family=self.family, path=str(folder), extra={"pca": meta["metrics"]})
-        return pca_sae(fit, self.layer, ident)
+        return pca_sae(fit, self.hook_name, ident)
 
     def _fit(self, model: LoadedModel, folder: Path) -> None:
         h = self.hparams
         if model.world is not None:
-            acts, _ = embedded_activations(model, self.layer, h["n_sequences"], h["seed"])
+            acts, _ = embedded_activations(model, self.hook_name, h["n_sequences"], h["seed"])
         else:
-            acts = hf_activations(model, self.layer, h["n_sequences"] * 64, h["dataset"])
-        log.info("fitting PCA (%d components) on %d activations at layer %d",
-                 acts.shape[1], len(acts), self.layer)  # fmt: skip
+            acts = hf_activations(model, self.hook_name, h["n_sequences"] * 64, h["dataset"])
+        log.info("fitting PCA (%d components) on %d activations at %s",
+                 acts.shape[1], len(acts), self.hook_name)  # fmt: skip
         fit = fit_pca(acts.float().cpu(), h["batch_size"])
         ratio = fit["explained_variance_ratio"]
         metrics = {
