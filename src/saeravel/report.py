@@ -985,7 +985,7 @@ def ravel_figures(table: Table, records: Sequence[Record], out_dir: str | Path) 
         path, fig = figures.methods_bar_figure(
             at, label_of, attrs, out / f"ravel_methods{suffix}.png",
             f"{part}: methods at layer {layer}", verdict,
-            f"{caption}; {bars}" + (f"; paired differences {whose}" if whose else ""),
+            f"{caption}; {bars}" + (f"; paired differences: {whose}" if whose else ""),
         )  # fmt: skip
         written[path] = fig
         path, fig = figures.cause_isolation_figure(
