@@ -197,3 +197,34 @@ def test_n_countries_keeps_the_most_populous_share_per_continent_and_null_change
     assert build_city_world(n_cities=120, seed=0, n_countries=None).entities == full.entities
     assert EmbeddedModel(**BASE).key() == EmbeddedModel(**{**BASE, "n_countries": None}).key()
     assert EmbeddedModel(**BASE).key() != EmbeddedModel(**{**BASE, "n_countries": 12}).key()
+
+
+def test_independent_attributes_permute_every_column_but_country():
+    """``model.independent_attributes``: the same cities and countries, each other attribute's
+    column permuted across cities (counts kept, no longer a function of the country); false
+    draws the world and cache key as before the dial existed."""
+    from collections import Counter, defaultdict
+
+    from saeravel.tiny_lm import EmbeddedModel
+    from saeravel.world import build_city_world
+
+    nested = build_city_world(n_cities=120, seed=0)
+    indep = build_city_world(n_cities=120, seed=0, independent=True)
+    assert build_city_world(n_cities=120, seed=0, independent=False).entities == nested.entities
+    assert nested.entities.keys() == indep.entities.keys()
+    for attr in ("Country", "Continent", "Language"):
+        column = {e: v[attr] for e, v in indep.entities.items()}
+        assert Counter(column.values()) == Counter(v[attr] for v in nested.entities.values())
+    assert all(indep.entities[e]["Country"] == v["Country"] for e, v in nested.entities.items())
+    for attr in ("Continent", "Language"):
+        per_country = defaultdict(set)
+        for v in nested.entities.values():
+            per_country[v["Country"]].add(v[attr])
+        assert all(len(s) == 1 for s in per_country.values())  # nested: a function of Country
+        per_country = defaultdict(set)
+        for v in indep.entities.values():
+            per_country[v["Country"]].add(v[attr])
+        assert any(len(s) > 1 for s in per_country.values())
+    off = EmbeddedModel(**{**BASE, "independent_attributes": False}).key()
+    assert EmbeddedModel(**{**BASE, "n_countries": None}).key() == off
+    assert EmbeddedModel(**{**BASE, "independent_attributes": True}).key() != off

@@ -79,7 +79,8 @@ class EmbeddedModelConfig(ModelConfig):
 
     _target_: str = "saeravel.tiny_lm.EmbeddedModel"
     n_cities: int = 400
-    n_countries: int | None = None
+    n_countries: int | None = 48
+    independent_attributes: bool = True
     attributes: list[str] = field(default_factory=lambda: ["Country", "Continent", "Language"])
     n_heads: int = 4
     d_mlp: int = 512

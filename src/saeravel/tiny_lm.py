@@ -402,6 +402,7 @@ class EmbeddedModel:
         device: str = "auto",
         batch_size: int = 64,
         n_countries: int | None = None,
+        independent_attributes: bool = False,
     ) -> None:
         check_embedded_config(
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, n_ctx=n_ctx,
@@ -435,6 +436,8 @@ class EmbeddedModel:
         }
         if n_countries is not None:  # only when set: the default model's cache key is unchanged
             self.train_cfg["n_countries"] = n_countries
+        if independent_attributes:  # likewise
+            self.train_cfg["independent_attributes"] = True
         self.default_layer = default_layer
         self.min_fact_accuracy = min_fact_accuracy
         self.cache_dir = Path(cache_dir)
@@ -540,7 +543,8 @@ class EmbeddedModel:
 
         t = self.train_cfg
         world = build_city_world(
-            n_cities=t["n_cities"], seed=t["world_seed"], n_countries=t.get("n_countries")
+            n_cities=t["n_cities"], seed=t["world_seed"], n_countries=t.get("n_countries"),
+            independent=t.get("independent_attributes", False),
         )
         vocab = world_vocabulary(world)
         tokenizer = build_tokenizer(vocab)

