@@ -12,15 +12,12 @@ maths. SAEBench's class records ``architecture: ""`` in its config; ours records
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from saeravel.hooks import site_hook
 from saeravel.models import LoadedModel
 from saeravel.saes.base import SAE, SAEIdentity
-from saeravel.saes.source import SAESource
-from saeravel.saes.util import site_name
+from saeravel.saes.source import ModelOnlySource
 
 
 def identity_sae(
@@ -35,23 +32,13 @@ def identity_sae(
     )  # fmt: skip
 
 
-class IdentitySource(SAESource):
+class IdentitySource(ModelOnlySource):
     """SAE source of ``sae=identity`` (any model, any layer)."""
 
+    nothing_to_fetch = "the identity matrix, nothing to fetch"
+
     def __init__(self, family: str = "identity", layer: int = 0, site: str = "resid_post") -> None:
-        self.family = family
-        self.layer = int(layer)
-        self.site = site_name(site)
-
-    def required_model_kwargs(self) -> dict[str, Any]:
-        """{}: the model as loaded (transformer_lens' defaults)."""
-        return {}
-
-    def offline_needs(self, ctx: Any) -> list[Any]:
-        """Nothing: built from the model's width."""
-        from saeravel.offline import Skip
-
-        return [Skip(f"sae={self.family}", "the identity matrix, nothing to fetch")]
+        super().__init__(family, layer, site)
 
     def load(self, model: LoadedModel) -> SAE:
         """The identity SAE of ``model.d_model``."""

@@ -63,6 +63,31 @@ class SAESource(Protocol):
         return None
 
 
+class ModelOnlySource(SAESource):
+    """A source built from the model alone (nothing to fetch, no model kwargs): ``sae=none``
+    and ``sae=identity``. Subclasses set ``nothing_to_fetch`` (the prefetch line) and
+    :meth:`load`."""
+
+    nothing_to_fetch = "nothing to fetch"
+
+    def __init__(self, family: str, layer: int = 0, site: str = "resid_post") -> None:
+        from saeravel.saes.util import site_name
+
+        self.family = family
+        self.layer = int(layer)
+        self.site = site_name(site)
+
+    def required_model_kwargs(self) -> dict[str, Any]:
+        """{}: the model as loaded (transformer_lens' defaults)."""
+        return {}
+
+    def offline_needs(self, ctx: Any) -> list[Any]:
+        """A ``Skip``: nothing to fetch."""
+        from saeravel.offline import Skip
+
+        return [Skip(f"sae={self.family}", self.nothing_to_fetch)]
+
+
 _FIELD_HINTS = {
     "path": "a saved sae_lens folder or an OpenAI sparse_autoencoder .pt file",
     "_target_": "the import path of a class or factory, e.g. sae.object._target_=mypkg.saes.MySAE",
