@@ -280,6 +280,9 @@ def test_default_job_end_to_end(tmp_path):
         assert m["baselines"]["none"][attr]["cause"] == 0.0
         assert m["baselines"]["swap"][attr]["cause"] >= 0.9
         assert set(m["ravel"]) >= {"sae", "neurons", "das"}
+        # The default world's facts are separable (docs/ravel.md): DAS 0.85-0.94 over three
+        # model seeds; on the nested real facts it was 0.59-0.63 on two of three.
+        assert m["ravel"]["das"][attr]["disentangle"] >= 0.75
     assert "disentangle" in proc.stdout + proc.stderr  # the summary table is printed
 
 
