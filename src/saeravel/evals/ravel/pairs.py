@@ -592,6 +592,21 @@ class LatentBank:
                 idx = torch.nonzero(f[k]).flatten()
                 self._codes[id(p)] = (p, idx, f[k, idx].clone(), torch.cat([mu[k], std[k]]))
 
+    def sparse(self, prompts: list[Prompt]) -> torch.Tensor:
+        """Latents of ``prompts``' vectors as a sparse COO tensor [n, d_sae] on the CPU
+        (float32; ``sae_probe``'s probe reads them so, never dense)."""
+        self._encode(prompts)
+        codes = [self._codes[id(p)] for p in prompts]
+        rows = torch.cat([torch.full_like(c[1], k) for k, c in enumerate(codes)])
+        cols = torch.cat([c[1] for c in codes])
+        vals = torch.cat([c[2] for c in codes]).float()
+        return torch.sparse_coo_tensor(
+            torch.stack([rows, cols]).cpu(),
+            vals.cpu(),
+            (len(prompts), self.sae.d_sae),
+            check_invariants=True,
+        ).coalesce()
+
     def __call__(
         self, prompts: list[Prompt]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
