@@ -571,7 +571,8 @@ class LatentBank:
     """The frozen SAE's latents and normalisation statistics of each prompt's vector in
     ``bank``, encoded once per prompt (on first use, in batches of ``batch_size``) and kept
     sparse (the nonzero latents' indices and values), so a training step of an SAE mask reads
-    them instead of re-encoding its bases and sources (``Intervention.forward_latents``).
+    them instead of re-encoding its bases and sources (``Intervention.forward_latents``), and
+    ``sae_probe``'s probe reads the training prompts' as one sparse tensor (:meth:`sparse`).
     Densified per call: the latents equal the encoder's output exactly. Keyed by prompt
     identity, as :class:`VectorBank`; the prompt is kept so a reused id is another prompt."""
 
