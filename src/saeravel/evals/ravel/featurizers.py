@@ -319,10 +319,11 @@ def rank_latents_by_probe(
     ``((x - mu) * a) @ w`` are ``x @ (a * w) - (mu * a) @ w``, a sparse product, and the
     column means and stds are sums over the nonzeros (float64, the dense two-pass values).
     Memory: the latents' nonzeros (16 bytes each) plus about ten [d_sae, values] float32
-    tensors (weights, Adam's moments, gradients, temporaries); at 128k latents x 5000 prompts
-    (TopK 64) and 150 values, ~0.9 GB (scripts/bench_memory.py), where the dense
-    standardised latents alone were 2.6 GB and the whole step ~10 GB. The result equals the
-    dense computation's up to float rounding (same ranking on the tests' fixtures).
+    tensors (weights, Adam's moments, gradients, temporaries): measured 0.60 GB at 128k
+    latents x 5000 prompts (top-64 SAE, 158 values; scripts/bench_memory.py), where the dense
+    path peaked at 4.0 GB with 2000 prompts (~10 GB at 5000). The result equals the dense
+    computation's up to float rounding (the same ranking on the tests' fixtures, but for the
+    overfit noise latents' tail, whose order float rounding moves in either path).
 
     SAEBench's selection differs in its label: it probes "is this prompt one of the target
     attribute's" (target vs a balanced mix of the other attributes' prompts), with an L1 linear
