@@ -321,7 +321,7 @@ def rank_latents_by_probe(
     Memory: the latents' nonzeros (16 bytes each) plus about ten [d_sae, values] float32
     tensors (weights, Adam's moments, gradients, temporaries): measured 0.60 GB at 128k
     latents x 5000 prompts (top-64 SAE, 158 values; scripts/bench_memory.py), where the dense
-    path peaked at 4.0 GB with 2000 prompts (~10 GB at 5000). The result equals the dense
+    path peaked at 10.0 GB (4.0 GB at 2000 prompts). The result equals the dense
     computation's up to float rounding (the same ranking on the tests' fixtures, but for the
     overfit noise latents' tail, whose order float rounding moves in either path).
 
