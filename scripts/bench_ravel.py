@@ -171,6 +171,7 @@ def trainer(mode: str, layer: int, tl: Any, hf: Any, data: Data) -> Callable[[],
 
 def job(mode: str, layer: int, tl: Any, data: Data, args: Any) -> Callable[[], None]:
     """A closure running a whole (small) job: training then scoring, setup included."""
+    from saeravel.evals.ravel.config import RavelEvalConfig
     from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 
     g = torch.Generator().manual_seed(2)
@@ -186,7 +187,9 @@ def job(mode: str, layer: int, tl: Any, data: Data, args: Any) -> Callable[[], N
             for v in sets:
                 naive_generate(tl, bases, args.job_tokens, layer, v)
         else:
-            CachedDecoder(tl, layer).generate(bases, args.job_tokens, sets)
+            CachedDecoder(tl, layer, RavelEvalConfig().decode_mem_gb).generate(
+                bases, args.job_tokens, sets
+            )
 
     return run
 

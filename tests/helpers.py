@@ -52,6 +52,41 @@ def identity_sae(
     )  # fmt: skip
 
 
+def decode_budget(
+    model: Any, layer: int, prompts: list[Any], sets: int, n_tokens: int, bases: int,
+    site: str = "resid_post",
+) -> float:  # fmt: skip
+    """The ``mem_gb`` at which a ``CachedDecoder`` pass holds ``bases`` of ``prompts`` times
+    ``sets`` vector sets (so every group is decoded in passes of ``bases``)."""
+    from saeravel.evals.ravel.decode import CachedDecoder
+
+    dec = CachedDecoder(model, layer, 1.0, site=site)
+    need = max(dec.pass_bytes(bases, sets, p.entity_start, len(p.tokens), n_tokens)
+               for p in prompts)  # fmt: skip
+    return (need + 0.5) / 1e9
+
+
+def planted_ravel_job(tmp_path: Path, name: str, *overrides: str) -> dict[str, Any]:
+    """The metrics of a small planted-world RAVEL job (``eval.method=sae_probe``: its
+    selection, scores and the references) in ``tmp_path / name``."""
+    from hydra import compose, initialize_config_dir
+
+    from saeravel.pipeline import run
+
+    out = tmp_path / name
+    small = ["model=planted-city-lm", "model.basis=rotated", "sae=planted", "device=cpu",
+             "model.n_entities=60", "model.n_country=10", "model.n_continent=4",
+             "model.n_language=6", "model.id_dims=6", "model.d_model=48",
+             "eval.max_pairs_per_split=60", "eval.max_entities=null", "eval.checkpoint_every_s=0",
+             "eval.bootstrap=50", "eval.match=prefix", "eval.method=sae_probe"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            *small, *overrides, f"paths.cache_dir={out / 'cache'}",
+            f"paths.output_dir={out / 'out'}", f"paths.results_dir={out / 'results'}",
+        ])  # fmt: skip
+    return run(cfg)["eval_result_metrics"]
+
+
 def cell_world(cells: dict[tuple[str, str], int]) -> Any:
     """A city world with ``n`` cities per (continent, language) cell (one template per
     attribute, so 4 rows per city); splits cycle train, train, val, test, train, test."""

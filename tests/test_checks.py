@@ -71,6 +71,11 @@ CASES = {
     "ravel": (["eval=ravel", "eval.epochs=0"], "eval.epochs=0 must be an integer >= 1"),
     "ravel_refine_budget": (["eval=ravel", "eval.mask.refine_budget=-1"],
                             "eval.mask.refine_budget=-1 must be an integer >= 0"),
+    "ravel_decode_mem_gb": (["eval=ravel", "eval.decode_mem_gb=0"],
+                            "eval.decode_mem_gb=0.0 must be a finite number of GB > 0"),
+    "ravel_decode_mem_gb_row": (["eval=ravel", "model=gpt2-small", "eval.decode_mem_gb=0.0001"],
+                                "eval.decode_mem_gb=0.0001 is too small for one decoding row of "
+                                "model gpt2-small: at least 0.0002949 GB"),
     "ravel_data_dir": (["eval=ravel", "eval.data_dir=/no/such/folder"],
                        "RAVEL data folder /no/such/folder does not exist"),
     "ravel_embedded_data_dir": (["eval=ravel", "eval.data_source=embedded", "eval.data_dir=/x"],
@@ -187,6 +192,10 @@ def test_schema_checks_itself_through_to_object(tmp_path):
         (["eval=unlearning", "eval.batch_size=0"], "eval.batch_size must be >= 1"),
         (["-m", "eval=sparse_probing", "eval.probe.max_iter=5,0"], "eval.probe.max_iter must"),
         (["-m", "eval=tpp,core", "sae=none"], "eval=tpp needs an SAE"),
+        (
+            ["eval=ravel", "model=gpt2-small", "eval.decode_mem_gb=0.0001"],
+            "eval.decode_mem_gb=0.0001 is too small for one decoding row",
+        ),
     ],
 )
 def test_run_py_check_reaches_the_eval_checks(argv, message, monkeypatch):

@@ -278,7 +278,9 @@ def _job_choices(cfg: DictConfig) -> JobChoices:
     from hydra.core.hydra_config import HydraConfig
 
     groups = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    return JobChoices(cfg.sae.get("family") if "sae" in cfg else None, groups)
+    return JobChoices(
+        cfg.sae.get("family") if "sae" in cfg else None, groups, JobChoices.model_of(cfg)
+    )
 
 
 def _stored(

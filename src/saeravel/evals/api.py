@@ -92,11 +92,22 @@ class EvalContext:
 @dataclass(frozen=True)
 class JobChoices:
     """What an eval's ``validate`` may know of the job beyond its own config, filled by the
-    pipeline before anything loads: the SAE family (``sae.family``; None: unknown) and the
-    config-group options composed (e.g. ``{"eval/recipe": "paper"}``; empty outside Hydra)."""
+    pipeline before anything loads: the SAE family (``sae.family``; None: unknown), the
+    config-group options composed (e.g. ``{"eval/recipe": "paper"}``; empty outside Hydra) and
+    the model's config values (``model.name``, ``n_layers``, ``d_model``, ``dtype``; empty:
+    unknown), e.g. for a memory budget that cannot hold one row of the model."""
 
     sae_family: str | None = None
     groups: dict[str, str] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def model_of(cfg: Any) -> dict[str, Any]:
+        """The model facts of a composed job (:attr:`model`)."""
+        if "model" not in cfg:
+            return {}
+        model = OmegaConf.to_container(cfg.model)  # interpolations left as they are
+        return {k: model[k] for k in ("name", "n_layers", "d_model", "dtype") if k in model}
 
 
 @dataclass
@@ -242,7 +253,8 @@ def check_job(cfg: Any, job: JobChoices | None = None) -> EvalSpec:
     spec = get_eval(cfg.eval.name)
     OmegaConf.to_object(cfg.eval)
     if job is None:
-        job = JobChoices(cfg.sae.get("family") if "sae" in cfg else None)
+        job = JobChoices(cfg.sae.get("family") if "sae" in cfg else None,
+                         model=JobChoices.model_of(cfg))  # fmt: skip
     if spec.validate is not None:
         spec.validate(cfg.eval, job)
     for check in spec.checks:

@@ -1,17 +1,21 @@
 """Cached greedy decoding (RAVEL's scoring) equals the naive full-forward loop token for
 token: on the tiny model (local attention), on a rotary model with attention and output
-soft-caps (as Gemma-2), and on the planted model; one vector set or several stacked."""
+soft-caps (as Gemma-2), and on the planted model; one vector set or several stacked. Passes
+sized by the memory budget: one base per pass gives the generations of one pass over all,
+the clean caches are dropped after each pass, a budget short of one row is one line."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
+from saeravel.errors import UserError
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.prompts import Prompt, bos_id, few_shot_templates, tokenize_prompt
 
-from helpers import ROOT
+from helpers import ROOT, decode_budget, planted_ravel_job
 
 
 def _tiny_prompts(tiny_model) -> list[Prompt]:
@@ -40,7 +44,8 @@ def _check(
     g = torch.Generator().manual_seed(0)
     for layer in layers:
         vecs = [torch.randn(len(prompts), model.cfg.d_model, generator=g) * scale for _ in range(3)]
-        dec = CachedDecoder(model, layer, batch_size=8, rows=24)
+        mem = decode_budget(model, layer, prompts, 4, n_tokens, bases=3)
+        dec = CachedDecoder(model, layer, mem)  # several passes per group
         got = dec.generate(prompts, n_tokens, [*vecs, None])
         for v, fast in zip([*vecs, None], got, strict=True):
             ref = naive_generate(model, prompts, n_tokens, layer, v, batch_size=5)
@@ -87,6 +92,55 @@ def test_cached_decoding_equals_naive_on_planted_model():
     _check(m, prompts, [0], scale=1.0)
 
 
+def _gpt2_shaped(n_layers: int = 3):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=60, n_ctx=32,
+        act_fn="gelu_new", normalization_type="LN", device="cpu",
+    )  # fmt: skip
+    return HookedTransformer(cfg).eval()
+
+
+def test_a_budget_of_one_base_per_pass_gives_the_generations_of_one_pass():
+    """The budget sets how many rows share a pass, never what a row computes: passes of one
+    base (the smallest budget that fits) give exactly the tokens of one pass per group, and
+    the decoder keeps no clean cache between passes (only one prefix row per template)."""
+    model, n_tokens = _gpt2_shaped(), 4
+    prompts = _random_prompts(60, 1) + _random_prompts(60, 2)
+    g = torch.Generator().manual_seed(0)
+    for layer in (0, 2):
+        sets = [torch.randn(len(prompts), 32, generator=g) * 3 for _ in range(3)] + [None]
+        small = CachedDecoder(model, layer, decode_budget(model, layer, prompts, 4, n_tokens, 1))
+        big = CachedDecoder(model, layer, 100.0)
+        got = small.generate(prompts, n_tokens, sets)
+        assert got == big.generate(prompts, n_tokens, sets)
+        # one base x four sets in the longest prompts' passes (two in the shorter ones')
+        assert small.peak_rows <= 8
+        assert big.peak_rows == 4 * max(
+            sum((q.prefix, len(q.tokens)) == (p.prefix, len(p.tokens)) for q in prompts)
+            for p in prompts
+        )
+        assert got == [naive_generate(model, prompts, n_tokens, layer, v) for v in sets]
+        # dropping the clean caches: the same decoder gives the same tokens again, and keeps
+        # only the prefix keys/values (one row per template) between calls
+        assert small.generate(prompts, n_tokens, sets) == got
+        assert set(vars(small)) == set(vars(big))
+        assert {k.shape[0] for kv in small.prefix_kv.values() for kk in kv for k in kk} == {1}
+
+
+def test_a_budget_short_of_one_row_is_one_line():
+    model = _gpt2_shaped()
+    prompts = _random_prompts(60, 1)
+    mem = decode_budget(model, 1, prompts, 2, 3, bases=1)
+    with pytest.raises(
+        UserError, match=r"eval.decode_mem_gb=.* is too small for one decoding row"
+    ) as e:
+        CachedDecoder(model, 1, mem * 0.5).generate(prompts, 3, [None, None])
+    assert "\n" not in str(e.value)
+
+
 def test_eval_scores_equal_with_and_without_caches(tmp_path):
     """``eval.fast=false`` (full forwards for training and scoring) is the reference: the
     whole job's scores are the same through the caches."""
@@ -125,3 +179,13 @@ def test_eval_scores_equal_with_and_without_caches(tmp_path):
             assert abs(a["disentangle"] - b["disentangle"]) <= 0.02, (name, attr)
     same = [n for n in ("sae", "neurons", "das") if fast["ravel"][n] == naive["ravel"][n]]
     assert len(same) >= 2, same  # most trained methods come out bit-identical
+
+
+def test_eval_scores_equal_under_a_tiny_decoding_budget(tmp_path):
+    """eval.decode_mem_gb=0.0003 decodes 4 to 5 rows per pass on this model (one base per pass
+    when five vector sets are stacked), the default one pass per group: the knowledge filter,
+    the references and sae_probe's selection and scores are identical."""
+    big = planted_ravel_job(tmp_path, "big")
+    tiny = planted_ravel_job(tmp_path, "tiny", "eval.decode_mem_gb=0.0003")
+    assert big["ravel"]["sae_probe"]["Country"]["cause"] > 0.5  # something was transferred
+    assert tiny == big

@@ -18,6 +18,8 @@ from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.intervene import SuffixRunner, naive_logits, resid_at
 from saeravel.evals.ravel.prompts import Prompt, pad
 
+from helpers import decode_budget
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D, VOCAB, N_LAYERS = 32, 50, 3
@@ -122,7 +124,8 @@ def test_cached_decoder_equals_a_hook_at_the_site(models, shape, site):
     n_tokens = 3
     for layer in range(N_LAYERS):
         sets = [torch.randn(len(prompts), D, generator=g) * 3 for _ in range(2)]
-        dec = CachedDecoder(model, layer, batch_size=4, rows=12, site=site)
+        mem = decode_budget(model, layer, prompts, 3, n_tokens, bases=2, site=site)
+        dec = CachedDecoder(model, layer, mem, site=site)  # passes of 2 bases x 3 sets
         got = dec.generate(prompts, n_tokens, [sets[0], None, sets[1]])
         for v, fast in zip([sets[0], None, sets[1]], got, strict=True):
             assert fast == _greedy(model, prompts, site, layer, v, n_tokens)
@@ -182,5 +185,5 @@ def test_float32_vectors_on_a_bfloat16_model(site):
     fast = runner.logits(prompts, v)
     ref, last = _hooked(model, prompts, site, 0, v.to(torch.bfloat16))
     torch.testing.assert_close(fast, ref[torch.arange(len(prompts)), last], atol=0.05, rtol=0.05)
-    dec = CachedDecoder(model, 0, site=site)
+    dec = CachedDecoder(model, 0, 1.0, site=site)
     assert dec.generate(prompts, 2, [v])[0] == naive_generate(model, prompts, 2, 0, v, site=site)

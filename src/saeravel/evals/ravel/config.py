@@ -281,6 +281,10 @@ class RavelEvalConfig(EvalConfig):
     confidence: float = 0.95
     report_top_latents: int = 32
     fast: bool = True
+    # GB one decoding pass may hold (keys/values of every row over the prompt and generated
+    # tokens, logits, the clean forward of its bases: decode.CachedDecoder.pass_bytes); the
+    # rows per pass follow from it. The generations do not depend on it.
+    decode_mem_gb: float = 1.0
     save_artifacts: bool = True
     checkpoint_every_s: float = 60.0
     checkpoint_every_steps: int = 0
@@ -484,6 +488,36 @@ def _check_methods(cfg: Any) -> None:
         )
 
 
+# bytes per element of each model.dtype; auto: the smallest (a lower bound)
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
+
+
+def min_row_bytes(model: dict[str, Any], n_tokens: int) -> int | None:
+    """A lower bound on what one row of a decoding pass holds, from the model's config alone
+    (``model.n_layers``, ``d_model``, ``dtype``; None when one is unknown): the keys and values
+    of every block at the residual width over the entity token and the ``n_tokens`` generated
+    (a real row also holds the prompt's tokens, the logits and more:
+    ``decode.CachedDecoder.pass_bytes``)."""
+    n_layers, d_model = model.get("n_layers"), model.get("d_model")
+    elem = _DTYPE_BYTES.get(str(model.get("dtype", "float32")))
+    if not isinstance(n_layers, int) or not isinstance(d_model, int) or elem is None:
+        return None
+    return 2 * n_layers * d_model * elem * (1 + n_tokens)
+
+
+def check_decode_budget(cfg: Any, model: dict[str, Any]) -> None:
+    """``eval.decode_mem_gb`` below :func:`min_row_bytes` of the job's model: a one-line error
+    before anything loads (a budget above it but short of a real row of the data fails at the
+    first decoding pass, the knowledge filter's)."""
+    need = min_row_bytes(model, int(cfg.match_tokens))
+    if need is not None and cfg.decode_mem_gb * 1e9 < need:
+        raise UserError(
+            f"eval.decode_mem_gb={cfg.decode_mem_gb:g} is too small for one decoding row of "
+            f"model {model.get('name', '?')}: at least {need / 1e9:.4g} GB (keys and values of "
+            f"{model['n_layers']} blocks x {model['d_model']} over {1 + cfg.match_tokens} tokens)"
+        )
+
+
 def check(cfg: Any, recipe_file: str | None = None) -> None:
     """One-line errors for names that do not exist and values out of range (no model needed:
     the pipeline calls this before anything loads). ``recipe_file``: the ``eval/recipe`` file
@@ -567,6 +601,13 @@ def check(cfg: Any, recipe_file: str | None = None) -> None:
         )
     if not 0 < cfg.confidence < 1:
         raise UserError(f"eval.confidence={cfg.confidence} must be in (0, 1)")
+    mem = cfg.decode_mem_gb
+    if (
+        isinstance(mem, bool)
+        or not isinstance(mem, int | float)
+        or not (math.isfinite(mem) and mem > 0)
+    ):
+        raise UserError(f"eval.decode_mem_gb={mem} must be a finite number of GB > 0")
     _check_methods(cfg)
     # the default recipe file (saeravel.yaml) sets nothing: the protocol's own recipe applies
     own = PROTOCOL_DEFAULTS.get(str(cfg.protocol), _SAERAVEL_DEFAULTS)["recipe"]

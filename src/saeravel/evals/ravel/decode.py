@@ -19,6 +19,17 @@ from pad-token ids, which on GPT-2 equal the BOS id.)
 Several interventions of one batch of bases (``vector_sets``) are stacked along the batch and
 decoded in one pass; the clean prefix and suffix caches are shared by all of them.
 
+Memory: a pass holds as many bases as fit in ``eval.decode_mem_gb`` (``mem_gb``) by
+:meth:`CachedDecoder.pass_bytes`, an upper bound on what the pass allocates (every row's keys
+and values over the prompt and generated tokens in every block, the prefix's included, since
+transformer_lens' cache concatenates it per row; the logits; the clean forward of its bases).
+The clean suffix caches are computed per pass and dropped after it, so nothing grows with the
+number of bases scored; only one row of prefix keys/values per template is kept. The passes
+change which rows share a batch, not what any row computes: the generations equal those of
+one pass over every prompt (tested with a budget of one base against a large one). A budget
+too small for one base is a one-line error (``main.validate`` refuses one below a lower bound
+of any row from the model's config before the model loads).
+
 A site inside block ``layer`` (``site=mlp_out``, ``attn_out``, ``resid_mid``; see
 :mod:`saeravel.evals.ravel.intervene`): the clean caches stop before block ``layer`` (its keys
 and values are computed from the residual before it, which the patch cannot change, but the
@@ -33,6 +44,7 @@ from typing import Any
 
 import torch
 
+from saeravel.errors import UserError
 from saeravel.evals.ravel.intervene import (
     _pad_id,
     logits_at,
@@ -79,12 +91,12 @@ def naive_generate(
 
 class CachedDecoder:
     """Greedy decoding after the entity patch at ``site`` of block ``layer``, through cached
-    keys/values (see the module docstring); equals :func:`naive_generate` token for token."""
+    keys/values (see the module docstring); equals :func:`naive_generate` token for token.
+    A decoding pass holds as many bases as :meth:`pass_bytes` says fit in ``mem_gb`` GB
+    (``eval.decode_mem_gb``); the clean caches are built for a pass's bases and dropped after
+    it (only the per-template prefix caches are kept)."""
 
-    def __init__(
-        self, model: Any, layer: int, batch_size: int = 64, rows: int = 256,
-        site: str = "resid_post",
-    ) -> None:  # fmt: skip
+    def __init__(self, model: Any, layer: int, mem_gb: float, site: str = "resid_post") -> None:
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         self._entry = TransformerLensKeyValueCacheEntry
@@ -93,64 +105,100 @@ class CachedDecoder:
         self.site = str(site)
         self.hook = site_hook(self.site, layer)
         self.start = resume_block(layer, self.site)  # the first block the patch changes
-        self.batch_size = batch_size  # prompts per forward when preparing
-        self.rows = rows  # rows per decoding pass (bases x vector sets)
+        self.mem_bytes = float(mem_gb) * 1e9  # what one decoding pass may hold
         self.prefix_kv: dict[tuple[int, ...], list[KV]] = {}  # every block, [1, pos, h, d]
-        # id(prompt) -> (prompt, clean kv of blocks 0..start-1, the residual entering block
-        # start), from the entity on
-        self.clean: dict[int, tuple[Prompt, list[KV], torch.Tensor]] = {}
+        self.peak_rows = 0  # the most rows (bases x vector sets) one pass held so far
 
-    def _kv_names(self, blocks: range) -> list[str]:
-        return kv_names(blocks)
+    def pass_bytes(self, bases: int, sets: int, prefix: int, length: int, n_tokens: int) -> int:
+        """An upper bound on the bytes a pass of ``bases`` prompts of ``length`` tokens (the
+        entity starting at ``prefix``) times ``sets`` vector sets holds while decoding
+        ``n_tokens``. Per row (one base, one set): the keys and values of every block over the
+        prompt and the generated tokens (the prefix's included: transformer_lens' cache
+        concatenates it per row), one block's copy of them while an append or a grouped-query
+        repeat makes a new tensor, the suffix's attention scores and activations, the logits;
+        per base: its clean keys/values of blocks ``0..start-1`` and, while they are computed,
+        that forward's cached keys/values and activations over the whole prompt. Fixed: the
+        template's prefix keys/values (one row)."""
+        cfg = self.model.cfg
+        elem = torch.empty((), dtype=cfg.dtype).element_size()
+        heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        kv = 2 * heads * cfg.d_head * elem  # one position's key and value in one block
+        d, d_mlp = cfg.d_model, getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+        suffix, total = length - prefix, length + n_tokens
+        L, S = cfg.n_layers, self.start
+        act = 4 * d + 2 * d_mlp  # residual, norms, MLP in and out, per position
+        row = (
+            (L + 2 + 2 * cfg.n_heads / heads) * total * kv  # the cache, one append, GQA repeat
+            + 2 * cfg.n_heads * suffix * total * 4  # attention scores and pattern (fp32 bound)
+            + suffix * act * elem
+            + 2 * cfg.d_vocab * 4  # logits (and the soft-cap's copy)
+        )
+        prep = S * length * kv + length * act * elem + 2 * cfg.n_heads * length * length * 4
+        clean = S * suffix * kv + suffix * d * elem
+        return int(bases * (sets * row + clean + prep) + L * prefix * kv)
+
+    def pass_size(self, sets: int, prefix: int, length: int, n_tokens: int) -> int:
+        """The most bases one pass holds within the budget (:meth:`pass_bytes`); a budget too
+        small for one base is a one-line :class:`~saeravel.errors.UserError`."""
+        one = self.pass_bytes(1, sets, prefix, length, n_tokens)
+        fixed = self.pass_bytes(0, sets, prefix, length, n_tokens)
+        if one > self.mem_bytes:
+            raise UserError(
+                f"eval.decode_mem_gb={self.mem_bytes / 1e9:g} is too small for one decoding "
+                f"row: a prompt of {length} tokens with {sets} vector set(s) and {n_tokens} "
+                f"generated tokens needs {one / 1e9:.4g} GB"
+            )
+        return max(1, int((self.mem_bytes - fixed) // (one - fixed)))
+
+    def _prefix(self, prefix: tuple[int, ...]) -> list[KV]:
+        """The keys/values of a template's tokens before the entity in every block (cached)."""
+        if prefix not in self.prefix_kv:
+            model = self.model
+            names = set(kv_names(range(model.cfg.n_layers)))
+            kv: list[KV] = []
+            if prefix:
+                toks = torch.tensor([prefix], device=model.cfg.device)
+                _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
+                kv = [
+                    (cache[act_name("k", i)], cache[act_name("v", i)])
+                    for i in range(model.cfg.n_layers)
+                ]
+            self.prefix_kv[prefix] = kv
+        return self.prefix_kv[prefix]
 
     @torch.no_grad()
-    def prepare(self, prompts: list[Prompt]) -> None:
-        """Cache the prefix keys/values per template and the clean suffix part per prompt."""
-        model, L = self.model, self.layer
-        names = set(self._kv_names(range(model.cfg.n_layers)))
-        for prefix in {p.prefix for p in prompts} - set(self.prefix_kv):
-            if not prefix:
-                self.prefix_kv[prefix] = []
-                continue
-            toks = torch.tensor([prefix], device=model.cfg.device)
-            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
-            self.prefix_kv[prefix] = [
-                (cache[act_name("k", i)], cache[act_name("v", i)])
-                for i in range(model.cfg.n_layers)
-            ]
-        todo = list(
-            {id(p): p for p in prompts if self.clean.get(id(p), (None,))[0] is not p}.values()
+    def _clean(self, bases: list[Prompt]) -> tuple[list[KV], torch.Tensor]:
+        """The clean keys/values of blocks ``0..start-1`` ([n, s, h, d] each) and the residual
+        entering block ``start`` ([n, s, d]) of ``bases`` (one template, one length), from the
+        entity on: one forward up to block ``layer``, dropped with the pass."""
+        model, S = self.model, self.start
+        entering = resume_input(self.layer, self.site)
+        low = set(kv_names(range(S))) | {entering}
+        toks = torch.tensor([p.tokens for p in bases], device=model.cfg.device)
+        _, cache = model.run_with_cache(
+            toks, names_filter=lambda n: n in low, stop_at_layer=self.layer + 1
         )
-        S, entering = self.start, resume_input(L, self.site)
-        low = set(self._kv_names(range(S))) | {entering}
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            toks, _ = pad(chunk, _pad_id(model), model.cfg.device)
-            _, cache = model.run_with_cache(
-                toks, names_filter=lambda n: n in low, stop_at_layer=L + 1
-            )
-            for j, p in enumerate(chunk):
-                sl = slice(p.entity_start, len(p.tokens))
-                kv = [
-                    (cache[act_name("k", b)][j, sl].clone(),
-                     cache[act_name("v", b)][j, sl].clone())
-                    for b in range(S)
-                ]  # fmt: skip
-                self.clean[id(p)] = (p, kv, cache[entering][j, sl].clone())
+        sl = slice(bases[0].entity_start, len(bases[0].tokens))
+        kv = [
+            (cache[act_name("k", b)][:, sl].clone(), cache[act_name("v", b)][:, sl].clone())
+            for b in range(S)
+        ]
+        return kv, cache[entering][:, sl].clone()
 
     @torch.no_grad()
     def generate(
         self, prompts: list[Prompt], n_tokens: int, vector_sets: list[torch.Tensor | None]
     ) -> list[list[list[int]]]:
         """Per vector set (``None``: no patch), the greedy continuation of ``n_tokens`` per
-        prompt with that set's vectors patched in at each entity; sets are decoded together."""
-        self.prepare(prompts)
+        prompt with that set's vectors patched in at each entity; sets are decoded together,
+        in passes of one template and one length sized by the memory budget."""
         out: list[list[list[int] | None]] = [[None] * len(prompts) for _ in vector_sets]
         groups: dict[tuple[tuple[int, ...], int], list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             groups[(p.prefix, len(p.tokens))].append(i)
-        per = max(1, self.rows // max(1, len(vector_sets)))
-        for idx in groups.values():
+        sets = len(vector_sets)
+        for (prefix, length), idx in groups.items():
+            per = self.pass_size(sets, len(prefix), length, n_tokens)
             for k in range(0, len(idx), per):
                 rows = idx[k : k + per]
                 gens = self._decode([prompts[i] for i in rows], n_tokens,
@@ -167,8 +215,8 @@ class CachedDecoder:
         model, S = self.model, self.start
         dev = model.cfg.device
         n, sets = len(bases), len(vector_sets)
-        kv_low = [self.clean[id(p)][1] for p in bases]
-        resid0 = torch.stack([self.clean[id(p)][2] for p in bases])  # [n, s, d]
+        self.peak_rows = max(self.peak_rows, n * sets)
+        kv_low, resid0 = self._clean(bases)  # [n, s, h, d] per block, [n, s, d]
         ent = torch.tensor([p.entity_pos - p.entity_start for p in bases])
         inside = S == self.layer  # the site is inside block `layer`: patched while it runs
         given = [(i, v) for i, v in enumerate(vector_sets) if v is not None]
@@ -188,7 +236,7 @@ class CachedDecoder:
                 with_patch.append(r)
             resid = torch.cat(with_patch)  # [sets * n, s, d]
         rows = sets * n
-        prefix = self.prefix_kv[bases[0].prefix]
+        prefix = self._prefix(bases[0].prefix)
 
         def entry(b: int, suffix: KV | None) -> Any:
             parts_k, parts_v = [], []
@@ -204,9 +252,9 @@ class CachedDecoder:
 
         entries = []
         for b in range(S):  # clean: the same for every vector set
-            k = torch.stack([kv[b][0] for kv in kv_low]).repeat(sets, 1, 1, 1)
-            v = torch.stack([kv[b][1] for kv in kv_low]).repeat(sets, 1, 1, 1)
-            entries.append(entry(b, (k, v)))
+            entries.append(entry(b, (kv_low[b][0].repeat(sets, 1, 1, 1),
+                                     kv_low[b][1].repeat(sets, 1, 1, 1))))  # fmt: skip
+        del kv_low  # the entries hold their own copies
         for b in range(S, model.cfg.n_layers):  # the patched suffix appends itself
             e = entry(b, None)
             with patch if b == S else contextlib.nullcontext():

@@ -18,7 +18,12 @@ import torch
 from saeravel.cache import inside
 from saeravel.checkpoint import CheckpointStore, entry_name
 from saeravel.evals.api import EvalOutput, JobChoices, register
-from saeravel.evals.ravel.config import RavelEvalConfig, check, chosen_methods
+from saeravel.evals.ravel.config import (
+    RavelEvalConfig,
+    check,
+    check_decode_budget,
+    chosen_methods,
+)
 from saeravel.evals.ravel.intervene import job_site
 from saeravel.evals.ravel.methods import FEATURIZERS, check_sae, needs_sae, references
 from saeravel.evals.ravel.pairs import RavelJob
@@ -31,10 +36,12 @@ log = logging.getLogger(__name__)
 
 def validate(cfg: Any, job: JobChoices | None = None) -> None:
     """Every value check that needs no model (the pipeline calls this before anything loads,
-    with what it knows of the job: the SAE family, the recipe file composed)."""
+    with what it knows of the job: the SAE family, the recipe file composed, the model's
+    config for a decoding budget too small for one row)."""
     job = job or JobChoices()
     check(cfg, job.groups.get("eval/recipe"))
     check_sae(cfg, job.sae_family)
+    check_decode_budget(cfg, job.model)
 
 
 @register(
@@ -51,6 +58,7 @@ def validate(cfg: Any, job: JobChoices | None = None) -> None:
         "save_artifacts": "whether learned masks are also saved beside result.json",
         "checkpoint_every_s": "how often training state is saved for a resume (same result)",
         "checkpoint_every_steps": "how often training state is saved for a resume (same result)",
+        "decode_mem_gb": "how many rows a decoding pass holds (the same generations)",
     },
     saebench_required={"ravel": ("disentanglement_score", "cause_score", "isolation_score")},
     saebench_headline="ravel",

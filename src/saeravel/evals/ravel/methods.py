@@ -25,7 +25,7 @@ from saeravel.evals.ravel.featurizers import (
     ProjectorSwap,
     rank_latents_by_probe,
     rlace_basis,
-    sae_latents,
+    sparse_sae_latents,
 )
 from saeravel.evals.ravel.intervene import (
     DAS,
@@ -277,7 +277,8 @@ class MDASFeaturizer(TrainedFeaturizer):
 
 
 def probe_selection(job: RavelJob, attr: str) -> dict[str, Any]:
-    """``sae_probe``'s selection: SAE latents of every training prompt ranked by a value probe
+    """``sae_probe``'s selection: SAE latents of every training prompt (sparse, from the job's
+    ``LatentBank``: never a dense [prompts, d_sae] matrix) ranked by a value probe
     (:func:`~saeravel.evals.ravel.featurizers.rank_latents_by_probe`), then for each count in
     ``eval.sae_probe.counts`` (capped at the ranked latents) the top latents swapped on the
     validation pairs (the training pairs when there are none), first-token rule; the best
@@ -287,7 +288,10 @@ def probe_selection(job: RavelJob, attr: str) -> dict[str, Any]:
     beside, never used."""
     cfg, ctx, pairs = job.cfg, job.ctx, job.pairs[attr]
     sae = ctx.sae
-    lat = sae_latents(sae, job.fit.vectors.to(ctx.device)).float().cpu()
+    if job.latents is not None:  # sparse, and shared with the SAE mask's training
+        lat = job.latents.sparse(job.fit.prompts)
+    else:
+        lat = sparse_sae_latents(sae, job.fit.vectors.to(ctx.device))
     labels = [job.world.entities[p.entity][attr] for p in job.fit.prompts]
     p = cfg.sae_probe
     ranked, info = rank_latents_by_probe(lat, labels, p.steps, p.lr, p.l1, ctx.seed)

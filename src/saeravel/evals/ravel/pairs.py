@@ -72,17 +72,17 @@ def resolve_attributes(cfg: Any, world: CityWorld) -> None:
 
 
 def generate(
-    model: Any, prompts: list[Prompt], n_tokens: int, layer: int | None = None,
+    model: Any, prompts: list[Prompt], n_tokens: int, mem_gb: float, layer: int | None = None,
     vectors: torch.Tensor | None = None, batch_size: int = 64, fast: bool = True,
 ) -> list[list[int]]:  # fmt: skip
     """Greedy continuation (token ids) of ``n_tokens`` per prompt, optionally with ``vectors``
     patched in after block ``layer`` at each prompt's entity token: through key/value caches
-    (:class:`CachedDecoder`), or with ``fast=False`` by one full forward per token (the
-    reference :func:`naive_generate`)."""
+    (:class:`CachedDecoder`, passes within ``mem_gb``, ``eval.decode_mem_gb``), or with
+    ``fast=False`` by one full forward per token (the reference :func:`naive_generate`)."""
     if not fast:
         return naive_generate(model, prompts, n_tokens, layer, vectors, batch_size)
     split = model.cfg.n_layers - 1 if layer is None else layer
-    return CachedDecoder(model, split, batch_size).generate(prompts, n_tokens, [vectors])[0]
+    return CachedDecoder(model, split, mem_gb).generate(prompts, n_tokens, [vectors])[0]
 
 
 def label_for(world: CityWorld, p: Prompt) -> str:
@@ -135,7 +135,7 @@ def known_filter(cfg: Any, ctx: Any, world: CityWorld, prompts: list[Prompt]) ->
     log.info(
         "knowledge filter: %d prompts, %d generated tokens each", len(prompts), cfg.match_tokens
     )
-    gens = generate(model.model, prompts, cfg.match_tokens, fast=cfg.fast)
+    gens = generate(model.model, prompts, cfg.match_tokens, cfg.decode_mem_gb, fast=cfg.fast)
     known = [
         matches_any(g, prompt_answer_ids(model.model, world, p, protocol),
                     rule_for(p.attribute, cfg.match))
@@ -571,7 +571,8 @@ class LatentBank:
     """The frozen SAE's latents and normalisation statistics of each prompt's vector in
     ``bank``, encoded once per prompt (on first use, in batches of ``batch_size``) and kept
     sparse (the nonzero latents' indices and values), so a training step of an SAE mask reads
-    them instead of re-encoding its bases and sources (``Intervention.forward_latents``).
+    them instead of re-encoding its bases and sources (``Intervention.forward_latents``), and
+    ``sae_probe``'s probe reads the training prompts' as one sparse tensor (:meth:`sparse`).
     Densified per call: the latents equal the encoder's output exactly. Keyed by prompt
     identity, as :class:`VectorBank`; the prompt is kept so a reused id is another prompt."""
 
@@ -591,6 +592,21 @@ class LatentBank:
             for k, p in enumerate(chunk):
                 idx = torch.nonzero(f[k]).flatten()
                 self._codes[id(p)] = (p, idx, f[k, idx].clone(), torch.cat([mu[k], std[k]]))
+
+    def sparse(self, prompts: list[Prompt]) -> torch.Tensor:
+        """Latents of ``prompts``' vectors as a sparse COO tensor [n, d_sae] on the CPU
+        (float32; ``sae_probe``'s probe reads them so, never dense)."""
+        self._encode(prompts)
+        codes = [self._codes[id(p)] for p in prompts]
+        rows = torch.cat([torch.full_like(c[1], k) for k, c in enumerate(codes)])
+        cols = torch.cat([c[1] for c in codes])
+        vals = torch.cat([c[2] for c in codes]).float()
+        return torch.sparse_coo_tensor(
+            torch.stack([rows, cols]).cpu(),
+            vals.cpu(),
+            (len(prompts), self.sae.d_sae),
+            check_invariants=True,
+        ).coalesce()
 
     def __call__(
         self, prompts: list[Prompt]
@@ -647,7 +663,7 @@ class RavelJob:
         if cfg.fast:
             runner = SuffixRunner(model, ctx.layer, site=site)
             runner.prepare([q.base for d in pairs.values() for ps in d.values() for q in ps])
-            decoder = CachedDecoder(model, ctx.layer, site=site)
+            decoder = CachedDecoder(model, ctx.layer, cfg.decode_mem_gb, site=site)
         train_prompts = list(
             {
                 id(p): p for d in pairs.values() for q in d["train"] for p in (q.base, q.source)

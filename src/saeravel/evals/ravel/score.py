@@ -113,7 +113,7 @@ def generations(
             naive_generate(model, bases, cfg.match_tokens, ctx.layer, v, site=site)
             for v in vector_sets
         ]
-    decoder = job.decoder or CachedDecoder(model, ctx.layer, site=job_site(ctx))
+    decoder = job.decoder or CachedDecoder(model, ctx.layer, cfg.decode_mem_gb, site=job_site(ctx))
     return decoder.generate(bases, cfg.match_tokens, list(vector_sets))
 
 
