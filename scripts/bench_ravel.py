@@ -574,8 +574,8 @@ def main(argv: list[str] | None = None) -> str:
         args.sae_k = min(args.sae_k, 8)
         args.job_configs = [c if ":" not in c else f"{c.split(':')[0]}:512"
                             for c in args.job_configs]  # fmt: skip
-    hf = hf_model(s).to(args.device)
-    tl = tl_model(s, hf.cpu()).to(args.device)
+    hf = hf_model(s)
+    tl = tl_model(s, hf).to(args.device)
     hf.to(args.device)
     peers = [p for p in PEERS if p in args.modes and available(p)]
     where = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
