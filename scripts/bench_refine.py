@@ -35,19 +35,9 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ravel import shapes, tl_model  # noqa: E402
+from bench_ravel import random_sae, shapes, tl_model  # noqa: E402
 
 log = logging.getLogger("bench_refine")
-
-
-def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0) -> Any:
-    from saeravel.saes.base import SAE, SAEIdentity
-
-    g = torch.Generator().manual_seed(seed)
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    return SAE(W_dec.T.clone(), torch.zeros(d_sae), W_dec, torch.zeros(d_in), activation="topk",
-               k=k, hook_name="bench", identity=SAEIdentity("random"))  # fmt: skip
 
 
 def make_job(tl: Any, sae: Any, layer: int, args: Any) -> tuple[Any, list[Any]]:

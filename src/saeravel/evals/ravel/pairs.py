@@ -655,6 +655,17 @@ class RavelJob:
         if ctx.sae is not None and "prepend_bos" in (ctx.sae.cfg_dict or {}):
             stats["sae_prepend_bos"] = ctx.sae.cfg_dict["prepend_bos"]
         log.info("pairs: %s", {a: {s: len(v) for s, v in d.items()} for a, d in pairs.items()})
+        return cls.from_pairs(cfg, ctx, world, pairs, stats, store)
+
+    @classmethod
+    def from_pairs(
+        cls, cfg: Any, ctx: Any, world: Any, pairs: dict[str, dict[str, list[Pair]]],
+        stats: dict[str, Any], store: Any,
+    ) -> RavelJob:  # fmt: skip
+        """The job over built ``pairs``: the vector bank, (``eval.fast``) the suffix runner's
+        and decoder's caches, the fit data and the SAE latents (``scripts/bench_ravel.py``
+        builds its synthetic jobs here)."""
+        model = ctx.model.model
         all_prompts = [q.base for d in pairs.values() for ps in d.values() for q in ps]
         all_prompts += [q.source for d in pairs.values() for ps in d.values() for q in ps]
         site = job_site(ctx)
