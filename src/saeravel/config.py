@@ -244,7 +244,7 @@ class TrainedSAEConfig(SAEConfig):
     _target_: str = "saeravel.saes.trained.TrainedSource"
     architecture: str = "topk"
     k: int = 16
-    expansion: int = 8
+    expansion: int = 32
     l1_coefficient: float = 5.0
     steps: int = 3000
     batch_size: int = 256
