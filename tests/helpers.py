@@ -66,19 +66,21 @@ def decode_budget(
     return (need + 0.5) / 1e9
 
 
-def planted_ravel_job(tmp_path: Path, name: str, *overrides: str) -> dict[str, Any]:
-    """The metrics of a small planted-world RAVEL job (``eval.method=sae_probe``: its
-    selection, scores and the references) in ``tmp_path / name``."""
+def planted_ravel_job(
+    tmp_path: Path, name: str, *overrides: str, method: str = "sae_probe", device: str = "cpu"
+) -> dict[str, Any]:
+    """The metrics of a small planted-world RAVEL job (by default ``eval.method=sae_probe``:
+    its selection, scores and the references) in ``tmp_path / name``."""
     from hydra import compose, initialize_config_dir
 
     from saeravel.pipeline import run
 
     out = tmp_path / name
-    small = ["model=planted-city-lm", "model.basis=rotated", "sae=planted", "device=cpu",
+    small = ["model=planted-city-lm", "model.basis=rotated", "sae=planted", f"device={device}",
              "model.n_entities=60", "model.n_country=10", "model.n_continent=4",
              "model.n_language=6", "model.id_dims=6", "model.d_model=48",
              "eval.max_pairs_per_split=60", "eval.max_entities=null", "eval.checkpoint_every_s=0",
-             "eval.bootstrap=50", "eval.match=prefix", "eval.method=sae_probe"]  # fmt: skip
+             "eval.bootstrap=50", "eval.match=prefix", f"eval.method={method}"]  # fmt: skip
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             *small, *overrides, f"paths.cache_dir={out / 'cache'}",

@@ -23,6 +23,8 @@ from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.intervene import SuffixRunner, naive_logits
 from saeravel.evals.ravel.prompts import Prompt
 
+from helpers import planted_ravel_job
+
 DEVICE = os.environ.get("SAERAVEL_TEST_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.gpu,
@@ -112,26 +114,18 @@ def test_cached_decoding_equals_full_forward_loop(name):
 def test_whole_job_scores_equal_with_and_without_caches(tmp_path):
     """The whole planted job (every method) on the device: ``eval.fast=true`` vs ``false``,
     float32 (the CPU test's tolerances: tests/evals/ravel/test_decode.py)."""
-    from hydra import compose, initialize_config_dir
-
-    from saeravel.pipeline import run
-
-    from helpers import ROOT
-
-    small = ["model=planted-city-lm", "model.basis=rotated", "sae=planted", f"device={DEVICE}",
-             "model.n_entities=60", "model.n_country=10", "model.n_continent=4",
-             "model.n_language=6", "model.id_dims=6", "model.d_model=48", "eval.epochs=2",
-             "eval.max_pairs_per_split=60", "eval.max_entities=null", "eval.checkpoint_every_s=0",
-             "eval.mask.refine_pairs=16", "eval.bootstrap=50", "eval.match=prefix"]  # fmt: skip
-    metrics = {}
-    for fast in (True, False):
-        out = tmp_path / str(fast)
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[
-                *small, f"eval.fast={fast}", f"paths.cache_dir={out / 'cache'}",
-                f"paths.output_dir={out / 'out'}", f"paths.results_dir={out / 'results'}",
-            ])  # fmt: skip
-        metrics[fast] = run(cfg)["eval_result_metrics"]
+    metrics = {
+        fast: planted_ravel_job(
+            tmp_path,
+            str(fast),
+            "eval.epochs=2",
+            "eval.mask.refine_pairs=16",
+            f"eval.fast={fast}",
+            method="all",
+            device=DEVICE,
+        )
+        for fast in (True, False)
+    }
     fast, naive = metrics[True], metrics[False]
     assert fast["baselines"] == naive["baselines"]
     for name, by_attr in fast["ravel"].items():

@@ -15,7 +15,7 @@ from saeravel.errors import UserError
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.prompts import Prompt, bos_id, few_shot_templates, tokenize_prompt
 
-from helpers import ROOT, decode_budget, planted_ravel_job
+from helpers import decode_budget, planted_ravel_job
 
 
 def _tiny_prompts(tiny_model) -> list[Prompt]:
@@ -144,25 +144,18 @@ def test_a_budget_short_of_one_row_is_one_line():
 def test_eval_scores_equal_with_and_without_caches(tmp_path):
     """``eval.fast=false`` (full forwards for training and scoring) is the reference: the
     whole job's scores are the same through the caches."""
-    from hydra import compose, initialize_config_dir
-
-    from saeravel.pipeline import run
-
-    conf = str(ROOT / "conf")
-    small = ["model=planted-city-lm", "model.basis=rotated", "sae=planted", "device=cpu",
-             "model.n_entities=60", "model.n_country=10", "model.n_continent=4",
-             "model.n_language=6", "model.id_dims=6", "model.d_model=48", "eval.epochs=2",
-             "eval.max_pairs_per_split=60", "eval.max_entities=null", "eval.checkpoint_every_s=0",
-             "eval.mask.refine_pairs=16", "eval.bootstrap=50", "eval.match=prefix"]  # fmt: skip
-    metrics = {}
-    for fast in (True, False):
-        out = tmp_path / str(fast)
-        with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            cfg = compose("config", overrides=[
-                *small, f"eval.fast={fast}", f"paths.cache_dir={out / 'cache'}",
-                f"paths.output_dir={out / 'out'}", f"paths.results_dir={out / 'results'}",
-            ])  # fmt: skip
-        metrics[fast] = run(cfg)["eval_result_metrics"]
+    metrics = {
+        fast: planted_ravel_job(
+            tmp_path,
+            str(fast),
+            "eval.epochs=2",
+            "eval.mask.refine_pairs=16",
+            f"eval.fast={fast}",
+            method="all",
+            device="cpu",
+        )
+        for fast in (True, False)
+    }
     assert metrics[True]["ravel"]["das"]["Country"]["cause"] > 0  # something was transferred
     # The references are decoded from identical vectors: equal exactly. A trained method's
     # training sees logits from two float paths (suffix cache vs full forward), so its mask may
