@@ -89,6 +89,24 @@ def planted_ravel_job(
     return run(cfg)["eval_result_metrics"]
 
 
+def fast_and_naive_jobs(tmp_path: Path, device: str = "cpu") -> tuple[dict, dict]:
+    """The metrics of one small planted job (every method) with ``eval.fast=true`` and
+    ``false`` (the full-forward reference)."""
+    fast, naive = (
+        planted_ravel_job(
+            tmp_path,
+            str(f),
+            "eval.epochs=2",
+            "eval.mask.refine_pairs=16",
+            f"eval.fast={f}",
+            method="all",
+            device=device,
+        )  # fmt: skip
+        for f in (True, False)
+    )
+    return fast, naive
+
+
 def cell_world(cells: dict[tuple[str, str], int]) -> Any:
     """A city world with ``n`` cities per (continent, language) cell (one template per
     attribute, so 4 rows per city); splits cycle train, train, val, test, train, test."""

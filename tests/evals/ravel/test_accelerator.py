@@ -23,7 +23,7 @@ from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.intervene import SuffixRunner, naive_logits
 from saeravel.evals.ravel.prompts import Prompt
 
-from helpers import planted_ravel_job
+from helpers import fast_and_naive_jobs
 
 DEVICE = os.environ.get("SAERAVEL_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -114,19 +114,7 @@ def test_cached_decoding_equals_full_forward_loop(name):
 def test_whole_job_scores_equal_with_and_without_caches(tmp_path):
     """The whole planted job (every method) on the device: ``eval.fast=true`` vs ``false``,
     float32 (the CPU test's tolerances: tests/evals/ravel/test_decode.py)."""
-    metrics = {
-        fast: planted_ravel_job(
-            tmp_path,
-            str(fast),
-            "eval.epochs=2",
-            "eval.mask.refine_pairs=16",
-            f"eval.fast={fast}",
-            method="all",
-            device=DEVICE,
-        )
-        for fast in (True, False)
-    }
-    fast, naive = metrics[True], metrics[False]
+    fast, naive = fast_and_naive_jobs(tmp_path, DEVICE)
     assert fast["baselines"] == naive["baselines"]
     for name, by_attr in fast["ravel"].items():
         for attr, a in by_attr.items():

@@ -15,7 +15,7 @@ from saeravel.errors import UserError
 from saeravel.evals.ravel.decode import CachedDecoder, naive_generate
 from saeravel.evals.ravel.prompts import Prompt, bos_id, few_shot_templates, tokenize_prompt
 
-from helpers import decode_budget, planted_ravel_job
+from helpers import decode_budget, fast_and_naive_jobs, planted_ravel_job
 
 
 def _tiny_prompts(tiny_model) -> list[Prompt]:
@@ -144,26 +144,14 @@ def test_a_budget_short_of_one_row_is_one_line():
 def test_eval_scores_equal_with_and_without_caches(tmp_path):
     """``eval.fast=false`` (full forwards for training and scoring) is the reference: the
     whole job's scores are the same through the caches."""
-    metrics = {
-        fast: planted_ravel_job(
-            tmp_path,
-            str(fast),
-            "eval.epochs=2",
-            "eval.mask.refine_pairs=16",
-            f"eval.fast={fast}",
-            method="all",
-            device="cpu",
-        )
-        for fast in (True, False)
-    }
-    assert metrics[True]["ravel"]["das"]["Country"]["cause"] > 0  # something was transferred
+    fast, naive = fast_and_naive_jobs(tmp_path, "cpu")
+    assert fast["ravel"]["das"]["Country"]["cause"] > 0  # something was transferred
     # The references are decoded from identical vectors: equal exactly. A trained method's
     # training sees logits from two float paths (suffix cache vs full forward), so its mask may
     # differ in a near-tied entry (boundless_das's boundary, lr x10, did); sae_probe and fixed
     # swap a subset of the planted SAE's value latents, and when neither the base's nor the
     # source's value latent is in it every value's logit is exactly 0: the argmax is float
     # rounding's choice in either path. Those agree within a pair or two.
-    fast, naive = metrics[True], metrics[False]
     assert fast["baselines"] == naive["baselines"]
     for name, by_attr in fast["ravel"].items():
         for attr, a in by_attr.items():
