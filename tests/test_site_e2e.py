@@ -63,7 +63,11 @@ def test_ravel_at_mlp_out(tmp_path, cache):
 
 @pytest.mark.slow
 def test_core_at_mlp_out(tmp_path, cache):
-    rec = run(_cfg(tmp_path, cache, ["eval=core"]))
+    # The nested world: there block 1's MLP carries facts that the next tokens need, so
+    # zero-ablating it costs CE; with the default's independent attributes it measured 3.60
+    # ablated vs 3.71 clean (that text's CE is mostly the unpredictable tokens).
+    nested = ["model.independent_attributes=false", "model.n_countries=null"]
+    rec = run(_cfg(tmp_path, cache, ["eval=core", *nested]))
     assert rec["saeravel"]["hook_name"] == HOOK
     m = rec["eval_result_metrics"]
     assert _finite(m)
